@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh clone:
+#   make demo   -> creates .venv, installs medldm, runs the main job on shipped sample scans
+#   make test   -> creates .venv, installs medldm[test], runs the whole test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel keeps installs small where no GPU is wanted; users with a GPU install torch first.
+TORCH_SPEC ?= torch==2.13.0
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/medldm demo -o demo_out
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+lint: install
+	$(BIN)/ruff check medldm tests tools
+
+.PHONY: install demo test lint

@@ -1,0 +1,71 @@
+"""One entry point, sub-commands. Each sub-command lives in ``medldm/cli/<name>.py`` and exposes
+``add_arguments(parser)`` and ``run(args) -> int`` (exit status: 0 all done, 1 some cases failed,
+2 usage error). Heavy imports (torch, monai) happen inside ``run`` so ``medldm --help`` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from medldm import __version__
+from medldm.io.errors import UsageError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("medldm.cli.info", "describe scans (NIfTI files, DICOM series): geometry, intensities, warnings"),
+    "convert": ("medldm.cli.convert", "convert NIfTI <-> DICOM series"),
+    "degrade": ("medldm.cli.degrade", "make degraded copies (noise, low-dose CT, down-sampling, thick slices)"),
+    "evaluate": ("medldm.cli.evaluate", "PSNR/SSIM/MS-SSIM of predictions against references, with an HTML report"),
+    "baseline": ("medldm.cli.baseline", "classical denoising / super-resolution baselines"),
+    "train": ("medldm.cli.train", "train a VAE and/or latent diffusion model from a YAML config"),
+    "enhance": ("medldm.cli.enhance", "denoise or super-resolve scans with a trained model"),
+    "synthesize": ("medldm.cli.synthesize", "generate synthetic scans"),
+    "models": ("medldm.cli.models", "list shipped models"),
+    "demo": ("medldm.cli.demo", "run the main job on shipped sample scans and write an HTML report"),
+}
+
+
+def _available() -> dict[str, object]:
+    mods = {}
+    for name, (modname, _) in COMMANDS.items():
+        try:
+            mods[name] = importlib.import_module(modname)
+        except ModuleNotFoundError as e:  # a sub-command not built yet
+            if e.name != modname:
+                raise
+    return mods
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    parser = argparse.ArgumentParser(prog="medldm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medldm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    mods = _available()
+    for name, mod in mods.items():
+        p = sub.add_parser(name, help=COMMANDS[name][1], description=COMMANDS[name][1])
+        mod.add_arguments(p)
+    return parser, mods
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, mods = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
+        return int(e.code or 0)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(mods[args.command].run(args) or 0)
+    except UsageError as e:
+        print(f"medldm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Voxel <-> world geometry. One convention everywhere (see docs/io.md):
+
+* arrays are indexed ``(i, j, k)`` = (X, Y, Z) like NIfTI; for DICOM ``i`` = column, ``j`` = row,
+  ``k`` = slice in ascending order along the slice normal ``n = row_cosines x col_cosines``;
+* ``affine`` (4x4, float64) maps voxel *centres* ``(i, j, k, 1)`` to world millimetres in
+  **RAS+** (NIfTI/nibabel/MONAI convention). DICOM patient coordinates are LPS+: RAS = diag(-1,-1,1) LPS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
+    """Convert an LPS voxel->world affine to RAS (the same matrix flips both ways)."""
+    return LPS_TO_RAS @ np.asarray(affine_lps, dtype=np.float64)
+
+
+ras_to_lps = lps_to_ras
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, ...]:
+    """Voxel size (mm) along each array axis: the norms of the affine's columns."""
+    a = np.asarray(affine, dtype=np.float64)
+    return tuple(float(v) for v in np.linalg.norm(a[:3, :3], axis=0))
+
+
+def resized_affine(affine: np.ndarray, old_shape: tuple[int, ...], new_shape: tuple[int, ...]) -> np.ndarray:
+    """Affine of a grid resampled from ``old_shape`` to ``new_shape`` over the *same physical extent*.
+
+    Pixel-area convention (as ``skimage.transform.resize`` and MONAI ``Resize`` with
+    ``align_corners=False``): the outer edges of the field of view stay put, so voxel ``i'`` of the new
+    grid sits at old index ``(i' + 0.5) * s - 0.5`` with ``s = old_n / new_n``.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    nd = len(old_shape)
+    s = np.ones(3)
+    s[:nd] = np.asarray(old_shape[:3], float) / np.asarray(new_shape[:3], float)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(s)
+    m[:3, 3] = 0.5 * s - 0.5
+    return a @ m
+
+
+def world_corners(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """World coordinates (RAS mm) of the outer corners of the field of view, (8, 3)."""
+    a = np.asarray(affine, dtype=np.float64)
+    sh = list(shape[:3]) + [1] * (3 - len(shape[:3]))
+    pts = np.array([[i, j, k] for i in (-0.5, sh[0] - 0.5) for j in (-0.5, sh[1] - 0.5) for k in (-0.5, sh[2] - 0.5)])
+    return pts @ a[:3, :3].T + a[:3, 3]
