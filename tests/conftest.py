@@ -1,0 +1,75 @@
+"""Shared fixtures: real scans shipped inside registry packages (see ../shared/DATA.md).
+
+Each fixture skips with a reason when the package that ships the file is not installed
+(``pip install -e .[test]`` installs them all)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def _pkg_dir(pkg: str) -> Path:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"package {pkg!r} not installed (pip install -e .[test])")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def pydicom_files() -> Path:
+    """pydicom's real test files: CT_small.dcm (128² CT), MR_small.dcm, J2K_pixelrep_mismatch.dcm, ..."""
+    return _pkg_dir("pydicom") / "data" / "test_files"
+
+
+@pytest.fixture(scope="session")
+def dicomdir_tests(pydicom_files) -> Path:
+    """Real series shrunk to 16²: 98892003/MR700 (7 oblique slices), 98892003/MR2 (3 series in one folder),
+    77654033/CT2 (4 slices), 98892001/CT5N (5 slices)."""
+    return pydicom_files / "dicomdirtests"
+
+
+@pytest.fixture(scope="session")
+def pydicom_data() -> Path:
+    """pydicom-data's store: 693_UNCI.dcm (head CT 512²), MR2_UNCI.dcm (1024² MR), emri_small.dcm (10 frames)..."""
+    d = _pkg_dir("data_store") / "data"
+    if not d.exists():
+        pytest.skip("pydicom-data store not found")
+    return d
+
+
+@pytest.fixture(scope="session")
+def dipy_files() -> Path:
+    """dipy's real MR: S0_10slices.nii.gz, aniso_vox.nii.gz, test_piesno.nii.gz, t1_coronal_slice.npy."""
+    return _pkg_dir("dipy") / "data" / "files"
+
+
+@pytest.fixture(scope="session")
+def mni152() -> Path:
+    """MNI152 2009a T1 (197x233x189, 1 mm, uint8) from nilearn's package data (not imported)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None:
+        pytest.skip("nilearn not installed: the MNI152 template ships inside it")
+    p = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    if not p.exists():
+        pytest.skip(f"{p} missing")
+    return p
+
+
+def require_tool(name: str) -> str:
+    """Path of an external reference tool, or skip with the install hint."""
+    path = shutil.which(name)
+    if path is None:
+        pkg = {"dcm2niix": "dcm2niix", "dciodvfy": "dicom3tools"}.get(name, name)
+        pytest.skip(f"{name} not installed (apt-get install {pkg}); .ci/run installs it")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    """Tests run in parallel on a 2-core machine: one intra-op thread each."""
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
