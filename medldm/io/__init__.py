@@ -5,19 +5,20 @@ and docs/io.md) and meta keys listed in docs/io.md.
 Public API::
 
     load_scan(path, volume=None) -> MetaTensor          # NIfTI file, DICOM file(s) or series folder
+    load_case(case, volume=None) -> MetaTensor          # a Case from scan_folder
     scan_folder(root) -> Discovery                      # cases (NIfTI files, DICOM series) + skipped files
     save_nifti(img, path, dtype=None) -> Path
-    save_dicom_series(img, out_dir, reference=None, description="medldm") -> list[Path]
+    save_dicom_series(img, out_dir, reference=None, description="medldm", modality=None) -> list[Path]
     save_scan(img, out_path, reference=None, description="medldm") -> Path   # by output kind
 """
 
 from medldm.io.errors import CaseError, UsageError
 
-__all__ = ["CaseError", "UsageError", "load_scan", "scan_folder", "save_nifti", "save_dicom_series", "save_scan"]
+__all__ = ["CaseError", "UsageError", "load_scan", "load_case", "scan_folder", "save_nifti", "save_dicom_series", "save_scan"]
 
 
 def __getattr__(name):  # lazy: keep `import medldm.io` light
-    if name in ("load_scan",):
+    if name in ("load_scan", "load_case"):
         from medldm.io import reader
 
         return getattr(reader, name)

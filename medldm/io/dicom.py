@@ -1,0 +1,324 @@
+"""DICOM file-level helpers: reading headers, telling images from other objects, decoding pixels
+into scanner units (Modality LUT), and per-slice geometry in LPS.
+
+Stacking slices into a volume lives in :mod:`medldm.io.dicom_series`, multi-frame objects in
+:mod:`medldm.io.dicom_multiframe`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from medldm.io.errors import CaseError
+
+CODECS_HINT = "install the decoders: pip install 'medldm[dicom-codecs]'"
+
+# Modalities / SOP classes that hold no image to process (reason shown in `skipped`).
+NON_IMAGE_MODALITIES = {
+    "SR": "structured report",
+    "RTSTRUCT": "RT structure set",
+    "RTPLAN": "RT plan",
+    "RTRECORD": "RT treatment record",
+    "RTDOSE": "RT dose grid (not a scan)",
+    "PR": "presentation state",
+    "KO": "key object selection",
+    "REG": "registration",
+    "SEG": "segmentation",
+    "ECG": "waveform",
+    "HD": "waveform",
+    "AU": "audio waveform",
+    "DOC": "encapsulated document",
+}
+
+
+# Files never tried as preamble-less DICOM during discovery (a forced read of them is pointless).
+NOT_DICOM_SUFFIXES = (".txt", ".md", ".json", ".csv", ".tsv", ".py", ".yaml", ".yml", ".xml", ".html", ".log",
+                      ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy", ".npz", ".pt", ".zip", ".gz",
+                      ".tar", ".pdf", ".safetensors", ".mha", ".mhd", ".nrrd")
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """True when the file carries the ``DICM`` magic after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_header(path: str | Path, *, strict: bool = False) -> Dataset | None:
+    """Header of a DICOM file (pixel data deferred, not loaded), or ``None`` when it is not DICOM.
+
+    Files with the ``DICM`` preamble are read as DICOM; files without it (old ACR-NEMA style) are
+    accepted only when a forced read yields an SOP class or image geometry. A file that claims to
+    be DICOM but cannot be parsed raises :class:`CaseError` (with ``strict`` also for the others).
+    """
+    path = Path(path)
+    magic = _is_dicom_file(path)
+    if not magic and not strict and path.name.lower().endswith(NOT_DICOM_SUFFIXES):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, defer_size=1024, force=not magic)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        if magic or strict:
+            raise CaseError(path, f"cannot read the DICOM header ({type(e).__name__}: {e})",
+                            "the file is damaged or incomplete; copy it again from the source") from e
+        return None
+    except Exception as e:  # pydicom raises a wide range of errors on garbage; keep the case isolated
+        if magic or strict:
+            raise CaseError(path, f"cannot read the DICOM header ({type(e).__name__}: {e})",
+                            "the file is damaged or incomplete; copy it again from the source") from e
+        return None
+    if not magic and not ("SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds and "Modality" in ds)):
+        if strict:
+            raise CaseError(path, "not a DICOM file", "give a NIfTI file, a DICOM file or a folder")
+        return None
+    return ds
+
+
+def is_dicomdir(ds: Dataset) -> bool:
+    """A DICOMDIR media index (no image of its own)."""
+    return "DirectoryRecordSequence" in ds or str(getattr(ds.get("file_meta", {}), "MediaStorageSOPClassUID", "")) \
+        == "1.2.840.10008.1.3.10"
+
+
+def non_image_reason(ds: Dataset) -> str | None:
+    """Why ``ds`` is not an image we can load (``None`` when it is one).
+
+    Raises :class:`CaseError` for an image object whose pixel data is missing (truncated file).
+    """
+    if is_dicomdir(ds):
+        return "DICOMDIR is a media index, not an image"
+    modality = str(ds.get("Modality", "")).upper()
+    if modality in NON_IMAGE_MODALITIES:
+        return f"{modality} is not an image ({NON_IMAGE_MODALITIES[modality]})"
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        sop = _sop_class(ds)
+        if "Image Storage" in sop:  # an image object cut short (pydicom reads truncated files silently)
+            raise CaseError(getattr(ds, "filename", None) or "<dataset>",
+                            f"{sop} object without pixel data: the file is truncated or incomplete",
+                            "copy it again from the source (or remove it)")
+        return f"{modality or sop or 'object'} has no pixel data"
+    return None
+
+
+def _sop_class(ds: Dataset) -> str:
+    """Name of the SOP class (from the dataset or the file meta, which survives truncation)."""
+    for uid in (ds.get("SOPClassUID", None), getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", None)):
+        name = getattr(uid, "name", "")
+        if name:
+            return str(name)
+    return ""
+
+
+def series_uid(ds: Dataset) -> str:
+    """SeriesInstanceUID, or an empty string when the header lacks it."""
+    return str(ds.get("SeriesInstanceUID", "") or "")
+
+
+def modality(ds: Dataset) -> str:
+    return str(ds.get("Modality", "") or "unknown").upper()
+
+
+def n_frames(ds: Dataset) -> int:
+    try:
+        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def load_full(path: str | Path) -> Dataset:
+    """Read a whole file (pixel data included); errors become :class:`CaseError`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, force=not _is_dicom_file(Path(path)))
+    except Exception as e:
+        raise CaseError(path, f"cannot read the DICOM file ({type(e).__name__}: {e})",
+                        "the file is damaged or incomplete; copy it again from the source") from e
+
+
+def check_decodable(ds: Dataset, path: str | Path) -> None:
+    """Raise :class:`CaseError` naming the codecs extra when the transfer syntax cannot be decoded here."""
+    from pydicom.pixels import get_decoder
+
+    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsuid is None or not tsuid.is_compressed:
+        return
+    try:
+        dec = get_decoder(tsuid)
+    except NotImplementedError as e:
+        raise CaseError(path, f"transfer syntax {tsuid.name} is not supported by pydicom", CODECS_HINT) from e
+    if not dec.is_available:
+        raise CaseError(path, f"pixel data is compressed ({tsuid.name}) and no decoder is installed", CODECS_HINT)
+
+
+def _default_transfer_syntax(ds: Dataset) -> None:
+    """Files without file meta (old ACR-NEMA style): take the syntax the dataset was read with
+    (in memory only; the file is not touched)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" in getattr(ds, "file_meta", {}):
+        return
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if not hasattr(ds, "file_meta") or ds.file_meta is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def decode_pixels(ds: Dataset, path: str | Path) -> np.ndarray:
+    """Stored pixel values, shape ``(frames, rows, cols)``; errors become :class:`CaseError`."""
+    _default_transfer_syntax(ds)
+    check_decodable(ds, path)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "")
+    if spp != 1 or photometric.upper() == "PALETTE COLOR":
+        raise CaseError(path, f"colour image ({photometric or '?'}, {spp} sample{'s' * (spp > 1)}/pixel)",
+                        "medldm works with greyscale scans (CT, MR, ...)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except Exception as e:
+        msg = str(e).splitlines()[0]
+        if "missing dependencies" in str(e):
+            raise CaseError(path, f"cannot decode the pixel data ({msg})", CODECS_HINT) from e
+        if "raised by all available plugins" in str(e):
+            detail = " ".join(str(e).split())[:200]
+            raise CaseError(path, f"the installed decoders failed on this file ({detail})",
+                            "convert it to an uncompressed transfer syntax (e.g. dcmdjpeg / gdcmconv --raw)") from e
+        raise CaseError(path, f"cannot decode the pixel data ({type(e).__name__}: {msg})",
+                        "the file is damaged or truncated; copy it again from the source") from e
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = arr[None]
+    return arr
+
+
+def rescale(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
+    """Apply the Modality LUT (RescaleSlope/Intercept or a Modality LUT Sequence) of a single-frame
+    header. Returns ``(values, changed)``; ``values`` keeps the stored dtype when nothing applies."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        inter = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        if "ModalityLUTSequence" not in ds:
+            if slope == 1.0 and inter == 0.0:
+                return arr, False
+            if np.issubdtype(arr.dtype, np.integer) and slope.is_integer() and inter.is_integer():
+                # exact integer arithmetic (CT HU): same values as apply_modality_lut, integer dtype
+                wide = np.int64 if arr.dtype.itemsize >= 4 else np.int32
+                return arr.astype(wide) * int(slope) + int(inter), True
+        return np.asarray(apply_modality_lut(arr, ds)), True
+    return arr, False
+
+
+def exact_dtype(values: np.ndarray, stored: np.dtype, rescaled: bool) -> str:
+    """The numpy dtype (str) that holds ``values`` exactly: the stored type without rescaling,
+    ``int16``/``int32`` for integer results of a rescale (CT HU), else ``float32``."""
+    if not rescaled or values.size == 0:
+        return exact_dtype_from_stats(0.0, 0.0, False, stored, rescaled)
+    integral = bool(np.issubdtype(values.dtype, np.integer) or np.all(np.mod(values, 1) == 0))
+    return exact_dtype_from_stats(float(values.min()), float(values.max()), integral, stored, rescaled)
+
+
+def exact_dtype_from_stats(lo: float, hi: float, integral: bool, stored: np.dtype, rescaled: bool) -> str:
+    """:func:`exact_dtype` from the value range and whether every value is an integer."""
+    if not rescaled:
+        return str(np.dtype(stored))
+    if integral and np.isfinite(lo) and np.isfinite(hi):
+        for cand in (np.int16, np.int32):
+            info = np.iinfo(cand)
+            if info.min <= lo and hi <= info.max:
+                return np.dtype(cand).name
+    return "float32"
+
+
+@dataclass
+class SliceGeom:
+    """Geometry of one 2D image in LPS: ``position`` of the first voxel centre, unit row direction
+    (along columns, i), unit column direction (along rows, j), spacing ``(di, dj)`` in mm."""
+
+    position: np.ndarray | None
+    row_cos: np.ndarray | None
+    col_cos: np.ndarray | None
+    spacing: tuple[float, float]
+    thickness: float | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def normal(self) -> np.ndarray | None:
+        if self.row_cos is None or self.col_cos is None:
+            return None
+        n = np.cross(self.row_cos, self.col_cos)
+        return n / (np.linalg.norm(n) or 1.0)
+
+
+def _floats(v, n: int) -> np.ndarray | None:
+    try:
+        a = np.asarray([float(x) for x in v], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return a if a.size == n and np.all(np.isfinite(a)) else None
+
+
+def pixel_spacing(ds: Dataset) -> tuple[tuple[float, float], list[str]]:
+    """In-plane spacing ``(di, dj)`` = (between columns, between rows) in mm."""
+    for key in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
+        if key in ds:
+            ps = _floats(ds[key].value, 2)
+            if ps is not None and np.all(ps > 0):
+                w = [] if key == "PixelSpacing" else [f"no PixelSpacing: used {key} {ps[0]:g}x{ps[1]:g} mm"]
+                return (float(ps[1]), float(ps[0])), w
+    return (1.0, 1.0), ["no pixel spacing in the header: assumed 1 mm"]
+
+
+def thickness(ds: Dataset) -> float | None:
+    for key in ("SliceThickness", "SpacingBetweenSlices"):
+        try:
+            v = float(ds.get(key, 0) or 0)
+        except (TypeError, ValueError):
+            v = 0.0
+        if v > 0:
+            return v
+    return None
+
+
+def slice_geometry(ds: Dataset) -> SliceGeom:
+    """Geometry of a single-frame image header (ImagePositionPatient/ImageOrientationPatient)."""
+    spacing, warn = pixel_spacing(ds)
+    pos = _floats(ds.get("ImagePositionPatient", None) or [], 3)
+    iop = _floats(ds.get("ImageOrientationPatient", None) or [], 6)
+    row = col = None
+    if iop is not None:
+        row, col = iop[:3], iop[3:]
+        if np.linalg.norm(row) < 1e-3 or np.linalg.norm(col) < 1e-3:
+            row = col = None
+        else:
+            row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        warn.append("MONOCHROME1: low values are meant to display white; values kept as stored")
+    return SliceGeom(pos, row, col, spacing, thickness(ds), warn)
+
+
+def affine_lps(row_cos, col_cos, step, spacing, origin) -> np.ndarray:
+    """4x4 LPS affine of voxel centres: columns ``row_cos*di``, ``col_cos*dj``, ``step``, ``origin``."""
+    a = np.eye(4)
+    a[:3, 0] = np.asarray(row_cos) * spacing[0]
+    a[:3, 1] = np.asarray(col_cos) * spacing[1]
+    a[:3, 2] = step
+    a[:3, 3] = origin
+    return a

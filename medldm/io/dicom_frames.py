@@ -1,0 +1,155 @@
+"""Turn DICOM objects into :class:`~medldm.io.dicom_series.Frame` records: one per single-frame
+image, one per frame of a multi-frame object (enhanced CT/MR with functional groups, or plain
+multi-frame such as ``emri_small.dcm``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from medldm.io.dicom import (
+    SliceGeom,
+    _floats,
+    decode_pixels,
+    n_frames,
+    rescale,
+    slice_geometry,
+    thickness,
+)
+from medldm.io.dicom_series import Frame
+from medldm.io.errors import CaseError
+
+
+def _num(v, default=0.0) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _tiebreak(ds: Dataset) -> tuple:
+    """Orders images that share a position: time point, acquisition, echo, trigger, instance."""
+    return (
+        _num(ds.get("TemporalPositionIdentifier", 0)),
+        _num(ds.get("AcquisitionNumber", 0)),
+        _num(ds.get("EchoNumbers", 0)),
+        _num(ds.get("TriggerTime", 0)),
+        _num(ds.get("InstanceNumber", 0)),
+    )
+
+
+def _check_image_header(path: str | Path, ds: Dataset) -> None:
+    if "Rows" not in ds or "Columns" not in ds:
+        raise CaseError(path, "image object without Rows/Columns: the header is incomplete",
+                        "copy the file again from the source (or remove it)")
+    if "MOSAIC" in [str(v).upper() for v in (ds.get("ImageType", None) or [])]:
+        raise CaseError(path, "Siemens mosaic (several slices tiled in one image) is not supported",
+                        "convert the series with dcm2niix first and give medldm the NIfTI file")
+
+
+def single_frame(path: str | Path, ds: Dataset) -> Frame:
+    """A Frame for a single-frame image file (pixels decoded lazily from ``ds``)."""
+    _check_image_header(path, ds)
+
+    def pixels():
+        stored = decode_pixels(ds, path)[0]
+        vals, changed = rescale(stored, ds)
+        return vals, stored.dtype, changed
+
+    return Frame(str(path), slice_geometry(ds), (int(ds.Rows), int(ds.Columns)), pixels,
+                 uid=str(ds.get("SOPInstanceUID", "")), tiebreak=_tiebreak(ds))
+
+
+def _item(seq_owner: Dataset | None, keyword: str) -> Dataset | None:
+    if seq_owner is None or keyword not in seq_owner:
+        return None
+    seq = seq_owner[keyword].value
+    return seq[0] if seq else None
+
+
+def _fg(per: Dataset | None, shared: Dataset | None, keyword: str) -> Dataset | None:
+    """A functional group macro for one frame: per-frame first, shared otherwise."""
+    return _item(per, keyword) or _item(shared, keyword)
+
+
+def multi_frame(path: str | Path, ds: Dataset) -> list[Frame]:
+    """Frames of a multi-frame object, with per-frame geometry and rescale where the headers give them.
+
+    Without functional groups, frames are placed along the normal of the top-level orientation
+    (or the z axis) at SpacingBetweenSlices / SliceThickness, with a warning.
+    """
+    _check_image_header(path, ds)
+    nf = n_frames(ds)
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_seq = list(ds.PerFrameFunctionalGroupsSequence) if "PerFrameFunctionalGroupsSequence" in ds else []
+    shape = (int(ds.Rows), int(ds.Columns))
+
+    @lru_cache(maxsize=1)
+    def decoded() -> np.ndarray:
+        return decode_pixels(ds, path)
+
+    frames = []
+    top = slice_geometry(ds)
+    for k in range(nf):
+        per = per_seq[k] if k < len(per_seq) else None
+        warns: list[str] = []
+        pm = _fg(per, shared, "PixelMeasuresSequence")
+        po = _fg(per, shared, "PlaneOrientationSequence")
+        pp = _fg(per, shared, "PlanePositionSequence")
+        pv = _fg(per, shared, "PixelValueTransformationSequence")
+        if pm is not None and _floats(pm.get("PixelSpacing", None) or [], 2) is not None:
+            ps = _floats(pm.PixelSpacing, 2)
+            spacing = (float(ps[1]), float(ps[0]))
+            th = thickness(pm)
+        else:
+            spacing, th = top.spacing, top.thickness
+            warns = list(top.warnings)
+        iop = _floats(po.get("ImageOrientationPatient", None) or [], 6) if po is not None else None
+        row = col = None
+        if iop is not None:
+            row, col = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+        elif top.row_cos is not None:
+            row, col = top.row_cos, top.col_cos
+        pos = _floats(pp.get("ImagePositionPatient", None) or [], 3) if pp is not None else None
+        if pos is None and top.position is not None and row is not None:
+            step = th if th else 1.0
+            pos = top.position + k * step * np.cross(row, col)
+            if k == 0:
+                warns.append(f"multi-frame without per-frame positions: frames placed {step:g} mm apart "
+                             "along the normal (from SpacingBetweenSlices/SliceThickness)")
+        if pos is None and row is None:
+            row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+            step = _num(ds.get("SpacingBetweenSlices", 0)) or th or 1.0
+            pos = np.array([0.0, 0.0, k * step])
+            if k == 0:
+                warns.append(f"multi-frame without patient geometry: identity orientation, frames {step:g} mm "
+                             "apart (from SpacingBetweenSlices/SliceThickness or 1 mm)")
+        geom = SliceGeom(pos, row, col, spacing, th, warns)
+        slope = _num(pv.get("RescaleSlope", 1.0), 1.0) if pv is not None else None
+        inter = _num(pv.get("RescaleIntercept", 0.0)) if pv is not None else None
+        content = _item(per, "FrameContentSequence")
+        tb = (_num(content.get("TemporalPositionIndex", 0)) if content is not None else 0.0, float(k))
+
+        def pixels(k=k, slope=slope, inter=inter):
+            stored = decoded()[k]
+            if slope is not None and (slope != 1.0 or inter != 0.0):
+                if np.issubdtype(stored.dtype, np.integer) and slope.is_integer() and inter.is_integer():
+                    return stored.astype(np.int64) * int(slope) + int(inter), stored.dtype, True
+                return stored * slope + inter, stored.dtype, True
+            if slope is None:
+                vals, changed = rescale(stored, ds)
+                return vals, stored.dtype, changed
+            return stored, stored.dtype, False
+
+        frames.append(Frame(f"{path}#frame{k}", geom, shape, pixels, uid="", tiebreak=tb))
+    return frames
+
+
+def frames_of(path: str | Path, ds: Dataset) -> list[Frame]:
+    """All frames of one DICOM object."""
+    if n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        return multi_frame(path, ds)
+    return [single_frame(path, ds)]

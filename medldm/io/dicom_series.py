@@ -1,0 +1,230 @@
+"""Stack 2D DICOM images (files of a series, or frames of a multi-frame object) into one volume.
+
+Order is by the projection of ImagePositionPatient on the slice normal ``row_cos x col_cos`` (never
+by file name or InstanceNumber); the slice step comes from those positions. Integrity problems go
+to ``warnings`` (human lines) and ``integrity`` (a dict): gaps / non-uniform spacing with the max
+deviation in mm, small orientation differences, gantry tilt (sheared grid), dropped duplicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medldm.io.dicom import SliceGeom, affine_lps, exact_dtype_from_stats
+from medldm.io.errors import CaseError
+from medldm.io.geometry import lps_to_ras
+
+ORIENT_SPLIT_TOL = 1e-3  # max |cosine difference| still treated as one stack
+ORIENT_WARN_TOL = 1e-4  # above this, one stack but a warning
+SPACING_REL_TOL = 0.01  # steps within 1 % (or 0.01 mm) of the median are uniform
+TILT_WARN_DEG = 0.05
+
+
+@dataclass
+class Frame:
+    """One 2D image to stack. ``pixels()`` returns ``(values (rows, cols), stored dtype, rescaled)``."""
+
+    source: str
+    geom: SliceGeom
+    shape: tuple[int, int]
+    pixels: Callable[[], tuple[np.ndarray, np.dtype, bool]]
+    uid: str = ""
+    tiebreak: tuple = ()  # orders frames sharing one position (echoes, time points)
+
+
+@dataclass
+class Stacked:
+    """A volume ``data`` (X, Y, Z) float32, its RAS affine and what was found on the way."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    original_dtype: str
+    warnings: list[str] = field(default_factory=list)
+    integrity: dict = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+
+def _orient(f: Frame) -> np.ndarray | None:
+    g = f.geom
+    return None if g.row_cos is None else np.concatenate([g.row_cos, g.col_cos])
+
+
+def split_stacks(frames: Sequence[Frame]) -> list[list[Frame]]:
+    """Group frames that can form one volume: same image size and orientation (within 1e-3)."""
+    groups: list[tuple[tuple, np.ndarray | None, list[Frame]]] = []
+    for f in frames:
+        o = _orient(f)
+        for shape, ref, members in groups:
+            if shape != f.shape:
+                continue
+            if (ref is None) != (o is None):
+                continue
+            if ref is None or np.max(np.abs(ref - o)) <= ORIENT_SPLIT_TOL:
+                members.append(f)
+                break
+        else:
+            groups.append((f.shape, o, [f]))
+    return [g[2] for g in groups]
+
+
+def describe_stacks(stacks: list[list[Frame]]) -> str:
+    """``"3 stacks: 16x16 axial-ish (3 images), ..."`` for error messages."""
+    parts = []
+    for s in stacks:
+        o = _orient(s[0])
+        ori = "no orientation" if o is None else "orientation " + " ".join(f"{v:.2f}" for v in o)
+        parts.append(f"{s[0].shape[1]}x{s[0].shape[0]} {ori} ({len(s)} image{'s' * (len(s) > 1)})")
+    return f"{len(stacks)} stacks: " + "; ".join(parts)
+
+
+def _drop_duplicate_uids(frames: list[Frame], warns: list[str]) -> list[Frame]:
+    seen: dict[str, Frame] = {}
+    out = []
+    for f in frames:
+        if f.uid and f.uid in seen:
+            warns.append(f"duplicate image {f.source} (same SOPInstanceUID as {seen[f.uid].source}): ignored")
+            continue
+        if f.uid:
+            seen[f.uid] = f
+        out.append(f)
+    return out
+
+
+def _select_volume(frames: list[Frame], d: np.ndarray, tol: float, volume: int | None, where: str,
+                   warns: list[str]) -> tuple[list[Frame], np.ndarray]:
+    """Handle several frames at one position: a 4D series (choose ``volume``) or an error."""
+    order = np.argsort(d, kind="stable")
+    groups: list[list[int]] = []
+    for idx in order:
+        if groups and abs(d[idx] - d[groups[-1][0]]) <= tol:
+            groups[-1].append(int(idx))
+        else:
+            groups.append([int(idx)])
+    counts = {len(g) for g in groups}
+    if counts == {1}:
+        if volume not in (None, 0):
+            warns.append(f"volume {volume} requested but the series holds one volume: ignored")
+        return [frames[i] for i in order], d[order]
+    if len(counts) > 1:
+        dup = sum(len(g) > 1 for g in groups)
+        raise CaseError(where, f"{dup} slice positions hold more than one image, unevenly "
+                               f"({min(counts)}-{max(counts)} images per position)",
+                        "the folder mixes acquisitions; keep one acquisition per folder")
+    n_vol = counts.pop()
+    if volume is None:
+        raise CaseError(where, f"4D series: {len(frames)} images at {len(groups)} positions "
+                               f"({n_vol} volumes: echoes or time points)",
+                        f"pass --volume K (0..{n_vol - 1}) to pick one volume")
+    if not 0 <= volume < n_vol:
+        raise CaseError(where, f"volume {volume} out of range: the series holds {n_vol} volumes",
+                        f"pass --volume K with 0 <= K < {n_vol}")
+    picked = [sorted(g, key=lambda i: frames[i].tiebreak)[volume] for g in groups]
+    warns.append(f"4D series ({n_vol} volumes): volume {volume} selected")
+    return [frames[i] for i in picked], d[picked]
+
+
+def _spacing_report(d: np.ndarray, warns: list[str], integ: dict) -> float:
+    """Check steps along the normal; returns the step (mm) used for the affine."""
+    steps = np.diff(d)
+    med = float(np.median(steps))
+    tol = max(SPACING_REL_TOL * med, 0.01)
+    dev = float(np.max(np.abs(d - (d[0] + med * np.arange(d.size)))))
+    integ["slice_spacing_mm"] = med
+    integ["max_grid_deviation_mm"] = dev
+    gaps = []
+    for k, s in enumerate(steps):
+        if s > 1.5 * med:
+            missing = int(round(s / med)) - 1
+            gaps.append({"after_slice": k, "step_mm": float(s), "missing": missing})
+            warns.append(f"missing slices: gap of {s:.3g} mm between slice {k} (at {d[k]:.2f} mm) and "
+                         f"slice {k + 1} (at {d[k + 1]:.2f} mm) along the normal, about {missing} "
+                         f"slice{'s' * (missing != 1)} missing")
+    integ["gaps"] = gaps
+    uneven = np.abs(steps - med) > tol
+    integ["uniform_spacing"] = not bool(uneven.any())
+    if uneven.any():
+        warns.append(f"non-uniform slice spacing: steps {steps.min():.4g}-{steps.max():.4g} mm (median "
+                     f"{med:.4g}); max deviation from a regular grid {dev:.3g} mm")
+    return med
+
+
+def stack(frames: Sequence[Frame], *, where: str, volume: int | None = None) -> Stacked:
+    """Build a volume from frames of ONE stack (same size and orientation, see :func:`split_stacks`).
+
+    Returns data ``(X, Y, Z)`` with X = columns, Y = rows, Z = slices ascending along the normal.
+    """
+    warns: list[str] = []
+    integ: dict = {}
+    frames = _drop_duplicate_uids(list(frames), warns)
+    g0 = frames[0].geom
+    have_geom = all(f.geom.position is not None and f.geom.row_cos is not None for f in frames)
+    n = g0.normal if have_geom else None
+    if len(frames) > 1 and have_geom:
+        o = np.stack([_orient(f) for f in frames])
+        odev = float(np.max(np.abs(o - o[0])))
+        integ["orientation_max_deviation"] = odev
+        if odev > ORIENT_WARN_TOL:
+            warns.append(f"inconsistent orientation across slices (direction cosines differ by up to "
+                         f"{odev:.2g}): the first slice's orientation is used")
+        d = np.array([float(f.geom.position @ n) for f in frames])
+        tol = max(1e-3 * min(g0.spacing), 1e-3)
+        frames, d = _select_volume(frames, d, tol, volume, where, warns)
+    elif len(frames) > 1:
+        warns.append("no ImagePositionPatient/ImageOrientationPatient: slices ordered by InstanceNumber "
+                     "and assumed contiguous")
+        frames = sorted(frames, key=lambda f: f.tiebreak)
+        d = None
+    else:
+        d = None
+        if volume not in (None, 0):
+            warns.append(f"volume {volume} requested but the image holds one volume: ignored")
+
+    warns.extend(g0.warnings)
+    g0 = frames[0].geom  # first slice after sorting: the affine's origin
+    row = g0.row_cos if g0.row_cos is not None else np.array([1.0, 0.0, 0.0])
+    col = g0.col_cos if g0.col_cos is not None else np.array([0.0, 1.0, 0.0])
+    normal = np.cross(row, col)
+    origin = g0.position if g0.position is not None else np.zeros(3)
+    if g0.row_cos is None or g0.position is None:
+        warns.append("no patient geometry (ImagePositionPatient/ImageOrientationPatient): "
+                     "affine is a scaled identity")
+
+    if d is not None and len(frames) > 1:
+        med = _spacing_report(d, warns, integ)
+        p0, p1 = frames[0].geom.position, frames[-1].geom.position
+        span = p1 - p0
+        u = span / np.linalg.norm(span)
+        tilt = float(np.degrees(np.arccos(np.clip(abs(u @ normal), 0.0, 1.0))))
+        integ["tilt_deg"] = tilt
+        step = u * (med / float(u @ normal))
+        if tilt > TILT_WARN_DEG:
+            warns.append(f"gantry tilt / sheared grid: slices are offset in-plane, {tilt:.2f} deg off the "
+                         "normal; the affine is sheared (built from the actual positions)")
+    else:
+        th = g0.thickness
+        if th is None:
+            th = 1.0
+            warns.append("single slice without SliceThickness: third spacing set to 1.0 mm")
+        step = normal * th
+    integ["n_slices"] = len(frames)
+
+    # float32 (X=cols, Y=rows, Z), slice by slice; keep what exact_dtype needs
+    rows, cols = frames[0].shape
+    data = np.empty((len(frames), rows, cols), dtype=np.float32)  # filled contiguously, transposed once
+    dtypes, rescaled, lo, hi, integral = [], False, np.inf, -np.inf, True
+    for k, f in enumerate(frames):
+        v, dt, r = f.pixels()
+        v = np.asarray(v)
+        dtypes.append(dt)
+        rescaled |= r
+        if r and v.size:
+            lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+            integral = integral and bool(np.issubdtype(v.dtype, np.integer) or np.all(np.mod(v, 1) == 0))
+        data[k] = v
+    data = np.ascontiguousarray(data.transpose(2, 1, 0))
+    odt = exact_dtype_from_stats(lo, hi, integral, np.result_type(*dtypes), rescaled)
+    aff = lps_to_ras(affine_lps(row, col, step, g0.spacing, origin))
+    return Stacked(data, aff, odt, warns, integ, [f.source for f in frames])
