@@ -1,0 +1,125 @@
+"""``medldm convert IN OUT``: NIfTI <-> DICOM series.
+
+One scan: IN is a NIfTI file, a DICOM file, or a folder holding one DICOM series; OUT ending in
+``.nii``/``.nii.gz`` is a NIfTI file, anything else a DICOM series folder. DICOM -> DICOM writes a
+derived series of the source; NIfTI -> DICOM writes a new anonymous series, or a derived series of
+``--reference`` (the DICOM series the image came from).
+
+Many scans: IN is a folder holding several cases (NIfTI files, DICOM series); OUT is a folder that
+mirrors them (``--to`` picks the output kind; default: the other kind of each input). Failed cases
+are listed one line each and in ``OUT/medldm-convert-report.json``; a rerun skips cases already
+converted (``--overwrite`` redoes them). Exit status: 0 all converted, 1 some failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from medldm.io.errors import UsageError
+
+REPORT_NAME = "medldm-convert-report.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN", help="NIfTI file, DICOM file or series folder, or a folder of cases")
+    p.add_argument("output", metavar="OUT", help="output .nii/.nii.gz file, DICOM series folder, or a folder "
+                                                 "of outputs when IN holds several cases")
+    p.add_argument("--reference", metavar="DICOM_DIR",
+                   help="source DICOM series of a NIfTI input: write a derived series of the same patient/study")
+    p.add_argument("--volume", type=int, metavar="K", help="volume to take from a 4D input (0-based)")
+    p.add_argument("--to", choices=("nifti", "dicom"), help="output kind for a folder of cases "
+                                                            "(default: NIfTI for DICOM inputs, DICOM for NIfTI inputs)")
+    p.add_argument("--description", default="convert",
+                   help="added to the DICOM SeriesDescription as '[medldm <description>]' (default: convert)")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith((".nii", ".nii.gz"))
+
+
+def _convert_one(case, out: Path, *, reference, volume: int | None, description: str) -> list[str]:
+    """Load one case and write it to ``out`` (NIfTI file or DICOM folder)."""
+    from medldm.io.nifti import save_nifti
+    from medldm.io.reader import load_case
+    from medldm.io.writer import save_scan
+
+    img = load_case(case, volume=volume)
+    if _is_nifti(out):
+        return [str(save_nifti(img, out))]
+    if reference is None and img.meta.get("kind") == "dicom-series":
+        reference = img.meta["source_files"]  # DICOM -> DICOM: derived series of the source
+    return [str(save_scan(img, out, reference=reference, description=description))]
+
+
+def _single_case(src: Path, out: Path, cases: list) -> bool:
+    """Is this a one-scan conversion (OUT is the output itself, not a folder of outputs)?"""
+    if src.is_file():
+        return True
+    if len(cases) != 1:
+        return False
+    if _is_nifti(out):
+        return True
+    c = cases[0]
+    return c.kind == "dicom-series" and Path(os.path.commonpath([str(p.parent) for p in c.paths])) == src
+
+
+def run(args: argparse.Namespace) -> int:
+    from medldm.cli.common import run_cases
+    from medldm.io.discover import output_path, scan_folder
+
+    src, out = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise UsageError(f"{src}: no such file or folder")
+    if args.volume is not None and args.volume < 0:
+        raise UsageError("--volume must be >= 0")
+    if args.reference is not None:
+        if not Path(args.reference).exists():
+            raise UsageError(f"--reference {args.reference}: no such file or folder")
+        if _is_nifti(out):
+            raise UsageError("--reference applies to DICOM output only (OUT ends in .nii/.nii.gz)")
+    if out.resolve() == src.resolve():
+        raise UsageError("OUT must differ from IN: inputs are never overwritten")
+    if src.is_dir() and src.resolve() in out.resolve().parents:
+        raise UsageError("OUT must not lie inside the input folder IN (it would be read as input next time)")
+    found = scan_folder(src)
+    if not found.cases:
+        raise UsageError(f"{src}: no NIfTI file or DICOM image series found"
+                         + (f" ({found.skipped[0]})" if found.skipped else ""))
+    command = "medldm convert " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "medldm convert"
+
+    if _single_case(src, out, found.cases):
+        if args.to == "nifti" and not _is_nifti(out) or args.to == "dicom" and _is_nifti(out):
+            raise UsageError(f"--to {args.to} contradicts OUT {out}")
+        case = found.cases[0]
+        status, _ = run_cases([case], lambda c: _convert_one(c, out, reference=args.reference, volume=args.volume,
+                                                               description=args.description),
+                              desc="convert", command=command, quiet=args.quiet)
+        return status
+
+    if args.reference is not None:
+        raise UsageError("--reference needs a single input scan; IN holds several cases")
+    if _is_nifti(out):
+        raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder")
+    for line in found.skipped:
+        if not args.quiet:
+            print(line, file=sys.stderr)
+
+    def target(case) -> Path:
+        fmt = args.to or ("dicom" if case.kind == "nifti" else "nifti")
+        return output_path(case, out, fmt)
+
+    def is_done(case) -> bool:
+        return not args.overwrite and target(case).exists()
+
+    status, _ = run_cases(found.cases, lambda c: _convert_one(c, target(c), reference=None, volume=args.volume,
+                                                                description=args.description),
+                          name=str, is_done=is_done, report_path=out / REPORT_NAME, desc="convert",
+                          command=command, quiet=args.quiet)
+    return status

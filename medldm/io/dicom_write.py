@@ -1,0 +1,369 @@
+"""Write a volume as a DICOM series (one file per slice, Explicit VR Little Endian, uncompressed).
+
+* With a ``reference`` (the source series' files, e.g. ``img.meta["source_files"]``, or its folder):
+  a DERIVED series of the same patient and study — new Series/SOP Instance UIDs, ImageType
+  ``DERIVED\\SECONDARY\\...``, SeriesDescription ``<original> [medldm <description>]``, per-slice
+  headers copied from the nearest reference slice (so a grid with more or fewer slices works) with
+  geometry, pixels, rescale and window recomputed (see docs/io_writing.md).
+* Without a reference: a new anonymous patient/study/series (no identifiers of any real patient);
+  CT Image Storage for CT, Secondary Capture (with the geometry kept as extra tags) otherwise.
+
+Geometry always comes from ``img.affine`` (RAS, converted to LPS): ImagePositionPatient for every
+slice, ImageOrientationPatient, PixelSpacing (row spacing \\ column spacing), SliceThickness,
+SpacingBetweenSlices. Slices are written in ascending order along ``row_cos x col_cos``; a volume
+whose slice axis points the other way is flipped along k first (same image in world space).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.valuerep import DSfloat
+
+from medldm import __version__
+from medldm.io.atomic import atomic_dir
+from medldm.io.dicom_headers import add_software, clean_reference, new_series_header, now, patient_orientation
+from medldm.io.dicom_pixels import Encoding, choose_encoding
+from medldm.io.dicom_uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, derived_uid, new_uid
+from medldm.io.errors import CaseError
+from medldm.io.geometry import ras_to_lps
+
+log = logging.getLogger(__name__)
+
+#: Code for SourceImageSequence items (DCM 121322, CID 7202).
+_SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
+
+
+@dataclass
+class Grid:
+    """Slice geometry in LPS: voxel (i, j, k) -> ``origin + i*dx*row_cos + j*dy*col_cos + k*step``."""
+
+    row_cos: np.ndarray  # (3,) direction of increasing column index i
+    col_cos: np.ndarray  # (3,) direction of increasing row index j
+    dx: float  # column spacing (along i)
+    dy: float  # row spacing (along j)
+    step: np.ndarray  # (3,) LPS offset from slice k to k+1 (may have an in-plane part: tilt/shear)
+    origin: np.ndarray  # (3,) LPS centre of voxel (0, 0, 0)
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_cos, self.col_cos)
+
+    @property
+    def spacing(self) -> float:
+        """Distance between slice planes (mm)."""
+        return float(np.dot(self.step, self.normal))
+
+    def position(self, k: int) -> np.ndarray:
+        return self.origin + k * self.step
+
+
+def grid_from_affine(vol: np.ndarray, affine: np.ndarray, where: object) -> tuple[np.ndarray, Grid]:
+    """``(vol, grid)`` with ``vol`` (X, Y, Z) flipped along k if needed so slices ascend along the normal."""
+    a = ras_to_lps(affine)
+    dx, dy = float(np.linalg.norm(a[:3, 0])), float(np.linalg.norm(a[:3, 1]))
+    if dx <= 0 or dy <= 0:
+        raise CaseError(where, "the affine has a zero-length axis", "fix the image geometry before writing DICOM")
+    row_cos, col_cos = a[:3, 0] / dx, a[:3, 1] / dy
+    if abs(float(np.dot(row_cos, col_cos))) > 1e-4:
+        raise CaseError(where, "the in-plane axes of the affine are not perpendicular (sheared grid)",
+                        "DICOM cannot store it; resample to an orthogonal grid or write NIfTI instead")
+    normal = np.cross(row_cos, col_cos)
+    step = a[:3, 2].copy()
+    origin = a[:3, 3].copy()
+    nz = vol.shape[2]
+    along = float(np.dot(step, normal))
+    if nz > 1 and abs(along) < 1e-6 * max(1.0, float(np.linalg.norm(step))):
+        raise CaseError(where, "the slice axis of the affine lies in the image plane",
+                        "fix the image geometry before writing DICOM")
+    if nz == 1:  # a single slice: its step is only a thickness
+        step = normal * max(abs(along), float(np.linalg.norm(step)))
+    elif along < 0:
+        vol = vol[:, :, ::-1]
+        origin = origin + (nz - 1) * step
+        step = -step
+    return vol, Grid(row_cos, col_cos, dx, dy, step, origin)
+
+
+def _ds(x: float) -> DSfloat:
+    return DSfloat(float(x), auto_format=True)
+
+
+def _dslist(v) -> list[DSfloat]:
+    return [_ds(x) for x in v]
+
+
+def load_reference(reference: str | os.PathLike | Sequence, where: object) -> list[Dataset]:
+    """Headers (no pixels) of the reference series: a folder, a file, or a list of files."""
+    if isinstance(reference, str | os.PathLike):
+        p = Path(reference)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        strict = not p.is_dir()
+    else:
+        files, strict = [Path(f) for f in reference], True
+    headers = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=not strict)
+        except Exception as e:  # a folder may hold non-DICOM files
+            if strict:
+                raise CaseError(f, f"cannot read reference DICOM file ({e})", "check --reference") from e
+            continue
+        if "Rows" in ds and "SOPInstanceUID" in ds:
+            ds.filename = str(f)
+            headers.append(ds)
+    if not headers:
+        raise CaseError(reference if isinstance(reference, str | os.PathLike) else where,
+                        "no DICOM image found in the reference", "pass the source series folder or files")
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in headers}
+    if len(series) > 1:
+        raise CaseError(headers[0].filename, f"the reference holds {len(series)} series",
+                        "pass the folder or files of one series only")
+    headers.sort(key=_sort_key)
+    orients = [np.asarray(ds.ImageOrientationPatient, float) for ds in headers if "ImageOrientationPatient" in ds]
+    if orients and np.max(np.abs(np.array(orients) - orients[0])) > 1e-3:
+        raise CaseError(headers[0].filename, "the reference series holds slices of several orientations (stacks)",
+                        "pass the files of the one stack the image came from (img.meta['source_files'])")
+    for ds in headers:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise CaseError(ds.filename, "the reference is multi-frame or colour",
+                            "derived series are written from single-frame grey-scale references only; "
+                            "convert without --reference")
+    return headers
+
+
+def _sort_key(ds: Dataset) -> tuple[float, int]:
+    """Position along the slice's own normal (then InstanceNumber): the order the reader uses."""
+    try:
+        o = np.asarray(ds.ImageOrientationPatient, float)
+        d = float(np.dot(np.asarray(ds.ImagePositionPatient, float), np.cross(o[:3], o[3:])))
+    except (AttributeError, TypeError, ValueError):
+        d = 0.0
+    return d, int(ds.get("InstanceNumber", 0) or 0)
+
+
+def _nearest(headers: list[Dataset], grid: Grid, nz: int) -> list[int]:
+    """Reference slice giving the per-slice header of each output slice: the same index when the
+    slice count is unchanged, else the nearest by position along the normal."""
+    if len(headers) == nz:
+        return list(range(nz))
+    try:
+        pr = np.array([np.dot(np.asarray(ds.ImagePositionPatient, float), grid.normal) for ds in headers])
+    except (AttributeError, TypeError, ValueError):  # no positions: scale the index
+        n = len(headers)
+        return [min(n - 1, max(0, round((k + 0.5) * n / nz - 0.5))) for k in range(nz)]
+    pk = np.array([np.dot(grid.position(k), grid.normal) for k in range(nz)])
+    return [int(np.argmin(np.abs(pr - p))) for p in pk]
+
+
+def _ref_spacing(headers: list[Dataset], normal: np.ndarray) -> float | None:
+    try:
+        pr = np.sort([np.dot(np.asarray(ds.ImagePositionPatient, float), normal) for ds in headers])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    d = np.diff(pr)
+    d = d[d > 1e-4]
+    if d.size:
+        return float(np.median(d))
+    st = headers[0].get("SliceThickness")
+    return float(st) if st not in (None, "") else None
+
+
+def _ref_encoding(headers: list[Dataset]) -> tuple[float, float, bool] | None:
+    encs = {(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0),
+             int(ds.get("PixelRepresentation", 0)) == 1) for ds in headers}
+    return encs.pop() if len(encs) == 1 else None
+
+
+def _window(vol: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(vol, [0.5, 99.5]) if vol.size else (0.0, 1.0)
+    return float((lo + hi) / 2), float(max(hi - lo, 1.0))  # width >= 1 (PS3.3 C.11.2.1.2)
+
+
+def _described(old: str, description: str, n: int = 64) -> str:
+    """``<old> [medldm <description>]`` within ``n`` characters (LO): the old text is shortened first."""
+    tag = f"[medldm {description}]"
+    if len(tag) > n:
+        tag = tag[: n - 1] + "]"
+    room = n - len(tag) - 1
+    old = old.strip()[: max(room, 0)].rstrip()
+    return f"{old} {tag}" if old else tag
+
+
+def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, description: str = "medldm",
+                      modality: str | None = None) -> list[Path]:
+    """Write ``img`` (MetaTensor (X, Y, Z), scanner units, ``.affine`` RAS) as a DICOM series in
+    ``out_dir`` (replaced atomically); returns the written files ``IM00001.dcm`` ... in slice order.
+
+    ``reference``: files (sorted like the reader does) or folder of the source series -> a derived
+    series of that patient/study; None -> a new anonymous series. ``modality`` (no reference only):
+    default ``img.meta["modality"]``, ``OT`` when unknown. Reference files are only read.
+    """
+    out_dir = Path(out_dir)
+    meta = getattr(img, "meta", {}) or {}
+    vol = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, dtype=np.float32)
+    if vol.ndim == 2:
+        vol = vol[:, :, None]
+    if vol.ndim != 3:
+        raise CaseError(out_dir, f"expected a (X, Y, Z) volume, got shape {vol.shape}", "select one volume")
+    affine = np.asarray(getattr(img, "affine", np.eye(4)), dtype=np.float64)
+    vol, grid = grid_from_affine(vol, affine, out_dir)
+    nz = vol.shape[2]
+    headers = load_reference(reference, out_dir) if reference is not None else []
+    try:
+        odt = str(meta.get("original_dtype", "") or "")
+        enc = choose_encoding(vol, _ref_encoding(headers) if headers else None,
+                              prefer_signed=odt.startswith("int"))
+    except ValueError as e:
+        raise CaseError(out_dir, str(e), "fix the image values before writing DICOM") from e
+    if enc.max_error > 0:
+        log.warning("%s: values stored with RescaleSlope %g: max error %.3g", out_dir, enc.slope, enc.max_error)
+    if headers:
+        modality = str(headers[0].get("Modality", "OT") or "OT")
+    else:
+        modality = (modality or str(meta.get("modality", "")) or "OT").upper()
+        modality = "OT" if modality in ("UNKNOWN", "") else modality
+    series = _series_context(headers, grid, modality, description, vol)
+    nearest = _nearest(headers, grid, nz) if headers else [None] * nz
+    names = [f"IM{k + 1:05d}.dcm" for k in range(nz)]
+    with atomic_dir(out_dir) as tmp:
+        for k in range(nz):
+            ds = _slice_header(headers[nearest[k]] if headers else None, series, grid, k)
+            _set_pixels(ds, vol[:, :, k], enc, modality, series["rescale"])
+            _write(ds, tmp / names[k])
+    return [out_dir / n for n in names]
+
+
+def _series_context(headers, grid, modality, description, vol) -> dict:
+    """Values shared by every slice of the new series."""
+    ctx: dict = {"series_uid": new_uid(), "description": description, "date": now(),
+                 "rescale": any("RescaleSlope" in ds for ds in headers)}
+    if headers:
+        ref = headers[0]
+        old = str(ref.get("SeriesDescription", "") or "").strip()
+        ctx["series_description"] = _described(old, description)
+        ctx["series_number"] = int(ref.get("SeriesNumber", 0) or 0) + 1000
+        frame = str(ref.get("FrameOfReferenceUID", "") or "")
+        if not frame or frame == str(ref.get("StudyInstanceUID", "")):  # missing or invalid in the source
+            frame = derived_uid("frame-of-reference", frame or str(ref.get("SeriesInstanceUID", "")))
+        ctx["frame_uid"] = frame
+        rs = _ref_spacing(headers, grid.normal)
+        same_grid = rs is not None and abs(rs - grid.spacing) < 1e-3 * max(1.0, rs)
+        st = ref.get("SliceThickness")
+        ctx["thickness"] = float(st) if same_grid and st not in (None, "") else grid.spacing
+        if modality == "CT" and "WindowCenter" in ref and "WindowWidth" in ref:
+            ctx["window"] = {k: ref.get(k) for k in ("WindowCenter", "WindowWidth",
+                                                     "WindowCenterWidthExplanation", "VOILUTFunction") if k in ref}
+        ctx["base"] = None
+    else:
+        base = new_series_header(modality)
+        base.SOPClassUID = CTImageStorage if modality == "CT" else SecondaryCaptureImageStorage
+        base.SeriesDescription = _described("", description)
+        ctx["base"] = base
+        ctx["thickness"] = grid.spacing
+    if "window" not in ctx:
+        c, w = _window(vol)
+        ctx["window"] = {"WindowCenter": _ds(c), "WindowWidth": _ds(w)}
+    return ctx
+
+
+def _slice_header(ref: Dataset | None, ctx: dict, grid: Grid, k: int) -> Dataset:
+    """Header of output slice ``k``: reference (cleaned) or new-series modules, then recomputed values."""
+    da, tm = ctx["date"]
+    if ref is not None:
+        ds = clean_reference(ref)
+        ds.SeriesDescription = ctx["series_description"]
+        ds.SeriesNumber = ctx["series_number"]
+        ds.FrameOfReferenceUID = ctx["frame_uid"]
+        if "PositionReferenceIndicator" not in ds:
+            ds.PositionReferenceIndicator = ""
+        if not ds.get("BodyPartExamined") and "Laterality" not in ds and "ImageLaterality" not in ds:
+            ds.Laterality = ""  # Type 2C: required (may be empty) when the body part is unknown
+        if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not (
+                "DeidentificationMethod" in ds or "DeidentificationMethodCodeSequence" in ds):
+            ds.DeidentificationMethod = "unknown: source marked de-identified without a method"
+        old_type = [str(v).strip() for v in (ref.get("ImageType") or [])]
+        src = Dataset()
+        src.ReferencedSOPClassUID = ref.SOPClassUID
+        src.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = _SOURCE_PURPOSE
+        src.PurposeOfReferenceCodeSequence = [code]
+        ds.SourceImageSequence = [src]
+        inst = Dataset()
+        inst.ReferencedSOPClassUID = ref.SOPClassUID
+        inst.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+        rser = Dataset()
+        rser.SeriesInstanceUID = ref.SeriesInstanceUID
+        rser.ReferencedInstanceSequence = [inst]
+        ds.ReferencedSeriesSequence = [rser]
+        ds.DerivationDescription = (f"medldm {__version__} {ctx['description']}: pixel data and geometry "
+                                    f"recomputed from series {ref.SeriesInstanceUID}")[:1024]
+        add_software(ds)
+    else:
+        ds = copy.deepcopy(ctx["base"])
+        old_type = []
+        ds.DerivationDescription = f"medldm {__version__} {ctx['description']}: written without a DICOM source"
+        ds.Laterality = ""  # Type 2C: required (empty: unknown) as the body part is unknown
+        if ds.SOPClassUID == CTImageStorage:
+            ds.PatientPosition, ds.KVP, ds.AcquisitionNumber = "", "", ""  # Type 2: unknown
+        if ds.SOPClassUID == SecondaryCaptureImageStorage:
+            ds.ConversionType = "WSD"
+            ds.PatientOrientation = patient_orientation(grid.row_cos, grid.col_cos)
+    ds.ImageType = ["DERIVED", "SECONDARY"] + old_type[2:]
+    if ds.SOPClassUID == CTImageStorage and len(ds.ImageType) < 3:
+        ds.ImageType = list(ds.ImageType) + ["AXIAL"]
+    ds.SeriesInstanceUID = ctx["series_uid"]
+    ds.SOPInstanceUID = new_uid()
+    ds.InstanceNumber = k + 1
+    ds.ContentDate, ds.ContentTime = da, tm
+    ds.InstanceCreationDate, ds.InstanceCreationTime = da, tm
+    ds.SeriesDate, ds.SeriesTime = ds.get("SeriesDate") or da, ds.get("SeriesTime") or tm
+    pos = grid.position(k)
+    ds.ImagePositionPatient = _dslist(pos)
+    ds.ImageOrientationPatient = _dslist(list(grid.row_cos) + list(grid.col_cos))
+    ds.PixelSpacing = _dslist([grid.dy, grid.dx])
+    ds.SliceThickness = _ds(ctx["thickness"])
+    ds.SpacingBetweenSlices = _ds(grid.spacing)
+    ds.SliceLocation = _ds(float(np.dot(pos, grid.normal)))
+    for key, val in ctx["window"].items():
+        setattr(ds, key, val)
+    return ds
+
+
+def _set_pixels(ds: Dataset, plane: np.ndarray, enc: Encoding, modality: str, rescale: bool) -> None:
+    """Image Pixel + rescale attributes for one slice ``plane`` (X, Y) in real units. Rescale tags are
+    written for CT, when the reference had them, or when the encoding is not the identity."""
+    stored = enc.encode(plane.T)  # (rows = Y, columns = X)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if enc.signed else 0
+    if rescale or modality == "CT" or ds.SOPClassUID == CTImageStorage or not enc.identity:
+        ds.RescaleSlope = _ds(enc.slope)
+        ds.RescaleIntercept = _ds(enc.intercept)
+        if ds.SOPClassUID != CTImageStorage:
+            ds.RescaleType = "HU" if modality == "CT" else "US"
+    ds.PixelData = np.ascontiguousarray(stored).astype("<" + stored.dtype.str[1:]).tobytes()
+    ds["PixelData"].VR = "OW"
+
+
+def _write(ds: Dataset, path: Path) -> None:
+    fm = FileMetaDataset()
+    fm.MediaStorageSOPClassUID = ds.SOPClassUID
+    fm.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    fm.TransferSyntaxUID = ExplicitVRLittleEndian
+    fm.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    fm.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    ds.file_meta = fm
+    ds.save_as(path, enforce_file_format=True)
