@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("medldm.cli.train", "train a VAE and/or latent diffusion model from a YAML config"),
     "enhance": ("medldm.cli.enhance", "denoise or super-resolve scans with a trained model"),
     "synthesize": ("medldm.cli.synthesize", "generate synthetic scans"),
+    "audit": ("medldm.cli.audit", "audit synthetic scans: memorization, diversity, realism (HTML report)"),
     "models": ("medldm.cli.models", "list shipped models"),
     "demo": ("medldm.cli.demo", "run the main job on shipped sample scans and write an HTML report"),
 }
