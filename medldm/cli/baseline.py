@@ -1,0 +1,154 @@
+"""``medldm baseline``: classical denoising and super-resolution baselines.
+
+    medldm baseline --task denoise --method {gaussian,nlm,bm3d} -i IN -o OUT [--sigma S]
+                    [--filter-sigma F] [--dims 2|3]
+    medldm baseline --task sr --method {nearest,linear,bicubic,bspline} -i IN -o OUT
+                    [--scale 2] [--axis inplane|through]
+
+IN is a scan (NIfTI file, DICOM file or series folder) or a folder of cases; OUT mirrors IN (same
+relative names, same kind: NIfTI stays NIfTI, a DICOM series becomes a derived DICOM series of its
+source; ``--to`` changes the kind). A rerun skips cases whose output exists (``--overwrite`` redoes
+them); failed cases are listed one line each and in ``OUT/medldm-baseline-report.json`` with the
+parameters used per case. Exit status: 0 all done, 1 some failed, 2 usage error.
+Definitions of the methods: docs/evaluation.md and ``medldm.eval.baselines``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from medldm.io.errors import UsageError
+
+REPORT_NAME = "medldm-baseline-report.json"
+TASK_METHODS = {"denoise": ("gaussian", "nlm", "bm3d"), "sr": ("nearest", "linear", "bicubic", "bspline")}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=tuple(TASK_METHODS), help="denoise or sr (super-resolution)")
+    p.add_argument("--method", required=True, help="denoise: gaussian, nlm, bm3d; sr: nearest, linear, "
+                                                    "bicubic (Keys cubic convolution), bspline (cubic B-spline)")
+    p.add_argument("-i", "--input", required=True, metavar="IN", help="scan or folder of cases")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output scan or folder (mirrors IN)")
+    g = p.add_argument_group("denoise")
+    g.add_argument("--sigma", type=float, metavar="S", help="noise standard deviation in scanner units for nlm/bm3d "
+                                                            "(default: estimated per volume, see docs)")
+    g.add_argument("--filter-sigma", type=float, default=1.0, metavar="F",
+                   help="gaussian: filter standard deviation in voxels (default 1.0)")
+    g.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                   help="2: slice by slice in the X-Y plane (default); 3: whole volume (gaussian, nlm)")
+    g = p.add_argument_group("super-resolution")
+    g.add_argument("--scale", type=float, default=2.0, help="up-sampling factor (default 2)")
+    g.add_argument("--axis", choices=("inplane", "through"), default="inplane",
+                   help="inplane: X and Y (default); through: Z (slice direction)")
+    p.add_argument("--to", choices=("nifti", "dicom"), help="output kind (default: same as each input)")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith((".nii", ".nii.gz"))
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.method not in TASK_METHODS[args.task]:
+        raise UsageError(f"--method {args.method!r} is not a {args.task} method: "
+                         f"choose one of {', '.join(TASK_METHODS[args.task])}")
+    if args.task == "denoise":
+        if args.sigma is not None and not args.sigma > 0:
+            raise UsageError("--sigma must be > 0 (noise standard deviation in scanner units)")
+        if not args.filter_sigma > 0:
+            raise UsageError("--filter-sigma must be > 0 (voxels)")
+        if args.method == "bm3d":
+            if args.dims == 3:
+                raise UsageError("bm3d runs slice by slice: use --dims 2")
+            from medldm.eval.baselines import MissingExtraError, require_bm3d
+
+            try:
+                require_bm3d()
+            except MissingExtraError as e:
+                raise UsageError(str(e)) from None
+    elif not args.scale >= 1:
+        raise UsageError("--scale must be >= 1 (up-sampling factor)")
+
+
+def _process(case, out: Path, args: argparse.Namespace) -> dict:
+    from medldm.eval import baselines as B
+    from medldm.io.reader import load_case
+    from medldm.io.writer import save_scan
+
+    img = load_case(case)
+    if args.task == "denoise":
+        res, info = B.denoise_scan(img, args.method, sigma=args.sigma, filter_sigma=args.filter_sigma,
+                                   dims=args.dims)
+        desc = f"baseline {args.method}"
+    else:
+        try:
+            res = B.upsample_scan(img, args.scale, args.method, args.axis)
+        except ValueError as e:
+            from medldm.io.errors import CaseError
+
+            raise CaseError(case.source or case.id, str(e), "use --axis inplane for single-slice images") from None
+        info = {"method": args.method, "scale": args.scale, "axis": args.axis,
+                "shape_in": list(img.shape), "shape_out": list(res.shape)}
+        desc = f"baseline {args.method} x{args.scale:g}"
+    reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
+    written = save_scan(res, out, reference=None if _is_nifti(out) else reference, description=desc)
+    return {"outputs": [str(written)], "params": info}
+
+
+def _single_case(src: Path, out: Path, cases: list) -> bool:
+    """One scan in, one scan out (OUT names the output itself), as in ``medldm convert``."""
+    if src.is_file() or (len(cases) == 1 and _is_nifti(out)):
+        return True
+    if len(cases) != 1:
+        return False
+    c = cases[0]
+    return c.kind == "dicom-series" and Path(os.path.commonpath([str(p.parent) for p in c.paths])) == src
+
+
+def run(args: argparse.Namespace) -> int:
+    from medldm.cli.common import run_cases
+    from medldm.io.discover import output_path, scan_folder
+
+    _check(args)
+    src, out = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise UsageError(f"{src}: no such file or folder")
+    if out.resolve() == src.resolve():
+        raise UsageError("OUT must differ from IN: inputs are never overwritten")
+    if src.is_dir() and src.resolve() in out.resolve().parents:
+        raise UsageError("OUT must not lie inside the input folder IN (it would be read as input next time)")
+    found = scan_folder(src)
+    if not found.cases:
+        raise UsageError(f"{src}: no NIfTI file or DICOM image series found"
+                         + (f" ({found.skipped[0]})" if found.skipped else ""))
+    command = shlex.join(["medldm", "baseline", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm baseline"
+    if _single_case(src, out, found.cases):
+        if args.to and (args.to == "nifti") != _is_nifti(out):
+            raise UsageError(f"--to {args.to} contradicts OUT {out}")
+        case = found.cases[0]
+        if not args.overwrite and out.exists():
+            print(f"{out} exists: nothing to do (--overwrite redoes it)", file=sys.stderr)
+            return 0
+        status, _ = run_cases([case], lambda c: _process(c, out, args), desc="baseline",
+                              command=command, quiet=args.quiet)
+        return status
+    if _is_nifti(out):
+        raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder")
+    if not args.quiet:
+        for line in found.skipped:
+            print(line, file=sys.stderr)
+
+    def target(case) -> Path:
+        return output_path(case, out, args.to)
+
+    status, _ = run_cases(found.cases, lambda c: _process(c, target(c), args), name=str,
+                          is_done=lambda c: not args.overwrite and target(c).exists(),
+                          report_path=out / REPORT_NAME, desc="baseline", command=command, quiet=args.quiet)
+    return status

@@ -1,0 +1,238 @@
+"""Classical baselines: denoising (Gaussian, non-local means, BM3D) and super-resolution by
+interpolation (nearest, linear, Keys bicubic, cubic B-spline). Definitions: docs/evaluation.md.
+
+Arrays are ``(X, Y, Z)`` in scanner units; "2D" processing works slice by slice on the in-plane
+``(X, Y)`` planes (axis 2), "3D" on the whole volume. The ``*_scan`` functions take and return a
+``MetaTensor`` and keep its meta; super-resolution returns the affine of the finer grid over the
+same physical extent (``medldm.io.geometry.resized_affine``).
+
+Denoising works on intensities normalized linearly to [0, 1] by the volume's min and max (exactly
+inverted afterwards), so the NLM/BM3D parameters below are scale-free:
+
+* ``gaussian``: ``scipy.ndimage.gaussian_filter`` with standard deviation ``filter_sigma`` voxels
+  (default 1.0) along X and Y (2D) or X, Y, Z (3D), ``mode="nearest"``.
+* ``nlm``: ``skimage.restoration.denoise_nl_means(patch_size=5, patch_distance=6,
+  fast_mode=True, sigma=σ, h=0.8·σ)`` — the starting point scikit-image's documentation recommends
+  for ``fast_mode=True`` when ``sigma`` is given. σ = noise standard deviation (see
+  :func:`estimate_noise_sigma`) unless given.
+* ``bm3d``: ``bm3d.bm3d(slice, sigma_psd=σ)`` per slice (2D only) from the optional ``bm3d``
+  package (``pip install 'medldm[bm3d]'``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DENOISE_METHODS = ("gaussian", "nlm", "bm3d")
+SR_METHODS = ("nearest", "linear", "bicubic", "bspline")
+SPLINE_ORDER = {"nearest": 0, "linear": 1, "bspline": 3}
+NLM_PATCH_SIZE = 5
+NLM_PATCH_DISTANCE = 6
+NLM_H_FACTOR = 0.8
+KEYS_A = -0.5  # Keys (1981) cubic convolution parameter
+
+
+class MissingExtraError(RuntimeError):
+    """An optional dependency is not installed; the message says how to install it."""
+
+
+# --------------------------------------------------------------------------------------- denoising
+def _normalize(vol: np.ndarray) -> tuple[np.ndarray, float, float]:
+    lo, hi = float(np.min(vol)), float(np.max(vol))
+    scale = hi - lo if hi > lo else 1.0
+    return (vol.astype(np.float64) - lo) / scale, lo, scale
+
+
+def estimate_noise_sigma(vol: np.ndarray, dims: int = 2) -> float:
+    """Noise standard deviation of ``vol`` (X, Y, Z), same units as ``vol``.
+
+    ``skimage.restoration.estimate_sigma`` (wavelet MAD estimator of Donoho & Johnstone): with
+    ``dims=2`` the median of the per-slice estimates over non-constant slices, with ``dims=3`` one
+    estimate on the whole volume.
+    """
+    from skimage.restoration import estimate_sigma
+
+    vol = np.asarray(vol, dtype=np.float64)
+    if dims == 3 and vol.shape[2] > 1:
+        return float(estimate_sigma(vol, channel_axis=None))
+    est = [float(estimate_sigma(vol[:, :, k], channel_axis=None))
+           for k in range(vol.shape[2]) if np.ptp(vol[:, :, k]) > 0]
+    return float(np.median(est)) if est else 0.0
+
+
+def _per_slice(fn, vol: np.ndarray) -> np.ndarray:
+    return np.stack([fn(vol[:, :, k]) for k in range(vol.shape[2])], axis=2)
+
+
+def require_bm3d():
+    try:
+        import bm3d  # noqa: F401
+    except ImportError as e:
+        raise MissingExtraError(
+            "the bm3d baseline needs the optional 'bm3d' package — install it with "
+            "pip install 'medldm[bm3d]'") from e
+    return bm3d
+
+
+def denoise(
+    vol: np.ndarray,
+    method: str,
+    *,
+    sigma: float | None = None,
+    filter_sigma: float = 1.0,
+    dims: int = 2,
+) -> tuple[np.ndarray, dict]:
+    """Denoise ``vol`` (X, Y, Z) -> ``(denoised float32 (X, Y, Z), info)``.
+
+    ``sigma``: noise standard deviation in the units of ``vol`` for ``nlm``/``bm3d`` (estimated when
+    None); ``filter_sigma``: Gaussian width in voxels for ``gaussian``; ``dims``: 2 (slice by slice)
+    or 3 (whole volume; not for ``bm3d``). ``info`` records the parameters actually used.
+    """
+    if method not in DENOISE_METHODS:
+        raise ValueError(f"unknown denoising method {method!r}; choose one of {DENOISE_METHODS}")
+    if dims not in (2, 3):
+        raise ValueError("dims must be 2 (slice by slice) or 3 (whole volume)")
+    vol = np.asarray(vol)
+    if vol.ndim != 3:
+        raise ValueError(f"expected an (X, Y, Z) array, got shape {vol.shape}")
+    if dims == 3 and vol.shape[2] == 1:
+        dims = 2
+    x, lo, scale = _normalize(vol)
+    info: dict = {"method": method, "dims": dims, "normalization": {"offset": lo, "scale": scale}}
+    if method == "gaussian":
+        from scipy.ndimage import gaussian_filter
+
+        s = (filter_sigma, filter_sigma, filter_sigma if dims == 3 else 0.0)
+        y = gaussian_filter(x, sigma=s, mode="nearest")
+        info["filter_sigma_voxels"] = filter_sigma
+    else:
+        if method == "bm3d":
+            if dims == 3:
+                raise ValueError("bm3d runs slice by slice only: use dims=2")
+            bm3d = require_bm3d()
+        sig_n = sigma / scale if sigma is not None else estimate_noise_sigma(x, dims)
+        info["noise_sigma"] = sig_n * scale
+        info["noise_sigma_source"] = "given" if sigma is not None else "estimate_sigma"
+        if sig_n <= 0:
+            y = x.copy()
+            info["note"] = "noise sigma is 0: image returned unchanged"
+        elif method == "nlm":
+            from skimage.restoration import denoise_nl_means
+
+            kw = {"patch_size": NLM_PATCH_SIZE, "patch_distance": NLM_PATCH_DISTANCE,
+                  "h": NLM_H_FACTOR * sig_n, "sigma": sig_n, "fast_mode": True,
+                  "channel_axis": None, "preserve_range": True}
+            info["nlm"] = {k: v for k, v in kw.items() if k not in ("channel_axis", "preserve_range")}
+            info["nlm"]["h"] = kw["h"] * scale  # report h in scanner units
+            info["nlm"]["sigma"] = sig_n * scale
+            y = denoise_nl_means(x, **kw) if dims == 3 else _per_slice(lambda s: denoise_nl_means(s, **kw), x)
+        else:
+            y = _per_slice(lambda s: np.asarray(bm3d.bm3d(s, sigma_psd=sig_n), dtype=np.float64), x)
+    out = y * scale + lo
+    return out.astype(np.float32), info
+
+
+# ---------------------------------------------------------------------------------- interpolation
+def keys_kernel(t: np.ndarray, a: float = KEYS_A) -> np.ndarray:
+    """Keys (1981) cubic convolution kernel W(t); ``a=-0.5`` is Keys' choice (MATLAB ``imresize``),
+    ``a=-0.75`` the one of OpenCV/PyTorch ``bicubic``."""
+    t = np.abs(t)
+    t2, t3 = t * t, t * t * t
+    near = (a + 2) * t3 - (a + 3) * t2 + 1
+    far = a * t3 - 5 * a * t2 + 8 * a * t - 4 * a
+    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
+
+
+def cubic_convolution_resize(vol: np.ndarray, new_shape: tuple[int, ...], a: float = KEYS_A) -> np.ndarray:
+    """Separable cubic-convolution resampling of ``vol`` to ``new_shape`` (pixel-area alignment:
+    output voxel ``i`` samples input coordinate ``(i + 0.5)·n/m − 0.5``; borders replicated).
+    No anti-aliasing: meant for up-sampling."""
+    out = np.asarray(vol, dtype=np.float64)
+    for ax, (n, m) in enumerate(zip(out.shape, new_shape, strict=True)):
+        if n == m:
+            continue
+        pos = (np.arange(m) + 0.5) * (n / m) - 0.5
+        base = np.floor(pos).astype(np.int64)
+        shape = [1] * out.ndim
+        shape[ax] = m
+        acc = np.zeros(out.shape[:ax] + (m,) + out.shape[ax + 1:], dtype=np.float64)
+        for k in (-1, 0, 1, 2):
+            idx = np.clip(base + k, 0, n - 1)
+            w = keys_kernel(pos - (base + k), a).reshape(shape)
+            acc += np.take(out, idx, axis=ax) * w
+        out = acc
+    return out
+
+
+def sr_factors(scale: float, axis: str, ndim: int = 3) -> tuple[float, float, float]:
+    """Per-axis zoom factors: ``inplane`` -> (s, s, 1), ``through`` -> (1, 1, s)."""
+    if axis == "inplane":
+        return (scale, scale, 1.0)
+    if axis == "through":
+        return (1.0, 1.0, scale)
+    raise ValueError(f"axis must be 'inplane' or 'through', got {axis!r}")
+
+
+def upsample(vol: np.ndarray, scale: float, method: str, axis: str = "inplane") -> np.ndarray:
+    """Up-sample ``vol`` (X, Y, Z) by ``scale`` in-plane (X, Y) or through-plane (Z) -> float32.
+
+    New size per zoomed axis: ``round(n · scale)``. ``nearest``/``linear``/``bspline`` are
+    ``scipy.ndimage.zoom(order=0/1/3, grid_mode=True, mode="nearest")`` (``bspline`` = interpolating
+    cubic B-spline, i.e. spline prefiltering on: what scikit-image calls order 3 / "bicubic");
+    ``bicubic`` is Keys cubic convolution with a = -0.5 (:func:`cubic_convolution_resize`).
+    """
+    if method not in SR_METHODS:
+        raise ValueError(f"unknown super-resolution method {method!r}; choose one of {SR_METHODS}")
+    if not (math.isfinite(scale) and scale >= 1):
+        raise ValueError(f"scale must be a number >= 1, got {scale}")
+    vol = np.asarray(vol)
+    if vol.ndim != 3:
+        raise ValueError(f"expected an (X, Y, Z) array, got shape {vol.shape}")
+    factors = sr_factors(scale, axis)
+    if axis == "through" and vol.shape[2] < 2:
+        raise ValueError("through-plane up-sampling needs a volume with more than one slice")
+    new_shape = tuple(max(1, int(round(n * f))) for n, f in zip(vol.shape, factors, strict=True))
+    if method == "bicubic":
+        out = cubic_convolution_resize(vol, new_shape)
+    else:
+        from scipy.ndimage import zoom
+
+        zf = [m / n for m, n in zip(new_shape, vol.shape, strict=True)]
+        out = zoom(vol.astype(np.float64), zf, order=SPLINE_ORDER[method], mode="nearest", grid_mode=True)
+    return np.asarray(out, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------ MetaTensor API
+def _like(img, arr: np.ndarray, affine: np.ndarray | None = None):
+    import torch
+    from monai.data import MetaTensor
+    from monai.utils import MetaKeys
+
+    meta = dict(img.meta)
+    meta.pop(MetaKeys.AFFINE, None)
+    aff = np.asarray(img.affine, dtype=np.float64) if affine is None else affine
+    if affine is not None:
+        from medldm.io.geometry import spacing_from_affine
+
+        meta["spacing"] = spacing_from_affine(aff)
+    return MetaTensor(np.ascontiguousarray(arr, dtype=np.float32),
+                      affine=torch.as_tensor(aff, dtype=torch.float64), meta=meta)
+
+
+def denoise_scan(img, method: str, **kwargs):
+    """:func:`denoise` on a MetaTensor (X, Y, Z); returns ``(MetaTensor, info)`` on the same grid."""
+    arr, info = denoise(np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img), method, **kwargs)
+    return _like(img, arr), info
+
+
+def upsample_scan(img, scale: float, method: str, axis: str = "inplane"):
+    """:func:`upsample` on a MetaTensor (X, Y, Z); returns a MetaTensor on the finer grid whose
+    affine keeps the physical extent (spacing divided by the actual size ratio)."""
+    from medldm.io.geometry import resized_affine
+
+    src = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img)
+    arr = upsample(src, scale, method, axis)
+    aff = resized_affine(np.asarray(img.affine, dtype=np.float64), src.shape, arr.shape)
+    return _like(img, arr, aff)
