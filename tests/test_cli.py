@@ -30,3 +30,19 @@ def test_negative_values_join_their_option():
 def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "medldm", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "medldm" in r.stdout
+
+
+def test_cli_reference_documents_every_option():
+    """docs/cli.md (tools/gen_cli_docs.py) lists every sub-command and each of its options."""
+    import argparse
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    parser, mods = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sections = {s.split("`", 1)[0]: s for s in doc.split("## `medldm ")[1:]}
+    for name in mods:
+        assert name in sections, f"docs/cli.md lacks `medldm {name}`: run python tools/gen_cli_docs.py"
+        for action in sub.choices[name]._actions:
+            for opt in action.option_strings:
+                assert opt in sections[name], f"docs/cli.md: `medldm {name}` lacks {opt}: run python tools/gen_cli_docs.py"
