@@ -1,0 +1,219 @@
+"""``medldm degrade IN OUT --kind K --level X [--seed S]``: seeded degraded copies of clean scans.
+
+IN is a NIfTI file, a DICOM file or series folder, or a folder of cases (NIfTI files, DICOM series);
+OUT is the output file/folder for one scan, or a folder mirroring IN's cases in the same format
+(DICOM inputs -> derived DICOM series "degraded <kind> <level>" of the source). Levels:
+
+* ``gaussian``, ``rician``: noise sigma as a fraction of the intensity range (p99.5 - p0.5), e.g. 0.05;
+* ``lowdose``: dose fraction in (0, 1], e.g. 0.25 = quarter dose (CT in HU only);
+* ``downsample``: in-plane factor > 1, e.g. 2 or 4 (``--restore`` back to the original grid);
+* ``thick``: slices averaged per thick slice, integer >= 2, along ``--axis`` (default 2 = Z).
+
+Each output gets a sidecar ``<output name>.degradation.json`` (kind, level, seeds, options, input). The
+noise of case ``c`` is drawn from ``SeedSequence([seed, crc32(c)])``, so cases differ and a rerun with
+the same ``--seed`` reproduces every file. Failed cases are listed one line each and in
+``OUT/medldm-degrade-report.json``; a rerun skips finished cases (``--overwrite`` redoes them).
+Exit status: 0 all done, 1 some cases failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import zlib
+from pathlib import Path
+
+from medldm.io.errors import CaseError, UsageError
+
+REPORT_NAME = "medldm-degrade-report.json"
+KINDS = ("gaussian", "rician", "lowdose", "downsample", "thick")
+_HINTS = {
+    "lowdose": "use --kind gaussian or rician for MR and other non-CT scans",
+    "thick": "thick slices need a 3D volume with at least --level slices along --axis",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN", help="NIfTI file, DICOM file or series folder, or a folder of cases")
+    p.add_argument("output", metavar="OUT", help="output .nii/.nii.gz file or DICOM series folder for one scan, "
+                                                 "or a folder mirroring IN's cases")
+    p.add_argument("--kind", required=True, choices=KINDS, help="degradation (see docs/degradations.md)")
+    p.add_argument("--level", required=True, type=float, metavar="X",
+                   help="gaussian/rician: sigma fraction of the intensity range; lowdose: dose fraction in (0, 1]; "
+                        "downsample: in-plane factor > 1; thick: slices per thick slice (integer >= 2)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed (default: a fresh one, printed and recorded in each sidecar)")
+    p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
+                   help="slice axis: thick slices are stacked along it; downsample/lowdose work in the planes "
+                        "across it (default 2 = Z)")
+    p.add_argument("--restore", choices=("linear", "cubic"),
+                   help="downsample/thick: resample the result back to the original grid")
+    p.add_argument("--method", choices=("area", "gaussian"), default="area",
+                   help="downsample: area average (default) or skimage-style Gaussian anti-aliasing")
+    p.add_argument("--i0", type=float, default=None, metavar="PHOTONS",
+                   help="lowdose: full-dose photons per detector bin per view (default 1e5)")
+    p.add_argument("--full-dose-noise", type=float, default=None, metavar="HU",
+                   help="lowdose: noise std (HU) of the input scan, e.g. measured in a uniform region; sets I0 so "
+                        "the model's full-dose noise matches it (overrides --i0's scale)")
+    p.add_argument("--electronic-noise", type=float, default=0.0, metavar="SIGMA",
+                   help="lowdose: electronic noise std in photons (default 0)")
+    p.add_argument("--device", default=None, help="lowdose: torch device for the projector, e.g. cuda (default cpu)")
+    p.add_argument("--volume", type=int, metavar="K", help="volume to take from a 4D input (0-based)")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith((".nii", ".nii.gz"))
+
+
+def sidecar_path(out: Path) -> Path:
+    """``OUT/x.nii.gz`` -> ``OUT/x.degradation.json``; DICOM folder ``OUT/x`` -> ``OUT/x.degradation.json``."""
+    name = out.name
+    for suf in (".nii.gz", ".nii"):
+        if name.lower().endswith(suf):
+            name = name[: -len(suf)]
+            break
+    return out.with_name(f"{name}.degradation.json")
+
+
+def case_seed(seed: int, case_id: str) -> int:
+    """Per-case seed: ``SeedSequence([seed, crc32(case_id)])`` -> one 32-bit integer."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, zlib.crc32(case_id.encode())]).generate_state(1)[0])
+
+
+def _options(args: argparse.Namespace) -> dict:
+    if args.kind == "lowdose":
+        opts: dict = {"electronic_noise": args.electronic_noise}
+        if args.i0 is not None:
+            opts["i0"] = args.i0
+        if args.full_dose_noise is not None:
+            opts["full_dose_noise"] = args.full_dose_noise
+        if args.device:
+            opts["device"] = args.device
+        return opts
+    if args.kind == "downsample":
+        return {"method": args.method, "restore": args.restore}
+    if args.kind == "thick":
+        return {"restore": args.restore}
+    return {}
+
+
+def _job(args: argparse.Namespace, seed: int) -> dict:
+    opts = {k: v for k, v in _options(args).items() if k != "device"}
+    return {"kind": args.kind, "level": float(args.level), "seed": seed, "axis": args.axis, "options": opts}
+
+
+def _degrade_one(case, out: Path, args: argparse.Namespace, seed: int) -> list[str]:
+    from medldm import __version__
+    from medldm.data.degrade import apply_degradation
+    from medldm.io.atomic import atomic_file
+    from medldm.io.reader import load_case
+    from medldm.io.writer import save_scan
+
+    img = load_case(case, volume=args.volume)
+    cseed = case_seed(seed, case.id)
+    try:
+        deg = apply_degradation(img, args.kind, args.level, cseed, axis=args.axis, **_options(args))
+    except ValueError as e:
+        hint = _HINTS.get(args.kind) if args.kind != "lowdose" or "Hounsfield" in str(e) else None
+        raise CaseError(case.source or case.id, str(e), hint or "see docs/degradations.md") from e
+    record = dict(deg.meta["degradation"])
+    record.update({"seed": seed, "case_seed": cseed, "case": case.id, "input": case.source or str(case.paths[0]),
+                   "output": str(out), "medldm": __version__, "input_shape": list(img.shape),
+                   "output_shape": list(deg.shape), "input_spacing": list(img.meta.get("spacing", ())),
+                   "output_spacing": list(deg.meta.get("spacing", ()))})
+    deg.meta["degradation"] = record
+    reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
+    save_scan(deg, out, reference=reference, description=f"degraded {args.kind} {args.level:g}")
+    side = sidecar_path(out)
+    with atomic_file(side) as tmp:  # written last: its presence marks the case as done
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+    return [str(out), str(side)]
+
+
+def _state(out: Path, job: dict) -> str:
+    """"new" (nothing there), "done" (same job finished) or "other" (a different degradation is there)."""
+    side = sidecar_path(out)
+    if not side.exists():
+        return "new"
+    try:
+        rec = json.loads(side.read_text())
+        same = all(rec.get(k) == job[k] for k in ("kind", "level", "seed", "axis", "options"))
+    except (ValueError, AttributeError):
+        same = False
+    if same and out.exists():
+        return "done"
+    return "other" if out.exists() else "new"
+
+
+def run(args: argparse.Namespace) -> int:
+    import secrets
+
+    from medldm.cli.common import run_cases
+    from medldm.data.degrade import check_level
+    from medldm.io.discover import output_path, scan_folder
+
+    src, out = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise UsageError(f"{src}: no such file or folder")
+    try:
+        check_level(args.kind, args.level)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if args.seed is not None and args.seed < 0:
+        raise UsageError("--seed must be >= 0")
+    if args.volume is not None and args.volume < 0:
+        raise UsageError("--volume must be >= 0")
+    if args.kind == "lowdose" and args.i0 is not None and not args.i0 > 0:
+        raise UsageError("--i0 must be > 0")
+    if args.kind == "lowdose" and args.full_dose_noise is not None and not args.full_dose_noise > 0:
+        raise UsageError("--full-dose-noise must be > 0 HU")
+    if out.resolve() == src.resolve():
+        raise UsageError("OUT must differ from IN: inputs are never overwritten")
+    if src.is_dir() and src.resolve() in out.resolve().parents:
+        raise UsageError("OUT must not lie inside the input folder IN (it would be read as input next time)")
+    found = scan_folder(src)
+    if not found.cases:
+        raise UsageError(f"{src}: no NIfTI file or DICOM image series found"
+                         + (f" ({found.skipped[0]})" if found.skipped else ""))
+    seed = args.seed if args.seed is not None else secrets.randbits(31)
+    if args.seed is None and not args.quiet:
+        print(f"degrade: --seed {seed} (pass it to reproduce this run)", file=sys.stderr)
+    job = _job(args, seed)
+    command = "medldm degrade " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "medldm degrade"
+
+    single = src.is_file() or (len(found.cases) == 1 and (
+        _is_nifti(out) or found.cases[0].kind == "dicom-series"
+        and all(p.parent == src for p in found.cases[0].paths)))
+    if single:
+        target = {found.cases[0].id: out}
+        report = None
+    else:
+        if _is_nifti(out):
+            raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out} exists and is not a folder")
+        target = {c.id: output_path(c, out) for c in found.cases}
+        report = out / REPORT_NAME
+        for line in found.skipped:
+            if not args.quiet:
+                print(line, file=sys.stderr)
+
+    def is_done(case) -> bool:
+        return not args.overwrite and _state(target[case.id], job) == "done"
+
+    def process(case):
+        dest = target[case.id]
+        if not args.overwrite and _state(dest, job) == "other":
+            raise CaseError(dest, "holds a different degradation (see its .degradation.json)",
+                            "choose another OUT or pass --overwrite")
+        return _degrade_one(case, dest, args, seed)
+
+    status, _ = run_cases(found.cases, process, name=str, is_done=is_done, report_path=report,
+                          desc="degrade", command=command, quiet=args.quiet)
+    return status
