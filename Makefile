@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/medldm demo -o demo_out
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	$(BIN)/python -m pytest -q -n 2 -rs --durations=15
 
 lint: install
 	$(BIN)/ruff check medldm tests tools
