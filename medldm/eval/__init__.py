@@ -9,6 +9,7 @@ Public API::
     summarize(values, ci="t") -> {"n", "mean", "std", "ci_low", "ci_high", ...}       # medldm.eval.stats
     denoise(vol, method, ...) / denoise_scan(img, method, ...)        # medldm.eval.baselines
     upsample(vol, scale, method, axis) / upsample_scan(img, scale, method, axis)
+    run_audit(synthetic, train, holdout, AuditOptions(...), out_dir)  # medldm.eval.audit
 """
 
 _LAZY = {
@@ -16,7 +17,7 @@ _LAZY = {
     "convention_from": "evaluate", "Convention": "evaluate", "volume_metrics": "evaluate",
     "slice_metrics": "evaluate", "evaluate": "run", "EvalOptions": "run", "summarize": "stats",
     "denoise": "baselines", "denoise_scan": "baselines", "upsample": "baselines", "upsample_scan": "baselines",
-    "estimate_noise_sigma": "baselines",
+    "estimate_noise_sigma": "baselines", "run_audit": "audit", "AuditOptions": "audit",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,211 @@
+"""Audit report files: pair panels (PNG), audit.html, audit.csv and audit.json, each written atomically.
+
+A pair panel is one PNG: a label strip on top, then three tiles left to right — the synthetic sample,
+its nearest training image (both after the matched flip / shift, on the comparison grid, grey window
+[0, 1] of the normalized intensities) and ``|difference|`` in the "hot" colormap from 0 to
+``DIFF_MAX`` — for 3D the central slice along the third (S) axis, shown radiologically
+(:func:`medldm.eval.panels.display_plane`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from html import escape
+from pathlib import Path
+
+import numpy as np
+
+from medldm.eval.panels import GAP, HEADER, display_plane, save_png, tile_size, to_gray, to_hot
+from medldm.io.atomic import atomic_file
+
+DIFF_MAX = 0.25  # |difference| shown white at a quarter of the normalized range
+CSV_COLUMNS = ["role", "id", "source", "nn_ssim", "nn_ssim_train", "nn_ncc", "nn_ncc_train", "shift", "flipped",
+               "holdout_p_ssim", "holdout_p_ncc", "flag_ssim", "flag_ncc", "flagged"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1400px}
+table{border-collapse:collapse;margin:0.5em 0 1.5em 0;font-size:0.9em}
+th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}
+thead th{background:#eee}
+caption{caption-side:top;text-align:left;font-size:0.9em;padding:4px 0;max-width:1100px}
+.flag{color:#a00;font-weight:700} .ok{color:#060} .fail{color:#a00}
+figure{margin:0 0 1.2em 0} figcaption{font-size:0.85em;max-width:1100px}
+.bar{display:inline-block;width:120px;height:10px;vertical-align:middle;
+ background:linear-gradient(to right,#000 0%,#f00 33%,#ff0 67%,#fff 100%);border:1px solid #888}
+code{background:#f3f3f3;padding:0 3px}
+"""
+
+
+def _plane(img: np.ndarray, normal: int) -> np.ndarray:
+    """Display plane (rows, cols) of a comparison-grid image: 2D re-expanded along ``normal``,
+    3D cut through the middle of the S axis."""
+    vol = np.expand_dims(img, normal) if img.ndim == 2 else img
+    axis = normal if img.ndim == 2 else 2
+    index = 0 if img.ndim == 2 else vol.shape[2] // 2
+    return display_plane(vol, np.eye(4), axis, index)[0]
+
+
+def render_pair(syn: np.ndarray, train: np.ndarray, *, syn_normal: int, train_normal: int,
+                labels: tuple[str, str], tile: int = 256):
+    """Compose synthetic | nearest training | |difference| -> (PIL.Image RGB, tiles)."""
+    from PIL import Image, ImageDraw
+
+    a, b = _plane(syn, syn_normal), _plane(train, train_normal)
+    diff = np.abs(a.astype(np.float64) - b) if a.shape == b.shape else np.abs(a - _plane(train, syn_normal))
+    size = tile_size(a.shape, (1.0, 1.0), tile)
+    items = [(labels[0], "synthetic", Image.fromarray(to_gray(a, 0.0, 1.0)).convert("RGB")),
+             (labels[1], "training", Image.fromarray(to_gray(b, 0.0, 1.0)).convert("RGB")),
+             ("|difference|", "difference", Image.fromarray(to_hot(diff, DIFF_MAX)))]
+    w, h = size
+    canvas = Image.new("RGB", (3 * w + 2 * GAP, HEADER + h), (32, 32, 32))
+    draw = ImageDraw.Draw(canvas)
+    tiles = []
+    for i, (label, kind, im) in enumerate(items):
+        x0 = i * (w + GAP)
+        canvas.paste(im.resize(size, Image.Resampling.BOX), (x0, HEADER))
+        text = label if draw.textlength(label) <= w - 4 else label[: max(1, (w - 4) // 6)] + ".."
+        draw.text((x0 + 2, 1), text, fill=(230, 230, 230))
+        tiles.append({"label": label, "kind": kind, "box": [x0, HEADER, x0 + w, HEADER + h]})
+    return canvas, tiles
+
+
+def write_pair_png(path: Path, syn: np.ndarray, train: np.ndarray, **kwargs) -> list[dict]:
+    image, tiles = render_pair(syn, train, **kwargs)
+    save_png(image, path)
+    return tiles
+
+
+# ------------------------------------------------------------------ tables
+
+def _f(v: object, nd: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return escape(str(v))
+
+
+def _table(caption: str, head: list[str], rows: list[list[object]], cls: list[str] | None = None) -> str:
+    out = [f"<table><caption>{caption}</caption><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head)
+           + "</tr></thead><tbody>"]
+    for i, r in enumerate(rows):
+        c = f" class='{cls[i]}'" if cls and cls[i] else ""
+        out.append(f"<tr{c}>" + "".join(f"<td>{_f(v)}</td>" for v in r) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _row(r: dict) -> list[object]:
+    return [r["id"], r["nn_ssim"], r["nn_ssim_train"], r["nn_ncc"], r["nn_ncc_train"],
+            "×".join(str(v) for v in r["shift"]), r["flipped"], r.get("holdout_p_ssim"), r["flagged"]]
+
+
+_NN_HEAD = ["case", "NN SSIM", "nearest (SSIM)", "NN NCC", "nearest (NCC)", "shift", "flipped",
+            "held-out p (SSIM)", "flagged"]
+
+
+def _figure(p: dict) -> str:
+    r = p["row"]
+    why = [k.upper() for k in ("ssim", "ncc") if r.get(f"flag_{k}")]
+    cap = ((f"<span class='flag'>flagged by {' and '.join(why)}</span> — " if why else "")
+           + f"<b>{escape(r['id'])}</b> vs training <b>{escape(r['nn_ssim_train'])}</b>: SSIM {r['nn_ssim']:.4f}, "
+           f"NCC at this alignment {p['ncc_at_pair']:.4f}; synthetic shifted by {tuple(r['shift'])} voxels"
+           + (", flipped left-right" if r["flipped"] else "")
+           + f" (comparison grid). |difference| <span class='bar'></span> 0 → {DIFF_MAX:g} of the normalized range.")
+    return f"<figure><img src='{escape(p['png'])}' alt='{escape(r['id'])}'><figcaption>{cap}</figcaption></figure>"
+
+
+def build_html(audit: dict, panels: list[dict], command: str = "") -> str:
+    """audit.html as a string (self-contained except the PNGs in ``pairs/``)."""
+    mem, thr = audit["memorization"], audit["memorization"]["thresholds"]
+    div, real = audit["diversity"], audit["realism"]
+    flagged = [r for r in audit["synthetic"] if r["flagged"]]
+    n_syn = len(audit["synthetic"])
+    summary = [
+        ["synthetic samples audited", n_syn], ["training images", audit["counts"]["train"]],
+        ["held-out images", audit["counts"]["holdout"]],
+        ["flagged as near-copies", f"{len(flagged)} ({(len(flagged) / n_syn if n_syn else 0):.1%})"],
+        ["median NN SSIM — synthetic", mem["synthetic_median_ssim"]],
+        ["median NN SSIM — held-out", mem["holdout_median_ssim"]],
+        [f"mean pairwise {div['synthetic']['metric'].split(' (')[0]} — synthetic", div["synthetic"]["mean"]],
+        [f"mean pairwise {div['train']['metric'].split(' (')[0]} — training", div["train"]["mean"]],
+        ["realism: classifier accuracy (0.5 = indistinguishable)", real.get("accuracy")],
+        ["realism: permutation p-value", real.get("p_permutation")],
+        ["failed cases", len(audit["failed"])],
+    ]
+    thr_rows = [["SSIM", thr["ssim"], thr["ssim_floor"], thr.get("holdout_ssim_quantile"), thr["source"]],
+                ["NCC", thr["ncc"], thr["ncc_floor"], thr.get("holdout_ncc_quantile"), thr["source"]]]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>medldm synthetic-data audit</title>",
+        f"<style>{_CSS}</style></head><body><h1>medldm synthetic-data audit</h1>",
+        "<ul>" + "".join(f"<li>{escape(n)}</li>" for n in audit["notes"])
+        + (f"<li>Generated by <code>{escape(command)}</code></li>" if command else "") + "</ul>",
+        "<h2>Summary</h2>", _table("All figures; definitions in docs/audit.md.", ["figure", "value"], summary),
+        "<h2>Memorization thresholds</h2>",
+        _table(escape(thr["rule"]), ["score", "threshold used", "absolute floor",
+                                     f"held-out {thr['quantile']:g}th percentile", "source"], thr_rows),
+        "<p>A flag means: this synthetic sample is closer to one training image than real held-out scans are "
+        "to any training image (and above the floor) — inspect the pair. It does not prove a privacy breach, and "
+        "no flag does not prove its absence: only whole-image similarity on the comparison grid is tested.</p>",
+        f"<h2>Flagged pairs ({len(flagged)})</h2>",
+    ]
+    flagged_panels = [p for p in panels if p["row"]["flagged"]]
+    parts += [_figure(p) for p in flagged_panels] or ["<p class='ok'>No synthetic sample was flagged.</p>"]
+    if len(flagged_panels) < len(flagged):
+        parts.append(f"<p>{len(flagged) - len(flagged_panels)} more flagged pairs are listed in the table "
+                     "below and in audit.csv (panels limited by --max-panels).</p>")
+    closest = [p for p in panels if not p["row"]["flagged"]]
+    if closest:
+        parts.append("<h2>Closest unflagged pairs (for context)</h2>")
+        parts += [_figure(p) for p in closest]
+    parts.append("<h2>Diversity</h2>")
+    parts.append(_table("Mean pairwise similarity within each set on the comparison grid (lower = more diverse; "
+                        "N copies of one image give 1).", ["set", "images", "pairs", "metric", "mean", "std", "median"],
+                        [[k, v["n_images"], v["n_pairs"], v["metric"], v["mean"], v["std"], v["median"]]
+                         for k, v in div.items()]))
+    parts.append("<h2>Realism (classifier two-sample test)</h2>")
+    if real.get("skipped"):
+        parts.append(f"<p>Skipped: {escape(real['skipped'])}.</p>")
+    else:
+        parts.append(_table(escape(real["classifier"]) + f", {real['folds']}-fold cross-validation on "
+                            f"{real['n_per_class']} real + {real['n_per_class']} synthetic images. Accuracy near 0.5 = "
+                            "the classifier cannot tell them apart.",
+                            ["accuracy", "95% CI (Wilson)", "p binomial", "p permutation", "permutations"],
+                            [[real["accuracy"], f"{real['ci95'][0]:.3f}–{real['ci95'][1]:.3f}", real["p_binomial"],
+                              real["p_permutation"], real["permutations"]]]))
+    rows = sorted(audit["synthetic"], key=lambda r: -r["nn_ssim"])
+    parts.append(_table("Synthetic samples: nearest training neighbour (sorted by SSIM)", _NN_HEAD,
+                        [_row(r) for r in rows], ["flag" if r["flagged"] else "" for r in rows]))
+    if audit["holdout"]:
+        parts.append(_table("Held-out scans: nearest training neighbour (the reference distribution)",
+                            _NN_HEAD[:-2], [_row(r)[:-2] for r in audit["holdout"]]))
+    if audit["failed"]:
+        parts.append("<h2 class='fail'>Failed cases</h2><ul>"
+                     + "".join(f"<li class='fail'>{escape(x)}</li>" for x in audit["failed"]) + "</ul>")
+    parts.append("<p><small>All values: <code>audit.json</code>; per-sample table: <code>audit.csv</code>; "
+                 "definitions: docs/audit.md.</small></p></body></html>")
+    return "\n".join(parts)
+
+
+def write_text(path: Path, text: str) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_outputs(out_dir: Path, audit: dict, panels: list[dict], command: str = "") -> list[Path]:
+    """Write audit.json, audit.csv and audit.html (panels already written) atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in audit["synthetic"] + audit["holdout"]:
+        w.writerow({**r, "shift": " ".join(str(v) for v in r["shift"])})
+    return [write_text(out_dir / "audit.json", json.dumps(audit, indent=2)),
+            write_text(out_dir / "audit.csv", buf.getvalue()),
+            write_text(out_dir / "audit.html", build_html(audit, panels, command))]

@@ -1,0 +1,274 @@
+"""`medldm audit` on real scans: MNI152 and dipy S0 slices as training data, their copies (exact,
+noised, shifted) and unrelated real scans (dipy PIESNO diffusion MR, pydicom MR_small) as "synthetic"
+samples; diversity and the realism two-sample test on MNI152 slices."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from html.parser import HTMLParser
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medldm.cli import main
+from medldm.eval.audit_load import prepare, stack
+from medldm.eval.audit_match import nearest_neighbours
+from medldm.eval.audit_stats import diversity, ms_ssim_scales, two_sample_test
+
+MNI_TRAIN = list(range(50, 140, 10))  # axial slices of the MNI152 template used as "training" images
+S0_TRAIN = [0, 2, 4, 6, 8]
+
+
+def _save(arr: np.ndarray, affine: np.ndarray, path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(arr, dtype=np.float32), affine), str(path))
+
+
+def _slice(vol: np.ndarray, z: int) -> np.ndarray:
+    return vol[:, :, z:z + 1]
+
+
+@pytest.fixture(scope="module")
+def volumes(mni152, dipy_files):
+    out = {}
+    for name, path in (("mni", mni152), ("s0", dipy_files / "S0_10slices.nii.gz"),
+                       ("piesno", dipy_files / "test_piesno.nii.gz")):
+        img = nib.load(str(path))
+        arr = np.asarray(img.dataobj, dtype=np.float32)
+        out[name] = (arr.reshape(arr.shape[:3]), img.affine)  # S0_10slices is stored 4D (128, 128, 10, 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def audit2d(volumes, pydicom_files, tmp_path_factory):
+    """Folders train/ holdout/ synthetic/ of 2D slices (X, Y, 1) and the audit run over them."""
+    root = tmp_path_factory.mktemp("audit")
+    (mni, a_mni), (s0, a_s0), (pie, a_pie) = volumes["mni"], volumes["s0"], volumes["piesno"]
+    for z in MNI_TRAIN:
+        _save(_slice(mni, z), a_mni, root / "train" / f"mni_z{z:03d}.nii.gz")
+    for z in S0_TRAIN:
+        _save(_slice(s0, z), a_s0, root / "train" / f"s0_z{z}.nii.gz")
+    # held-out: other slices (5 mm / one slice away from the training ones) and other scans
+    for z in range(55, 135, 10):
+        _save(_slice(mni, z), a_mni, root / "holdout" / f"mni_z{z:03d}.nii.gz")
+    for z in (1, 5, 9):
+        _save(_slice(s0, z), a_s0, root / "holdout" / f"s0_z{z}.nii.gz")
+    rng = np.random.default_rng(0)
+    syn = root / "synthetic"
+    _save(_slice(mni, 90), a_mni, syn / "copy_mni90.nii.gz")
+    base = _slice(mni, 110)
+    _save(base + rng.normal(0, 0.03 * base.max(), base.shape), a_mni, syn / "noised_mni110.nii.gz")
+    _save(np.roll(_slice(s0, 4), (2, -4), axis=(0, 1)), a_s0, syn / "shifted_s0_4.nii")
+    _save(_slice(pie, 7), a_pie, syn / "unrelated_piesno7.nii.gz")
+    (syn / "dicom").mkdir()
+    shutil.copy(pydicom_files / "MR_small.dcm", syn / "dicom" / "mr_small.dcm")  # unrelated real MR (DICOM)
+    _save(_slice(s0, 6)[::-1], a_s0, syn / "flipped_s0_6.nii.gz")  # a left-right mirrored copy
+    (syn / "broken.nii.gz").write_bytes(b"not a nifti file")
+    out = root / "report"
+    status = main(["audit", "--synthetic", str(syn), "--train", str(root / "train"), "--holdout",
+                   str(root / "holdout"), "-o", str(out), "--grid", "64", "--permutations", "20", "--quiet"])
+    return root, out, status
+
+
+def _rows(report) -> dict[str, dict]:
+    audit = json.loads((report / "audit.json").read_text())
+    return {r["id"]: r for r in audit["synthetic"]}
+
+
+def test_memorization_flags_copies_not_unrelated(audit2d):
+    root, report, status = audit2d
+    assert status == 1  # the broken file fails (one line), everything else is audited
+    audit = json.loads((report / "audit.json").read_text())
+    assert len(audit["failed"]) == 1 and "broken" in audit["failed"][0]
+    assert audit["counts"] == {"synthetic": 6, "train": 14, "holdout": 11, "failed": 1}
+    rows = _rows(report)
+    thr = audit["memorization"]["thresholds"]
+    assert thr["source"].startswith("held-out") and thr["ssim"] >= 0.95 and thr["ncc"] >= 0.98
+    assert rows["copy_mni90"]["flagged"] and rows["copy_mni90"]["nn_ssim_train"] == "mni_z090"
+    assert rows["copy_mni90"]["nn_ssim"] > 0.999 and rows["copy_mni90"]["shift"] == [0, 0]
+    assert rows["noised_mni110"]["flagged"] and rows["noised_mni110"]["nn_ncc_train"] == "mni_z110"
+    assert rows["shifted_s0_4"]["flagged"] and rows["shifted_s0_4"]["nn_ssim_train"] == "s0_z4"
+    assert rows["shifted_s0_4"]["shift"] != [0, 0]
+    assert rows["flipped_s0_6"]["flagged"] and rows["flipped_s0_6"]["flipped"]
+    for unrelated in ("unrelated_piesno7", "dicom"):
+        assert not rows[unrelated]["flagged"], rows[unrelated]
+        assert rows[unrelated]["nn_ssim"] < thr["ssim"] and rows[unrelated]["nn_ncc"] < thr["ncc"]
+    # held-out scans are the reference: at most 1 % of them above the thresholds by construction
+    assert all(not r["flagged"] for r in audit["holdout"])
+    assert max(r["nn_ssim"] for r in audit["holdout"]) < rows["shifted_s0_4"]["nn_ssim"]
+    # the CSV holds the same table
+    with open(report / "audit.csv", newline="") as f:
+        table = {r["id"]: r for r in csv.DictReader(f) if r["role"] == "synthetic"}
+    assert {k: v["flagged"] == "True" for k, v in table.items()} == {k: r["flagged"] for k, r in rows.items()}
+    run_report = json.loads((report / "run_report.json").read_text())
+    assert run_report["counts"]["failed"] == 1
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.tables, self.stack = [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.imgs.append(dict(attrs)["src"])
+        if tag == "table":
+            self.tables += 1
+        if tag not in ("img", "meta", "br"):
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, (self.stack[-3:], tag)
+        self.stack.pop()
+
+
+def test_html_and_pair_panels(audit2d):
+    _, report, _ = audit2d
+    html = (report / "audit.html").read_text()
+    parser = _Collect()
+    parser.feed(html)
+    assert not parser.stack and parser.tables >= 5
+    audit = json.loads((report / "audit.json").read_text())
+    panels = {p["id"]: p for p in audit["panels"]}
+    flagged = [r["id"] for r in audit["synthetic"] if r["flagged"]]
+    assert set(flagged) <= set(panels) and all(panels[i]["png"] in parser.imgs for i in flagged)
+    assert "0.95" in html and "held-out" in html
+    # the exact copy: synthetic and training tiles identical, difference tile black, image not blank
+    p = panels["copy_mni90"]
+    im = np.asarray(Image.open(report / p["png"]).convert("RGB")).astype(int)
+    tiles = {t["kind"]: im[t["box"][1]:t["box"][3], t["box"][0]:t["box"][2]] for t in p["tiles"]}
+    assert np.array_equal(tiles["synthetic"], tiles["training"])
+    assert tiles["synthetic"].std() > 30 and tiles["synthetic"].max() > 200  # a brain, not a blank tile
+    assert tiles["difference"].max() == 0
+    # the noised copy: its difference tile shows the noise, the synthetic tile differs from the training one
+    q = panels["noised_mni110"]
+    im = np.asarray(Image.open(report / q["png"]).convert("RGB")).astype(int)
+    tiles = {t["kind"]: im[t["box"][1]:t["box"][3], t["box"][0]:t["box"][2]] for t in q["tiles"]}
+    assert tiles["difference"].mean() > 5 and not np.array_equal(tiles["synthetic"], tiles["training"])
+    assert np.corrcoef(tiles["synthetic"][..., 0].ravel(), tiles["training"][..., 0].ravel())[0, 1] > 0.9
+
+
+def test_usage_errors(tmp_path, audit2d):
+    root, _, _ = audit2d
+    assert main(["audit", "--synthetic", str(tmp_path / "missing"), "--train", str(root / "train"),
+                 "-o", str(tmp_path / "r")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["audit", "--synthetic", str(tmp_path / "empty"), "--train", str(root / "train"),
+                 "-o", str(tmp_path / "r")]) == 2
+    assert main(["audit", "--synthetic", str(root / "synthetic"), "-o", str(tmp_path / "r")]) == 2
+    assert main(["audit", "--synthetic", str(root / "synthetic"), "--train", str(root / "train"),
+                 "-o", str(tmp_path / "r"), "--ct-window", "nonsense"]) == 2
+
+
+def test_no_holdout_uses_absolute_thresholds_3d(volumes, tmp_path):
+    """3D volumes, no --holdout: the exact copy of a training volume is flagged, an unrelated one is not."""
+    (mni, a_mni), (s0, a_s0), (pie, a_pie) = volumes["mni"], volumes["s0"], volumes["piesno"]
+    _save(mni[::2, ::2, ::2], a_mni @ np.diag([2, 2, 2, 1]), tmp_path / "train" / "mni.nii.gz")
+    _save(s0, a_s0, tmp_path / "train" / "s0.nii.gz")
+    _save(s0, a_s0, tmp_path / "syn" / "copy_s0.nii.gz")
+    _save(pie, a_pie, tmp_path / "syn" / "piesno.nii.gz")
+    _save(_slice(mni, 90), a_mni, tmp_path / "syn" / "a_2d_slice.nii.gz")  # 2D among 3D: fails, one line
+    status = main(["audit", "--synthetic", str(tmp_path / "syn"), "--train", str(tmp_path / "train"),
+                   "-o", str(tmp_path / "r"), "--grid", "32", "--permutations", "0", "--quiet"])
+    assert status == 1
+    audit = json.loads((tmp_path / "r" / "audit.json").read_text())
+    assert audit["dims"] == 3 and audit["grid"] == [32, 32, 32]
+    assert any("2D image in a 3D audit" in f for f in audit["failed"])
+    thr = audit["memorization"]["thresholds"]
+    assert thr["source"].startswith("absolute") and thr["ssim"] == 0.95 and thr["ncc"] == 0.98
+    rows = {r["id"]: r for r in audit["synthetic"]}
+    assert rows["copy_s0"]["flagged"] and rows["copy_s0"]["nn_ssim_train"] == "s0"
+    assert not rows["piesno"]["flagged"]
+    assert "absolute" in (tmp_path / "r" / "audit.html").read_text()
+    assert audit["realism"]["skipped"]  # 2 synthetic volumes: too few for the classifier test
+
+
+def _mni_slices(volumes, zs, grid=64) -> torch.Tensor:
+    mni, aff = volumes["mni"]
+    from monai.data import MetaTensor
+
+    return stack([prepare(MetaTensor(torch.from_numpy(_slice(mni, z).copy()), affine=torch.from_numpy(aff)), role="x", case_id=str(z), source=str(z), modality="MR",
+                          grid=grid) for z in zs])
+
+
+def test_diversity(volumes):
+    same = _mni_slices(volumes, [90] * 5)
+    varied = _mni_slices(volumes, [40, 70, 90, 110, 140])
+    d_same, d_var = diversity(same), diversity(varied)
+    assert d_same["mean"] == pytest.approx(1.0, abs=1e-5) and d_same["n_pairs"] == 10
+    assert d_var["mean"] < 0.6 and d_var["mean"] < d_same["mean"] - 0.3
+    assert d_same["metric"].startswith("MS-SSIM (3 scales)")  # 64 px: 5 scales do not fit
+    assert ms_ssim_scales(200) == 5 and ms_ssim_scales(20) == 1
+    tiny = diversity(_mni_slices(volumes, [80, 100, 120], grid=16))
+    assert tiny["metric"].startswith("SSIM") and tiny["n_pairs"] == 3  # falls back, says so
+
+
+def test_realism_two_sample_test(volumes):
+    zs = np.random.default_rng(3).permutation(np.arange(30, 160, 2))
+    a, b = _mni_slices(volumes, zs[0::2]), _mni_slices(volumes, zs[1::2])
+    same = two_sample_test(a, b, permutations=50, seed=0)
+    assert same["accuracy"] < 0.75 and same["p_permutation"] > 0.05 and same["ci95"][0] < 0.5
+    noisy = (b + 0.2 * torch.from_numpy(np.random.default_rng(1).normal(size=b.shape).astype(np.float32))).clamp(0, 1)
+    diff = two_sample_test(a, noisy, permutations=50, seed=0)
+    assert diff["accuracy"] > 0.9 and diff["p_permutation"] < 0.05 and diff["p_binomial"] < 1e-6
+    assert diff["n_per_class"] == len(b) == 32
+
+
+def test_nearest_neighbour_api_shift_and_candidates(volumes):
+    """A copy shifted by 2 grid voxels is found at that shift; preselection keeps the true neighbour."""
+    train = _mni_slices(volumes, list(range(40, 150, 5)))
+    q = torch.roll(train[7:8], shifts=(2, -1), dims=(2, 3))
+    (m,) = nearest_neighbours(q, train, shift=2, flips=False, candidates=3)
+    assert m.ssim_index == 7 and m.ncc_index == 7 and m.shift == (2, -1) and m.ssim > 0.97
+
+
+def test_modality_resolution():
+    """NIfTI scans (unknown modality) take the one modality of the DICOM scans; a mix stays as stored."""
+    from medldm.eval.audit_load import resolve_modalities
+
+    got, note = resolve_modalities({"a": "CT", "b": "unknown", "c": "CT"})
+    assert got == {"a": "CT", "b": "CT", "c": "CT"} and "treated as CT" in note
+    got, note = resolve_modalities({"a": "CT", "b": "unknown", "c": "MR"})
+    assert got["b"] == "unknown" and "several modalities" in note
+    assert resolve_modalities({"a": "CT", "b": "unknown"}, forced="mr")[0] == {"a": "MR", "b": "MR"}
+
+
+def test_fft_ncc_surface_equals_direct_crops(volumes):
+    """The FFT NCC surface equals the Pearson correlation of explicitly cropped windows (2D and 3D)."""
+    import itertools
+
+    from medldm.eval.audit_match import _crop_int, _ncc, _ncc_surface
+
+    mni, _ = volumes["mni"]
+    for q, r, m in ((torch.from_numpy(mni[40:80, 50:86, 90:93].transpose(2, 0, 1).copy()),
+                     torch.from_numpy(mni[44:84, 48:84, 100:103].transpose(2, 0, 1).copy()), 3),
+                    (torch.from_numpy(mni[None, 40:60, 50:66, 80:92].copy()),
+                     torch.from_numpy(mni[None, 42:62, 52:68, 82:94].copy()), 2)):
+        cand = torch.zeros((len(q), 1), dtype=torch.long)
+        surf = _ncc_surface(q, r, cand, m, 2**20)
+        nd = q.ndim - 1
+        for qi in range(len(q)):
+            for oi, off in enumerate(itertools.product(range(-m, m + 1), repeat=nd)):
+                direct = _ncc(_crop_int(q[qi], off, m), _crop_int(r[0], (0,) * nd, m))
+                assert float(surf[qi, 0, oi]) == pytest.approx(direct, abs=1e-9)
+
+
+def test_thresholds_follow_the_holdout_distribution():
+    """Held-out NN similarities above the floors raise the thresholds; without held-out scans the floors rule."""
+    from medldm.eval.audit import AuditOptions, thresholds
+
+    opt = AuditOptions()
+    hold_ssim = [0.60, 0.70, 0.97, 0.80]
+    hold_ncc = [0.90, 0.95, 0.993, 0.96]
+    t = thresholds(hold_ssim, hold_ncc, opt)
+    assert t["ssim"] == pytest.approx(np.percentile(hold_ssim, 99)) and 0.96 < t["ssim"] <= 0.97
+    assert t["ncc"] == pytest.approx(np.percentile(hold_ncc, 99)) and t["ncc"] > 0.99
+    low = thresholds([0.5, 0.6], [0.8, 0.9], opt)
+    assert (low["ssim"], low["ncc"]) == (0.95, 0.98) and low["source"].startswith("held-out")
+    none = thresholds([], [], AuditOptions(ssim_floor=0.9, ncc_floor=0.97))
+    assert (none["ssim"], none["ncc"]) == (0.9, 0.97) and "absolute" in none["source"]
