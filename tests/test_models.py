@@ -1,0 +1,147 @@
+"""Network construction from config, conditioning paths of the latent denoiser, EMA."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medldm.models import EMA, UNetConfig, VAEConfig, build_denoiser, build_vae, from_dict, to_dict
+
+TINY_VAE = VAEConfig(channels=(8, 16), attention_levels=(False, False), norm_num_groups=4, num_res_blocks=1)
+TINY_UNET = UNetConfig(channels=(16, 32), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8, norm_num_groups=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test machine is shared: one intra-op thread keeps small convolutions fast."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _randomize_zero_init(model: torch.nn.Module) -> None:
+    """MONAI zero-initializes output convolutions; give them weights so outputs depend on the inputs."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def mr_slices(dipy_files) -> torch.Tensor:
+    """Two real MR slices (dipy S0_10slices), 32x32 crops scaled to [0, 1]: (2, 1, 32, 32)."""
+    vol = np.asarray(nib.load(dipy_files / "S0_10slices.nii.gz").dataobj, dtype=np.float32)[..., 0]
+    x = torch.from_numpy(vol[48:80, 48:80, 4:6]).permute(2, 0, 1)[:, None]
+    return x / x.max()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_vae_shapes_and_downsample_factor(dims, mr_slices):
+    cfg = VAEConfig(**{**to_dict(TINY_VAE), "spatial_dims": dims, "channels": (8, 8, 16), "attention_levels": (False,) * 3})
+    vae = build_vae(cfg)
+    x = mr_slices if dims == 2 else mr_slices[:1, :, :16, :16, None].expand(1, 1, 16, 16, 8).contiguous()
+    z_mu, z_sigma = vae.encode(x)
+    f = cfg.downsample_factor
+    assert f == 4 and z_mu.shape == (x.shape[0], cfg.latent_channels, *(s // f for s in x.shape[2:]))
+    assert (z_sigma > 0).all()
+    assert vae.decode(z_mu).shape == x.shape
+
+
+def test_vae_config_errors():
+    with pytest.raises(ValueError, match="attention_levels"):
+        build_vae(VAEConfig(channels=(8, 16), attention_levels=(False,)))
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        build_vae(VAEConfig(channels=(8, 12), attention_levels=(False, False), norm_num_groups=8))
+    with pytest.raises(ValueError, match="did you mean 'latent_channels'"):
+        from_dict(VAEConfig, {"latent_channel": 3})
+    cfg = from_dict(UNetConfig, {"channels": [16, 32], "attention_levels": [False, True]})
+    assert cfg.channels == (16, 32) and to_dict(cfg)["channels"] == [16, 32]
+
+
+def _cond_denoiser(dims: int = 2):
+    cfg = UNetConfig(**{**to_dict(TINY_UNET), "num_classes": 3, "cond_channels": 1, "noise_level_cond": True})
+    torch.manual_seed(0)
+    d = build_denoiser(cfg, spatial_dims=dims, latent_channels=4).eval()
+    _randomize_zero_init(d)
+    return d
+
+
+def test_every_conditioning_input_changes_the_output(mr_slices):
+    """Image condition (a real MR slice), class label (incl. null) and the continuous noise level are real inputs."""
+    d = _cond_denoiser()
+    cond = torch.nn.functional.avg_pool2d(mr_slices, 4)  # (2, 1, 8, 8): the latent grid
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500, 500])
+    base = dict(cond=cond, class_labels=torch.tensor([0, 1]), noise_level=torch.tensor([0.1, 0.1]))
+    with torch.no_grad():
+        ref = d(x, t, **base)
+        for k, v in {"noise_level": torch.tensor([0.6, 0.6]), "class_labels": torch.tensor([2, 3]), "cond": cond.flip(-1)}.items():
+            out = d(x, t, **{**base, k: v})
+            assert (out - ref).abs().mean() > 1e-3 * ref.abs().mean(), k
+        assert torch.equal(d(x, t, **base), ref)  # deterministic
+        none = d(x, t, **{**base, "class_labels": None})  # None = learned null class
+        assert torch.equal(none, d(x, t, **{**base, "class_labels": torch.tensor([3, 3])}))
+        # each sample uses its own noise level
+        mixed = d(x, t, **{**base, "noise_level": torch.tensor([0.1, 0.6])})
+        assert torch.allclose(mixed[0], ref[0], atol=1e-5) and not torch.allclose(mixed[1], ref[1], atol=1e-3)
+    assert d.null_class == 3
+
+
+def test_noise_level_conditioning_learns():
+    """A few optimizer steps make the output track the noise level (gradient reaches the level MLP)."""
+    d = _cond_denoiser().train()
+    opt = torch.optim.Adam(d.parameters(), lr=5e-3)
+    x, cond = torch.zeros(4, 4, 8, 8), torch.zeros(4, 1, 8, 8)
+    lev = torch.tensor([0.0, 0.3, 0.6, 0.9])
+    target = (lev - lev.mean()).reshape(4, 1, 1, 1).expand(4, 4, 8, 8)  # only the level tells them apart
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(d(x, torch.full((4,), 10), cond=cond, class_labels=None, noise_level=lev), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * target.var(unbiased=False).item()  # below what ignoring the level can reach
+    assert d.unet.class_embedding.level[0].weight.grad is not None
+
+
+def test_denoiser_3d_and_input_errors():
+    d = build_denoiser(TINY_UNET, spatial_dims=3, latent_channels=2)
+    out = d(torch.randn(1, 2, 8, 8, 8), torch.tensor([3]))
+    assert out.shape == (1, 2, 8, 8, 8)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        d(torch.randn(1, 2, 8, 8, 8), torch.tensor([3]), class_labels=torch.tensor([0]))
+    with pytest.raises(ValueError, match="image condition"):
+        d(torch.randn(1, 2, 8, 8, 8), torch.tensor([3]), cond=torch.randn(1, 1, 8, 8, 8))
+    c = _cond_denoiser()
+    with pytest.raises(ValueError, match="noise_level"):
+        c(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond=torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="does not match"):
+        c(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond=torch.zeros(1, 1, 4, 4), noise_level=0.1)
+    with pytest.raises(ValueError, match="class labels must be"):
+        c(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond=torch.zeros(1, 1, 8, 8), class_labels=torch.tensor([7]), noise_level=0.1)
+
+
+def test_ema_update_copy_and_state_roundtrip():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    ema = EMA(net, decay=0.9)
+    w0 = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net(torch.randn(8, 3))  # changes BatchNorm running stats (buffers are copied, not averaged)
+    ema.update(net)
+    torch.testing.assert_close(ema.shadow["0.weight"], w0 + 0.1)
+    torch.testing.assert_close(ema.shadow["1.running_mean"], net[1].running_mean)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    ema.copy_to(other)
+    torch.testing.assert_close(other[0].weight, w0 + 0.1)
+    restored = EMA(other, decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.decay == 0.9 and restored.num_updates == 1
+    torch.testing.assert_close(restored.shadow["0.weight"], ema.shadow["0.weight"])
+    with pytest.raises(ValueError):
+        EMA(net, decay=1.0)
