@@ -1,0 +1,218 @@
+"""``medldm enhance``: denoise or super-resolve scans with a trained model folder.
+
+    medldm enhance -m MODEL -i IN -o OUT [--steps N] [--sampler NAME] [--samples K] [--batch-size B]
+                   [--device D] [--seed S] [--noise-level L] [--axis A] [--to nifti|dicom] [--overwrite]
+
+IN is a scan (NIfTI file, DICOM file or series folder) or a folder of cases (mixed is fine); OUT mirrors IN
+(NIfTI stays NIfTI, a DICOM series becomes a derived DICOM series of its source; ``--to`` changes the kind),
+geometry preserved (super-resolution: spacing scaled, physical extent kept), intensities back in the original
+units and dtype. ``--samples K`` > 1 writes the posterior mean and, beside it, ``<name>_std.nii.gz`` (per-voxel
+standard deviation, same grid); the run report warns where uncertainty is high. A rerun skips finished cases.
+Under ``torchrun --nproc_per_node=K -m medldm enhance ...`` the cases are sharded over the K processes (GPU
+``cuda:LOCAL_RANK`` each when available); every rank writes its outputs and ``*.rank<r>.json`` report and rank 0
+merges them into the run report. Exit status: 0 all done, 1 some failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from medldm.io.errors import UsageError
+
+REPORT_NAME = "medldm-enhance-report.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, metavar="MODEL", help="model folder written by `medldm train`, or a shipped model name (`medldm models`)")
+    p.add_argument("-i", "--input", required=True, metavar="IN", help="scan or folder of cases")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output scan or folder (mirrors IN)")
+    p.add_argument("--steps", type=int, metavar="N", help="sampler steps (default: the model's, e.g. 20)")
+    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m", "unipc", "euler_flow"), help="default: the model's")
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="draw K samples: write their mean and a per-voxel std map (default 1)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="2D slices (or 3D windows) per batch")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    p.add_argument("--noise-level", type=float, metavar="L",
+                   help="denoising models: conditioning noise level in [0, 1] (default: estimated per scan)")
+    p.add_argument("--axis", type=int, choices=(0, 1, 2), help="2D models: array axis to slice along "
+                                                               "(default: the training axis)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="skip the model's pixel-space refiner (stage 3) even when the folder has one")
+    p.add_argument("--to", choices=("nifti", "dicom"), help="output kind (default: same as each input)")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
+    p.add_argument("--distributed", action="store_true",
+                   help="shard the cases over the processes of `torchrun --nproc_per_node=K -m medldm enhance ...` "
+                        "(implied when WORLD_SIZE > 1); rank 0 merges the run reports")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def std_path(out: Path) -> Path:
+    """Where the uncertainty map of output ``out`` goes: ``<name>_std.nii.gz`` beside it."""
+    name = out.name
+    for ext in (".nii.gz", ".nii"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return out.with_name(f"{name}_std.nii.gz")
+
+
+def _is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith((".nii", ".nii.gz"))
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.samples < 1:
+        raise UsageError("--samples must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    if args.noise_level is not None and not 0.0 <= args.noise_level <= 1.0:
+        raise UsageError("--noise-level must be in [0, 1]")
+
+
+def _resolve_model(model: Path) -> Path:
+    """A model folder, or the folder of a shipped model of that name (``medldm.shipped``)."""
+    from medldm.io.errors import CaseError
+    from medldm.shipped import resolve_model
+
+    try:
+        return resolve_model(model)
+    except CaseError as e:
+        raise UsageError(e.line()) from None
+
+
+def _device(name: str, local_rank: int = 0) -> str:
+    import torch
+
+    if name == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device here; use --device cpu")
+    return name
+
+
+def _process(case, out: Path, enhancer, opts, desc: str) -> dict:
+    from medldm.io.nifti import save_nifti
+    from medldm.io.reader import load_case
+    from medldm.io.writer import save_scan
+
+    img = load_case(case)
+    res = enhancer.enhance(img, opts)
+    outputs = []
+    if res.std is not None:
+        outputs.append(str(save_nifti(res.std, std_path(out), dtype="float32")))
+    reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
+    written = save_scan(res.image, out, reference=None if _is_nifti(out) else reference, description=desc)
+    info = {k: v for k, v in res.info.items() if k not in ("normalization", "warning")}
+    info["normalization"] = {k: res.info["normalization"].get(k) for k in ("method", "lo", "hi", "original_dtype")}
+    return {"outputs": [str(written), *outputs], "params": info, **({"warning": res.info["warning"]} if "warning" in res.info else {})}
+
+
+def run(args: argparse.Namespace) -> int:
+    from medldm.cli.common import run_cases
+    from medldm.io.discover import output_path, scan_folder
+    from medldm.io.errors import CaseError
+    from medldm.models import load_model
+    from medldm.pipelines.enhance import EnhanceOptions, Enhancer
+
+    _check(args)
+    src, out, model = Path(args.input), Path(args.output), Path(args.model)
+    model = _resolve_model(model)
+    if not src.exists():
+        raise UsageError(f"{src}: no such file or folder")
+    if out.resolve() == src.resolve():
+        raise UsageError("OUT must differ from IN: inputs are never overwritten")
+    if src.is_dir() and src.resolve() in out.resolve().parents:
+        raise UsageError("OUT must not lie inside the input folder IN (it would be read as input next time)")
+    rank, world, local_rank = _dist_setup(getattr(args, "distributed", False))
+    device = _device(args.device, local_rank)
+    try:
+        enhancer = Enhancer(load_model(model), device=device)
+    except CaseError as e:
+        raise UsageError(e.line()) from None
+    opts = EnhanceOptions(steps=args.steps, sampler=args.sampler, samples=args.samples, batch_size=args.batch_size,
+                          device=device, seed=args.seed, noise_level=args.noise_level, axis=args.axis,
+                          refine=not args.no_refine)
+    desc = f"medldm {enhancer.task} ({model.name})"
+    found = scan_folder(src)
+    if not found.cases:
+        raise UsageError(f"{src}: no NIfTI file or DICOM image series found"
+                         + (f" ({found.skipped[0]})" if found.skipped else ""))
+    command = shlex.join(["medldm", "enhance", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm enhance"
+    single = src.is_file() or (len(found.cases) == 1 and _is_nifti(out))
+    if single:
+        targets = {found.cases[0].id: out}
+        report = out.parent / REPORT_NAME
+    else:
+        if _is_nifti(out):
+            raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out} exists and is not a folder")
+        targets = {c.id: output_path(c, out, args.to) for c in found.cases}
+        report = out / REPORT_NAME
+        if not args.quiet:
+            for line in found.skipped:
+                print(line, file=sys.stderr)
+
+    def done(case) -> bool:
+        t = targets[case.id]
+        return not args.overwrite and t.exists() and (args.samples == 1 or std_path(t).exists())
+
+    shard = found.cases[rank::world]
+    rank_report = report if world == 1 else report.with_name(f"{report.stem}.rank{rank}.json")
+    status, results = run_cases(shard, lambda c: _process(c, targets[c.id], enhancer, opts, desc), name=str,
+                                is_done=done, report_path=rank_report, desc="enhance", command=command,
+                                quiet=args.quiet or rank > 0)
+    if not args.quiet:
+        for r in results:
+            if r.extra.get("warning"):
+                print(f"WARNING {r.case}: {r.extra['warning']}", file=sys.stderr)
+    if world > 1:
+        status = _merge_ranks(report, world, rank, status, command)
+    return status
+
+
+def _dist_setup(requested: bool) -> tuple[int, int, int]:
+    """(rank, world size, local rank): joins a gloo group under torchrun (only barriers/reductions needed)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        if requested:
+            raise UsageError("--distributed needs a launcher: torchrun --nproc_per_node=K -m medldm enhance ...")
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _merge_ranks(report: Path, world: int, rank: int, status: int, command: str) -> int:
+    """Wait for every rank; rank 0 merges the per-rank reports into ``report``. Returns the global status."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from medldm.cli.common import CaseResult, write_report
+
+    t = torch.tensor([status], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    status = int(t.item())
+    if rank == 0:
+        merged = []
+        for r in range(world):
+            part = report.with_name(f"{report.stem}.rank{r}.json")
+            if part.exists():
+                merged += [CaseResult(**c) for c in json.loads(part.read_text())["cases"]]
+        write_report(report, merged, command=command, status=status)
+        for r in range(world):
+            report.with_name(f"{report.stem}.rank{r}.json").unlink(missing_ok=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return status

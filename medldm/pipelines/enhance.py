@@ -1,0 +1,320 @@
+"""Enhancement (denoising, super-resolution) of one scan with a trained model folder.
+
+``Enhancer(bundle).enhance(img, opts) -> EnhanceResult``: scanner units in, scanner units out.
+
+1. intensities -> model range [-1, 1] with the training recipe (``medldm.data.intensity``: CT window /
+   foreground percentiles), recorded so the output goes back to the same units and dtype;
+2. the condition image on the output grid: the scan itself (denoise) or the scan interpolated to the
+   high-resolution grid (sr: bilinear in-plane, or slice replication for ``thick``), space-to-depth onto the
+   latent grid exactly as in training (``medldm.train.conditioning``); the noise level (denoise: estimated from
+   the scan with a wavelet MAD estimator unless given; sr: the training's lowest noise-augmentation level);
+3. 2D models: slices along an axis, in batches; 3D models: the whole volume with latent windows blended at
+   every step (``medldm.pipelines.tiling``); K samples -> posterior mean and per-voxel std (``sample_many``);
+4. decode, crop, back to scanner units; SR output grid from ``medldm.io.geometry.resized_affine``
+   (physical extent kept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medldm.diffusion import make_model_fn, make_schedule, sample, sample_many
+from medldm.io.errors import CaseError
+from medldm.io.geometry import resized_affine, spacing_from_affine
+from medldm.pipelines.tiling import tiled_call, tiled_decode
+
+#: a voxel is "uncertain" when the std of its K samples exceeds this fraction of the normalization range
+UNCERTAIN_STD = 0.05
+#: warn when more than this fraction of the foreground is uncertain
+UNCERTAIN_WARN_FRACTION = 0.01
+
+
+@dataclass
+class EnhanceOptions:
+    """How to run a model on one scan (defaults from the model folder where None)."""
+
+    steps: int | None = None
+    sampler: str | None = None
+    samples: int = 1
+    batch_size: int = 8
+    device: str = "cpu"
+    seed: int = 0
+    noise_level: float | None = None  # denoise: conditioning level in [0, 1] (default: estimated)
+    axis: int | None = None  # 2D models: array axis to slice along (default: the training axis)
+    window: tuple[int, ...] | None = None  # latent window for tiling (default: 2 x training patch / f)
+    overlap: float = 0.5
+    normalization: dict | None = None  # fixed intensity params (e.g. shared by the chunks of one volume)
+    noise_offset: int = 0  # index of the first slice (2D) / latent slice along Z (3D) of this chunk
+    refine: bool = True  # apply the model folder's pixel-space refiner (stage 3) when it has one
+
+
+@dataclass
+class EnhanceResult:
+    image: Any  # MetaTensor (X', Y', Z') float32 holding values of the original dtype, scanner units
+    std: Any | None  # MetaTensor, per-voxel std of the K samples in scanner units (None when K = 1)
+    info: dict = field(default_factory=dict)
+
+
+class Enhancer:
+    """A loaded sr/denoise model folder, ready to enhance scans."""
+
+    def __init__(self, bundle, device: str = "cpu"):
+        ex = bundle.extra
+        self.task = ex.get("task")
+        if self.task not in ("sr", "denoise"):
+            raise CaseError(bundle.path, f"model task is {self.task!r}, not 'sr' or 'denoise'", "use `medldm synthesize` for synthesis models")
+        if bundle.vae is None or bundle.denoiser is None:
+            raise CaseError(bundle.path, "model folder lacks the VAE or the denoiser", "export the ldm stage's model folder")
+        if ex.get("condition", "space_to_depth") != "space_to_depth":
+            raise CaseError(bundle.path, f"unknown condition kind {ex.get('condition')!r}", "update medldm")
+        self.device = torch.device(device)
+        self.bundle = bundle.to(self.device)
+        self.vae, self.denoiser = bundle.vae, bundle.denoiser
+        self.schedule = make_schedule(bundle.diffusion)
+        self.dcfg = bundle.diffusion
+        self.scale = bundle.scale_factor
+        self.dims = int(self.denoiser.spatial_dims)
+        self.f = int(ex.get("factor") or 2 ** (len(bundle.config.get("vae", {}).get("channels", [0, 0, 0])) - 1))
+        self.degrade = ex.get("degrade") or {}
+        self.level_max = float(ex.get("noise_level_max") or 0.0)
+        norm = ex.get("normalization") or {}
+        self.modality = None if norm.get("modality", "auto") in (None, "auto") else norm["modality"]
+        self.ct_window = norm.get("ct_window", "full")
+        self.slice_axis = int(ex.get("slice_axis", 2))
+        self.refiner = _load_refiner(bundle.path, self.device)
+        self.unet_down = 2 ** (len(self.denoiser.cfg.channels) - 1)  # latent sizes must be multiples of this
+        self.align = self.f * self.unet_down  # image sizes are padded to multiples of this
+        self.resize_to = ex.get("resize_to")
+        patch = ex.get("patch_size") or [64] * self.dims
+        self.default_window = tuple(_ceil(max(2 * int(p) // self.f, 8), self.unet_down) for p in patch)
+
+    # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def enhance(self, img, opts: EnhanceOptions | None = None) -> EnhanceResult:
+        """img: MetaTensor (X, Y, Z) in scanner units -> EnhanceResult on the output grid."""
+        from medldm.data.intensity import fit_normalization, normalize
+
+        opts = opts or EnhanceOptions()
+        params = opts.normalization or fit_normalization(img, self.modality, window=self.ct_window, foreground=True)
+        x = torch.as_tensor(normalize(img, params)).float().cpu()
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        axis = self.slice_axis if opts.axis is None else int(opts.axis)
+        cond_img, out_shape = self._condition_image(x, axis, opts.seed)
+        level = self._noise_level(x, axis, opts)
+        if self.dims == 2:
+            mean, std = self._run_2d(cond_img, axis, level, opts)
+        else:
+            mean, std = self._run_3d(cond_img, level, opts)
+        return self._to_scanner(img, params, mean, std, out_shape, level, opts)
+
+    # ------------------------------------------------------------------ steps
+    def _condition_image(self, x: torch.Tensor, axis: int, seed: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Condition on the output grid (X', Y', Z') in model units, and that grid's shape."""
+        if self.task == "denoise":
+            return x, tuple(x.shape)
+        s = int(self.degrade.get("scale", 2))
+        kind = self.degrade.get("kind", "downsample")
+        shape = list(x.shape)
+        if kind == "thick":
+            shape[2] *= s
+            up = torch.repeat_interleave(x, s, dim=2)
+        else:
+            inplane = [a for a in range(3) if a != axis] if self.dims == 2 else [0, 1]
+            for a in inplane:
+                shape[a] *= s
+            up = F.interpolate(x[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
+        sigma = float((self.degrade.get("noise_aug_range") or [0.0, 0.0])[0])
+        if sigma > 0:  # the training condition always carried at least this noise augmentation
+            g = torch.Generator().manual_seed(seed + 7)
+            up = up + 2.0 * sigma * torch.randn(up.shape, generator=g)
+        return up, tuple(shape)
+
+    def _noise_level(self, x: torch.Tensor, axis: int, opts: EnhanceOptions) -> float | None:
+        """Noise-level input in [0, 1], or None for models without that input."""
+        if not self.denoiser.noise_level_cond:
+            return None
+        if opts.noise_level is not None:
+            return float(min(max(opts.noise_level, 0.0), 1.0))
+        if self.task == "sr":
+            lo = float((self.degrade.get("noise_aug_range") or [0.0, 0.0])[0])
+            return lo / self.level_max if self.level_max > 0 else 0.0
+        sigma = estimate_noise(x, axis)  # std in model units (range width 2)
+        return float(min(max(sigma / 2.0 / max(self.level_max, 1e-8), 0.0), 1.0))
+
+    def _sample_items(self, cond_items: torch.Tensor, keys: list[int], level: float | None, opts: EnhanceOptions):
+        """cond_items (B, 1, *S) padded to multiples of f -> (mean, std) of K decoded samples (B, 1, *S).
+
+        Start noise is seeded per (seed, sample, slice index), so results do not depend on the batch size
+        or on how a volume is cut into chunks."""
+        cond = space_to_depth(cond_items, self.f).to(self.device)
+        lat_shape = (self.vae_latent_channels(), *(s // self.f for s in cond_items.shape[2:]))
+        steps = opts.steps or self.dcfg.sampling_steps
+        name = opts.sampler or self.dcfg.sampler
+        window = opts.window or (self.default_window if self.dims == 3 else None)
+        if window is not None:
+            window = tuple(_ceil(int(w), self.unet_down) for w in window)
+
+        def model_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            def call(xw, cw):
+                fn = make_model_fn(self.denoiser, self.schedule, cond=cw, noise_level=level)
+                with self._autocast():
+                    return fn(xw, t.reshape(-1)[:1]).float()
+
+            return tiled_call(call, xt, cond, window, opts.overlap, sw_batch_size=max(opts.batch_size, 1))
+
+        def draw(i: int) -> torch.Tensor:
+            if self.dims == 2:
+                noise = torch.stack([_noise(lat_shape, opts.seed, i, k) for k in keys])
+            else:  # one seed per latent Z slice: a chunk starting at noise_offset sees the volume's noise
+                zs = [_noise(lat_shape[:-1], opts.seed, i, opts.noise_offset + k) for k in range(lat_shape[-1])]
+                noise = torch.stack(zs, dim=-1)[None]
+            noise = noise.to(self.device)
+            gen = torch.Generator().manual_seed(_seed(opts.seed, i, keys[0], 1))
+            z = sample(name, model_fn, noise, self.schedule, steps, generator=gen)
+            with self._autocast():
+                img = tiled_decode(self.vae.decode, z / self.scale, window).float()
+                if self.refiner is not None and opts.refine:
+                    img_window = None if window is None else tuple(w * self.f for w in window)
+                    img = tiled_call(self._refine, img, cond_items.to(self.device), img_window, 0.25).float()
+            return img.cpu()
+
+        return sample_many(max(int(opts.samples), 1), draw)
+
+    def _refine(self, decoded: torch.Tensor, degraded: torch.Tensor | None) -> torch.Tensor:
+        from medldm.train.refine_stage import apply_refiner
+
+        assert degraded is not None and self.refiner is not None
+        return apply_refiner(self.refiner, decoded, degraded)
+
+    def vae_latent_channels(self) -> int:
+        return int(self.denoiser.latent_channels)
+
+    def _run_2d(self, cond_img: torch.Tensor, axis: int, level, opts: EnhanceOptions):
+        vol = torch.movedim(cond_img, axis, 0)  # (n, H, W)
+        n, h, w = vol.shape
+        ph, pw = _ceil(h, self.align), _ceil(w, self.align)
+        means, stds = [], []
+        for start in range(0, n, max(opts.batch_size, 1)):
+            items = vol[start : start + opts.batch_size][:, None]
+            items = _pad_to(items, (ph, pw))
+            keys = list(range(opts.noise_offset + start, opts.noise_offset + start + items.shape[0]))
+            m, s = self._sample_items(items, keys, level, opts)
+            means.append(m[:, 0, :h, :w])
+            stds.append(s[:, 0, :h, :w])
+        return torch.movedim(torch.cat(means), 0, axis), torch.movedim(torch.cat(stds), 0, axis)
+
+    def _run_3d(self, cond_img: torch.Tensor, level, opts: EnhanceOptions):
+        shape = cond_img.shape
+        items = _pad_to(cond_img[None, None], tuple(_ceil(s, self.align) for s in shape))
+        m, s = self._sample_items(items, [0], level, opts)
+        sl = (0, 0, *(slice(0, v) for v in shape))
+        return m[sl], s[sl]
+
+    def _to_scanner(self, img, params: dict, mean, std, out_shape, level, opts: EnhanceOptions) -> EnhanceResult:
+        from monai.data import MetaTensor
+
+        from medldm.data.intensity import denormalize
+
+        affine = np.asarray(img.affine, dtype=np.float64)
+        in_shape = tuple(img.shape)
+        if tuple(out_shape) != in_shape:
+            affine = resized_affine(affine, in_shape, tuple(out_shape))
+        out = torch.as_tensor(denormalize(mean, params, to_original_dtype=True)).float()
+        meta = {k: v for k, v in dict(img.meta).items() if k not in ("affine", "original_affine", "spatial_shape")}
+        meta.update(spacing=spacing_from_affine(affine), spatial_shape=np.asarray(out_shape), original_affine=affine)
+        meta["warnings"] = list(meta.get("warnings", []))
+        aff = torch.as_tensor(affine)
+        image = MetaTensor(out.contiguous(), affine=aff, meta=dict(meta))
+        unit = (float(params["hi"]) - float(params["lo"])) / (float(params["out_range"][1]) - float(params["out_range"][0]))
+        info: dict[str, Any] = {
+            "task": self.task, "noise_level": level, "samples": int(opts.samples),
+            "steps": opts.steps or self.dcfg.sampling_steps, "sampler": opts.sampler or self.dcfg.sampler,
+            "input_shape": list(in_shape), "output_shape": list(out_shape), "normalization": params,
+            "refined": self.refiner is not None and opts.refine,
+        }
+        if self.resize_to:
+            info["note"] = (f"the model was trained on images resized to {list(self.resize_to)}; this scan was "
+                            "enhanced at its own resolution")
+        std_img = None
+        if opts.samples > 1:
+            std_img = MetaTensor((std * unit).float().contiguous(), affine=aff.clone(), meta={**meta, "original_dtype": "float32"})
+            fg = mean > (mean.min() + 0.05 * (mean.max() - mean.min()))
+            frac = float((std[fg] > UNCERTAIN_STD * 2.0).float().mean()) if bool(fg.any()) else 0.0
+            info["uncertainty"] = {
+                "std_mean": float(std[fg].mean() * unit) if bool(fg.any()) else 0.0,
+                "std_p99": float(torch.quantile(std[fg].flatten()[:1_000_000].float(), 0.99) * unit) if bool(fg.any()) else 0.0,
+                "high_fraction": frac,
+                "threshold": UNCERTAIN_STD * 2.0 * unit,
+            }
+            if frac > UNCERTAIN_WARN_FRACTION:
+                info["warning"] = (
+                    f"{100 * frac:.1f}% of the foreground has sample std > {UNCERTAIN_STD * 2.0 * unit:.3g} "
+                    "(scanner units): detail there may be invented — check the std map"
+                )
+        return EnhanceResult(image=image, std=std_img, info=info)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def _load_refiner(path, device: torch.device):
+    """The model folder's stage-3 refiner (``refiner.safetensors``), or None."""
+    if path is None or not (Path(path) / "refiner.safetensors").is_file():
+        return None
+    from medldm.train.refine_stage import load_refiner
+
+    net = load_refiner(path)
+    return None if net is None else net.to(device)
+
+
+def estimate_noise(x: torch.Tensor, axis: int = 2, max_slices: int = 16) -> float:
+    """Gaussian noise std of a volume (X, Y, Z): median of skimage's wavelet estimator over up to
+    ``max_slices`` slices along ``axis`` (Donoho & Johnstone 1994)."""
+    from skimage.restoration import estimate_sigma
+
+    vol = torch.movedim(x, axis, 0).numpy()
+    idx = np.linspace(0, vol.shape[0] - 1, min(max_slices, vol.shape[0])).round().astype(int)
+    vals = [float(estimate_sigma(vol[i])) for i in idx if min(vol[i].shape) >= 8]
+    return float(np.median(vals)) if vals else 0.0
+
+
+def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
+    """(N, C, *S) -> (N, C f^d, *S/f): the training stage's lossless condition layout."""
+    from medldm.train.conditioning import space_to_depth as s2d
+
+    return s2d(x, f)
+
+
+def _noise(shape: tuple[int, ...], seed: int, sample_idx: int, item: int) -> torch.Tensor:
+    """Start noise of one item, seeded by (seed, sample, item): independent of batch size and device."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(_seed(seed, sample_idx, item)))
+
+
+def _seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (numpy SeedSequence: no collisions between key tuples in practice)."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _ceil(v: int, f: int) -> int:
+    return int(math.ceil(v / f) * f)
+
+
+def _pad_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Pad the trailing spatial dims of (N, C, *S) at the end to ``size`` (edge replication)."""
+    pads: list[int] = []
+    for s, t in zip(reversed(x.shape[2:]), reversed(size), strict=True):
+        pads += [0, t - s]
+    if not any(pads):
+        return x
+    mode = "replicate"
+    return F.pad(x, pads, mode=mode)
