@@ -1,0 +1,96 @@
+"""Checkpoints: a model folder (``config.yaml`` + ``<module>.safetensors`` [+ ``<module>_ema.safetensors``] +
+``extra.json``) plus ``trainer_state.pt`` (optimizer states, step, EMA counters, RNG states of torch / numpy /
+python / CUDA). The whole folder appears atomically (written beside, then renamed), so a run killed at any
+instant leaves the previous checkpoint intact. Loading uses safetensors and ``torch.load(weights_only=True)``
+only: nothing executes code.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from medldm.io.atomic import atomic_dir
+
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors / plain Python values (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, *, config: dict, modules: dict[str, nn.Module], extra: dict,
+                    trainer_state: dict[str, Any], ema: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder atomically. ``ema``: name -> ``EMA`` object (saved as ``<name>_ema``)."""
+    from medldm.models.folder import save_model_folder
+
+    path = Path(path)
+    ema = ema or {}
+    with atomic_dir(path) as tmp:
+        ema_modules = {}
+        for name, e in ema.items():
+            ema_modules[f"{name}_ema"] = _ShadowModule(e.shadow)
+        save_model_folder(tmp / "m", config=config, modules={**modules, **ema_modules}, extra=extra)
+        for f in (tmp / "m").iterdir():
+            shutil.move(str(f), tmp / f.name)
+        (tmp / "m").rmdir()
+        state = dict(trainer_state)
+        state["ema"] = {name: {"decay": e.decay, "num_updates": e.num_updates} for name, e in ema.items()}
+        state["rng"] = rng_state()
+        torch.save(state, tmp / STATE_FILE)
+    return path
+
+
+def load_checkpoint(path: str | Path, *, modules: dict[str, nn.Module], ema: dict[str, Any] | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load weights (strict) into ``modules`` and EMA shadows; return the trainer state (RNG NOT yet applied)."""
+    path = Path(path)
+    for name, m in modules.items():
+        from medldm.models.ema import _unwrap
+
+        _unwrap(m).load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(map_location)))
+    state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+    for name, e in (ema or {}).items():
+        shadow = load_file(str(path / f"{name}_ema.safetensors"), device=str(map_location))
+        e.load_state_dict({"decay": state["ema"][name]["decay"], "num_updates": state["ema"][name]["num_updates"],
+                           "shadow": shadow})
+    return state
+
+
+class _ShadowModule(nn.Module):
+    """Adapter so an EMA shadow dict is saved through ``save_model_folder`` like a module."""
+
+    def __init__(self, shadow: dict[str, torch.Tensor]):
+        super().__init__()
+        self._shadow = shadow
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        return dict(self._shadow)

@@ -1,0 +1,119 @@
+"""Training pairs and the image condition of the latent U-Net (SR and denoising).
+
+**Pairs** are made on the fly from clean crops with seeded, batched torch degradations (CPU or GPU), in the
+model range [-1, 1] (width 2):
+
+* ``gaussian``: ``y = x + s * 2 * n``; ``rician``: magnitude of a complex Gaussian perturbation in [0, 1]
+  units, ``y01 = |x01 + s (n1 + i n2)|``; ``s`` drawn per sample from ``degrade.level_range`` (relative to the
+  intensity range, the convention of :mod:`medldm.data.degrade`);
+* ``downsample``: area down-sampling by ``scale`` in-plane (anti-aliased) and back to the high-res grid
+  (linear); ``thick`` (3D): average of ``scale`` slices along the last axis, replicated back;
+  then a noise-augmentation ``s`` from ``degrade.noise_aug_range`` is added to the low-res condition
+  (Ho et al. 2021, cascaded diffusion) and ``s`` is a U-Net input.
+
+**Condition** = the degraded image on the high-res grid, rearranged to the latent grid by space-to-depth
+(``pixel_unshuffle``): ``(N, 1, *S)`` -> ``(N, f**d, *S/f)``. It is lossless (no encoder pass per batch and no
+information thrown away by pooling), so every pixel of the low-res / noisy input reaches the U-Net.
+
+The noise level given to the U-Net is ``s / max(range)`` in [0, 1]; ``noise_level_max`` is stored in the model
+folder's ``extra.json`` so inference feeds the same scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
+    """(N, C, *S) -> (N, C * f**d, *S / f); d = 2 or 3. Inverse: :func:`depth_to_space`."""
+    n, c, *s = x.shape
+    d = len(s)
+    if any(v % f for v in s):
+        raise ValueError(f"spatial shape {tuple(s)} is not a multiple of {f}")
+    if d == 2:
+        return F.pixel_unshuffle(x, f)
+    x = x.reshape(n, c, s[0] // f, f, s[1] // f, f, s[2] // f, f)
+    x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(n, c * f ** 3, s[0] // f, s[1] // f, s[2] // f)
+
+
+def depth_to_space(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Inverse of :func:`space_to_depth`."""
+    n, c, *s = x.shape
+    if len(s) == 2:
+        return F.pixel_shuffle(x, f)
+    c0 = c // f ** 3
+    x = x.reshape(n, c0, f, f, f, *s).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(n, c0, s[0] * f, s[1] * f, s[2] * f)
+
+
+def _levels(n: int, lo_hi: tuple[float, float], gen: torch.Generator, device) -> torch.Tensor:
+    lo, hi = float(lo_hi[0]), float(lo_hi[1])
+    u = torch.rand(n, generator=gen)
+    return (lo + (hi - lo) * u).to(device)
+
+
+def _bshape(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (x.ndim - 1)))
+
+
+def add_noise(x: torch.Tensor, sigma: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian or Rician noise, ``sigma`` (N,) relative to the model range width 2."""
+    n1 = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+    s = _bshape(sigma, x).to(x.dtype)
+    if kind == "gaussian":
+        return x + 2.0 * s * n1
+    if kind == "rician":
+        n2 = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+        x01 = (x + 1.0) / 2.0
+        return torch.sqrt((x01 + s * n1) ** 2 + (s * n2) ** 2) * 2.0 - 1.0
+    raise ValueError(f"unknown noise kind {kind!r}")
+
+
+def downsample_upsample(x: torch.Tensor, scale: int, kind: str = "downsample") -> torch.Tensor:
+    """Low-res version of ``x`` (N, C, *S) on the same grid: anti-aliased area down-sampling in-plane by
+    ``scale`` (kind 'downsample') or ``scale``-slice averaging along the last axis (kind 'thick')."""
+    if scale <= 1:
+        return x
+    d = x.ndim - 2
+    if kind == "thick":
+        k = (1,) * (d - 1) + (scale,)
+        low = F.avg_pool3d(x, kernel_size=k, stride=k)
+        return torch.repeat_interleave(low, scale, dim=-1)
+    k = (scale, scale) + ((1,) if d == 3 else ())
+    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
+    low = pool(x, kernel_size=k, stride=k)
+    mode = "bilinear" if d == 2 else "trilinear"
+    return F.interpolate(low, size=x.shape[2:], mode=mode, align_corners=False)
+
+
+def make_pair(clean: torch.Tensor, task: str, degrade, gen: torch.Generator,
+              sigma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """clean (N, 1, *S) -> (degraded (N, 1, *S) on the same grid, noise level (N,) in [0, 1]).
+
+    ``degrade`` is the config's ``DegradeConfig``; ``gen`` a CPU generator seeded for this step; ``sigma``
+    fixes the noise sigma (validation / inference) instead of drawing it from the configured range.
+    """
+    n = clean.shape[0]
+    rng_range = degrade.level_range if task == "denoise" else degrade.noise_aug_range
+    fixed = None if sigma is None else torch.full((n,), float(sigma), device=clean.device)
+    if task == "denoise":
+        sigma = fixed if fixed is not None else _levels(n, rng_range, gen, clean.device)
+        y = add_noise(clean, sigma, degrade.kind, gen)
+        top = max(float(degrade.level_range[1]), 1e-8)
+        return y, (sigma / top).clamp(0, 1)
+    if task == "sr":
+        low = downsample_upsample(clean, degrade.scale, degrade.kind)
+        sigma = fixed if fixed is not None else _levels(n, rng_range, gen, clean.device)
+        top = float(degrade.noise_aug_range[1])
+        if top > 0:
+            low = add_noise(low, sigma, "gaussian", gen)
+        level = (sigma / top).clamp(0, 1) if top > 0 else torch.zeros_like(sigma)
+        return low, level
+    raise ValueError(f"task {task!r} has no degraded pair")
+
+
+def noise_level_max(task: str, degrade) -> float:
+    """The absolute noise sigma that maps to noise level 1.0 (stored in extra.json)."""
+    return float(degrade.level_range[1] if task == "denoise" else degrade.noise_aug_range[1])

@@ -1,0 +1,68 @@
+"""Builds the training / validation item stores of a run from its config (shared by both stages)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medldm.data.datasets import ItemStore, collect_scans, load_volumes, make_items, split_scans
+
+
+@dataclass
+class RunData:
+    train: ItemStore
+    val: ItemStore | None
+    train_scans: list[str]
+    val_scans: list[str]
+    normalization: list[dict]  # params of the first few training scans (for the record)
+
+    def val_or_train(self) -> tuple[ItemStore, str]:
+        """The store to validate on and a metric prefix ('' for held-out scans, 'train_' otherwise)."""
+        return (self.val, "") if self.val is not None and len(self.val) else (self.train, "train_")
+
+
+def build_data(cfg, out_dir: Path, *, quiet: bool = False) -> RunData:
+    """Collect, split (by scan), load/normalize (cached) and cut items for ``cfg`` (a TrainingConfig)."""
+    d = cfg.data
+    if not d.train:
+        raise ValueError("data.train is empty — list folders, list files or scans to train on")
+    refs = collect_scans(d.train)
+    if d.val:
+        val_refs = collect_scans(d.val)
+        train_ids = {r.id for r in refs}
+        overlap = [r.id for r in val_refs if r.id in train_ids]
+        if overlap:
+            raise ValueError(f"data.val repeats training scans (e.g. {overlap[0]}): validation must be other scans")
+        train_refs = refs
+    else:
+        train_refs, val_refs = split_scans(refs, d.val_fraction, cfg.seed)
+    cache_dir = Path(d.cache_dir) if d.cache_dir else Path(out_dir) / "cache"
+    kw = {"modality": d.modality, "ct_window": d.ct_window, "cache": d.cache, "cache_dir": cache_dir}
+    vols = load_volumes(train_refs, **kw)
+    val_vols = load_volumes(val_refs, **kw) if val_refs else []
+    items_kw = {"spatial_dims": cfg.spatial_dims, "slice_axis": d.slice_axis, "patch": d.patch_size,
+                "factor": cfg.factor, "resize_to": d.resize_to, "min_foreground": d.min_foreground}
+    train = ItemStore(make_items(vols, **items_kw), d.patch_size, cfg.factor, cfg.unet.num_classes, d.class_from)
+    val = (ItemStore(make_items(val_vols, **items_kw), d.patch_size, cfg.factor, cfg.unet.num_classes, d.class_from)
+           if val_vols else None)
+    if not quiet:
+        print(f"data: {len(vols)} training scans -> {len(train)} items; {len(val_vols)} validation scans"
+              + (f" -> {len(val)} items" if val is not None else " (validating on training items)"), file=sys.stderr)
+    return RunData(train, val, [v["id"] for v in vols], [v["id"] for v in val_vols], [v["norm"] for v in vols[:4]])
+
+
+def center_batch(store: ItemStore, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(n, 1, *patch) centre crops of ``n`` items spread over ``store`` (validation), their labels, indices."""
+    idx = store.spread(n)
+    corners = []
+    for i in idx:
+        shape = store.items[i].image.shape[1:]
+        corners.append(tuple(((s - p) // 2) // store.factor * store.factor
+                             for s, p in zip(shape, store.patch, strict=True)))
+    import numpy as np
+
+    arr = np.asarray(idx)
+    return store.crop(arr, corners), store.labels(arr), idx

@@ -1,0 +1,273 @@
+"""The training engine: one loop for every stage.
+
+Speed (CUDA only; CPU runs in fp32 with the same code): bf16 autocast, channels-last tensors, optional
+``torch.compile``, fused AdamW, TF32 matmuls, flash attention (set on the network configs by the stages).
+Correctness: gradient accumulation (DDP ``no_sync`` on inner micro-batches), gradient clipping per optimizer,
+EMA, linear warm-up, per-step seeding (``seed, step, rank``) so data, augmentation, degradations and diffusion
+noise are a pure function of the step — a run resumed from a checkpoint reproduces the loss sequence of an
+uninterrupted one exactly (tests/test_train_resume.py kills a run with SIGKILL to check it).
+
+A *stage* (``VAEStage``, ``LDMStage``) supplies: ``name``, ``tcfg`` (its train section), ``modules`` (raw
+networks to checkpoint), ``wrapped`` (the same, DDP/compile-wrapped, used for forward), ``optimizers``,
+``ema`` (name -> EMA), ``cpu_batch(step, micro)`` + ``to_device(batch)``, ``losses(batch, step) -> {"loss": ...}``,
+``validate(step) -> metrics``, ``images(step, path)``, ``export(path)``, ``config`` and ``extra()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medldm.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from medldm.train.distributed import DistInfo, barrier, check_in_sync, init_distributed, mean_across
+from medldm.train.logging import MetricLog, read_log
+
+
+@dataclasses.dataclass
+class Runtime:
+    """Where and how networks run."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    dist: DistInfo
+    channels_last: bool = False
+    compile: bool = False
+    fused_adamw: bool = False
+    flash_attention: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to(self, x: torch.Tensor) -> torch.Tensor:
+        """Move a batch tensor to the device (channels-last on CUDA)."""
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim in (4, 5):
+            x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+        return x
+
+
+def make_runtime(ecfg) -> Runtime:
+    """Resolve ``engine`` config switches against the hardware (GPU features are CPU no-ops)."""
+    if ecfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("engine.device is 'cuda' but no CUDA GPU is available — use engine.device=auto or cpu")
+    cuda = ecfg.device == "cuda" or (ecfg.device == "auto" and torch.cuda.is_available())
+    info = init_distributed("cuda" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(info.local_rank)
+        device = torch.device("cuda", info.local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = ecfg.tf32
+        torch.backends.cudnn.allow_tf32 = ecfg.tf32
+        torch.backends.cudnn.benchmark = not ecfg.deterministic
+        if ecfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        device = torch.device("cpu")
+    if ecfg.num_threads > 0:
+        torch.set_num_threads(ecfg.num_threads)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(ecfg.precision)
+    if ecfg.precision == "auto":
+        amp = torch.bfloat16 if cuda else None
+    if not cuda and amp is torch.float16:
+        raise RuntimeError("engine.precision fp16 needs CUDA; use bf16 or fp32 on CPU")
+    return Runtime(device=device, amp_dtype=amp, dist=info, channels_last=cuda and ecfg.channels_last,
+                   compile=ecfg.compile, fused_adamw=cuda and ecfg.fused_adamw,
+                   flash_attention=cuda and ecfg.flash_attention, progress=ecfg.progress and info.is_main,
+                   tensorboard=ecfg.tensorboard)
+
+
+def prepare(module: nn.Module, rt: Runtime, ddp: bool = True) -> nn.Module:
+    """Move to device (channels-last on CUDA), wrap in DDP when distributed, compile when asked."""
+    from medldm.train.distributed import wrap_ddp
+
+    module.to(rt.device)
+    if rt.channels_last:
+        volumetric = any(p.dim() == 5 for p in module.parameters())
+        module.to(memory_format=torch.channels_last_3d if volumetric else torch.channels_last)
+    wrapped = wrap_ddp(module, rt.dist, rt.device) if ddp else module
+    if rt.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def adamw(params, lr: float, weight_decay: float, rt: Runtime, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
+    """AdamW, fused on CUDA."""
+    kw = {"fused": True} if rt.fused_adamw else {}
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, **kw)
+
+
+def seed_step(seed: int, step: int, rank: int) -> int:
+    """Seed torch / numpy / python RNGs for one step; returns the derived seed."""
+    s = int(np.random.SeedSequence([seed & 0xFFFFFFFF, step, rank]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+    return s
+
+
+class _StepData(torch.utils.data.Dataset):
+    """Map-style view of the batch stream: index i -> the CPU batch of (step, micro-batch) = divmod(i, accum)."""
+
+    def __init__(self, stage: Any, start: int, total: int, accum: int):
+        self.stage, self.start, self.n, self.accum = stage, start, (total - start) * accum, accum
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        s, m = divmod(i, self.accum)
+        return self.stage.cpu_batch(self.start + s, m)
+
+
+def batch_stream(stage: Any, start: int, total: int, accum: int, workers: int, pin: bool):
+    """CPU batches in (step, micro) order; ``workers`` > 0 prepares them in DataLoader worker processes.
+
+    Each batch is a pure function of (seed, step, micro, rank), so worker count never changes the result."""
+    if workers <= 0:
+        return (stage.cpu_batch(s, m) for s in range(start, total) for m in range(accum))
+    loader = torch.utils.data.DataLoader(_StepData(stage, start, total, accum), batch_size=None, shuffle=False,
+                                         num_workers=workers, pin_memory=pin, prefetch_factor=4)
+    return iter(loader)
+
+
+def _lr_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = False,
+        stop_after: int | None = None) -> dict[str, float]:
+    """Train ``stage`` for ``stage.tcfg.steps`` optimiser steps under ``out_dir/<stage.name>/``.
+
+    ``stop_after``: return after that many steps of this call (tests; a checkpoint is written first).
+    Returns the last validation metrics."""
+    tcfg = stage.tcfg
+    sdir = Path(out_dir) / stage.name
+    ckpt = sdir / "checkpoint"
+    main = rt.dist.is_main
+    log = MetricLog(sdir / "train_log.csv", (sdir / "tb") if rt.tensorboard and main else None)
+    val_log = MetricLog(sdir / "val_log.csv")
+    base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in stage.optimizers.items()}
+    step = 0
+    finished_before = False
+    if resume and (ckpt / "trainer_state.pt").is_file():
+        state = load_checkpoint(ckpt, modules=stage.modules, ema=stage.ema, map_location=rt.device)
+        for k, o in stage.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        step = int(state["step"])
+        set_rng_state(state["rng"])
+        finished_before = step >= tcfg.steps and (sdir / "model").is_dir()
+        if main:
+            log.truncate_after(step)
+            val_log.truncate_after(step)
+            print(f"{stage.name}: resumed at step {step} from {ckpt}", file=sys.stderr)
+    scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype is torch.float16 else None
+    total = tcfg.steps
+    metrics: dict[str, float] = {}
+    bar = None
+    if rt.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=stage.name, unit="step", file=sys.stderr, dynamic_ncols=True)
+    done_here = 0
+    acc: dict[str, float] = {}
+    n_acc = 0
+    t_last = time.perf_counter()
+    imgs_since = 0
+    stream = batch_stream(stage, step, total, tcfg.grad_accum, stage.cfg.data.num_workers, rt.device.type == "cuda")
+    while step < total:
+        seed_step(seed, step, rt.dist.rank)
+        for k, o in stage.optimizers.items():
+            f = _lr_factor(step, tcfg.warmup_steps)
+            for g, lr0 in zip(o.param_groups, base_lr[k], strict=True):
+                g["lr"] = lr0 * f
+            o.zero_grad(set_to_none=True)
+        for micro in range(tcfg.grad_accum):
+            batch = stage.to_device(next(stream))
+            sync = micro == tcfg.grad_accum - 1
+            with contextlib.ExitStack() as stack:
+                if not sync and rt.dist.enabled:
+                    for m in stage.wrapped.values():
+                        m = getattr(m, "_orig_mod", m)  # torch.compile wraps the DDP module
+                        if isinstance(m, nn.parallel.DistributedDataParallel):
+                            stack.enter_context(m.no_sync())
+                with rt.autocast():
+                    losses = stage.losses(batch, step)
+                loss = losses["loss"] / tcfg.grad_accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            for k, v in losses.items():
+                acc[k] = acc.get(k, 0.0) + float(v.detach()) / tcfg.grad_accum
+            imgs_since += int(stage.batch_size(batch)) * rt.dist.world_size
+        n_acc += 1
+        for o in stage.optimizers.values():
+            if scaler is not None:
+                scaler.unscale_(o)
+            if tcfg.grad_clip > 0:
+                params = [p for g in o.param_groups for p in g["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+            if scaler is not None:
+                scaler.step(o)
+            else:
+                o.step()
+        if scaler is not None:
+            scaler.update()
+        for name, e in stage.ema.items():
+            e.update(stage.modules[name])
+        step += 1
+        done_here += 1
+        if step % tcfg.log_every == 0 or step == total:
+            now = time.perf_counter()
+            row = mean_across({k: v / n_acc for k, v in acc.items()}, rt.dist)
+            row["img_per_s"] = imgs_since / max(now - t_last, 1e-9)
+            row["lr"] = next(iter(stage.optimizers.values())).param_groups[0]["lr"]
+            if main:
+                log.write(step, row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.4g}", img_s=f"{row['img_per_s']:.1f}")
+            acc, n_acc, imgs_since = {}, 0, 0
+            t_last = time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+        last = step == total
+        if tcfg.image_every and (step % tcfg.image_every == 0 or last) and main:
+            stage.images(step, sdir / "images" / f"step_{step:07d}.png")
+        if (tcfg.val_every and step % tcfg.val_every == 0) or last:
+            if main:
+                metrics = stage.validate(step)
+                val_log.write(step, metrics)
+                if bar is not None:
+                    bar.write(f"{stage.name} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            barrier(rt.dist)
+        if step % tcfg.ckpt_every == 0 or last or (stop_after is not None and done_here >= stop_after):
+            check_in_sync(stage.modules, rt.dist)
+            if main:
+                save_checkpoint(ckpt, config=stage.config, modules=stage.modules, extra=stage.extra(),
+                                trainer_state={"step": step, "optimizers": {k: o.state_dict()
+                                                                           for k, o in stage.optimizers.items()}},
+                                ema=stage.ema)
+            barrier(rt.dist)
+            t_last = time.perf_counter()
+            imgs_since = 0
+        if stop_after is not None and done_here >= stop_after and step < total:
+            break
+    if bar is not None:
+        bar.close()
+    if step >= total and main and not finished_before:  # a finished stage keeps its exported model
+        stage.export(sdir / "model")
+    barrier(rt.dist)
+    log.close()
+    if not metrics and (sdir / "val_log.csv").is_file():  # resumed a finished stage: report its last validation
+        rows = read_log(sdir / "val_log.csv")
+        metrics = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+    return metrics

@@ -1,0 +1,232 @@
+"""Stage 2: latent diffusion U-Net on cached latents of the frozen VAE.
+
+* The training items are encoded ONCE (``medldm.data.latent_cache``: posterior mu and sigma, saved tagged with
+  the VAE hash); each step draws ``z = (mu + sigma * eps) * scale_factor`` on factor-aligned crops.
+* synthesis: unconditional or class-conditional (learned null class, label dropout ``diffusion.cfg_dropout``);
+* sr / denoise: the degraded image of the same crop, made on the fly (``medldm.train.conditioning``), goes to the
+  U-Net by lossless space-to-depth onto the latent grid, and its noise level as a conditioning scalar.
+* Validation (held-out scans): diffusion loss on their latents; for sr/denoise also PSNR/SSIM of the enhanced
+  image, of the degraded input and of the VAE reconstruction of the clean image (the ceiling set by the VAE).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import torch
+
+from medldm.config import to_mapping
+from medldm.data.datasets import step_rng
+from medldm.data.latent_cache import encode_items, load_cache, save_cache
+from medldm.train.conditioning import make_pair, noise_level_max, space_to_depth
+from medldm.train.data import RunData, center_batch
+from medldm.train.distributed import barrier
+from medldm.train.engine import Runtime, adamw, prepare
+from medldm.train.logging import save_grid
+
+DATA_RANGE = 2.0
+
+
+class LDMStage:
+    name = "ldm"
+
+    def __init__(self, cfg, data: RunData, rt: Runtime, vae_dir: Path, out_dir: Path):
+        from medldm.diffusion import make_schedule
+        from medldm.models import EMA, build_denoiser, load_model, model_hash
+
+        self.cfg, self.data, self.rt, self.tcfg = cfg, data, rt, cfg.ldm_train
+        bundle = load_model(vae_dir)
+        if bundle.vae is None:
+            raise ValueError(f"{vae_dir}: no VAE weights in this model folder")
+        vcfg = bundle.config.get("vae", {})
+        if int(vcfg.get("latent_channels", -1)) != cfg.vae.latent_channels or list(vcfg.get("channels", [])) != list(
+                cfg.vae.channels) or int(vcfg.get("spatial_dims", -1)) != cfg.spatial_dims:
+            raise ValueError(f"{vae_dir}: its vae section differs from this config's vae section — "
+                             "train the VAE with this config (stage: both) or copy its vae section")
+        self.vae = bundle.vae.to(rt.device).eval().requires_grad_(False)
+        self.vae_extra = dict(bundle.extra)
+        self.scale = bundle.scale_factor
+        self.f = cfg.factor
+        self.patch_lat = tuple(p // self.f for p in cfg.data.patch_size)
+        self.cache = self._latents(model_hash(vae_dir), Path(out_dir) / self.name / "latents.safetensors")
+        torch.manual_seed(cfg.seed)
+        run_cfg = dataclasses.replace(cfg.unet, use_flash_attention=cfg.unet.use_flash_attention or rt.flash_attention)
+        self.denoiser = build_denoiser(run_cfg, cfg.spatial_dims, cfg.vae.latent_channels)
+        self.modules = {"denoiser": self.denoiser}
+        self.wrapped = {"denoiser": prepare(self.denoiser, rt)}
+        self.optimizers = {"denoiser": adamw(self.denoiser.parameters(), self.tcfg.lr, self.tcfg.weight_decay, rt)}
+        self.ema = {"denoiser": EMA(self.denoiser, self.tcfg.ema_decay)} if self.tcfg.ema_decay > 0 else {}
+        self.schedule = make_schedule(cfg.diffusion)
+        self.config = to_mapping(cfg)
+        self.metrics: dict[str, float] = {}
+
+    def _latents(self, vae_hash: str, path: Path):
+        items = self.data.train.items
+        h = hashlib.sha256(vae_hash.encode())
+        for it in items:
+            h.update(f"{it.scan}:{tuple(it.image.shape)}:{float(it.image.sum()):.6e}".encode())
+        tag = h.hexdigest()
+        cache = load_cache(path, tag)
+        if cache is None:
+            if self.rt.dist.is_main:
+                cache = encode_items(self.vae, [it.image for it in items], self.rt.device, self.rt.autocast)
+                save_cache(cache, path, tag)
+            barrier(self.rt.dist)
+            cache = cache if cache is not None else load_cache(path, tag)
+        assert cache is not None and len(cache) == len(items)
+        return cache
+
+    # ------------------------------------------------------------------------------ training
+    def _conditioning(self, clean: torch.Tensor, gen: torch.Generator, sigma: float | None = None):
+        """clean (B, 1, *patch) -> (cond (B, f**d, *patch/f) | None, noise level (B,) | None, degraded | None)."""
+        if self.cfg.task == "synthesis":
+            return None, None, None
+        degraded, level = make_pair(clean, self.cfg.task, self.cfg.degrade, gen, sigma)
+        cond = space_to_depth(degraded, self.f)
+        return cond, (level if self.cfg.unet.noise_level_cond else None), degraded
+
+    def cpu_batch(self, step: int, micro: int) -> dict:
+        """Latents z (B, C, *patch/f), and per task labels / condition / noise level, on CPU; plus the seed of
+        the diffusion noise. A pure function of (seed, step, micro-batch, rank)."""
+        rng = step_rng(self.cfg.seed, step, micro, self.rt.dist.rank)
+        store = self.data.train
+        idx, corners = store.draw(rng, self.cfg.data.batch_size)
+        mu, sigma = self.cache.crop(idx, corners, self.patch_lat, self.f)
+        gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        z = (mu + sigma * torch.randn(mu.shape, generator=gen)) * self.scale
+        out = {"z": z, "seed": int(rng.integers(0, 2**62))}
+        if self.cfg.unet.num_classes:
+            out["labels"] = store.labels(idx)
+        if self.cfg.task != "synthesis":
+            cond, level, _ = self._conditioning(store.crop(idx, corners), gen)
+            out["cond"] = cond
+            if level is not None:
+                out["level"] = level
+        return out
+
+    def to_device(self, b: dict) -> dict:
+        out = {k: (self.rt.to(v) if k in ("z", "cond") else v.to(self.rt.device)) for k, v in b.items() if k != "seed"}
+        out["gen"] = torch.Generator().manual_seed(b["seed"])
+        return out
+
+    @staticmethod
+    def batch_size(batch: dict) -> int:
+        return batch["z"].shape[0]
+
+    def losses(self, b: dict, step: int) -> dict[str, torch.Tensor]:
+        from medldm.diffusion import diffusion_loss
+
+        loss = diffusion_loss(self.wrapped["denoiser"], self.schedule, b["z"], cond=b.get("cond"),
+                              class_labels=b.get("labels"), noise_level=b.get("level"), generator=b["gen"])
+        return {"loss": loss}
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _eval_net(self) -> torch.nn.Module:
+        net = copy.deepcopy(self.denoiser)
+        if self.ema:
+            self.ema["denoiser"].copy_to(net)
+        return net.eval()
+
+    @torch.no_grad()
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        with self.rt.autocast():
+            mu, _ = self.vae.encode(self.rt.to(x))
+        return mu.float() * self.scale
+
+    @torch.no_grad()
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        with self.rt.autocast():
+            return self.vae.decode(z / self.scale).float().cpu()
+
+    @torch.no_grad()
+    def sample(self, net, n: int, cond=None, labels=None, level=None, seed: int = 0) -> torch.Tensor:
+        """Latent samples (n, C, *patch/f) with the configured sampler."""
+        from medldm.diffusion import make_model_fn, sample, start_noise
+
+        d = self.cfg.diffusion
+        gen = torch.Generator().manual_seed(seed)
+        shape = (n, self.cfg.vae.latent_channels, *self.patch_lat)
+        x_t = start_noise(shape, self.schedule, generator=gen).to(self.rt.device)
+        guidance = d.guidance if (labels is not None and self.cfg.unet.num_classes) else 1.0
+        fn = make_model_fn(net, self.schedule, cond=cond, class_labels=labels, guidance=guidance, noise_level=level)
+
+        def model_fn(x, t):
+            with self.rt.autocast():
+                return fn(x, t).float()
+
+        sampler = d.sampler if d.schedule == "ddpm" or d.sampler == "euler_flow" else "euler_flow"
+        return sample(sampler, model_fn, x_t, self.schedule, self.tcfg.val_sampling_steps, generator=gen)
+
+    def _val_sigma(self) -> float:
+        r = self.cfg.degrade.level_range if self.cfg.task == "denoise" else self.cfg.degrade.noise_aug_range
+        return float(r[0] + r[1]) / 2 if self.cfg.task == "denoise" else float(r[0])
+
+    @torch.no_grad()
+    def validate(self, step: int) -> dict[str, float]:
+        from medldm.diffusion import diffusion_loss
+        from medldm.metrics import psnr, ssim
+
+        store, prefix = self.data.val_or_train()
+        x, labels, _ = center_batch(store, self.tcfg.val_max_items)
+        gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
+        net = self._eval_net()
+        z = self._encode(x)
+        cond, level, degraded = self._conditioning(x, gen, self._val_sigma())
+        cond = None if cond is None else self.rt.to(cond)
+        level = None if level is None else level.to(self.rt.device)
+        lab = labels.to(self.rt.device) if self.cfg.unet.num_classes else None
+        with self.rt.autocast():
+            vl = diffusion_loss(net, self.schedule, z, cond=cond, class_labels=lab, noise_level=level,
+                                generator=torch.Generator().manual_seed(self.cfg.seed + 777))
+        m = {f"{prefix}loss": float(vl)}
+        if self.cfg.task != "synthesis":
+            pred = self._decode(self.sample(net, len(x), cond, None, level, seed=self.cfg.seed + 1))
+            recon = self._decode(z)
+            for name, img in (("", pred), ("input_", degraded.cpu()), ("vae_", recon)):
+                m[f"{prefix}{name}psnr"] = float(psnr(img, x, data_range=DATA_RANGE).mean())
+                m[f"{prefix}{name}ssim"] = float(ssim(img, x, data_range=DATA_RANGE).mean())
+        self.metrics = m
+        return m
+
+    @torch.no_grad()
+    def images(self, step: int, path: Path) -> None:
+        net = self._eval_net()
+        store, _ = self.data.val_or_train()
+        if self.cfg.task == "synthesis":
+            n = 8
+            labels = (torch.arange(n) % self.cfg.unet.num_classes).to(self.rt.device) if self.cfg.unet.num_classes else None
+            save_grid([self._decode(self.sample(net, n, labels=labels, seed=self.cfg.seed + 2))], path)
+            return
+        x, _, _ = center_batch(store, 8)
+        cond, level, degraded = self._conditioning(x, torch.Generator().manual_seed(self.cfg.seed + 12345),
+                                                   self._val_sigma())
+        pred = self._decode(self.sample(net, len(x), self.rt.to(cond), None,
+                                        None if level is None else level.to(self.rt.device), seed=self.cfg.seed + 1))
+        save_grid([x, degraded, pred], path)
+
+    def extra(self) -> dict:
+        cfg = self.cfg
+        ex = {k: v for k, v in self.vae_extra.items() if k not in ("stage", "val_metrics")}
+        ex.update({
+            "stage": "ldm", "task": cfg.task, "scale_factor": self.scale, "factor": self.f,
+            "condition": "space_to_depth" if cfg.task != "synthesis" else None,
+            "degrade": to_mapping(cfg.degrade) if cfg.task != "synthesis" else None,
+            "noise_level_max": noise_level_max(cfg.task, cfg.degrade) if cfg.task != "synthesis" else None,
+            "class_from": cfg.data.class_from,
+            "class_names": list(cfg.data.train) if cfg.data.class_from == "source" else None,
+            "vae_val_metrics": self.vae_extra.get("val_metrics", {}),
+            "val_metrics": self.metrics,
+            "train_scans": self.data.train_scans, "val_scans": self.data.val_scans,
+        })
+        return ex
+
+    def export(self, path: Path) -> None:
+        from medldm.models import save_model_folder
+
+        modules = {"vae": self.vae, "denoiser": self.denoiser}
+        if self.ema:
+            modules["denoiser_ema"] = self._eval_net()
+        save_model_folder(path, config=self.config, modules=modules, extra=self.extra())

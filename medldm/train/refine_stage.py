@@ -1,0 +1,188 @@
+"""Stage 3 (sr / denoise): a pixel-space refiner that gets past the VAE's reconstruction ceiling.
+
+Latent diffusion can never return detail the VAE decoder cannot reconstruct. The refiner is a small MONAI
+``BasicUNet`` at full resolution that sees both the decoded image ``d`` and the degraded input ``y``:
+
+    x_hat = d + refiner([d, y])        (residual; (N, 2, *S) -> (N, 1, *S))
+
+Training pairs come from the latent cache (no sampling): ``d = decode(mu + sigma * eps)`` of the clean crop —
+the decoder output for a latent the VAE posterior deems plausible, i.e. what a perfect latent sampler would
+give — and ``y`` made on the fly exactly like stage 2's condition. At inference ``d`` is the decoded diffusion
+sample. The degraded input carries the full-resolution evidence the latent lost; the decoded sample carries the
+generative prior. Validation reports PSNR/SSIM of the diffusion output with and without the refiner.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medldm.config import to_mapping
+from medldm.data.datasets import step_rng
+from medldm.train.conditioning import make_pair
+from medldm.train.data import RunData, center_batch
+from medldm.train.engine import Runtime, adamw, prepare
+from medldm.train.logging import save_grid
+
+DATA_RANGE = 2.0
+
+
+def build_refiner(spatial_dims: int, features) -> nn.Module:
+    """MONAI BasicUNet: (N, 2, *S) [decoded, degraded] -> (N, 1, *S) residual."""
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=tuple(features))
+
+
+def apply_refiner(refiner: nn.Module, decoded: torch.Tensor, degraded: torch.Tensor) -> torch.Tensor:
+    """decoded, degraded (N, 1, *S) in the model range -> refined (N, 1, *S)."""
+    return decoded + refiner(torch.cat([decoded, degraded.to(decoded.dtype)], dim=1)).to(decoded.dtype)
+
+
+def load_refiner(model_dir: str | Path) -> nn.Module | None:
+    """The refiner of a model folder (``refiner.safetensors`` + ``extra.json["refiner"]``), or None."""
+    import json
+
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    extra_file, weights = model_dir / "extra.json", model_dir / "refiner.safetensors"
+    if not (extra_file.is_file() and weights.is_file()):
+        return None
+    spec = json.loads(extra_file.read_text()).get("refiner")
+    if not spec:
+        return None
+    net = build_refiner(int(spec["spatial_dims"]), spec["features"])
+    net.load_state_dict(load_file(str(weights)))
+    return net.eval().requires_grad_(False)
+
+
+class RefineStage:
+    name = "refine"
+
+    def __init__(self, cfg, data: RunData, rt: Runtime, ldm_dir: Path, cache, out_dir: Path):
+        from medldm.diffusion import make_schedule
+        from medldm.models import EMA, load_model
+
+        self.cfg, self.data, self.rt, self.tcfg = cfg, data, rt, cfg.refine
+        self.ldm_dir = Path(ldm_dir)
+        bundle = load_model(ldm_dir)
+        self.bundle = bundle
+        self.vae = bundle.vae.to(rt.device).eval().requires_grad_(False)
+        self.denoiser = bundle.denoiser.to(rt.device).eval().requires_grad_(False)
+        self.scale = bundle.scale_factor
+        self.f = cfg.factor
+        self.patch_lat = tuple(p // self.f for p in cfg.data.patch_size)
+        self.cache = cache
+        self.schedule = make_schedule(cfg.diffusion)
+        torch.manual_seed(cfg.seed)
+        self.refiner = build_refiner(cfg.spatial_dims, self.tcfg.features)
+        self.modules = {"refiner": self.refiner}
+        self.wrapped = {"refiner": prepare(self.refiner, rt)}
+        self.optimizers = {"refiner": adamw(self.refiner.parameters(), self.tcfg.lr, self.tcfg.weight_decay, rt)}
+        self.ema = {"refiner": EMA(self.refiner, self.tcfg.ema_decay)} if self.tcfg.ema_decay > 0 else {}
+        self.config = to_mapping(cfg)
+        self.metrics: dict[str, float] = {}
+
+    def cpu_batch(self, step: int, micro: int) -> dict:
+        rng = step_rng(self.cfg.seed, step, micro, self.rt.dist.rank, 3)
+        store = self.data.train
+        idx, corners = store.draw(rng, self.cfg.data.batch_size)
+        mu, sigma = self.cache.crop(idx, corners, self.patch_lat, self.f)
+        gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        z = mu + sigma * torch.randn(mu.shape, generator=gen)
+        clean = store.crop(idx, corners)
+        degraded, _ = make_pair(clean, self.cfg.task, self.cfg.degrade, gen)
+        return {"z": z, "clean": clean, "degraded": degraded}
+
+    def to_device(self, b: dict) -> dict:
+        return {k: self.rt.to(v) for k, v in b.items()}
+
+    @staticmethod
+    def batch_size(b: dict) -> int:
+        return b["clean"].shape[0]
+
+    def losses(self, b: dict, step: int) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            decoded = self.vae.decode(b["z"]).float()
+        out = apply_refiner(self.wrapped["refiner"], decoded, b["degraded"]).float()
+        loss = (out - b["clean"].float()).abs().mean()
+        return {"loss": loss, "decoded_l1": (decoded - b["clean"].float()).abs().mean().detach()}
+
+    # ------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _enhance(self, x: torch.Tensor):
+        """(clean, degraded, diffusion output, refined) for validation crops x (N, 1, *patch)."""
+        from medldm.diffusion import make_model_fn, sample, start_noise
+        from medldm.train.conditioning import space_to_depth
+
+        gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
+        r = self.cfg.degrade.level_range if self.cfg.task == "denoise" else self.cfg.degrade.noise_aug_range
+        sigma = float(r[0] + r[1]) / 2 if self.cfg.task == "denoise" else float(r[0])
+        degraded, level = make_pair(x, self.cfg.task, self.cfg.degrade, gen, sigma)
+        cond = self.rt.to(space_to_depth(degraded, self.f))
+        lev = level.to(self.rt.device) if self.cfg.unet.noise_level_cond else None
+        fn = make_model_fn(self.denoiser, self.schedule, cond=cond, noise_level=lev)
+        g2 = torch.Generator().manual_seed(self.cfg.seed + 1)
+        x_t = start_noise((len(x), self.cfg.vae.latent_channels, *self.patch_lat), self.schedule,
+                          generator=g2).to(self.rt.device)
+        d = self.cfg.diffusion
+        name = d.sampler if d.schedule == "ddpm" or d.sampler == "euler_flow" else "euler_flow"
+        with self.rt.autocast():
+            z = sample(name, lambda a, t: fn(a, t).float(), x_t, self.schedule, self.cfg.ldm_train.val_sampling_steps,
+                       generator=g2)
+            dec = self.vae.decode(z / self.scale).float()
+            net = self._eval_net()
+            ref = apply_refiner(net, dec, self.rt.to(degraded)).float()
+        return degraded, dec.cpu(), ref.cpu()
+
+    def _eval_net(self) -> nn.Module:
+        net = copy.deepcopy(self.refiner)
+        if self.ema:
+            self.ema["refiner"].copy_to(net)
+        return net.eval()
+
+    @torch.no_grad()
+    def validate(self, step: int) -> dict[str, float]:
+        from medldm.metrics import psnr, ssim
+
+        store, prefix = self.data.val_or_train()
+        x, _, _ = center_batch(store, self.tcfg.val_max_items)
+        degraded, dec, ref = self._enhance(x)
+        m = {}
+        for name, img in (("", ref), ("ldm_", dec), ("input_", degraded)):
+            m[f"{prefix}{name}psnr"] = float(psnr(img, x, data_range=DATA_RANGE).mean())
+            m[f"{prefix}{name}ssim"] = float(ssim(img, x, data_range=DATA_RANGE).mean())
+        self.metrics = m
+        return m
+
+    def images(self, step: int, path: Path) -> None:
+        store, _ = self.data.val_or_train()
+        x, _, _ = center_batch(store, 8)
+        degraded, dec, ref = self._enhance(x)
+        save_grid([x, degraded, dec, ref], path)
+
+    def extra(self) -> dict:
+        ex = dict(self.bundle.extra)
+        ex["refiner"] = {"spatial_dims": self.cfg.spatial_dims, "features": list(self.tcfg.features),
+                         "inputs": ["decoded", "degraded"], "residual": True,
+                         "apply": "medldm.train.refine_stage.apply_refiner"}
+        ex["refine_val_metrics"] = self.metrics
+        return ex
+
+    def export(self, path: Path) -> None:
+        from medldm.models import save_model_folder
+
+        modules = {"vae": self.vae, "denoiser": self._raw_denoiser(), "refiner": self._eval_net()}
+        ema_file = self.ldm_dir / "denoiser_ema.safetensors"
+        if ema_file.is_file():
+            modules["denoiser_ema"] = self.denoiser
+        save_model_folder(path, config=self.config, modules=modules, extra=self.extra())
+
+    def _raw_denoiser(self) -> nn.Module:
+        from medldm.models import load_model
+
+        return load_model(self.ldm_dir, ema=False).denoiser

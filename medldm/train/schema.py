@@ -1,0 +1,271 @@
+"""The training config schema: one YAML file = one :class:`TrainingConfig`.
+
+Sections: ``data``, ``augment``, ``degrade`` (SR / denoising pairs), ``vae`` / ``unet`` / ``diffusion``
+(network and process, from :mod:`medldm.models.config` and :mod:`medldm.diffusion.config`),
+``vae_train`` / ``ldm_train`` (optimisation per stage) and ``engine`` (device, precision, speed).
+docs/training.md's reference table is generated from these fields (``medldm.config.schema_markdown``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from medldm.config import ConfigError, doc_field
+from medldm.diffusion.config import DiffusionConfig
+from medldm.models.config import UNetConfig, VAEConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the scans come from and how training samples are cut from them."""
+
+    train: list[str] = doc_field([], "scans: folders (walked recursively), list files (.txt, one path a line), "
+                                     "NIfTI/DICOM paths, or pkg://PACKAGE/path inside an installed package")
+    val: list[str] = doc_field([], "validation scans of OTHER subjects; empty = split train by scan")
+    val_fraction: float = doc_field(0.2, "fraction of train scans held out when val is empty (by scan, never by slice)")
+    modality: Literal["auto", "CT", "MR"] = doc_field("auto", "normalization: CT = HU window, MR = percentiles; auto = from the scan")
+    ct_window: str = doc_field("full", "CT window name for normalization (medldm.data.intensity.CT_WINDOWS)")
+    slice_axis: int = doc_field(2, "2D models: array axis the slices are taken along (0, 1 or 2)")
+    patch_size: tuple[int, ...] = doc_field((64, 64), "training crop in pixels (2 or 3 values); a multiple of the VAE factor")
+    resize_to: tuple[int, ...] | None = doc_field(None, "resize each slice/volume (padded to square first) to this size; "
+                                                      "null = native resolution with random crops")
+    min_foreground: float = doc_field(0.05, "2D: skip slices with less than this fraction of voxels above the background")
+    class_from: Literal["none", "source", "slice_position"] = doc_field(
+        "none", "class label for synthesis: index of the train entry, or slice position bin (num_classes bins)")
+    batch_size: int = doc_field(8, "samples per optimiser step per process (before gradient accumulation)")
+    num_workers: int = doc_field(0, "DataLoader worker processes (0 = in the training process)")
+    cache: Literal["memory", "disk"] = doc_field("memory", "MONAI CacheDataset (memory) or PersistentDataset (disk): scans are parsed once")
+    cache_dir: str | None = doc_field(None, "PersistentDataset folder (cache: disk); default OUT_DIR/cache")
+
+
+@dataclass
+class AugmentConfig:
+    """MONAI augmentation applied on the fly to clean training samples (never to validation)."""
+
+    enabled: bool = doc_field(True, "master switch")
+    flip_prob: float = doc_field(0.5, "probability of a flip along each spatial axis")
+    rotate_prob: float = doc_field(0.3, "probability of a small rotation")
+    rotate_degrees: float = doc_field(10.0, "maximum rotation angle (degrees)")
+    bias_field_prob: float = doc_field(0.3, "probability of a smooth multiplicative bias field (MR)")
+    contrast_prob: float = doc_field(0.3, "probability of a gamma contrast change")
+    gamma: tuple[float, float] = doc_field((0.7, 1.5), "gamma range of the contrast change")
+
+
+@dataclass
+class DegradeConfig:
+    """How SR / denoising training pairs are made from clean samples (seeded, on the fly)."""
+
+    kind: Literal["gaussian", "rician", "downsample", "thick"] = doc_field(
+        "gaussian", "gaussian/rician noise (denoise) or downsample/thick slices (sr)")
+    scale: int = doc_field(2, "sr: down-sampling factor (in-plane) or slice thickness factor (thick, 3D)")
+    level_range: tuple[float, float] = doc_field((0.02, 0.1), "denoise: noise sigma relative to the model range width")
+    noise_aug_range: tuple[float, float] = doc_field((0.0, 0.1), "sr: noise-augmentation sigma added to the low-res "
+                                                                  "condition; its level is a U-Net input")
+
+
+@dataclass
+class VAETrainConfig:
+    """Stage 1 optimisation and losses."""
+
+    steps: int = doc_field(2000, "optimiser steps")
+    lr: float = doc_field(1e-4, "AdamW learning rate (generator)")
+    weight_decay: float = doc_field(0.0, "AdamW weight decay")
+    warmup_steps: int = doc_field(100, "linear learning-rate warm-up")
+    grad_accum: int = doc_field(1, "micro-batches per optimiser step")
+    grad_clip: float = doc_field(1.0, "clip gradient norm (0 = off)")
+    ema_decay: float = doc_field(0.0, "EMA of the weights (0 = off)")
+    kl_weight: float = doc_field(1e-6, "weight of the KL term")
+    ssim_weight: float = doc_field(0.0, "weight of 1 - SSIM (0 = off)")
+    grad_weight: float = doc_field(0.0, "weight of the L1 loss between image gradients (0 = off)")
+    adv_weight: float = doc_field(0.0, "weight of the patch adversarial loss (0 = off; MONAI PatchDiscriminator)")
+    adv_start: int = doc_field(0, "step from which the adversarial loss is used")
+    disc_lr: float = doc_field(1e-4, "discriminator learning rate")
+    log_every: int = doc_field(10, "steps between CSV/TensorBoard log rows")
+    val_every: int = doc_field(500, "steps between validation runs (PSNR/SSIM); 0 = only at the end")
+    image_every: int = doc_field(500, "steps between PNG grids of reconstructions (0 = off)")
+    ckpt_every: int = doc_field(500, "steps between checkpoints")
+    val_max_items: int = doc_field(16, "validation slices/volumes evaluated (evenly spread)")
+
+
+@dataclass
+class LDMTrainConfig:
+    """Stage 2 optimisation."""
+
+    steps: int = doc_field(5000, "optimiser steps")
+    lr: float = doc_field(1e-4, "AdamW learning rate")
+    weight_decay: float = doc_field(0.0, "AdamW weight decay")
+    warmup_steps: int = doc_field(100, "linear learning-rate warm-up")
+    grad_accum: int = doc_field(1, "micro-batches per optimiser step")
+    grad_clip: float = doc_field(1.0, "clip gradient norm (0 = off)")
+    ema_decay: float = doc_field(0.999, "EMA of the U-Net weights saved in the model (0 = off)")
+    log_every: int = doc_field(10, "steps between CSV/TensorBoard log rows")
+    val_every: int = doc_field(1000, "steps between validation runs (0 = only at the end)")
+    image_every: int = doc_field(1000, "steps between PNG grids of samples (0 = off)")
+    ckpt_every: int = doc_field(500, "steps between checkpoints")
+    val_max_items: int = doc_field(8, "validation items sampled")
+    val_sampling_steps: int = doc_field(20, "sampler steps for validation samples")
+
+
+@dataclass
+class RefineConfig:
+    """Stage 3 (sr / denoise): pixel-space refiner past the VAE ceiling (see docs/training.md)."""
+
+    enabled: bool = doc_field(False, "train a refiner: clean ~ decoded + net([decoded, degraded]) at full resolution")
+    features: tuple[int, int, int, int, int, int] = doc_field((16, 32, 64, 128, 256, 16),
+                                                              "MONAI BasicUNet features (6 values)")
+    steps: int = doc_field(2000, "optimiser steps")
+    lr: float = doc_field(2e-4, "AdamW learning rate")
+    weight_decay: float = doc_field(0.0, "AdamW weight decay")
+    warmup_steps: int = doc_field(50, "linear learning-rate warm-up")
+    grad_accum: int = doc_field(1, "micro-batches per optimiser step")
+    grad_clip: float = doc_field(1.0, "clip gradient norm (0 = off)")
+    ema_decay: float = doc_field(0.0, "EMA of the refiner weights (0 = off)")
+    log_every: int = doc_field(10, "steps between CSV/TensorBoard log rows")
+    val_every: int = doc_field(500, "steps between validation runs (0 = only at the end)")
+    image_every: int = doc_field(500, "steps between PNG grids (0 = off)")
+    ckpt_every: int = doc_field(500, "steps between checkpoints")
+    val_max_items: int = doc_field(8, "validation items")
+
+
+@dataclass
+class EngineConfig:
+    """Device, precision and speed switches (GPU features are ignored on CPU)."""
+
+    device: Literal["auto", "cpu", "cuda"] = doc_field("auto", "auto = cuda when available")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = doc_field("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    channels_last: bool = doc_field(True, "channels-last memory format on CUDA")
+    compile: bool = doc_field(False, "torch.compile the networks")
+    flash_attention: bool = doc_field(True, "scaled-dot-product (flash) attention in MONAI blocks on CUDA")
+    fused_adamw: bool = doc_field(True, "fused AdamW kernel on CUDA")
+    tf32: bool = doc_field(True, "TF32 matmuls on CUDA")
+    deterministic: bool = doc_field(False, "deterministic CUDA kernels (slower); CPU runs are always repeatable")
+    num_threads: int = doc_field(0, "CPU threads for torch (0 = leave torch's default)")
+    tensorboard: bool = doc_field(True, "write TensorBoard logs when the tensorboard package is installed")
+    progress: bool = doc_field(True, "progress bar on stderr")
+
+
+@dataclass
+class TrainingConfig:
+    """A training run: ``medldm train CONFIG.yaml -o OUT_DIR``."""
+
+    stage: Literal["vae", "ldm", "both"] = doc_field("both", "which stage(s) to train")
+    task: Literal["synthesis", "sr", "denoise"] = doc_field("synthesis", "what the diffusion model learns")
+    spatial_dims: Literal[2, 3] = doc_field(2, "2 = slice models, 3 = volume models")
+    seed: int = doc_field(0, "seed of everything: init, data order, augmentation, degradations, noise")
+    vae_path: str | None = doc_field(None, "stage ldm: trained VAE model folder (default OUT_DIR/vae/model)")
+    data: DataConfig = doc_field(None, "")
+    augment: AugmentConfig = doc_field(None, "")
+    degrade: DegradeConfig = doc_field(None, "")
+    vae: VAEConfig = doc_field(None, "")
+    unet: UNetConfig = doc_field(None, "")
+    diffusion: DiffusionConfig = doc_field(None, "")
+    vae_train: VAETrainConfig = doc_field(None, "")
+    ldm_train: LDMTrainConfig = doc_field(None, "")
+    refine: RefineConfig = doc_field(None, "")
+    engine: EngineConfig = doc_field(None, "")
+
+    def __post_init__(self) -> None:
+        for name, cls in (("data", DataConfig), ("augment", AugmentConfig), ("degrade", DegradeConfig),
+                          ("vae", VAEConfig), ("unet", UNetConfig), ("diffusion", DiffusionConfig),
+                          ("vae_train", VAETrainConfig), ("ldm_train", LDMTrainConfig), ("refine", RefineConfig),
+                          ("engine", EngineConfig)):
+            if getattr(self, name) is None:
+                setattr(self, name, cls())
+        self._check()
+
+    @property
+    def factor(self) -> int:
+        """VAE down-sampling factor f (image size / latent size)."""
+        return 2 ** (len(self.vae.channels) - 1)
+
+    def _check(self) -> None:
+        nd = self.spatial_dims
+        if self.vae.spatial_dims != nd:
+            if self.vae.spatial_dims != 2:  # 2 is the default: follow the top level silently
+                raise ConfigError(f"vae.spatial_dims={self.vae.spatial_dims} contradicts spatial_dims={nd}; "
+                                  "set only the top-level spatial_dims")
+            self.vae.spatial_dims = nd
+        d = self.data
+        if len(d.patch_size) != nd:
+            raise ConfigError(f"data.patch_size: needs {nd} values for spatial_dims={nd}, got {list(d.patch_size)}")
+        if d.resize_to is not None and len(d.resize_to) != nd:
+            raise ConfigError(f"data.resize_to: needs {nd} values for spatial_dims={nd}, got {list(d.resize_to)}")
+        f = self.factor
+        for name, size in (("data.patch_size", d.patch_size), ("data.resize_to", d.resize_to or ())):
+            if any(s % f for s in size):
+                raise ConfigError(f"{name}: every value must be a multiple of the VAE factor {f} "
+                                  f"(2 ** (len(vae.channels) - 1)), got {list(size)}")
+        if d.resize_to is not None and any(p > r for p, r in zip(d.patch_size, d.resize_to, strict=True)):
+            raise ConfigError("data.patch_size: must not exceed data.resize_to")
+        if d.slice_axis not in (0, 1, 2):
+            raise ConfigError(f"data.slice_axis: expected 0, 1 or 2, got {d.slice_axis}")
+        if d.batch_size < 1:
+            raise ConfigError("data.batch_size: must be >= 1")
+        if not 0.0 <= d.val_fraction < 1.0:
+            raise ConfigError("data.val_fraction: must be in [0, 1)")
+        if len(self.vae.attention_levels) != len(self.vae.channels):
+            raise ConfigError("vae.attention_levels: needs one entry per vae.channels level")
+        if len(self.unet.attention_levels) != len(self.unet.channels):
+            raise ConfigError("unet.attention_levels: needs one entry per unet.channels level")
+        if any(c % self.vae.norm_num_groups for c in self.vae.channels):
+            raise ConfigError(f"vae.norm_num_groups={self.vae.norm_num_groups} must divide every vae.channels entry")
+        if any(c % self.unet.norm_num_groups for c in self.unet.channels):
+            raise ConfigError(f"unet.norm_num_groups={self.unet.norm_num_groups} must divide every unet.channels entry")
+        deg = self.degrade
+        if self.task == "sr" and deg.kind not in ("downsample", "thick"):
+            raise ConfigError(f"degrade.kind: task 'sr' needs 'downsample' or 'thick', got {deg.kind!r}")
+        if self.task == "denoise" and deg.kind not in ("gaussian", "rician"):
+            raise ConfigError(f"degrade.kind: task 'denoise' needs 'gaussian' or 'rician', got {deg.kind!r}")
+        if self.task == "sr" and deg.kind == "thick" and nd != 3:
+            raise ConfigError("degrade.kind: 'thick' slices need spatial_dims 3")
+        if deg.scale < 1:
+            raise ConfigError("degrade.scale: must be >= 1")
+        # Conditioning the U-Net needs follows from the task: it is derived, not typed by hand.
+        cond = self.in_channels * f ** nd if self.task in ("sr", "denoise") else 0
+        if self.unet.cond_channels not in (0, cond):
+            raise ConfigError(f"unet.cond_channels: derived from the task ({cond}); leave it out of the config")
+        self.unet.cond_channels = cond
+        if self.task != "synthesis" and self.unet.num_classes:
+            raise ConfigError("unet.num_classes: class conditioning is for task 'synthesis'")
+        if self.task == "synthesis" and (d.class_from != "none") != (self.unet.num_classes > 0):
+            raise ConfigError("data.class_from and unet.num_classes go together: set both (or neither)")
+        if d.class_from == "source" and self.unet.num_classes != len(d.train):
+            raise ConfigError(f"unet.num_classes: class_from 'source' gives one class per data.train entry "
+                              f"({len(d.train)}), got {self.unet.num_classes}")
+        if self.refine.enabled and self.task == "synthesis":
+            raise ConfigError("refine.enabled: the refiner is for tasks 'sr' and 'denoise'")
+        for sec in (self.vae_train, self.ldm_train, self.refine):
+            if sec.steps < 1 or sec.grad_accum < 1 or sec.ckpt_every < 1 or sec.log_every < 1:
+                raise ConfigError("steps, grad_accum, ckpt_every and log_every must be >= 1")
+
+    @property
+    def in_channels(self) -> int:
+        return self.vae.in_channels
+
+
+def update_docs(path: str) -> bool:
+    """Rewrite the generated reference block of ``path`` (docs/training.md); True when it changed."""
+    from pathlib import Path
+
+    from medldm.config import schema_markdown
+
+    p = Path(path)
+    text = p.read_text()
+    begin, end = "<!-- schema:begin -->", "<!-- schema:end -->"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{schema_markdown(TrainingConfig)}{end}{tail}"
+    p.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m medldm.train.schema [--write docs/training.md]
+    import sys
+
+    from medldm.config import schema_markdown
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        print("updated" if update_docs(sys.argv[2]) else "up to date")
+    else:
+        print(schema_markdown(TrainingConfig))

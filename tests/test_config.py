@@ -1,0 +1,110 @@
+"""Config loading: validation errors name the key (and the nearest valid one), overrides, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medldm.config import ConfigError, apply_overrides, load_config, schema_markdown, to_mapping
+from medldm.train.schema import TrainingConfig
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_unknown_key_names_nearest():
+    with pytest.raises(ConfigError) as e:
+        load_config({"data": {"patch_sise": [32, 32]}})
+    msg = str(e.value)
+    assert "data.patch_sise" in msg and "did you mean 'data.patch_size'" in msg
+
+
+def test_unknown_top_level_key_and_section_key():
+    with pytest.raises(ConfigError, match=r"vae_trian: unknown key; did you mean 'vae_train'"):
+        load_config({"vae_trian": {"steps": 3}})
+    with pytest.raises(ConfigError, match=r"vae\.latent_channel: unknown key; did you mean 'vae\.latent_channels'"):
+        load_config({"vae": {"latent_channel": 3}})
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    ({"data": {"batch_size": "eight"}}, "data.batch_size: expected int"),
+    ({"vae_train": {"lr": "fast"}}, "vae_train.lr: expected float"),
+    ({"augment": {"enabled": 1}}, "augment.enabled: expected bool"),
+    ({"vae": {"channels": [16, "a"]}}, "vae.channels[1]: expected int"),
+    ({"data": {"train": "scans/"}}, "data.train: expected list[str]"),
+    ({"stage": "vea"}, "did you mean 'vae'"),
+    ({"spatial_dims": 4}, "spatial_dims: expected one of 2, 3"),
+])
+def test_wrong_types_name_key_and_type(data, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(data)
+    assert needle in str(e.value)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="multiple of the VAE factor 4"):
+        load_config({"data": {"patch_size": [30, 30]}})
+    with pytest.raises(ConfigError, match="needs 3 values"):
+        load_config({"spatial_dims": 3, "data": {"patch_size": [32, 32]}})
+    with pytest.raises(ConfigError, match="task 'sr' needs 'downsample' or 'thick'"):
+        load_config({"task": "sr", "degrade": {"kind": "gaussian"}})
+    with pytest.raises(ConfigError, match="diffusion"):
+        load_config({"diffusion": {"schedule": "flow", "prediction": "eps"}})
+
+
+def test_overrides_are_yaml_parsed_and_checked():
+    cfg = load_config({}, ["vae_train.steps=7", "vae.channels=[16, 32]", "vae.attention_levels=[false, false]",
+                           "vae.norm_num_groups=8", "data.patch_size=[16,16]", "vae_train.lr=3e-4",
+                           "augment.enabled=false"])
+    assert cfg.vae_train.steps == 7 and cfg.vae.channels == (16, 32) and cfg.factor == 2
+    assert cfg.vae_train.lr == pytest.approx(3e-4) and cfg.augment.enabled is False
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config({}, ["vae_train.steps"])
+    with pytest.raises(ConfigError, match="ldm_train.stepz: unknown key; did you mean 'ldm_train.steps'"):
+        load_config({}, ["ldm_train.stepz=3"])
+    d = apply_overrides({"a": {"b": 1}}, ["a.c=x", "d=[1, 2]"])
+    assert d == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+
+
+def test_derived_conditioning_channels():
+    cfg = load_config({"task": "sr", "degrade": {"kind": "downsample"}, "unet": {"noise_level_cond": True}})
+    assert cfg.unet.cond_channels == cfg.in_channels * cfg.factor ** 2
+    cfg3 = load_config({"task": "denoise", "spatial_dims": 3, "data": {"patch_size": [32, 32, 32]}})
+    assert cfg3.unet.cond_channels == cfg3.factor ** 3 and cfg3.vae.spatial_dims == 3
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path):
+    cfg = load_config(path)
+    again = load_config(yaml.safe_load(yaml.safe_dump(to_mapping(cfg))))
+    assert to_mapping(again) == to_mapping(cfg)
+
+
+def test_shipped_config_set_is_complete():
+    names = {p.name for p in CONFIGS}
+    for task in ("synthesis", "sr", "denoise"):
+        for nd in ("2d", "3d"):
+            assert f"{task}_{nd}.yaml" in names
+        assert any("tiny" in n and n.startswith(task) for n in names)
+
+
+def test_docs_reference_matches_schema():
+    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    begin, end = "<!-- schema:begin -->", "<!-- schema:end -->"
+    assert begin in doc and end in doc, "docs/training.md lacks the generated schema block"
+    block = doc.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert block == schema_markdown(TrainingConfig).strip(), (
+        "docs/training.md is out of date: run `python -m medldm.train.schema --write docs/training.md`")
+
+
+def test_cli_reports_config_errors_as_usage_errors(tmp_path, capsys):
+    from medldm.cli import main
+
+    cfg = Path(__file__).parents[1] / "configs" / "sr_2d_tiny.yaml"
+    assert main(["train", str(cfg), "-o", str(tmp_path / "o"), "--set", "data.patch_sise=[32,32]"]) == 2
+    assert "did you mean 'data.patch_size'" in capsys.readouterr().err
+    assert main(["train", str(cfg), "-o", str(tmp_path / "o"), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["task"] == "sr" and printed["unet"]["cond_channels"] == 4
+    assert not (tmp_path / "o").exists()
