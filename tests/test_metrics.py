@@ -298,6 +298,26 @@ def test_ms_ssim_matches_reference_odd_sizes_and_3d(mni, pt_msssim):
     assert 0.0 < three.item() < 1.0
 
 
+def test_masked_ms_ssim(head_ct):
+    """Masked MS-SSIM: a full mask changes nothing; one scale is masked SSIM; damage inside the mask
+    weighs more than the same damage outside it."""
+    ref = torch.from_numpy(_b(head_ct)).float()
+    pred = torch.from_numpy(_b(_degrade(head_ct, 10.0, 21))).float()
+    full = torch.ones_like(ref, dtype=torch.bool)
+    dr = "ct-soft-tissue"
+    assert torch.allclose(ms_ssim(pred, ref, data_range=dr, mask=full), ms_ssim(pred, ref, data_range=dr))
+    brain = torch.from_numpy(_b((head_ct > 0) & (head_ct < 80)))
+    one = ms_ssim(pred, ref, data_range=dr, mask=brain, weights=(1.0,))
+    assert torch.allclose(one, ssim(pred, ref, data_range=dr, mask=brain), atol=1e-6)
+    top = torch.zeros_like(full)
+    top[..., :256, :] = True
+    damaged = pred.clone()
+    damaged[..., :200, :] += 40.0 * torch.randn_like(damaged[..., :200, :])  # inside the mask only
+    drop_in = ms_ssim(pred, ref, data_range=dr, mask=top) - ms_ssim(damaged, ref, data_range=dr, mask=top)
+    drop_all = ms_ssim(pred, ref, data_range=dr) - ms_ssim(damaged, ref, data_range=dr)
+    assert drop_in.item() > drop_all.item() > 0
+
+
 def test_pieces_cover_every_output_plane_once():
     k = 11
     for b, spatial, chunk, slab in [

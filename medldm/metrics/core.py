@@ -100,7 +100,8 @@ def ssim_sums(
     method: str = "auto",
     chunk: int | None = None,
 ) -> SSIMSums:
-    """Sums of the SSIM map per row over the valid region (weighted by ``mask`` when given).
+    """Sums of the SSIM (and contrast-structure) maps per row over the valid region, restricted to
+    ``mask`` when given.
 
     x, y: (B, *spatial) float; mask: (B, *spatial) bool or None. The valid region drops
     ``k // 2`` voxels on every side (skimage's crop); the mask is cropped the same way.
@@ -134,6 +135,8 @@ def ssim_sums(
             for ax in range(2, nd + 1):
                 mv = mv.narrow(ax, pad, valid[ax - 1])
             smap = torch.where(mv, smap, 0)
+            if want_cs:
+                csmap = torch.where(mv, csmap, 0)
             n = mv.reshape(r1 - r0, -1).sum(1)
         cs = csmap.reshape(r1 - r0, -1).sum(1) if want_cs else None
         return r0, r1, smap.reshape(r1 - r0, -1).sum(1), n, cs
