@@ -2,9 +2,10 @@
 
 Takes real MR scans shipped by registry packages (``medldm.samples``), scales each to [0, 1] by its own
 0.5-99.5th percentiles (recorded), degrades it (Gaussian noise at 5 % of the range; anti-aliased x2
-in-plane down-sampling), runs the enhancement methods (shipped models when installed, and the classical
-baselines), evaluates them all with ``medldm.eval`` (data_range R = 1) and writes one HTML page with the
-tables and image panels: ``OUT/report.html``.
+in-plane down-sampling), runs the enhancement methods (the shipped models of :mod:`medldm.shipped` through
+``medldm.pipelines.enhance``, and the classical baselines), evaluates them all with ``medldm.eval``
+(data_range R = 1), draws samples from the shipped synthesis model, and writes one HTML page with the tables
+and image panels: ``OUT/report.html``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ NOISE_SIGMA = 0.05  # fraction of the intensity range (issue 6 quality goal)
 SR_SCALE = 2
 DENOISE_BASELINES = ("gaussian", "nlm")
 SR_BASELINES = ("nearest", "linear", "bicubic", "bspline")
+DENOISE_MODELS = ("mr-denoise-2d",)  # shipped models (medldm.shipped), run when installed
+SR_MODELS = ("mr-sr2x-2d",)
+SYNTH_MODEL = "mr-synth-2d"
 
 
 @dataclass
@@ -48,16 +52,17 @@ def _center_crop(img, size: int, max_slices: int):
     return out
 
 
-def prepare_references(out: Path, *, quick: bool) -> dict[str, Path]:
-    """Load each held-out sample, scale to [0, 1] (0.5-99.5th percentiles), save OUT/ref/<name>.nii.gz."""
+def prepare_references(out: Path, *, quick: bool, scans: dict[str, Path] | None = None) -> dict[str, Path]:
+    """Load each held-out sample (or each of ``scans``: name -> scan path), scale to [0, 1] (0.5-99.5th
+    percentiles), save OUT/ref/<name>.nii.gz."""
     from medldm.data.intensity import fit_normalization, normalize
     from medldm.io.nifti import save_nifti
     from medldm.io.reader import load_scan
     from medldm.samples import available_samples
 
-    have = available_samples()
+    have = dict(scans) if scans is not None else available_samples()
     refs: dict[str, Path] = {}
-    for name in DEMO_SAMPLES:
+    for name in (have if scans is not None else DEMO_SAMPLES):
         if name not in have:
             print(f"demo: sample {name} not installed, skipped (pip install -e .[data])")
             continue
@@ -83,6 +88,20 @@ def _save(img, path: Path) -> None:
     save_nifti(img, path, dtype="float32")
 
 
+def _models(names: tuple[str, ...]) -> dict[str, Path]:
+    """The shipped models among ``names`` that are installed: name -> model folder."""
+    from medldm.shipped import installed_models
+
+    have = installed_models()
+    return {n: have[n].path for n in names if n in have}
+
+
+def _enhance(model: Path, img, seed: int):
+    from medldm.shipped import enhance
+
+    return enhance(model, img, seed=seed)
+
+
 def run_denoise(out: Path, refs: dict[str, Path], seed: int) -> Task:
     from medldm.data.degrade import gaussian_noise
     from medldm.eval.baselines import denoise_scan
@@ -90,6 +109,7 @@ def run_denoise(out: Path, refs: dict[str, Path], seed: int) -> Task:
 
     task = Task("denoise", f"Denoising: Gaussian noise, sigma = {NOISE_SIGMA:g} x intensity range", "noisy")
     root = out / "denoise"
+    models = _models(DENOISE_MODELS)
     for i, (name, path) in enumerate(refs.items()):
         ref = load_scan(path)
         noisy = gaussian_noise(ref, NOISE_SIGMA, seed + i)
@@ -99,17 +119,23 @@ def run_denoise(out: Path, refs: dict[str, Path], seed: int) -> Task:
             den, _ = denoise_scan(noisy, method)
             task.timings[method] = task.timings.get(method, 0.0) + time.perf_counter() - t0
             _save(den, root / method / f"{name}.nii.gz")
-    task.methods = {"noisy": root / "noisy", **{m: root / m for m in DENOISE_BASELINES}}
+        for method, folder in models.items():
+            t0 = time.perf_counter()
+            den = _enhance(folder, noisy, seed)
+            task.timings[method] = task.timings.get(method, 0.0) + time.perf_counter() - t0
+            _save(den, root / method / f"{name}.nii.gz")
+    task.methods = {"noisy": root / "noisy", **{m: root / m for m in (*DENOISE_BASELINES, *models)}}
     return task
 
 
-def run_sr(out: Path, refs: dict[str, Path]) -> Task:
+def run_sr(out: Path, refs: dict[str, Path], seed: int = 0) -> Task:
     from medldm.data.degrade import downsample
     from medldm.eval.baselines import upsample_scan
     from medldm.io.reader import load_scan
 
     task = Task("sr", f"Super-resolution x{SR_SCALE} in-plane (anti-aliased down-sampling)", "nearest")
     root = out / "sr"
+    models = _models(SR_MODELS)
     for name, path in refs.items():
         ref = load_scan(path)
         low = downsample(ref, SR_SCALE, method="gaussian")
@@ -119,7 +145,12 @@ def run_sr(out: Path, refs: dict[str, Path]) -> Task:
             up = upsample_scan(low, SR_SCALE, method)
             task.timings[method] = task.timings.get(method, 0.0) + time.perf_counter() - t0
             _save(up, root / method / f"{name}.nii.gz")
-    task.methods = {m: root / m for m in SR_BASELINES}
+        for method, folder in models.items():
+            t0 = time.perf_counter()
+            up = _enhance(folder, low, seed)
+            task.timings[method] = task.timings.get(method, 0.0) + time.perf_counter() - t0
+            _save(up, root / method / f"{name}.nii.gz")
+    task.methods = {m: root / m for m in (*SR_BASELINES, *models)}
     return task
 
 
@@ -172,7 +203,38 @@ def _table(out: Path, task: Task, summary: dict) -> str:
             + "".join(rows) + "</table>")
 
 
-def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path], wall: float) -> Path:
+def run_synthesis(out: Path, n: int, seed: int) -> dict | None:
+    """``n`` samples of the shipped synthesis model as one PNG panel (OUT/synth/samples.png) plus the NIfTI
+    files; None when the model is not installed."""
+    from medldm.eval.panels import save_png, to_gray
+    from medldm.models import load_model
+    from medldm.pipelines.synthesize import Synthesizer
+
+    models = _models((SYNTH_MODEL,))
+    if not models:
+        return None
+    t0 = time.perf_counter()
+    syn = Synthesizer(load_model(models[SYNTH_MODEL]))
+    tiles = []
+    for i in range(n):
+        img, _ = syn.generate(seed=seed + i)
+        _save(img, out / "synth" / f"sample_{i:02d}.nii.gz")
+        plane = np.asarray(img[:, :, 0], dtype=np.float64)
+        lo, hi = np.percentile(plane, [0.5, 99.5])
+        tiles.append(np.rot90(to_gray(plane, lo, hi if hi > lo else lo + 1)))  # array (X, Y) -> rows = Y
+    gap = np.zeros((tiles[0].shape[0], 4), dtype=tiles[0].dtype)
+    row = np.concatenate([x for tile in tiles for x in (tile, gap)][:-1], axis=1)
+    scale = max(1, 128 // tiles[0].shape[0])
+    panel = np.kron(row, np.ones((scale, scale), dtype=row.dtype))
+    from PIL import Image
+
+    path = save_png(Image.fromarray(panel), out / "synth" / "samples.png")
+    return {"model": SYNTH_MODEL, "file": path.relative_to(out).as_posix(), "n": n, "steps": syn.dcfg.sampling_steps,
+            "size": list(syn.size), "seconds": time.perf_counter() - t0}
+
+
+def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path], wall: float,
+                synth: dict | None = None) -> Path:
     from medldm.io.atomic import atomic_file
     from medldm.samples import SAMPLES
 
@@ -184,8 +246,14 @@ def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path]
              f"Run time {wall:.0f} s.</p>",
              "<p>Held-out real MR scans (never used to train shipped models), each scaled to [0, 1] by its own "
              "0.5–99.5th intensity percentiles:</p><ul>"]
-    parts += [f"<li>{escape(n)}: {escape(SAMPLES[n].description)} (package {escape(SAMPLES[n].pip)})</li>" for n in refs]
+    parts += [f"<li>{escape(n)}: {escape(SAMPLES[n].description)} (package {escape(SAMPLES[n].pip)})</li>"
+              if n in SAMPLES else f"<li>{escape(n)}</li>" for n in refs]
     parts.append("</ul>")
+    shipped = [m for task, _ in tasks for m in task.methods if m.startswith("mr-")]
+    if shipped:
+        parts.append(f"<p>Shipped models ({escape(', '.join(shipped))}) are small demonstration models trained in "
+                     "minutes on a 2-core CPU; <code>medldm models</code> and docs/models.md give their training data, "
+                     "validation figures and known gaps. The classical baselines are the reference.</p>")
     for task, summary in tasks:
         parts.append(f"<h2>{escape(task.title)}</h2>")
         parts.append(_table(out, task, summary))
@@ -196,6 +264,12 @@ def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path]
             parts.append(f"<figure><img src='{task.name}/report/{escape(p['file'])}' alt='{escape(p['case'])}'>"
                          f"<figcaption>{escape(p['case'])}, slice {p['slice']}: reference | "
                          f"{escape(' | '.join(task.methods))} | |difference| (0–{p['dmax']:g})</figcaption></figure>")
+    if synth is not None:
+        parts.append(f"<h2>Synthesis: {synth['n']} samples of {escape(synth['model'])}</h2>"
+                     f"<figure><img src='{escape(synth['file'])}' alt='synthetic MR slices'><figcaption>"
+                     f"Unconditional samples, {synth['size'][0]} x {synth['size'][1]}, seeds 0..{synth['n'] - 1}, "
+                     f"{synth['steps']} sampler steps, {synth['seconds']:.1f} s; each shown between its own "
+                     "0.5-99.5th percentiles. Files: <code>synth/sample_*.nii.gz</code>.</figcaption></figure>")
     parts.append("</body></html>")
     path = out / "report.html"
     with atomic_file(path) as tmp:
@@ -203,14 +277,17 @@ def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path]
     return path
 
 
-def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seed: int = 0) -> Path:
-    """Run the whole demo; returns the path of OUT/report.html."""
+def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seed: int = 0,
+             scans: dict[str, Path] | None = None) -> Path:
+    """Run the whole demo; returns the path of OUT/report.html. ``scans`` (name -> path) replaces the held-out
+    demo samples (``python -m medldm.shipped validate`` runs the same protocol on the models' validation scans)."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    refs = prepare_references(out, quick=quick)
+    refs = prepare_references(out, quick=quick, scans=scans)
     tasks = []
-    for run in (lambda: run_denoise(out, refs, seed), lambda: run_sr(out, refs)):
+    for run in (lambda: run_denoise(out, refs, seed), lambda: run_sr(out, refs, seed)):
         task = run()
         tasks.append((task, evaluate_task(out, task, out / "ref")))
-    return write_index(out, tasks, refs, time.perf_counter() - t0)
+    synth = run_synthesis(out, n=4 if quick else 8, seed=seed)
+    return write_index(out, tasks, refs, time.perf_counter() - t0, synth)

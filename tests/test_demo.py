@@ -42,8 +42,8 @@ def test_quick_demo_end_to_end(tmp_path, mni152):  # mni152: skips when the data
     parser.feed(report.read_text())
     # every table states its convention
     assert len(parser.captions) == 2 and all("data_range R = 1" in c for c in parser.captions)
-    # the panels exist and hold image content (not blank)
-    assert len(parser.imgs) >= 2
+    # the panels (denoise, SR, synthesis samples) exist and hold image content (not blank)
+    assert len(parser.imgs) >= 3 and "synth/samples.png" in parser.imgs
     for src in parser.imgs:
         png = np.asarray(Image.open(out / src).convert("L"), dtype=float)
         assert png.std() > 10, src
@@ -52,3 +52,7 @@ def test_quick_demo_end_to_end(tmp_path, mni152):  # mni152: skips when the data
     assert den["nlm"] > den["noisy"] + 1.0
     sr = _slice_means(out / "sr" / "report" / "metrics.csv")
     assert sr["bicubic"] > sr["nearest"] and sr["bspline"] > sr["linear"]
+    # the shipped models ran through the inference pipeline and were evaluated beside the baselines (their
+    # quality gap is tested, as a known failure, in tests/test_shipped.py)
+    assert np.isfinite(den["mr-denoise-2d"]) and np.isfinite(sr["mr-sr2x-2d"])
+    assert len(list((out / "synth").glob("sample_*.nii.gz"))) == 4

@@ -1,0 +1,61 @@
+"""``medldm models [--json]``: the pretrained models shipped in the package, usable by name with ``-m NAME``."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--json", action="store_true", help="print the model cards as JSON")
+
+
+def _fmt_val(c: dict) -> str:
+    """One line of validation figures from a card (training-pool validation scans of other subjects)."""
+    v = c.get("validation") or {}
+    ldm = v.get("refine") or v.get("ldm") or {}
+    if c.get("task") == "synthesis" or "input_psnr" not in ldm:
+        vae = v.get("vae") or {}
+        return f"VAE reconstruction {vae['psnr']:.2f} dB / SSIM {vae['ssim']:.3f}" if "psnr" in vae else "n/a"
+    return (f"{ldm['psnr']:.2f} dB / SSIM {ldm['ssim']:.3f} (degraded input {ldm['input_psnr']:.2f} dB / "
+            f"{ldm['input_ssim']:.3f}); data_range 2 on the model range [-1, 1]")
+
+
+def _fmt_heldout(name: str, c: dict) -> str | None:
+    h = c.get("heldout")
+    if not h:
+        return None
+    m = h["methods"]
+    others = "; ".join(f"{k} {v['psnr']:.2f}" for k, v in m.items() if k != name)
+    return (f"{m[name]['psnr']:.2f} dB / SSIM {m[name]['ssim']:.3f} on {', '.join(h['scans'])} "
+            f"(`{h['command']}`; {others} dB)")
+
+
+def run(args) -> int:
+    from medldm.shipped import SHIPPED, card, folder_bytes, installed_models
+
+    have = installed_models()
+    if args.json:
+        print(json.dumps({n: {**card(n), "path": str(m.path), "installed": n in have} for n, m in SHIPPED.items()},
+                         indent=2))
+        return 0
+    for name, m in SHIPPED.items():
+        if name not in have:
+            print(f"{name}  [{m.task}]  NOT INSTALLED — train it: medldm train {m.config} -o runs/{name}\n")
+            continue
+        c = card(name)
+        size = folder_bytes(m.path) / 1e6
+        lines = [f"{name}  [{m.task}]  {size:.1f} MB  {m.path}", f"  {m.description}"]
+        if c:
+            data = ", ".join(s.removeprefix("pkg://") for s in c.get("train", []))
+            val = ", ".join(s.removeprefix("pkg://") for s in c.get("val", []))
+            steps = ", ".join(f"{k} {v}" for k, v in c.get("steps", {}).items())
+            lines += [f"  trained: {c.get('command', '')}  ({steps} steps, {c.get('wall_s', 0) / 60:.0f} min, "
+                      f"{c.get('hardware', '?')})",
+                      f"  training data: {data}",
+                      f"  validation ({val}): {_fmt_val(c)}"]
+            held = _fmt_heldout(name, c)
+            if held:
+                lines.append(f"  held-out demo scans: {held}")
+        lines.append(f"  use: medldm {'synthesize' if m.task == 'synthesis' else 'enhance'} -m {name} ...")
+        print("\n".join(lines) + "\n")
+    return 0
