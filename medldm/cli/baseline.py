@@ -111,21 +111,13 @@ def _single_case(src: Path, out: Path, cases: list) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import run_cases
-    from medldm.io.discover import output_path, scan_folder
+    from medldm.cli.common import check_in_out, find_inputs, run_cases
+    from medldm.io.discover import output_path
 
     _check(args)
     src, out = Path(args.input), Path(args.output)
-    if not src.exists():
-        raise UsageError(f"{src}: no such file or folder")
-    if out.resolve() == src.resolve():
-        raise UsageError("OUT must differ from IN: inputs are never overwritten")
-    if src.is_dir() and src.resolve() in out.resolve().parents:
-        raise UsageError("OUT must not lie inside the input folder IN (it would be read as input next time)")
-    found = scan_folder(src)
-    if not found.cases:
-        raise UsageError(f"{src}: no NIfTI file or DICOM image series found"
-                         + (f" ({found.skipped[0]})" if found.skipped else ""))
+    check_in_out(src, out)
+    found = find_inputs(src)
     command = shlex.join(["medldm", "baseline", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm baseline"
     if _single_case(src, out, found.cases):
         if args.to and (args.to == "nifti") != _is_nifti(out):

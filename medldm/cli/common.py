@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medldm.io.atomic import atomic_file
-from medldm.io.errors import CaseError
+from medldm.io.errors import CaseError, UsageError
 
 
 @dataclass
@@ -113,3 +113,24 @@ def write_report(path: str | Path, results: list[CaseResult], *, command: str = 
     }
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
+
+
+def check_in_out(src: Path, out: Path) -> None:
+    """Usage checks shared by the folder-in / folder-out commands: IN exists, OUT is neither IN nor inside it."""
+    if not src.exists():
+        raise UsageError(f"{src}: no such file or folder")
+    if out.resolve() == src.resolve():
+        raise UsageError("OUT must differ from IN: inputs are never overwritten")
+    if src.is_dir() and src.resolve() in out.resolve().parents:
+        raise UsageError("OUT must not lie inside the input folder IN (it would be read as input next time)")
+
+
+def find_inputs(src: Path):
+    """``scan_folder(src)``, or a usage error when it holds no NIfTI file or DICOM image series."""
+    from medldm.io.discover import scan_folder
+
+    found = scan_folder(src)
+    if not found.cases:
+        raise UsageError(f"{src}: no NIfTI file or DICOM image series found"
+                         + (f" ({found.skipped[0]})" if found.skipped else ""))
+    return found

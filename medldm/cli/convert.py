@@ -69,12 +69,10 @@ def _single_case(src: Path, out: Path, cases: list) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import run_cases
-    from medldm.io.discover import output_path, scan_folder
+    from medldm.cli.common import check_in_out, find_inputs, run_cases
+    from medldm.io.discover import output_path
 
     src, out = Path(args.input), Path(args.output)
-    if not src.exists():
-        raise UsageError(f"{src}: no such file or folder")
     if args.volume is not None and args.volume < 0:
         raise UsageError("--volume must be >= 0")
     if args.reference is not None:
@@ -82,14 +80,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--reference {args.reference}: no such file or folder")
         if _is_nifti(out):
             raise UsageError("--reference applies to DICOM output only (OUT ends in .nii/.nii.gz)")
-    if out.resolve() == src.resolve():
-        raise UsageError("OUT must differ from IN: inputs are never overwritten")
-    if src.is_dir() and src.resolve() in out.resolve().parents:
-        raise UsageError("OUT must not lie inside the input folder IN (it would be read as input next time)")
-    found = scan_folder(src)
-    if not found.cases:
-        raise UsageError(f"{src}: no NIfTI file or DICOM image series found"
-                         + (f" ({found.skipped[0]})" if found.skipped else ""))
+    check_in_out(src, out)
+    found = find_inputs(src)
     command = "medldm convert " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "medldm convert"
 
     if _single_case(src, out, found.cases):

@@ -154,13 +154,11 @@ def _state(out: Path, job: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     import secrets
 
-    from medldm.cli.common import run_cases
+    from medldm.cli.common import check_in_out, find_inputs, run_cases
     from medldm.data.degrade import check_level
-    from medldm.io.discover import output_path, scan_folder
+    from medldm.io.discover import output_path
 
     src, out = Path(args.input), Path(args.output)
-    if not src.exists():
-        raise UsageError(f"{src}: no such file or folder")
     try:
         check_level(args.kind, args.level)
     except ValueError as e:
@@ -173,14 +171,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--i0 must be > 0")
     if args.kind == "lowdose" and args.full_dose_noise is not None and not args.full_dose_noise > 0:
         raise UsageError("--full-dose-noise must be > 0 HU")
-    if out.resolve() == src.resolve():
-        raise UsageError("OUT must differ from IN: inputs are never overwritten")
-    if src.is_dir() and src.resolve() in out.resolve().parents:
-        raise UsageError("OUT must not lie inside the input folder IN (it would be read as input next time)")
-    found = scan_folder(src)
-    if not found.cases:
-        raise UsageError(f"{src}: no NIfTI file or DICOM image series found"
-                         + (f" ({found.skipped[0]})" if found.skipped else ""))
+    check_in_out(src, out)
+    found = find_inputs(src)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     if args.seed is None and not args.quiet:
         print(f"degrade: --seed {seed} (pass it to reproduce this run)", file=sys.stderr)

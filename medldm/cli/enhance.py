@@ -115,8 +115,8 @@ def _process(case, out: Path, enhancer, opts, desc: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import run_cases
-    from medldm.io.discover import output_path, scan_folder
+    from medldm.cli.common import check_in_out, find_inputs, run_cases
+    from medldm.io.discover import output_path
     from medldm.io.errors import CaseError
     from medldm.models import load_model
     from medldm.pipelines.enhance import EnhanceOptions, Enhancer
@@ -124,12 +124,7 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     src, out, model = Path(args.input), Path(args.output), Path(args.model)
     model = _resolve_model(model)
-    if not src.exists():
-        raise UsageError(f"{src}: no such file or folder")
-    if out.resolve() == src.resolve():
-        raise UsageError("OUT must differ from IN: inputs are never overwritten")
-    if src.is_dir() and src.resolve() in out.resolve().parents:
-        raise UsageError("OUT must not lie inside the input folder IN (it would be read as input next time)")
+    check_in_out(src, out)
     rank, world, local_rank = _dist_setup(getattr(args, "distributed", False))
     device = _device(args.device, local_rank)
     try:
@@ -140,10 +135,7 @@ def run(args: argparse.Namespace) -> int:
                           device=device, seed=args.seed, noise_level=args.noise_level, axis=args.axis,
                           refine=not args.no_refine)
     desc = f"medldm {enhancer.task} ({model.name})"
-    found = scan_folder(src)
-    if not found.cases:
-        raise UsageError(f"{src}: no NIfTI file or DICOM image series found"
-                         + (f" ({found.skipped[0]})" if found.skipped else ""))
+    found = find_inputs(src)
     command = shlex.join(["medldm", "enhance", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm enhance"
     single = src.is_file() or (len(found.cases) == 1 and _is_nifti(out))
     if single:
