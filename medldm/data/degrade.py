@@ -61,7 +61,7 @@ def _affine(img: Any) -> np.ndarray | None:
     return np.asarray(aff.detach().cpu().numpy() if isinstance(aff, torch.Tensor) else aff, dtype=np.float64)
 
 
-def _like(arr: np.ndarray, img: Any, affine: np.ndarray | None = None) -> Any:
+def like_image(arr: np.ndarray, img: Any, affine: np.ndarray | None = None) -> Any:
     """Wrap ``arr`` like ``img``: numpy -> float32 numpy; tensor -> float32 tensor on img's device;
     MetaTensor -> MetaTensor with a copy of img's meta (affine and spacing replaced if given)."""
     arr = arr.astype(np.float32)
@@ -114,7 +114,7 @@ def gaussian_noise(img: Any, sigma: float, seed: Seed = None, *, relative: bool 
     x = _to_numpy(img)
     s = _sigma(x, sigma, relative)
     y = x + s * _normal(make_rng(seed), x.shape, x)
-    return _like(y, img)
+    return like_image(y, img)
 
 
 def rician_noise(img: Any, sigma: float, seed: Seed = None, *, relative: bool = True) -> Any:
@@ -128,7 +128,7 @@ def rician_noise(img: Any, sigma: float, seed: Seed = None, *, relative: bool = 
     n1 = _normal(rng, x.shape, x)
     n2 = _normal(rng, x.shape, x)
     y = np.hypot(np.maximum(x, 0) + s * n1, s * n2)
-    return _like(y, img)
+    return like_image(y, img)
 
 
 # ---------------------------------------------------------------- resampling
@@ -220,12 +220,12 @@ def thick_slices(img: Any, k: int, *, axis: int = 2, restore: str | None = None)
 def _finish_resample(img: Any, x: np.ndarray, y: np.ndarray, order: int | None) -> Any:
     aff = _affine(img)
     if order is not None:
-        return _like(_restore(y, x.shape, order), img)
+        return like_image(_restore(y, x.shape, order), img)
     new_aff = None
     if aff is not None:
         s3 = lambda s: tuple(s) + (1,) * (3 - len(s))  # noqa: E731
         new_aff = resized_affine(aff, s3(x.shape), s3(y.shape))
-    return _like(y, img, new_aff)
+    return like_image(y, img, new_aff)
 
 
 # ---------------------------------------------------------------- low-dose CT
@@ -267,7 +267,7 @@ def lowdose_ct(img: Any, dose: float, seed: Seed = None, *, axis: int = 2, spaci
         part = slices[s0:s0 + batch]
         out[s0:s0 + batch] = np.where(part < outside_fov_hu, part, part + noise.cpu().numpy())
     y = out[0] if x.ndim == 2 else np.moveaxis(out, 0, ax)
-    return _like(y, img)
+    return like_image(y, img)
 
 
 def calibrate_i0(img: Any, full_dose_noise: float, *, axis: int = 2, spacing: tuple[float, ...] | None = None,

@@ -205,26 +205,12 @@ def upsample(vol: np.ndarray, scale: float, method: str, axis: str = "inplane") 
 
 
 # ------------------------------------------------------------------------------------ MetaTensor API
-def _like(img, arr: np.ndarray, affine: np.ndarray | None = None):
-    import torch
-    from monai.data import MetaTensor
-    from monai.utils import MetaKeys
-
-    meta = dict(img.meta)
-    meta.pop(MetaKeys.AFFINE, None)
-    aff = np.asarray(img.affine, dtype=np.float64) if affine is None else affine
-    if affine is not None:
-        from medldm.io.geometry import spacing_from_affine
-
-        meta["spacing"] = spacing_from_affine(aff)
-    return MetaTensor(np.ascontiguousarray(arr, dtype=np.float32),
-                      affine=torch.as_tensor(aff, dtype=torch.float64), meta=meta)
-
-
 def denoise_scan(img, method: str, **kwargs):
     """:func:`denoise` on a MetaTensor (X, Y, Z); returns ``(MetaTensor, info)`` on the same grid."""
     arr, info = denoise(np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img), method, **kwargs)
-    return _like(img, arr), info
+    from medldm.data.degrade import like_image
+
+    return like_image(arr, img), info
 
 
 def upsample_scan(img, scale: float, method: str, axis: str = "inplane"):
@@ -235,4 +221,6 @@ def upsample_scan(img, scale: float, method: str, axis: str = "inplane"):
     src = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img)
     arr = upsample(src, scale, method, axis)
     aff = resized_affine(np.asarray(img.affine, dtype=np.float64), src.shape, arr.shape)
-    return _like(img, arr, aff)
+    from medldm.data.degrade import like_image
+
+    return like_image(arr, img, aff)
