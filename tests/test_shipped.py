@@ -129,3 +129,18 @@ def test_models_command_lists_them(capsys):
     assert main(["models", "--json"]) == 0
     cards = json.loads(capsys.readouterr().out)
     assert set(cards) == set(SHIPPED) and all(c["installed"] for c in cards.values())
+
+
+def test_enhance_warns_outside_the_training_domain(pydicom_files, dipy_files):
+    """The MR denoiser flags a CT scan as outside its training domain, and an MR scan not."""
+    import medldm
+    from medldm.io.reader import load_scan
+    from medldm.pipelines.enhance import EnhanceOptions, Enhancer
+    from medldm.shipped import resolve_model
+
+    enh = Enhancer(medldm.load_model(resolve_model("mr-denoise-2d")))
+    opts = EnhanceOptions(steps=1)
+    ct = load_scan(pydicom_files / "CT_small.dcm")
+    assert "outside its training domain" in enh.enhance(ct[:64, :64], opts).info.get("warning", "")
+    mr = load_scan(dipy_files / "aniso_vox.nii.gz")
+    assert "outside its training domain" not in enh.enhance(mr[:, :, 10:12], opts).info.get("warning", "")

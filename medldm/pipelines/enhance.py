@@ -88,6 +88,9 @@ class Enhancer:
         norm = ex.get("normalization") or {}
         self.modality = None if norm.get("modality", "auto") in (None, "auto") else norm["modality"]
         self.ct_window = norm.get("ct_window", "full")
+        # how the training scans were normalized (CT window / MR percentiles): a scan normalized otherwise is
+        # outside the model's training domain (e.g. CT given to an MR model)
+        self.trained_methods = {e["method"] for e in norm.get("examples", []) if e.get("method")}
         self.slice_axis = int(ex.get("slice_axis", 2))
         self.refiner = _load_refiner(bundle.path, self.device)
         self.unet_down = 2 ** (len(self.denoiser.cfg.channels) - 1)  # latent sizes must be multiples of this
@@ -259,7 +262,19 @@ class Enhancer:
                     f"{100 * frac:.1f}% of the foreground has sample std > {UNCERTAIN_STD * 2.0 * unit:.3g} "
                     "(scanner units): detail there may be invented — check the std map"
                 )
+        domain = self._domain_warning(params)
+        if domain:
+            info["warning"] = "; ".join(w for w in (domain, info.get("warning")) if w)
         return EnhanceResult(image=image, std=std_img, info=info)
+
+    def _domain_warning(self, params: dict) -> str:
+        """A warning when ``params`` (this scan's normalization) is of a kind the training scans never had."""
+        if not self.trained_methods or params.get("method") in self.trained_methods:
+            return ""
+        kinds = {"window": "CT (HU window)", "percentile": "non-CT (percentile-normalized, e.g. MR)"}
+        return (f"this scan ({params.get('modality', 'unknown')}) is {kinds.get(params['method'], params['method'])}, "
+                f"but the model was trained only on {', '.join(kinds.get(m, m) for m in sorted(self.trained_methods))} "
+                "scans: outside its training domain, the result is unreliable")
 
     def _autocast(self):
         if self.device.type == "cuda":
