@@ -73,3 +73,15 @@ def require_tool(name: str) -> str:
 def _quiet_threads(monkeypatch):
     """Tests run in parallel on a 2-core machine: one intra-op thread each."""
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module (small tensors on the shared 2-core test machine: threads only
+    add overhead); restored afterwards. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,19 +23,14 @@ from medldm.models import (
     to_dict,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VAE = VAEConfig(channels=(8, 16), attention_levels=(False, False), norm_num_groups=4, num_res_blocks=1)
 UNET = UNetConfig(
     channels=(16, 32), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8, norm_num_groups=8,
     num_classes=2, cond_channels=4, noise_level_cond=True,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

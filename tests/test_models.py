@@ -9,17 +9,11 @@ import torch
 
 from medldm.models import EMA, UNetConfig, VAEConfig, build_denoiser, build_vae, from_dict, to_dict
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY_VAE = VAEConfig(channels=(8, 16), attention_levels=(False, False), norm_num_groups=4, num_res_blocks=1)
 TINY_UNET = UNetConfig(channels=(16, 32), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8, norm_num_groups=8)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is shared: one intra-op thread keeps small convolutions fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _randomize_zero_init(model: torch.nn.Module) -> None:

@@ -19,13 +19,8 @@ import torch
 from medldm.io.geometry import spacing_from_affine, world_corners
 from medldm.models import UNetConfig, VAEConfig, load_model, save_model_folder, to_dict
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_model(path, task: str = "denoise", dims: int = 2, kind: str = "gaussian"):

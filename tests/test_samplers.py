@@ -25,6 +25,8 @@ from medldm.diffusion import (
     sampling_times,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MU, S = 0.5, 1.0
 DDPM = {"eps": DiffusionConfig(), "v": DiffusionConfig(prediction="v"), "x0": DiffusionConfig(prediction="x0")}
 FLOW = DiffusionConfig(schedule="flow", prediction="flow")
@@ -66,14 +68,6 @@ def _start(schedule, z, mu=MU, s=S):
     a, sg = (float(v) for v in alpha_sigma(schedule, torch.tensor(schedule.t_max)))
     return a * mu + math.sqrt(a * a * s * s + sg * sg) * z
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Element-wise work on small tensors: threads only add overhead on the shared test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
