@@ -16,12 +16,12 @@ Definitions of the methods: docs/evaluation.md and ``medldm.eval.baselines``.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
 
 from medldm.io.errors import UsageError
+from medldm.io.formats import is_nifti
 
 REPORT_NAME = "medldm-baseline-report.json"
 TASK_METHODS = {"denoise": ("gaussian", "nlm", "bm3d"), "sr": ("nearest", "linear", "bicubic", "bspline")}
@@ -48,9 +48,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
-
-def _is_nifti(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith((".nii", ".nii.gz"))
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -96,22 +93,13 @@ def _process(case, out: Path, args: argparse.Namespace) -> dict:
                 "shape_in": list(img.shape), "shape_out": list(res.shape)}
         desc = f"baseline {args.method} x{args.scale:g}"
     reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
-    written = save_scan(res, out, reference=None if _is_nifti(out) else reference, description=desc)
+    written = save_scan(res, out, reference=None if is_nifti(out) else reference, description=desc)
     return {"outputs": [str(written)], "params": info}
 
 
-def _single_case(src: Path, out: Path, cases: list) -> bool:
-    """One scan in, one scan out (OUT names the output itself), as in ``medldm convert``."""
-    if src.is_file() or (len(cases) == 1 and _is_nifti(out)):
-        return True
-    if len(cases) != 1:
-        return False
-    c = cases[0]
-    return c.kind == "dicom-series" and Path(os.path.commonpath([str(p.parent) for p in c.paths])) == src
-
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import check_in_out, find_inputs, run_cases
+    from medldm.cli.common import check_in_out, find_inputs, run_cases, single_case
     from medldm.io.discover import output_path
 
     _check(args)
@@ -119,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     check_in_out(src, out)
     found = find_inputs(src)
     command = shlex.join(["medldm", "baseline", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm baseline"
-    if _single_case(src, out, found.cases):
-        if args.to and (args.to == "nifti") != _is_nifti(out):
+    if single_case(src, out, found.cases):
+        if args.to and (args.to == "nifti") != is_nifti(out):
             raise UsageError(f"--to {args.to} contradicts OUT {out}")
         case = found.cases[0]
         if not args.overwrite and out.exists():
@@ -129,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         status, _ = run_cases([case], lambda c: _process(c, out, args), desc="baseline",
                               command=command, quiet=args.quiet)
         return status
-    if _is_nifti(out):
+    if is_nifti(out):
         raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")

@@ -9,6 +9,7 @@ processed, resume (cases whose outputs exist are skipped), and the exit status c
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -134,3 +135,16 @@ def find_inputs(src: Path):
         raise UsageError(f"{src}: no NIfTI file or DICOM image series found"
                          + (f" ({found.skipped[0]})" if found.skipped else ""))
     return found
+
+
+def single_case(src: Path, out: Path, cases: list) -> bool:
+    """One scan in, one scan out (OUT names the output itself, not a folder of outputs): IN is a file, or
+    holds one case and OUT is a NIfTI name, or IN is the folder of a single DICOM series."""
+    from medldm.io.formats import is_nifti
+
+    if src.is_file() or (len(cases) == 1 and is_nifti(out)):
+        return True
+    if len(cases) != 1:
+        return False
+    c = cases[0]
+    return c.kind == "dicom-series" and Path(os.path.commonpath([str(p.parent) for p in c.paths])) == src

@@ -14,11 +14,11 @@ converted (``--overwrite`` redoes them). Exit status: 0 all converted, 1 some fa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from medldm.io.errors import UsageError
+from medldm.io.formats import is_nifti
 
 REPORT_NAME = "medldm-convert-report.json"
 
@@ -38,9 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
-def _is_nifti(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith((".nii", ".nii.gz"))
-
 
 def _convert_one(case, out: Path, *, reference, volume: int | None, description: str) -> list[str]:
     """Load one case and write it to ``out`` (NIfTI file or DICOM folder)."""
@@ -49,27 +46,16 @@ def _convert_one(case, out: Path, *, reference, volume: int | None, description:
     from medldm.io.writer import save_scan
 
     img = load_case(case, volume=volume)
-    if _is_nifti(out):
+    if is_nifti(out):
         return [str(save_nifti(img, out))]
     if reference is None and img.meta.get("kind") == "dicom-series":
         reference = img.meta["source_files"]  # DICOM -> DICOM: derived series of the source
     return [str(save_scan(img, out, reference=reference, description=description))]
 
 
-def _single_case(src: Path, out: Path, cases: list) -> bool:
-    """Is this a one-scan conversion (OUT is the output itself, not a folder of outputs)?"""
-    if src.is_file():
-        return True
-    if len(cases) != 1:
-        return False
-    if _is_nifti(out):
-        return True
-    c = cases[0]
-    return c.kind == "dicom-series" and Path(os.path.commonpath([str(p.parent) for p in c.paths])) == src
-
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import check_in_out, find_inputs, run_cases
+    from medldm.cli.common import check_in_out, find_inputs, run_cases, single_case
     from medldm.io.discover import output_path
 
     src, out = Path(args.input), Path(args.output)
@@ -78,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
     if args.reference is not None:
         if not Path(args.reference).exists():
             raise UsageError(f"--reference {args.reference}: no such file or folder")
-        if _is_nifti(out):
+        if is_nifti(out):
             raise UsageError("--reference applies to DICOM output only (OUT ends in .nii/.nii.gz)")
     check_in_out(src, out)
     found = find_inputs(src)
     command = "medldm convert " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "medldm convert"
 
-    if _single_case(src, out, found.cases):
-        if args.to == "nifti" and not _is_nifti(out) or args.to == "dicom" and _is_nifti(out):
+    if single_case(src, out, found.cases):
+        if args.to == "nifti" and not is_nifti(out) or args.to == "dicom" and is_nifti(out):
             raise UsageError(f"--to {args.to} contradicts OUT {out}")
         case = found.cases[0]
         status, _ = run_cases([case], lambda c: _convert_one(c, out, reference=args.reference, volume=args.volume,
@@ -95,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.reference is not None:
         raise UsageError("--reference needs a single input scan; IN holds several cases")
-    if _is_nifti(out):
+    if is_nifti(out):
         raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import zlib
 from pathlib import Path
 
 from medldm.io.errors import CaseError, UsageError
+from medldm.io.formats import is_nifti
 
 REPORT_NAME = "medldm-degrade-report.json"
 KINDS = ("gaussian", "rician", "lowdose", "downsample", "thick")
@@ -64,9 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
-
-def _is_nifti(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith((".nii", ".nii.gz"))
 
 
 def sidecar_path(out: Path) -> Path:
@@ -180,13 +177,13 @@ def run(args: argparse.Namespace) -> int:
     command = "medldm degrade " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "medldm degrade"
 
     single = src.is_file() or (len(found.cases) == 1 and (
-        _is_nifti(out) or found.cases[0].kind == "dicom-series"
+        is_nifti(out) or found.cases[0].kind == "dicom-series"
         and all(p.parent == src for p in found.cases[0].paths)))
     if single:
         target = {found.cases[0].id: out}
         report = None
     else:
-        if _is_nifti(out):
+        if is_nifti(out):
             raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out} exists and is not a folder")

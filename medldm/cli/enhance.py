@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from medldm.io.errors import UsageError
+from medldm.io.formats import is_nifti
 
 REPORT_NAME = "medldm-enhance-report.json"
 
@@ -60,9 +61,6 @@ def std_path(out: Path) -> Path:
             break
     return out.with_name(f"{name}_std.nii.gz")
 
-
-def _is_nifti(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith((".nii", ".nii.gz"))
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -108,7 +106,7 @@ def _process(case, out: Path, enhancer, opts, desc: str) -> dict:
     if res.std is not None:
         outputs.append(str(save_nifti(res.std, std_path(out), dtype="float32")))
     reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
-    written = save_scan(res.image, out, reference=None if _is_nifti(out) else reference, description=desc)
+    written = save_scan(res.image, out, reference=None if is_nifti(out) else reference, description=desc)
     info = {k: v for k, v in res.info.items() if k not in ("normalization", "warning")}
     info["normalization"] = {k: res.info["normalization"].get(k) for k in ("method", "lo", "hi", "original_dtype")}
     return {"outputs": [str(written), *outputs], "params": info, **({"warning": res.info["warning"]} if "warning" in res.info else {})}
@@ -137,12 +135,12 @@ def run(args: argparse.Namespace) -> int:
     desc = f"medldm {enhancer.task} ({model.name})"
     found = find_inputs(src)
     command = shlex.join(["medldm", "enhance", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm enhance"
-    single = src.is_file() or (len(found.cases) == 1 and _is_nifti(out))
+    single = src.is_file() or (len(found.cases) == 1 and is_nifti(out))
     if single:
         targets = {found.cases[0].id: out}
         report = out.parent / REPORT_NAME
     else:
-        if _is_nifti(out):
+        if is_nifti(out):
             raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out} exists and is not a folder")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medldm.io.errors import CaseError, UsageError
-from medldm.io.reader import NIFTI_SUFFIXES, is_nifti
+from medldm.io.formats import NIFTI_SUFFIXES, is_nifti
 
 
 @dataclass

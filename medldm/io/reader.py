@@ -13,12 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from medldm.io.errors import CaseError
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def is_nifti(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
+from medldm.io.formats import NIFTI_SUFFIXES, is_nifti  # noqa: F401 (re-exported)
 
 
 def _to_metatensor(data: np.ndarray, affine: np.ndarray, meta: dict):

@@ -5,11 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def is_nifti_path(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
+from medldm.io.formats import is_nifti
 
 
 def save_scan(img, out_path: str | os.PathLike, *, reference=None, description: str = "medldm") -> Path:
@@ -17,7 +13,7 @@ def save_scan(img, out_path: str | os.PathLike, *, reference=None, description: 
     (``reference`` unused), anything else -> a DICOM series folder (``reference``: the source series'
     files or folder for a derived series; None for a new anonymous series). Returns ``out_path``."""
     out_path = Path(out_path)
-    if is_nifti_path(out_path):
+    if is_nifti(out_path):
         from medldm.io.nifti import save_nifti
 
         return save_nifti(img, out_path)
