@@ -128,14 +128,17 @@ def test_ema_update_copy_and_state_roundtrip():
         net[0].weight.add_(1.0)
     net(torch.randn(8, 3))  # changes BatchNorm running stats (buffers are copied, not averaged)
     ema.update(net)
-    torch.testing.assert_close(ema.shadow["0.weight"], w0 + 0.1)
+    d1 = 2.0 / 11.0  # warm-up: the first update uses decay min(0.9, (1 + 1) / (10 + 1))
+    torch.testing.assert_close(ema.shadow["0.weight"], w0 + (1.0 - d1))
     torch.testing.assert_close(ema.shadow["1.running_mean"], net[1].running_mean)
     other = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     ema.copy_to(other)
-    torch.testing.assert_close(other[0].weight, w0 + 0.1)
+    torch.testing.assert_close(other[0].weight, w0 + (1.0 - d1))
     restored = EMA(other, decay=0.5)
     restored.load_state_dict(ema.state_dict())
     assert restored.decay == 0.9 and restored.num_updates == 1
     torch.testing.assert_close(restored.shadow["0.weight"], ema.shadow["0.weight"])
     with pytest.raises(ValueError):
         EMA(net, decay=1.0)
+    ema.num_updates = 1000
+    assert ema.current_decay() == 0.9  # warm-up over: the configured decay

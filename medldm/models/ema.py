@@ -7,7 +7,8 @@ from torch import nn
 
 
 class EMA:
-    """``shadow = decay * shadow + (1 - decay) * param`` after every ``update``; buffers are copied.
+    """``shadow = d * shadow + (1 - d) * param`` after every ``update``, ``d = min(decay, (1 + n) / (10 + n))``
+    at update ``n`` (warm-up); buffers are copied.
 
     The shadow lives on the model's device in fp32; ``copy_to`` writes it into a model of the same
     architecture (e.g. for sampling or saving the EMA weights).
@@ -38,7 +39,14 @@ class EMA:
             else:
                 self.shadow[k].copy_(v)
         if ema_p:
-            torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.decay)
+            torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.current_decay())
+
+    def current_decay(self) -> float:
+        """The decay of the latest update: ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (warm-up as in
+        diffusers' ``EMAModel`` / timm), so the average forgets the random initialisation within the first few
+        hundred steps instead of still weighting it 0.999^1000 = 37 % after 1000 steps."""
+        n = self.num_updates
+        return min(self.decay, (1.0 + n) / (10.0 + n))
 
     def state_dict(self) -> dict:
         """Serializable state (tensors + decay + number of updates)."""
