@@ -1,7 +1,9 @@
 """On-the-fly augmentation of clean training crops with MONAI transforms, seeded per step.
 
-Geometric: flips along each spatial axis, small rotations (border padding). Intensity (applied in [0, 1] units so
-the background stays at 0): a smooth multiplicative bias field (MR coil shading) and a gamma contrast change.
+Geometric: flips along each spatial axis, small rotations (border padding). Intensity (applied in [0, 1] units,
+NOT clamped: foreground-percentile normalization puts an MR background below 0, and the latent cache and the
+refiner see un-clamped scans too): a smooth multiplicative bias field (MR coil shading) and a gamma contrast
+change (MONAI's, relative to the crop's min and max).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class Augmenter:
             self.geometric.set_random_state(seed=int(s1))
             self.intensity.set_random_state(seed=int(s2))
             y = _plain(self.geometric(xi))
-            y01 = ((y + 1.0) / 2.0).clamp_min(0.0)
+            y01 = (y + 1.0) / 2.0  # not clamped: foreground-percentile normalization puts background below 0
             y01 = _plain(self.intensity(y01))
             out.append(y01 * 2.0 - 1.0)
         return torch.stack(out).to(x.dtype).contiguous()

@@ -6,7 +6,8 @@ model range [-1, 1] (width 2):
 * ``gaussian``: ``y = x + s * 2 * n``; ``rician``: magnitude of a complex Gaussian perturbation in [0, 1]
   units, ``y01 = |x01 + s (n1 + i n2)|``; ``s`` drawn per sample from ``degrade.level_range`` (relative to the
   intensity range, the convention of :mod:`medldm.data.degrade`);
-* ``downsample``: area down-sampling by ``scale`` in-plane (anti-aliased) and back to the high-res grid
+* ``downsample``: area down-sampling by ``scale`` in-plane (anti-aliased; optionally after a Gaussian pre-blur
+  drawn from ``degrade.blur_range``, so the model does not learn one kernel) and back to the high-res grid
   (linear); ``thick`` (3D): average of ``scale`` slices along the last axis, replicated back;
   then a noise-augmentation ``s`` from ``degrade.noise_aug_range`` is added to the low-res condition
   (Ho et al. 2021, cascaded diffusion) and ``s`` is a U-Net input.
@@ -20,6 +21,8 @@ folder's ``extra.json`` so inference feeds the same scale.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +74,41 @@ def add_noise(x: torch.Tensor, sigma: torch.Tensor, kind: str, gen: torch.Genera
     raise ValueError(f"unknown noise kind {kind!r}")
 
 
-def downsample_upsample(x: torch.Tensor, scale: int, kind: str = "downsample") -> torch.Tensor:
+def gaussian_blur_inplane(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur ``x`` (N, C, *S) along its first two spatial axes with a Gaussian of std ``sigma[n]`` (pixels) per
+    sample (reflect padding); sigma 0 leaves a sample unchanged."""
+    if not bool((sigma > 0).any()):
+        return x
+    d = x.ndim - 2
+    r = max(1, int(math.ceil(3.0 * float(sigma.max()))))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(x.device, x.dtype).clamp_min(1e-6)[:, None]
+    k = torch.exp(-0.5 * (t[None] / s) ** 2)
+    k = torch.where(sigma.to(x.device)[:, None] > 0, k, (t[None] == 0).to(x.dtype))
+    k = k / k.sum(dim=1, keepdim=True)  # (N, 2r+1)
+    n, c = x.shape[:2]
+    y = x.reshape(1, n * c, *x.shape[2:])
+    kk = k.repeat_interleave(c, dim=0)  # (N*C, 2r+1)
+    conv = F.conv2d if d == 2 else F.conv3d
+    for axis in (0, 1):
+        shape = [n * c, 1] + [1] * d
+        shape[2 + axis] = 2 * r + 1
+        pad = [0, 0] * d
+        pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = r
+        y = conv(F.pad(y, pad, mode="reflect"), kk.reshape(shape), groups=n * c)
+    return y.reshape(x.shape)
+
+
+def downsample_upsample(x: torch.Tensor, scale: int, kind: str = "downsample",
+                        blur: torch.Tensor | None = None) -> torch.Tensor:
     """Low-res version of ``x`` (N, C, *S) on the same grid: anti-aliased area down-sampling in-plane by
-    ``scale`` (kind 'downsample') or ``scale``-slice averaging along the last axis (kind 'thick')."""
+    ``scale`` (kind 'downsample'; optionally after an in-plane Gaussian pre-blur of std ``blur[n]`` pixels) or
+    ``scale``-slice averaging along the last axis (kind 'thick')."""
     if scale <= 1:
         return x
     d = x.ndim - 2
+    if blur is not None and kind != "thick":
+        x = gaussian_blur_inplane(x, blur)
     if kind == "thick":
         k = (1,) * (d - 1) + (scale,)
         low = F.avg_pool3d(x, kernel_size=k, stride=k)
@@ -104,7 +136,13 @@ def make_pair(clean: torch.Tensor, task: str, degrade, gen: torch.Generator,
         top = max(float(degrade.level_range[1]), 1e-8)
         return y, (sigma / top).clamp(0, 1)
     if task == "sr":
-        low = downsample_upsample(clean, degrade.scale, degrade.kind)
+        lo_b, hi_b = (float(v) for v in getattr(degrade, "blur_range", (0.0, 0.0)))
+        blur = None
+        if hi_b > 0:  # drawn only when configured, so configs without it keep their random stream
+            blur = torch.full((n,), hi_b) if fixed is not None else _levels(n, (lo_b, hi_b), gen, "cpu")
+            if fixed is not None:  # validation / inference: skimage's anti-aliasing kernel at this scale
+                blur = torch.full((n,), max(0.0, (degrade.scale - 1) / 2.0))
+        low = downsample_upsample(clean, degrade.scale, degrade.kind, blur)
         sigma = fixed if fixed is not None else _levels(n, rng_range, gen, clean.device)
         top = float(degrade.noise_aug_range[1])
         if top > 0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import random
 import sys
 import time
@@ -142,8 +143,14 @@ def batch_stream(stage: Any, start: int, total: int, accum: int, workers: int, p
     return iter(loader)
 
 
-def _lr_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def _lr_factor(step: int, warmup: int, total: int = 0, schedule: str = "constant") -> float:
+    """Linear warm-up, then constant or cosine decay (to 1 % of the base rate at ``total``)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine" and total > warmup:
+        frac = min(1.0, (step - warmup) / (total - warmup))
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return 1.0
 
 
 def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = False,
@@ -189,7 +196,7 @@ def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = Fal
     while step < total:
         seed_step(seed, step, rt.dist.rank)
         for k, o in stage.optimizers.items():
-            f = _lr_factor(step, tcfg.warmup_steps)
+            f = _lr_factor(step, tcfg.warmup_steps, total, getattr(tcfg, "lr_schedule", "constant"))
             for g, lr0 in zip(o.param_groups, base_lr[k], strict=True):
                 g["lr"] = lr0 * f
             o.zero_grad(set_to_none=True)

@@ -62,6 +62,9 @@ class DegradeConfig:
     level_range: tuple[float, float] = doc_field((0.02, 0.1), "denoise: noise sigma relative to the model range width")
     noise_aug_range: tuple[float, float] = doc_field((0.0, 0.1), "sr: noise-augmentation sigma added to the low-res "
                                                                   "condition; its level is a U-Net input")
+    blur_range: tuple[float, float] = doc_field(
+        (0.0, 0.0), "sr (downsample): Gaussian pre-blur sigma in high-res pixels, drawn per sample, before area "
+        "down-sampling (0.5 at x2 is skimage's anti_aliasing=True): robustness to the scanner's / user's kernel")
 
 
 @dataclass
@@ -72,6 +75,7 @@ class VAETrainConfig:
     lr: float = doc_field(1e-4, "AdamW learning rate (generator)")
     weight_decay: float = doc_field(0.0, "AdamW weight decay")
     warmup_steps: int = doc_field(100, "linear learning-rate warm-up")
+    lr_schedule: Literal["constant", "cosine"] = doc_field("constant", "after warm-up: constant, or cosine decay to 1 % at the last step")
     grad_accum: int = doc_field(1, "micro-batches per optimiser step")
     grad_clip: float = doc_field(1.0, "clip gradient norm (0 = off)")
     ema_decay: float = doc_field(0.0, "EMA of the weights (0 = off)")
@@ -96,6 +100,7 @@ class LDMTrainConfig:
     lr: float = doc_field(1e-4, "AdamW learning rate")
     weight_decay: float = doc_field(0.0, "AdamW weight decay")
     warmup_steps: int = doc_field(100, "linear learning-rate warm-up")
+    lr_schedule: Literal["constant", "cosine"] = doc_field("constant", "after warm-up: constant, or cosine decay to 1 % at the last step")
     grad_accum: int = doc_field(1, "micro-batches per optimiser step")
     grad_clip: float = doc_field(1.0, "clip gradient norm (0 = off)")
     ema_decay: float = doc_field(0.999, "EMA of the U-Net weights saved in the model (0 = off)")
@@ -111,13 +116,20 @@ class LDMTrainConfig:
 class RefineConfig:
     """Stage 3 (sr / denoise): pixel-space refiner past the VAE ceiling (see docs/training.md)."""
 
-    enabled: bool = doc_field(False, "train a refiner: clean ~ decoded + net([decoded, degraded]) at full resolution")
+    enabled: bool = doc_field(False, "train a refiner: clean ~ base + net([decoded, degraded]) at full resolution")
     features: tuple[int, int, int, int, int, int] = doc_field((16, 32, 64, 128, 256, 16),
                                                               "MONAI BasicUNet features (6 values)")
+    base: Literal["degraded", "decoded"] = doc_field(
+        "degraded", "what the refiner's residual is added to: the degraded input (robust when the diffusion output "
+        "is poor) or the decoded diffusion output")
+    norm: Literal["none", "instance", "batch"] = doc_field(
+        "none", "normalization layers of the refiner ('none': its output does not depend on the image size)")
+    augment: bool = doc_field(True, "apply the config's augment section to the clean training crops")
     steps: int = doc_field(2000, "optimiser steps")
     lr: float = doc_field(2e-4, "AdamW learning rate")
     weight_decay: float = doc_field(0.0, "AdamW weight decay")
     warmup_steps: int = doc_field(50, "linear learning-rate warm-up")
+    lr_schedule: Literal["constant", "cosine"] = doc_field("constant", "after warm-up: constant, or cosine decay to 1 % at the last step")
     grad_accum: int = doc_field(1, "micro-batches per optimiser step")
     grad_clip: float = doc_field(1.0, "clip gradient norm (0 = off)")
     ema_decay: float = doc_field(0.0, "EMA of the refiner weights (0 = off)")
