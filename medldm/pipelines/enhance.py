@@ -93,6 +93,7 @@ class Enhancer:
         self.trained_methods = {e["method"] for e in norm.get("examples", []) if e.get("method")}
         self.slice_axis = int(ex.get("slice_axis", 2))
         self.refiner = _load_refiner(bundle.path, self.device)
+        self.refiner_base = str((ex.get("refiner") or {}).get("base", "decoded"))
         self.unet_down = 2 ** (len(self.denoiser.cfg.channels) - 1)  # latent sizes must be multiples of this
         self.align = self.f * self.unet_down  # image sizes are padded to multiples of this
         self.resize_to = ex.get("resize_to")
@@ -195,7 +196,7 @@ class Enhancer:
         from medldm.train.refine_stage import apply_refiner
 
         assert degraded is not None and self.refiner is not None
-        return apply_refiner(self.refiner, decoded, degraded)
+        return apply_refiner(self.refiner, decoded, degraded, self.refiner_base)
 
     def vae_latent_channels(self) -> int:
         return int(self.denoiser.latent_channels)

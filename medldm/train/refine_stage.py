@@ -1,15 +1,17 @@
 """Stage 3 (sr / denoise): a pixel-space refiner that gets past the VAE's reconstruction ceiling.
 
-Latent diffusion can never return detail the VAE decoder cannot reconstruct. The refiner is a small MONAI
-``BasicUNet`` at full resolution that sees both the decoded image ``d`` and the degraded input ``y``:
+Latent diffusion can never return detail the VAE decoder cannot reconstruct, and a few-step sample is not the
+minimum-error estimate that PSNR rewards. The refiner is a small MONAI ``BasicUNet`` at full resolution (by
+default without normalization layers, so its output does not depend on the image size) that sees both the
+decoded diffusion output ``d`` and the degraded input ``y``:
 
-    x_hat = d + refiner([d, y])        (residual; (N, 2, *S) -> (N, 1, *S))
+    x_hat = base + refiner([d, y]),   base = y (``refine.base: degraded``, default) or d (``decoded``)
 
-Training pairs come from the latent cache (no sampling): ``d = decode(mu + sigma * eps)`` of the clean crop —
-the decoder output for a latent the VAE posterior deems plausible, i.e. what a perfect latent sampler would
-give — and ``y`` made on the fly exactly like stage 2's condition. At inference ``d`` is the decoded diffusion
-sample. The degraded input carries the full-resolution evidence the latent lost; the decoded sample carries the
-generative prior. Validation reports PSNR/SSIM of the diffusion output with and without the refiner.
+Training pairs are made exactly as at inference: clean crops (augmented like stage 1), ``y`` degraded on the
+fly like stage 2's condition, and ``d`` the decoded diffusion sample for ``y`` drawn with the frozen stage-2
+U-Net and the model's default sampler and step count (no gradient). Training the refiner on decoded *clean*
+latents instead (an earlier design) teaches it to trust ``d`` far more than a real sample deserves.
+Validation reports PSNR/SSIM of the degraded input, the diffusion output and the refined output.
 """
 
 from __future__ import annotations
@@ -22,48 +24,60 @@ from torch import nn
 
 from medldm.config import to_mapping
 from medldm.data.datasets import step_rng
-from medldm.train.conditioning import make_pair
+from medldm.train.conditioning import make_pair, space_to_depth
 from medldm.train.data import RunData, center_batch
 from medldm.train.engine import Runtime, adamw, prepare
 from medldm.train.logging import save_grid
 
 DATA_RANGE = 2.0
+_NORMS = {"none": None, "instance": ("instance", {"affine": True}), "batch": ("batch", {"affine": True})}
 
 
-def build_refiner(spatial_dims: int, features) -> nn.Module:
+def build_refiner(spatial_dims: int, features, norm: str = "instance") -> nn.Module:
     """MONAI BasicUNet: (N, 2, *S) [decoded, degraded] -> (N, 1, *S) residual."""
     from monai.networks.nets import BasicUNet
 
-    return BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=tuple(features))
+    return BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=tuple(features),
+                     norm=_NORMS[norm])
 
 
-def apply_refiner(refiner: nn.Module, decoded: torch.Tensor, degraded: torch.Tensor) -> torch.Tensor:
-    """decoded, degraded (N, 1, *S) in the model range -> refined (N, 1, *S)."""
-    return decoded + refiner(torch.cat([decoded, degraded.to(decoded.dtype)], dim=1)).to(decoded.dtype)
+def apply_refiner(refiner: nn.Module, decoded: torch.Tensor, degraded: torch.Tensor,
+                  base: str = "decoded") -> torch.Tensor:
+    """decoded, degraded (N, 1, *S) in the model range -> refined (N, 1, *S) = base + refiner([d, y])."""
+    degraded = degraded.to(decoded.dtype)
+    res = refiner(torch.cat([decoded, degraded], dim=1)).to(decoded.dtype)
+    return (degraded if base == "degraded" else decoded) + res
 
 
-def load_refiner(model_dir: str | Path) -> nn.Module | None:
-    """The refiner of a model folder (``refiner.safetensors`` + ``extra.json["refiner"]``), or None."""
+def refiner_spec(model_dir: str | Path) -> dict | None:
+    """``extra.json["refiner"]`` of a model folder with ``refiner.safetensors``, or None."""
     import json
-
-    from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
     extra_file, weights = model_dir / "extra.json", model_dir / "refiner.safetensors"
     if not (extra_file.is_file() and weights.is_file()):
         return None
-    spec = json.loads(extra_file.read_text()).get("refiner")
-    if not spec:
+    return json.loads(extra_file.read_text()).get("refiner") or None
+
+
+def load_refiner(model_dir: str | Path) -> nn.Module | None:
+    """The refiner of a model folder (``refiner.safetensors`` + ``extra.json["refiner"]``), or None. Its
+    residual base is ``refiner_spec(model_dir)["base"]`` (folders written before that key: ``decoded``)."""
+    from safetensors.torch import load_file
+
+    spec = refiner_spec(model_dir)
+    if spec is None:
         return None
-    net = build_refiner(int(spec["spatial_dims"]), spec["features"])
-    net.load_state_dict(load_file(str(weights)))
+    net = build_refiner(int(spec["spatial_dims"]), spec["features"], spec.get("norm", "instance"))
+    net.load_state_dict(load_file(str(Path(model_dir) / "refiner.safetensors")))
     return net.eval().requires_grad_(False)
 
 
 class RefineStage:
     name = "refine"
 
-    def __init__(self, cfg, data: RunData, rt: Runtime, ldm_dir: Path, cache, out_dir: Path):
+    def __init__(self, cfg, data: RunData, rt: Runtime, ldm_dir: Path, out_dir: Path):
+        from medldm.data.augment import Augmenter
         from medldm.diffusion import make_schedule
         from medldm.models import EMA, load_model
 
@@ -76,10 +90,10 @@ class RefineStage:
         self.scale = bundle.scale_factor
         self.f = cfg.factor
         self.patch_lat = tuple(p // self.f for p in cfg.data.patch_size)
-        self.cache = cache
         self.schedule = make_schedule(cfg.diffusion)
+        self.augment = Augmenter(cfg.augment, cfg.spatial_dims) if self.tcfg.augment else None
         torch.manual_seed(cfg.seed)
-        self.refiner = build_refiner(cfg.spatial_dims, self.tcfg.features)
+        self.refiner = build_refiner(cfg.spatial_dims, self.tcfg.features, self.tcfg.norm)
         self.modules = {"refiner": self.refiner}
         self.wrapped = {"refiner": prepare(self.refiner, rt)}
         self.optimizers = {"refiner": adamw(self.refiner.parameters(), self.tcfg.lr, self.tcfg.weight_decay, rt)}
@@ -91,52 +105,57 @@ class RefineStage:
         rng = step_rng(self.cfg.seed, step, micro, self.rt.dist.rank, 3)
         store = self.data.train
         idx, corners = store.draw(rng, self.cfg.data.batch_size)
-        mu, sigma = self.cache.crop(idx, corners, self.patch_lat, self.f)
-        gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-        z = mu + sigma * torch.randn(mu.shape, generator=gen)
         clean = store.crop(idx, corners)
-        degraded, _ = make_pair(clean, self.cfg.task, self.cfg.degrade, gen)
-        return {"z": z, "clean": clean, "degraded": degraded}
+        if self.augment is not None:
+            clean = self.augment(clean, rng)
+        gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        degraded, level = make_pair(clean, self.cfg.task, self.cfg.degrade, gen)
+        return {"clean": clean, "degraded": degraded, "level": level, "seed": int(rng.integers(0, 2**62))}
 
     def to_device(self, b: dict) -> dict:
-        return {k: self.rt.to(v) for k, v in b.items()}
+        return {k: (v if k == "seed" else self.rt.to(v) if k != "level" else v.to(self.rt.device))
+                for k, v in b.items()}
 
     @staticmethod
     def batch_size(b: dict) -> int:
         return b["clean"].shape[0]
 
+    @torch.no_grad()
+    def diffuse(self, degraded: torch.Tensor, level: torch.Tensor, seed: int, steps: int | None = None):
+        """The decoded diffusion sample for ``degraded`` (N, 1, *patch): the stage-2 model run as inference runs
+        it (default sampler and step count of the model folder)."""
+        from medldm.diffusion import make_model_fn, sample, start_noise
+
+        d = self.cfg.diffusion
+        cond = self.rt.to(space_to_depth(degraded, self.f))
+        lev = level.to(self.rt.device) if self.cfg.unet.noise_level_cond else None
+        fn = make_model_fn(self.denoiser, self.schedule, cond=cond, noise_level=lev)
+        gen = torch.Generator().manual_seed(int(seed))
+        shape = (len(degraded), self.cfg.vae.latent_channels, *(s // self.f for s in degraded.shape[2:]))
+        x_t = start_noise(shape, self.schedule, generator=gen).to(self.rt.device)
+        name = d.sampler if d.schedule == "ddpm" or d.sampler == "euler_flow" else "euler_flow"
+        with self.rt.autocast():
+            z = sample(name, lambda a, t: fn(a, t).float(), x_t, self.schedule, steps or d.sampling_steps,
+                       generator=gen)
+            return self.vae.decode(z / self.scale).float()
+
     def losses(self, b: dict, step: int) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            decoded = self.vae.decode(b["z"]).float()
-        out = apply_refiner(self.wrapped["refiner"], decoded, b["degraded"]).float()
+        decoded = self.diffuse(b["degraded"], b["level"], b["seed"])
+        out = apply_refiner(self.wrapped["refiner"], decoded, b["degraded"], self.tcfg.base).float()
         loss = (out - b["clean"].float()).abs().mean()
         return {"loss": loss, "decoded_l1": (decoded - b["clean"].float()).abs().mean().detach()}
 
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def _enhance(self, x: torch.Tensor):
-        """(clean, degraded, diffusion output, refined) for validation crops x (N, 1, *patch)."""
-        from medldm.diffusion import make_model_fn, sample, start_noise
-        from medldm.train.conditioning import space_to_depth
-
+        """(degraded, diffusion output, refined) for validation crops x (N, 1, *patch)."""
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
         r = self.cfg.degrade.level_range if self.cfg.task == "denoise" else self.cfg.degrade.noise_aug_range
         sigma = float(r[0] + r[1]) / 2 if self.cfg.task == "denoise" else float(r[0])
         degraded, level = make_pair(x, self.cfg.task, self.cfg.degrade, gen, sigma)
-        cond = self.rt.to(space_to_depth(degraded, self.f))
-        lev = level.to(self.rt.device) if self.cfg.unet.noise_level_cond else None
-        fn = make_model_fn(self.denoiser, self.schedule, cond=cond, noise_level=lev)
-        g2 = torch.Generator().manual_seed(self.cfg.seed + 1)
-        x_t = start_noise((len(x), self.cfg.vae.latent_channels, *self.patch_lat), self.schedule,
-                          generator=g2).to(self.rt.device)
-        d = self.cfg.diffusion
-        name = d.sampler if d.schedule == "ddpm" or d.sampler == "euler_flow" else "euler_flow"
+        dec = self.diffuse(degraded, level, self.cfg.seed + 1)
         with self.rt.autocast():
-            z = sample(name, lambda a, t: fn(a, t).float(), x_t, self.schedule, self.cfg.ldm_train.val_sampling_steps,
-                       generator=g2)
-            dec = self.vae.decode(z / self.scale).float()
-            net = self._eval_net()
-            ref = apply_refiner(net, dec, self.rt.to(degraded)).float()
+            ref = apply_refiner(self._eval_net(), dec, self.rt.to(degraded), self.tcfg.base).float()
         return degraded, dec.cpu(), ref.cpu()
 
     def _eval_net(self) -> nn.Module:
@@ -168,6 +187,7 @@ class RefineStage:
     def extra(self) -> dict:
         ex = dict(self.bundle.extra)
         ex["refiner"] = {"spatial_dims": self.cfg.spatial_dims, "features": list(self.tcfg.features),
+                         "norm": self.tcfg.norm, "base": self.tcfg.base,
                          "inputs": ["decoded", "degraded"], "residual": True,
                          "apply": "medldm.train.refine_stage.apply_refiner"}
         ex["refine_val_metrics"] = self.metrics

@@ -62,7 +62,7 @@ def train(cfg: Any, out_dir: str | Path, *, resume: bool = False, stop_after: in
             if cfg.refine.enabled:
                 from medldm.train.refine_stage import RefineStage
 
-                rstage = RefineStage(cfg, data, rt, out / "ldm" / "model", stage.cache, out)
+                rstage = RefineStage(cfg, data, rt, out / "ldm" / "model", out)
                 summary["refine"] = fit(rstage, rt, out, seed=cfg.seed, resume=resume, stop_after=stop_after)
                 if stop_after is not None and not (out / "refine" / "model").exists():
                     return summary
