@@ -70,7 +70,6 @@ def test_models_load_by_name(name):
     assert bundle.extra["task"] == SHIPPED[name].task
 
 
-@GAP
 def test_denoise_improves_held_out_scan(dipy_files):
     from medldm.data.degrade import gaussian_noise
 
