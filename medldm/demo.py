@@ -251,9 +251,10 @@ def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path]
     parts.append("</ul>")
     shipped = [m for task, _ in tasks for m in task.methods if m.startswith("mr-")]
     if shipped:
-        parts.append(f"<p>Shipped models ({escape(', '.join(shipped))}) are small demonstration models trained in "
-                     "minutes on a 2-core CPU; <code>medldm models</code> and docs/models.md give their training data, "
-                     "validation figures and known gaps. The classical baselines are the reference.</p>")
+        parts.append(f"<p>Shipped models ({escape(', '.join(shipped))}) are small models trained in under an hour "
+                     "each on a 2-core CPU, on a few real scans (mostly brain); <code>medldm models</code> and "
+                     "docs/models.md give their training data, validation figures and known gaps. The classical "
+                     "baselines are the reference.</p>")
     for task, summary in tasks:
         parts.append(f"<h2>{escape(task.title)}</h2>")
         parts.append(_table(out, task, summary))

@@ -15,13 +15,6 @@ from medldm.cli import main
 from medldm.io.errors import CaseError
 from medldm.shipped import SHIPPED, installed_models, resolve_model
 
-# Known gap (docs/models.md, "Known gaps"): the shipped CPU-trained models make held-out scans WORSE (measured:
-# denoise 17.5 dB vs noisy input 26.1 dB; SR 25.1 dB vs linear 32.0 dB on these crops). The tests state the
-# requirement; strict xfail turns red as soon as a retrained model meets it, so the marker is then removed.
-GAP = pytest.mark.xfail(strict=True, reason="shipped CPU-trained models are below their degraded inputs on "
-                        "held-out scans — retrain (docs/models.md, Known gaps)")
-
-
 def _require(name: str):
     if name not in installed_models():
         pytest.fail(f"shipped model {name} missing from medldm/assets/models (train + export it: docs/models.md)")
@@ -80,7 +73,6 @@ def test_denoise_improves_held_out_scan(dipy_files):
     assert after > before + 2.0, (before, after)
 
 
-@GAP
 def test_sr_improves_held_out_scan(pydicom_data):
     from medldm.data.degrade import downsample
     from medldm.eval.baselines import upsample_scan
