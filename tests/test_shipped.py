@@ -15,6 +15,7 @@ from medldm.cli import main
 from medldm.io.errors import CaseError
 from medldm.shipped import SHIPPED, installed_models, resolve_model
 
+
 def _require(name: str):
     if name not in installed_models():
         pytest.fail(f"shipped model {name} missing from medldm/assets/models (train + export it: docs/models.md)")
