@@ -138,10 +138,10 @@ def make_pair(clean: torch.Tensor, task: str, degrade, gen: torch.Generator,
     if task == "sr":
         lo_b, hi_b = (float(v) for v in getattr(degrade, "blur_range", (0.0, 0.0)))
         blur = None
-        if hi_b > 0:  # drawn only when configured, so configs without it keep their random stream
-            blur = torch.full((n,), hi_b) if fixed is not None else _levels(n, (lo_b, hi_b), gen, "cpu")
-            if fixed is not None:  # validation / inference: skimage's anti-aliasing kernel at this scale
-                blur = torch.full((n,), max(0.0, (degrade.scale - 1) / 2.0))
+        if hi_b > 0 and fixed is not None:  # validation: skimage's anti-aliasing kernel at this scale
+            blur = torch.full((n,), max(0.0, (degrade.scale - 1) / 2.0))
+        elif hi_b > 0:  # drawn only when configured, so configs without it keep their random stream
+            blur = _levels(n, (lo_b, hi_b), gen, "cpu")
         low = downsample_upsample(clean, degrade.scale, degrade.kind, blur)
         sigma = fixed if fixed is not None else _levels(n, rng_range, gen, clean.device)
         top = float(degrade.noise_aug_range[1])

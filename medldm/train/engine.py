@@ -196,7 +196,7 @@ def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = Fal
     while step < total:
         seed_step(seed, step, rt.dist.rank)
         for k, o in stage.optimizers.items():
-            f = _lr_factor(step, tcfg.warmup_steps, total, getattr(tcfg, "lr_schedule", "constant"))
+            f = _lr_factor(step, tcfg.warmup_steps, total, tcfg.lr_schedule)
             for g, lr0 in zip(o.param_groups, base_lr[k], strict=True):
                 g["lr"] = lr0 * f
             o.zero_grad(set_to_none=True)

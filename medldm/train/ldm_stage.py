@@ -30,6 +30,19 @@ from medldm.train.logging import save_grid
 DATA_RANGE = 2.0
 
 
+def stage_sampler(d) -> str:
+    """The sampler the training stages validate with (and the refiner trains on): the configured one, or
+    ``euler_flow`` when a flow schedule is paired with a DDPM-only sampler."""
+    return d.sampler if d.schedule == "ddpm" or d.sampler == "euler_flow" else "euler_flow"
+
+
+def val_sigma(cfg) -> float:
+    """The fixed degradation sigma of validation pairs: the middle of ``level_range`` (denoise) or the lowest
+    noise augmentation (sr)."""
+    r = cfg.degrade.level_range if cfg.task == "denoise" else cfg.degrade.noise_aug_range
+    return float(r[0] + r[1]) / 2 if cfg.task == "denoise" else float(r[0])
+
+
 class LDMStage:
     name = "ldm"
 
@@ -157,12 +170,7 @@ class LDMStage:
             with self.rt.autocast():
                 return fn(x, t).float()
 
-        sampler = d.sampler if d.schedule == "ddpm" or d.sampler == "euler_flow" else "euler_flow"
-        return sample(sampler, model_fn, x_t, self.schedule, self.tcfg.val_sampling_steps, generator=gen)
-
-    def _val_sigma(self) -> float:
-        r = self.cfg.degrade.level_range if self.cfg.task == "denoise" else self.cfg.degrade.noise_aug_range
-        return float(r[0] + r[1]) / 2 if self.cfg.task == "denoise" else float(r[0])
+        return sample(stage_sampler(d), model_fn, x_t, self.schedule, self.tcfg.val_sampling_steps, generator=gen)
 
     @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:
@@ -174,7 +182,7 @@ class LDMStage:
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
         net = self._eval_net()
         z = self._encode(x)
-        cond, level, degraded = self._conditioning(x, gen, self._val_sigma())
+        cond, level, degraded = self._conditioning(x, gen, val_sigma(self.cfg))
         cond = None if cond is None else self.rt.to(cond)
         level = None if level is None else level.to(self.rt.device)
         lab = labels.to(self.rt.device) if self.cfg.unet.num_classes else None
@@ -202,7 +210,7 @@ class LDMStage:
             return
         x, _, _ = center_batch(store, 8)
         cond, level, degraded = self._conditioning(x, torch.Generator().manual_seed(self.cfg.seed + 12345),
-                                                   self._val_sigma())
+                                                   val_sigma(self.cfg))
         pred = self._decode(self.sample(net, len(x), self.rt.to(cond), None,
                                         None if level is None else level.to(self.rt.device), seed=self.cfg.seed + 1))
         save_grid([x, degraded, pred], path)

@@ -27,6 +27,7 @@ from medldm.data.datasets import step_rng
 from medldm.train.conditioning import make_pair, space_to_depth
 from medldm.train.data import RunData, center_batch
 from medldm.train.engine import Runtime, adamw, prepare
+from medldm.train.ldm_stage import stage_sampler, val_sigma
 from medldm.train.logging import save_grid
 
 DATA_RANGE = 2.0
@@ -89,7 +90,6 @@ class RefineStage:
         self.denoiser = bundle.denoiser.to(rt.device).eval().requires_grad_(False)
         self.scale = bundle.scale_factor
         self.f = cfg.factor
-        self.patch_lat = tuple(p // self.f for p in cfg.data.patch_size)
         self.schedule = make_schedule(cfg.diffusion)
         self.augment = Augmenter(cfg.augment, cfg.spatial_dims) if self.tcfg.augment else None
         torch.manual_seed(cfg.seed)
@@ -113,15 +113,15 @@ class RefineStage:
         return {"clean": clean, "degraded": degraded, "level": level, "seed": int(rng.integers(0, 2**62))}
 
     def to_device(self, b: dict) -> dict:
-        return {k: (v if k == "seed" else self.rt.to(v) if k != "level" else v.to(self.rt.device))
-                for k, v in b.items()}
+        out = {k: self.rt.to(b[k]) for k in ("clean", "degraded")}
+        return {**out, "level": b["level"].to(self.rt.device), "seed": b["seed"]}
 
     @staticmethod
     def batch_size(b: dict) -> int:
         return b["clean"].shape[0]
 
     @torch.no_grad()
-    def diffuse(self, degraded: torch.Tensor, level: torch.Tensor, seed: int, steps: int | None = None):
+    def diffuse(self, degraded: torch.Tensor, level: torch.Tensor, seed: int) -> torch.Tensor:
         """The decoded diffusion sample for ``degraded`` (N, 1, *patch): the stage-2 model run as inference runs
         it (default sampler and step count of the model folder)."""
         from medldm.diffusion import make_model_fn, sample, start_noise
@@ -133,9 +133,8 @@ class RefineStage:
         gen = torch.Generator().manual_seed(int(seed))
         shape = (len(degraded), self.cfg.vae.latent_channels, *(s // self.f for s in degraded.shape[2:]))
         x_t = start_noise(shape, self.schedule, generator=gen).to(self.rt.device)
-        name = d.sampler if d.schedule == "ddpm" or d.sampler == "euler_flow" else "euler_flow"
         with self.rt.autocast():
-            z = sample(name, lambda a, t: fn(a, t).float(), x_t, self.schedule, steps or d.sampling_steps,
+            z = sample(stage_sampler(d), lambda a, t: fn(a, t).float(), x_t, self.schedule, d.sampling_steps,
                        generator=gen)
             return self.vae.decode(z / self.scale).float()
 
@@ -150,9 +149,7 @@ class RefineStage:
     def _enhance(self, x: torch.Tensor):
         """(degraded, diffusion output, refined) for validation crops x (N, 1, *patch)."""
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
-        r = self.cfg.degrade.level_range if self.cfg.task == "denoise" else self.cfg.degrade.noise_aug_range
-        sigma = float(r[0] + r[1]) / 2 if self.cfg.task == "denoise" else float(r[0])
-        degraded, level = make_pair(x, self.cfg.task, self.cfg.degrade, gen, sigma)
+        degraded, level = make_pair(x, self.cfg.task, self.cfg.degrade, gen, val_sigma(self.cfg))
         dec = self.diffuse(degraded, level, self.cfg.seed + 1)
         with self.rt.autocast():
             ref = apply_refiner(self._eval_net(), dec, self.rt.to(degraded), self.tcfg.base).float()
