@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medldm.eval.panels import GAP, HEADER, display_plane, save_png, tile_size, to_gray, to_hot
+from medldm.eval.panels import compose_strip, display_plane, save_png, tile_size, to_gray, to_hot
 from medldm.io.atomic import atomic_file
 
 DIFF_MAX = 0.25  # |difference| shown white at a quarter of the normalized range
@@ -52,7 +52,7 @@ def _plane(img: np.ndarray, normal: int) -> np.ndarray:
 def render_pair(syn: np.ndarray, train: np.ndarray, *, syn_normal: int, train_normal: int,
                 labels: tuple[str, str], tile: int = 256):
     """Compose synthetic | nearest training | |difference| -> (PIL.Image RGB, tiles)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     a, b = _plane(syn, syn_normal), _plane(train, train_normal)
     diff = np.abs(a.astype(np.float64) - b) if a.shape == b.shape else np.abs(a - _plane(train, syn_normal))
@@ -60,17 +60,7 @@ def render_pair(syn: np.ndarray, train: np.ndarray, *, syn_normal: int, train_no
     items = [(labels[0], "synthetic", Image.fromarray(to_gray(a, 0.0, 1.0)).convert("RGB")),
              (labels[1], "training", Image.fromarray(to_gray(b, 0.0, 1.0)).convert("RGB")),
              ("|difference|", "difference", Image.fromarray(to_hot(diff, DIFF_MAX)))]
-    w, h = size
-    canvas = Image.new("RGB", (3 * w + 2 * GAP, HEADER + h), (32, 32, 32))
-    draw = ImageDraw.Draw(canvas)
-    tiles = []
-    for i, (label, kind, im) in enumerate(items):
-        x0 = i * (w + GAP)
-        canvas.paste(im.resize(size, Image.Resampling.BOX), (x0, HEADER))
-        text = label if draw.textlength(label) <= w - 4 else label[: max(1, (w - 4) // 6)] + ".."
-        draw.text((x0 + 2, 1), text, fill=(230, 230, 230))
-        tiles.append({"label": label, "kind": kind, "box": [x0, HEADER, x0 + w, HEADER + h]})
-    return canvas, tiles
+    return compose_strip(items, size)
 
 
 def write_pair_png(path: Path, syn: np.ndarray, train: np.ndarray, **kwargs) -> list[dict]:

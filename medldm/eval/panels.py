@@ -113,7 +113,7 @@ def render_panel(
     ``diff_clip``: clip both images to this window before differencing (the metric window).
     Returns ``(PIL.Image RGB, tiles)``, ``tiles`` = ``[{"label", "kind", "box": [x0, y0, x1, y1]}]``.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     size = tile_size(ref.shape, spacing, tile)
     items = [("reference", "reference", Image.fromarray(to_gray(ref, *window)).convert("RGB"))]
@@ -124,6 +124,14 @@ def render_panel(
         if diff_clip is not None:
             a, b = np.clip(a, *diff_clip), np.clip(b, *diff_clip)
         items.append((f"|{name} - ref|", "difference", Image.fromarray(to_hot(np.abs(a - b), dmax))))
+    return compose_strip(items, size)
+
+
+def compose_strip(items: list, size: tuple[int, int]):
+    """Lay ``items`` (label, kind, PIL image) side by side, each resized to ``size`` under a label header.
+    Returns ``(PIL.Image RGB, tiles)``, ``tiles`` = ``[{"label", "kind", "box": [x0, y0, x1, y1]}]``."""
+    from PIL import Image, ImageDraw
+
     w, h = size
     canvas = Image.new("RGB", (len(items) * w + (len(items) - 1) * GAP, HEADER + h), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -131,8 +139,8 @@ def render_panel(
     for i, (label, kind, im) in enumerate(items):
         x0 = i * (w + GAP)
         canvas.paste(im.resize(size, Image.Resampling.BOX), (x0, HEADER))
-        text = label if draw.textlength(label) <= w - 4 else label[: max(1, (w - 4) // 6)] + "…"
-        draw.text((x0 + 2, 1), text.replace("…", ".."), fill=(230, 230, 230))
+        text = label if draw.textlength(label) <= w - 4 else label[: max(1, (w - 4) // 6)] + ".."
+        draw.text((x0 + 2, 1), text, fill=(230, 230, 230))
         tiles.append({"label": label, "kind": kind, "box": [x0, HEADER, x0 + w, HEADER + h]})
     return canvas, tiles
 
