@@ -1,16 +1,19 @@
 """YAML configs validated into nested dataclasses.
 
-Generic machinery (any dataclass tree whose fields carry ``metadata["doc"]``):
+Generic machinery (any dataclass tree whose fields carry ``metadata["doc"]``); it knows no particular schema:
 
 * :func:`from_mapping` builds a dataclass from a parsed-YAML mapping, checking every key and type. An unknown
   key is an error naming it and the nearest valid key; a wrong type names the key and the expected type.
 * :func:`apply_overrides` applies ``a.b=c`` strings (values parsed as YAML) to a mapping.
-* :func:`to_mapping` turns a dataclass tree back into YAML-safe dicts; :func:`schema_markdown` documents it.
+* :func:`load_dataclass` reads a YAML file (or takes a mapping), applies overrides and validates it into a class.
+* :func:`to_mapping` turns a dataclass tree back into YAML-safe dicts; :func:`save_config` writes one.
 
-The training schema itself (``TrainingConfig`` and its sections) lives in :mod:`medldm.train.schema`;
-:func:`load_config` is the one call a user needs::
+The training schema (``TrainingConfig`` and its sections) and its loader live in :mod:`medldm.train.schema`::
 
+    from medldm.train.schema import load_config
     cfg = load_config("configs/sr_2d.yaml", overrides=["ldm_train.steps=500"])
+
+The Markdown reference of a schema (docs/training.md) is written by ``tools/gen_config_docs.py``.
 """
 
 from __future__ import annotations
@@ -209,53 +212,6 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return data
 
 
-# ----------------------------------------------------------------------------------------- docs
-def schema_rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, doc) for every leaf field of a dataclass tree, depth first."""
-    hints = typing.get_type_hints(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(schema_rows(tp, key))
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = "(required)"
-        default_s = "(required)" if default == "(required)" else yaml.safe_dump(
-            to_mapping(default), default_flow_style=True).strip().removesuffix("...").strip()
-        rows.append((key, type_name(tp), default_s, str(f.metadata.get("doc", ""))))
-    return rows
-
-
-def schema_markdown(cls: type) -> str:
-    """A Markdown reference of the schema, one table per top-level section."""
-    hints = typing.get_type_hints(cls)
-    top = [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
-    out = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    out += [_md_row(r) for r in schema_rows(cls) if "." not in r[0] and r[0] in {f.name for f in top}]
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if not dataclasses.is_dataclass(tp):
-            continue
-        out += ["", f"### `{f.name}`", ""]
-        doc = str(f.metadata.get("doc", "")) or (tp.__doc__ or "").strip().splitlines()[0]
-        if doc:
-            out += [doc, ""]
-        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        out += [_md_row(r) for r in schema_rows(tp, f.name)]
-    return "\n".join(out) + "\n"
-
-
-def _md_row(row: tuple[str, str, str, str]) -> str:
-    key, tp, default, doc = (c.replace("|", "\\|") for c in row)
-    return f"| `{key}` | {tp} | `{default}` | {doc} |"
-
-
 # ----------------------------------------------------------------------------------- top level
 def read_yaml(path: str | Path) -> dict:
     """Parse a YAML file into a mapping (an empty file is an empty mapping)."""
@@ -271,16 +227,11 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(source: str | Path | Mapping, overrides: Iterable[str] = ()) -> Any:
-    """Load and validate a training config (file path or mapping) with ``a.b=c`` overrides.
-
-    Returns a :class:`medldm.train.schema.TrainingConfig`.
-    """
-    from medldm.train.schema import TrainingConfig
-
+def load_dataclass(cls: type[T], source: str | Path | Mapping, overrides: Iterable[str] = ()) -> T:
+    """Load a YAML file (or take a mapping), apply ``a.b=c`` overrides, and validate it into dataclass ``cls``."""
     data = dict(source) if isinstance(source, Mapping) else read_yaml(source)
     data = apply_overrides(_deepcopy(data), overrides)
-    return from_mapping(TrainingConfig, data)
+    return from_mapping(cls, data)
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

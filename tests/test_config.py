@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from medldm.config import ConfigError, apply_overrides, load_config, schema_markdown, to_mapping
-from medldm.train.schema import TrainingConfig
+from medldm.config import ConfigError, apply_overrides, doc_field, to_mapping
+from medldm.train.schema import load_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -89,13 +90,55 @@ def test_shipped_config_set_is_complete():
         assert any("tiny" in n and n.startswith(task) for n in names)
 
 
+def _tool(name: str):
+    """Import a maintainer script of tools/ (not part of the package) as a module."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_docs_reference_matches_schema():
-    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
-    begin, end = "<!-- schema:begin -->", "<!-- schema:end -->"
-    assert begin in doc and end in doc, "docs/training.md lacks the generated schema block"
-    block = doc.split(begin, 1)[1].split(end, 1)[0].strip()
-    assert block == schema_markdown(TrainingConfig).strip(), (
-        "docs/training.md is out of date: run `python -m medldm.train.schema --write docs/training.md`")
+    from medldm.train.schema import TrainingConfig
+
+    gen = _tool("gen_config_docs")
+    doc = gen.DOC.read_text()
+    assert gen.BEGIN in doc and gen.END in doc, "docs/training.md lacks the generated schema block"
+    block = doc.split(gen.BEGIN, 1)[1].split(gen.END, 1)[0].strip()
+    assert block == gen.schema_markdown(TrainingConfig).strip(), (
+        "docs/training.md is out of date: run `python tools/gen_config_docs.py`")
+    assert gen.render(doc) == doc
+
+
+@dataclasses.dataclass
+class _Inner:
+    count: int = doc_field(1, "a count")
+
+
+@dataclasses.dataclass
+class _Outer:
+    name: str = doc_field("x", "a name")
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_generic_loader_knows_no_schema(tmp_path):
+    """medldm.config validates any dataclass tree and imports no training code (no config <-> schema cycle)."""
+    import subprocess
+    import sys
+
+    from medldm.config import load_dataclass
+
+    f = tmp_path / "c.yaml"
+    f.write_text("name: y\ninner: {count: 2}\n")
+    assert load_dataclass(_Outer, f, ["inner.count=3"]) == _Outer("y", _Inner(3))
+    with pytest.raises(ConfigError, match=r"inner\.cuont: unknown key; did you mean 'inner\.count'"):
+        load_dataclass(_Outer, {"inner": {"cuont": 1}})
+    code = "import sys, medldm.config; print(sorted(m for m in sys.modules if m.startswith('medldm.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "medldm.train" not in out, out
 
 
 def test_cli_reports_config_errors_as_usage_errors(tmp_path, capsys):

@@ -17,8 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from medldm.config import ConfigError, load_config, to_mapping
+    from medldm.config import ConfigError, to_mapping
     from medldm.io.errors import CaseError, UsageError
+    from medldm.train.schema import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -3,15 +3,21 @@
 Sections: ``data``, ``augment``, ``degrade`` (SR / denoising pairs), ``vae`` / ``unet`` / ``diffusion``
 (network and process, from :mod:`medldm.models.config` and :mod:`medldm.diffusion.config`),
 ``vae_train`` / ``ldm_train`` (optimisation per stage) and ``engine`` (device, precision, speed).
-docs/training.md's reference table is generated from these fields (``medldm.config.schema_markdown``).
+:func:`load_config` is the one call a user needs::
+
+    cfg = load_config("configs/sr_2d.yaml", overrides=["ldm_train.steps=500"])
+
+docs/training.md's reference table is generated from these fields by ``python tools/gen_config_docs.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from medldm.config import ConfigError, doc_field
+from medldm.config import ConfigError, doc_field, load_dataclass
 from medldm.diffusion.config import DiffusionConfig
 from medldm.models.config import UNetConfig, VAEConfig
 
@@ -256,28 +262,9 @@ class TrainingConfig:
         return self.vae.in_channels
 
 
-def update_docs(path: str) -> bool:
-    """Rewrite the generated reference block of ``path`` (docs/training.md); True when it changed."""
-    from pathlib import Path
+def load_config(source: str | Path | Mapping, overrides: Iterable[str] = ()) -> TrainingConfig:
+    """Load and validate a training config (YAML file path or mapping) with ``a.b=c`` overrides.
 
-    from medldm.config import schema_markdown
-
-    p = Path(path)
-    text = p.read_text()
-    begin, end = "<!-- schema:begin -->", "<!-- schema:end -->"
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    new = f"{head}{begin}\n{schema_markdown(TrainingConfig)}{end}{tail}"
-    p.write_text(new)
-    return new != text
-
-
-if __name__ == "__main__":  # python -m medldm.train.schema [--write docs/training.md]
-    import sys
-
-    from medldm.config import schema_markdown
-
-    if len(sys.argv) == 3 and sys.argv[1] == "--write":
-        print("updated" if update_docs(sys.argv[2]) else "up to date")
-    else:
-        print(schema_markdown(TrainingConfig))
+    Raises :class:`medldm.config.ConfigError` naming the key (and the nearest valid one) when it is invalid.
+    """
+    return load_dataclass(TrainingConfig, source, overrides)
