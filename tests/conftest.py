@@ -13,10 +13,22 @@ from pathlib import Path
 import pytest
 
 
+def in_ci() -> bool:
+    """True under CI (``CI=true``, set by .ci/run): there a missing tool or data package fails instead of skipping."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(why: str):
+    """Skip locally with the reason; fail in CI, where everything the tests need is installed."""
+    if in_ci():
+        pytest.fail(f"{why} (in CI a missing tool or package is a failure, not a skip)")
+    pytest.skip(why)
+
+
 def _pkg_dir(pkg: str) -> Path:
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"package {pkg!r} not installed (pip install -e .[test])")
+        skip_or_fail(f"package {pkg!r} not installed (pip install -e .[test])")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -38,7 +50,7 @@ def pydicom_data() -> Path:
     """pydicom-data's store: 693_UNCI.dcm (head CT 512²), MR2_UNCI.dcm (1024² MR), emri_small.dcm (10 frames)..."""
     d = _pkg_dir("data_store") / "data"
     if not d.exists():
-        pytest.skip("pydicom-data store not found")
+        skip_or_fail("pydicom-data store not found")
     return d
 
 
@@ -53,10 +65,10 @@ def mni152() -> Path:
     """MNI152 2009a T1 (197x233x189, 1 mm, uint8) from nilearn's package data (not imported)."""
     spec = importlib.util.find_spec("nilearn")
     if spec is None:
-        pytest.skip("nilearn not installed: the MNI152 template ships inside it")
+        skip_or_fail("nilearn not installed: the MNI152 template ships inside it")
     p = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
     if not p.exists():
-        pytest.skip(f"{p} missing")
+        skip_or_fail(f"{p} missing")
     return p
 
 
@@ -65,7 +77,7 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         pkg = {"dcm2niix": "dcm2niix", "dciodvfy": "dicom3tools"}.get(name, name)
-        pytest.skip(f"{name} not installed (apt-get install {pkg}); .ci/run installs it")
+        skip_or_fail(f"{name} not installed (apt-get install {pkg}); .ci/run installs it")
     return path
 
 

@@ -66,8 +66,11 @@ def test_noise_estimate_and_gaussian_nlm_improve_psnr(mni, noisy):
     assert nlm.dtype == np.float32 and abs(float(nlm.mean()) - float(clean.mean())) < 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bm3d") is None, reason="optional extra: pip install 'medldm[bm3d]'")
 def test_bm3d_improves_psnr(mni, noisy):
+    if importlib.util.find_spec("bm3d") is None:
+        from conftest import skip_or_fail
+
+        skip_or_fail("optional extra: pip install 'medldm[bm3d]' (the test extra installs it)")
     clean = mni[0][16:112, 16:112, :1]
     out, info = B.denoise(noisy[16:112, 16:112, :1], "bm3d", sigma=12.0)
     assert _psnr(out, clean) > _psnr(noisy[16:112, 16:112, :1], clean) + 4
