@@ -50,3 +50,23 @@ def world_corners(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     sh = list(shape[:3]) + [1] * (3 - len(shape[:3]))
     pts = np.array([[i, j, k] for i in (-0.5, sh[0] - 0.5) for j in (-0.5, sh[1] - 0.5) for k in (-0.5, sh[2] - 0.5)])
     return pts @ a[:3, :3].T + a[:3, 3]
+
+
+def affine_problem(affine: np.ndarray) -> str:
+    """Why ``affine`` cannot place voxels in the world, or ``""`` when it can.
+
+    Refused: non-finite entries (NaN/inf), and a singular 3x3 part (a zero-length voxel axis, or two axes
+    along the same direction: the voxels would collapse onto a plane or a line).
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        return f"the affine has shape {a.shape}, not 4x4"
+    if not np.all(np.isfinite(a)):
+        return "the affine holds NaN or infinite values"
+    norms = np.linalg.norm(a[:3, :3], axis=0)
+    if np.any(norms <= 0):
+        axes = ", ".join("XYZ"[i] for i in np.flatnonzero(norms <= 0))
+        return f"the affine is singular: voxel axis {axes} has zero length"
+    if abs(float(np.linalg.det(a[:3, :3] / norms))) < 1e-6:
+        return "the affine is singular: two voxel axes point in the same direction"
+    return ""

@@ -6,6 +6,7 @@ scanner units, ``.affine`` = voxel centre -> RAS mm, and the meta keys listed in
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,13 @@ def _to_metatensor(data: np.ndarray, affine: np.ndarray, meta: dict):
 
     aff = torch.as_tensor(np.asarray(affine, dtype=np.float64))
     meta = dict(meta)
-    meta.setdefault("warnings", [])
+    meta["warnings"] = list(meta.get("warnings", []))
+    n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    meta["nonfinite_voxels"] = n_bad
+    if n_bad:
+        what = "every voxel is" if n_bad == data.size else f"{n_bad} of {data.size} voxels are"
+        meta["warnings"].append(f"{what} NaN or infinite: left out of intensity statistics, and NaN "
+                                "again in processed outputs (docs/limits.md)")
     meta["spacing"] = tuple(spacing_from_affine(affine))
     meta["spatial_shape"] = np.asarray(data.shape[:3])
     meta["original_affine"] = np.asarray(affine, dtype=np.float64)
@@ -46,23 +53,144 @@ def _nifti_exact_dtype(img, arr: np.ndarray) -> str:
     return exact_dtype(arr, stored, True)
 
 
+#: default of the voxel limit (``MEDLDM_MAX_VOXELS``): 2**31 voxels = 8 GiB as float32
+DEFAULT_MAX_VOXELS = 2**31
+#: deflate (gzip) cannot expand data by more than about 1032:1
+GZIP_MAX_RATIO = 1032
+
+
+def max_voxels() -> int:
+    """The most voxels one scan may hold: ``MEDLDM_MAX_VOXELS`` (e.g. ``4e9``), default 2**31."""
+    v = os.environ.get("MEDLDM_MAX_VOXELS", "").strip()
+    if not v:
+        return DEFAULT_MAX_VOXELS
+    try:
+        n = int(float(v))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise CaseError("MEDLDM_MAX_VOXELS", f"{v!r} is not a positive voxel count",
+                        "set it to a number such as 4e9, or unset it for the default 2**31")
+    return n
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} PB"
+
+
+def _check_nifti_size(path: Path, img, shape: tuple[int, ...], n_read: int) -> None:
+    """Refuse, before any voxel is read, a header whose image cannot be in the file or is too large.
+
+    ``shape``: the header's full shape; ``n_read``: the voxels that would be allocated (one volume of a 4D).
+    """
+    if any(s == 0 for s in shape):
+        raise CaseError(path, f"the image has a dimension of size 0 (shape {shape}): it holds no voxels",
+                        "export the scan again; a zero-size image cannot be processed")
+    dt = np.dtype(img.get_data_dtype())
+    n = math.prod(shape)
+    offset = float(img.header["vox_offset"]) if "vox_offset" in img.header else 0.0
+    need = int(max(offset, 0)) + n * dt.itemsize
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    claim = f"the header claims {'x'.join(map(str, shape))} voxels of {dt.name} ({_human(need)})"
+    if gz and need > GZIP_MAX_RATIO * size + 65536:
+        raise CaseError(path, f"{claim}, but a {_human(size)} gzip file can expand to at most "
+                              f"{_human(GZIP_MAX_RATIO * size)}",
+                        "the header is damaged or the file truncated; copy it again from the source")
+    if not gz and need > size:
+        raise CaseError(path, f"{claim}, but the file holds only {_human(size)}",
+                        "the file is truncated or its header damaged; copy it again from the source")
+    limit = max_voxels()
+    if n_read > limit:
+        raise CaseError(path, f"{n_read} voxels to read ({'x'.join(map(str, shape))}) exceed the limit of "
+                              f"{limit} (about {_human(4 * limit)} as float32)",
+                        "crop or split the scan, or raise MEDLDM_MAX_VOXELS if this machine has the memory")
+
+
+def _raw_pixdim(path: Path, header_class) -> np.ndarray | None:
+    """pixdim as stored in the file (nibabel silently turns 0 into 1 when it loads a header)."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            raw = header_class.from_fileobj(f, check=False)
+        return np.asarray(raw["pixdim"], dtype=np.float64)
+    except Exception:  # the checked header was read fine: no raw value, no warning
+        return None
+
+
+def _nifti_affine(path: Path, img, ndim: int, warns: list[str]) -> np.ndarray:
+    """nibabel's pick (sform, else qform, else pixdim) checked: a NaN/singular sform falls back to a valid
+    qform (warning); zero pixdim used by the qform/pixdim affine is warned about (nibabel assumes 1 mm);
+    no usable affine at all raises :class:`CaseError`."""
+    from medldm.io.geometry import affine_problem
+
+    hdr = img.header
+    scode = int(hdr["sform_code"]) if "sform_code" in hdr else 0
+    qcode = int(hdr["qform_code"]) if "qform_code" in hdr else 0
+    candidates: list[tuple[str, np.ndarray]] = []
+    if scode > 0:
+        candidates.append(("sform", np.asarray(hdr.get_sform(), dtype=np.float64)))
+    if qcode > 0:
+        candidates.append(("qform", np.asarray(hdr.get_qform(), dtype=np.float64)))
+    if not candidates:
+        candidates.append(("pixdim", np.asarray(img.affine, dtype=np.float64)))
+    problems = []
+    for name, aff in candidates:
+        why = affine_problem(aff)
+        if not why:
+            break
+        problems.append(f"{name}: {why}")
+    else:
+        raise CaseError(path, "the voxel geometry is unknown (" + "; ".join(problems) + ")",
+                        "fix the header's sform/qform (e.g. with nibabel) or export the scan again")
+    if problems:
+        warns.append(f"{'; '.join(problems)}: the {name} is used instead")
+    if name != "sform":
+        raw = _raw_pixdim(path, type(hdr))
+        if raw is not None:
+            bad = [i for i in range(1, ndim + 1) if not (np.isfinite(raw[i]) and raw[i] != 0)]
+            if bad:
+                axes = ", ".join(f"pixdim[{i}]={raw[i]:g}" for i in bad)
+                warns.append(f"zero or invalid voxel size in the header ({axes}): 1 mm assumed along "
+                             f"{', '.join('XYZ'[i - 1] for i in bad)} — distances and spacing are unreliable")
+    return aff
+
+
 def load_nifti(path: str | os.PathLike, *, volume: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """NIfTI file -> (data (X, Y, Z) float32, RAS affine, meta). 4D needs ``volume``."""
+    """NIfTI file -> (data (X, Y, Z) float32, RAS affine, meta). 4D needs ``volume``.
+
+    Before reading any voxel the header's claimed size is checked against the file size and
+    ``MEDLDM_MAX_VOXELS`` (docs/limits.md); a zero-size image, values beyond float32's range and an
+    unusable (NaN / singular) affine raise :class:`CaseError`."""
     import nibabel as nib
+    from nibabel.imageglobals import logger as nib_logger
 
     path = Path(path)
     try:
-        img = nib.load(str(path))
+        was, nib_logger.disabled = nib_logger.disabled, True  # nibabel logs (and fixes) e.g. zero pixdim:
+        try:  # reported in meta["warnings"] instead
+            img = nib.load(str(path))
+        finally:
+            nib_logger.disabled = was
         shape = tuple(int(s) for s in img.shape)
     except Exception as e:
         raise CaseError(path, f"cannot read the NIfTI file ({type(e).__name__}: {e})",
                         "the file is damaged or not NIfTI; copy it again from the source") from e
+    full_shape = shape
     warns: list[str] = []
     # trailing singleton dimensions beyond 3 (e.g. X, Y, Z, 1) are dropped
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) > 4:
         raise CaseError(path, f"{len(shape)}D image of shape {shape}", "medldm reads 2D, 3D and 4D NIfTI")
+    n_all = math.prod(full_shape)
+    _check_nifti_size(path, img, full_shape, n_all // shape[3] if len(shape) == 4 and volume is not None else n_all)
     if len(shape) == 4:
         if volume is None:
             raise CaseError(path, f"4D image of shape {shape} ({shape[3]} volumes)",
@@ -88,8 +216,15 @@ def load_nifti(path: str | os.PathLike, *, volume: int | None = None) -> tuple[n
     if np.iscomplexobj(arr) or arr.dtype.names:
         raise CaseError(path, f"unsupported voxel type {arr.dtype}", "medldm reads real-valued scalar images")
     odt = _nifti_exact_dtype(img, arr)
-    data = arr.reshape(shape[:3] + (1,) * (3 - len(shape[:3]))).astype(np.float32)
-    affine = np.asarray(img.affine, dtype=np.float64)  # nibabel's pick: sform, else qform, else pixdim
+    with np.errstate(over="ignore", invalid="ignore"):
+        data = arr.reshape(shape[:3] + (1,) * (3 - len(shape[:3]))).astype(np.float32)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4:
+        over = int(np.count_nonzero(np.isinf(data) & np.isfinite(arr.reshape(data.shape))))
+        if over:
+            big = float(np.nanmax(np.abs(np.where(np.isfinite(arr), arr, np.nan))))
+            raise CaseError(path, f"{over} voxel(s) beyond float32's range (|value| up to {big:.3g} > 3.4e38)",
+                            "rescale the image (e.g. to physical units) before processing; medldm computes in float32")
+    affine = _nifti_affine(path, img, ndim, warns)
     hdr = img.header
     meta = {
         "kind": "nifti",
