@@ -281,7 +281,8 @@ def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path]
 def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seed: int = 0,
              scans: dict[str, Path] | None = None) -> Path:
     """Run the whole demo; returns the path of OUT/report.html. ``scans`` (name -> path) replaces the held-out
-    demo samples (``python -m medldm.shipped validate`` runs the same protocol on the models' validation scans)."""
+    demo samples (``python tools/shipped_models.py validate`` runs the same protocol on the models' validation
+    scans)."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -136,3 +136,62 @@ def test_enhance_warns_outside_the_training_domain(pydicom_files, dipy_files):
     assert "outside its training domain" in enh.enhance(ct[:64, :64], opts).info.get("warning", "")
     mr = load_scan(dipy_files / "aniso_vox.nii.gz")
     assert "outside its training domain" not in enh.enhance(mr[:, :, 10:12], opts).info.get("warning", "")
+
+
+def _tool(name: str):
+    """Import a maintainer script of tools/ (not part of the package) as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", Path(__file__).parents[1] / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_maintainer_export_and_heldout(tmp_path, monkeypatch):
+    """tools/shipped_models.py (maintainers only): ``export`` copies a run's model folder (only the shipped files,
+    float weights as float16, scan paths as pkg://) and writes its card; ``heldout`` stores a demo run's figures in
+    the card. Into a temporary assets folder, so the installed models are untouched."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    import medldm.shipped as shipped
+
+    tool = _tool("shipped_models")
+    monkeypatch.setattr(shipped, "ASSETS", tmp_path / "assets")
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "vae").mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "data": {"train": ["pkg://dipy/data/a.nii.gz"], "val": ["pkg://dipy/data/b.nii.gz"], "batch_size": 2,
+                 "patch_size": [32, 32]},
+        "vae_train": {"steps": 3}, "ldm_train": {"steps": 4}, "refine": {"enabled": False}}))
+    (run / "model" / "config.yaml").write_text("spatial_dims: 2\n")
+    (run / "model" / "extra.json").write_text(json.dumps({"task": "denoise",
+                                                          "scans": ["/x/lib/site-packages/dipy/data/a.nii.gz"]}))
+    save_file({"w": torch.ones(2, 3), "i": torch.arange(3)}, str(run / "model" / "vae.safetensors"))
+    (run / "model" / "notes.txt").write_text("not shipped")
+    (run / "vae" / "val_log.csv").write_text("step,psnr\n1,20\n3,25.5\n")
+
+    dest = tool.export(run, "mr-denoise-2d", wall_s=12.0, hardware="test CPU")
+    assert dest == tmp_path / "assets" / "mr-denoise-2d"
+    assert sorted(p.name for p in dest.iterdir()) == ["card.json", "config.yaml", "extra.json", "vae.safetensors"]
+    w = load_file(str(dest / "vae.safetensors"))
+    assert w["w"].dtype == torch.float16 and w["i"].dtype == torch.int64
+    assert '"pkg://dipy/data/a.nii.gz"' in (dest / "extra.json").read_text()
+    c = shipped.card("mr-denoise-2d")
+    assert c["steps"] == {"vae": 3, "ldm": 4} and c["wall_s"] == 12.0 and c["hardware"] == "test CPU"
+    assert c["validation"] == {"vae": {"step": 3.0, "psnr": 25.5}}
+    assert set(shipped.installed_models()) == {"mr-denoise-2d"}
+
+    report = tmp_path / "demo" / "denoise" / "report"
+    report.mkdir(parents=True)
+    rows = ["method,case,level,psnr,ssim", "noisy,a,slice,20,0.5", "noisy,a,slice,22,0.7", "noisy,b,slice,24,0.6",
+            "mr-denoise-2d,a,slice,30,0.9", "mr-denoise-2d,b,slice,32,0.8", "mr-denoise-2d,a,volume,99,0.1"]
+    (report / "metrics.csv").write_text("\n".join(rows) + "\n")
+    table = tool.record_heldout(tmp_path / "demo")["mr-denoise-2d"]
+    assert table["noisy"]["psnr"] == pytest.approx((21 + 24) / 2)  # mean over scans of the per-scan slice means
+    assert table["mr-denoise-2d"] == pytest.approx({"psnr": 31.0, "ssim": 0.85})
+    held = shipped.card("mr-denoise-2d")["heldout"]
+    assert held["scans"] == ["a", "b"] and held["methods"] == table
