@@ -159,15 +159,14 @@ def stratified_folds(y: np.ndarray, k: int, rng: np.random.Generator) -> list[np
     return [np.sort(np.asarray(f, dtype=np.int64)) for f in folds]
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score 95% interval of a proportion k / n."""
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k / n (``scipy.stats.binomtest(...).proportion_ci``)."""
     if n == 0:
         return (float("nan"), float("nan"))
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def two_sample_test(real: torch.Tensor, synthetic: torch.Tensor, *, folds: int = 5, permutations: int = 200,

@@ -8,9 +8,9 @@ CI definitions (``method``):
 * ``"t"`` (default): Student-t interval for the mean,
   ``mean ± t_{1-α/2, n-1} · s / √n`` with ``s`` the sample standard deviation (ddof=1).
   Needs ``n ≥ 2``; for ``n < 2`` the interval is ``NaN``.
-* ``"bootstrap"``: percentile bootstrap of the mean, ``n_boot`` resamples of the cases with
-  replacement drawn from ``numpy.random.default_rng(seed)`` (reproducible), interval =
-  ``[q_{α/2}, q_{1-α/2}]`` of the resampled means. Needs ``n ≥ 2``.
+* ``"bootstrap"``: percentile bootstrap of the mean (``scipy.stats.bootstrap``, ``method="percentile"``),
+  ``n_boot`` resamples of the cases with replacement drawn from ``numpy.random.default_rng(seed)``
+  (reproducible), interval = ``[q_{α/2}, q_{1-α/2}]`` of the resampled means. Needs ``n ≥ 2``.
 
 NaN values (a metric that could not be computed for a case, e.g. MS-SSIM on a too-small volume)
 are left out and counted in ``n_missing``; ``inf`` (PSNR of identical images) is kept, so the
@@ -61,11 +61,14 @@ def summarize(
         half = float(stats.t.ppf(1.0 - alpha / 2.0, n - 1)) * std / math.sqrt(n)
         out["ci_low"], out["ci_high"] = mean - half, mean + half
     else:
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, n, size=(n_boot, n))
-        means = finite[idx].mean(axis=1)
-        lo, hi = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
-        out["ci_low"], out["ci_high"] = float(lo), float(hi)
+        from scipy.stats import bootstrap
+
+        if np.ptp(finite) == 0:  # every case equal: the resampled means are all the same value
+            out["ci_low"] = out["ci_high"] = mean
+            return out
+        res = bootstrap((finite,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
+                        rng=np.random.default_rng(seed), vectorized=True)
+        out["ci_low"], out["ci_high"] = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return out
 
 
@@ -81,5 +84,5 @@ def ci_definition(ci: str, level: float = 0.95, n_boot: int = 10000, seed: int =
     if ci == "t":
         return (f"{pct} Student-t interval of the mean over cases: mean ± t(1-α/2, n-1)·s/√n, "
                 "s = sample standard deviation (ddof=1); NaN when n < 2")
-    return (f"{pct} percentile bootstrap of the mean over cases ({n_boot} resamples with replacement, "
-            f"numpy default_rng(seed={seed})); NaN when n < 2")
+    return (f"{pct} percentile bootstrap of the mean over cases (scipy.stats.bootstrap, {n_boot} resamples with "
+            f"replacement, numpy default_rng(seed={seed})); NaN when n < 2")

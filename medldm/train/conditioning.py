@@ -29,26 +29,26 @@ import torch.nn.functional as F
 
 
 def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
-    """(N, C, *S) -> (N, C * f**d, *S / f); d = 2 or 3. Inverse: :func:`depth_to_space`."""
-    n, c, *s = x.shape
-    d = len(s)
+    """(N, C, *S) -> (N, C * f**d, *S / f); d = 2 or 3. Inverse: :func:`depth_to_space`.
+
+    Channel order is (c, f_1, ..., f_d), the same as ``torch.nn.functional.pixel_unshuffle`` in 2D."""
+    from einops import rearrange
+
+    s = x.shape[2:]
     if any(v % f for v in s):
         raise ValueError(f"spatial shape {tuple(s)} is not a multiple of {f}")
-    if d == 2:
-        return F.pixel_unshuffle(x, f)
-    x = x.reshape(n, c, s[0] // f, f, s[1] // f, f, s[2] // f, f)
-    x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)
-    return x.reshape(n, c * f ** 3, s[0] // f, s[1] // f, s[2] // f)
+    if len(s) == 2:
+        return rearrange(x, "n c (h a) (w b) -> n (c a b) h w", a=f, b=f)
+    return rearrange(x, "n c (h a) (w b) (d e) -> n (c a b e) h w d", a=f, b=f, e=f)
 
 
 def depth_to_space(x: torch.Tensor, f: int) -> torch.Tensor:
     """Inverse of :func:`space_to_depth`."""
-    n, c, *s = x.shape
-    if len(s) == 2:
-        return F.pixel_shuffle(x, f)
-    c0 = c // f ** 3
-    x = x.reshape(n, c0, f, f, f, *s).permute(0, 1, 5, 2, 6, 3, 7, 4)
-    return x.reshape(n, c0, s[0] * f, s[1] * f, s[2] * f)
+    from einops import rearrange
+
+    if x.dim() == 4:
+        return rearrange(x, "n (c a b) h w -> n c (h a) (w b)", a=f, b=f)
+    return rearrange(x, "n (c a b e) h w d -> n c (h a) (w b) (d e)", a=f, b=f, e=f)
 
 
 def _levels(n: int, lo_hi: tuple[float, float], gen: torch.Generator, device) -> torch.Tensor:
