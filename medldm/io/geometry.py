@@ -70,3 +70,19 @@ def affine_problem(affine: np.ndarray) -> str:
     if abs(float(np.linalg.det(a[:3, :3] / norms))) < 1e-6:
         return "the affine is singular: two voxel axes point in the same direction"
     return ""
+
+
+def nearest_index(old_n: int, new_n: int) -> np.ndarray:
+    """For each voxel of a resized axis (``new_n`` voxels over the same extent as ``old_n``, pixel-area
+    convention as :func:`resized_affine`), the index of the old voxel that contains its centre."""
+    idx = np.floor((np.arange(new_n) + 0.5) * (old_n / new_n)).astype(np.int64)
+    return np.clip(idx, 0, old_n - 1)
+
+
+def resize_mask_nearest(mask: np.ndarray, new_shape: tuple[int, ...]) -> np.ndarray:
+    """A boolean mask carried to a resized grid (same extent) by nearest neighbour: an output voxel is set
+    when the input voxel containing its centre is set (e.g. NaN voxels of a scan mapped onto an SR grid)."""
+    m = np.asarray(mask, dtype=bool)
+    if tuple(m.shape) == tuple(new_shape):
+        return m.copy()
+    return m[np.ix_(*(nearest_index(o, n) for o, n in zip(m.shape, new_shape, strict=True)))]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from medldm.diffusion import make_model_fn, make_schedule, sample, sample_many
 from medldm.io.errors import CaseError
-from medldm.io.geometry import resized_affine, spacing_from_affine
+from medldm.io.geometry import resize_mask_nearest, resized_affine, spacing_from_affine
 from medldm.pipelines.tiling import tiled_call, tiled_decode
 
 #: a voxel is "uncertain" when the std of its K samples exceeds this fraction of the normalization range
@@ -104,20 +104,38 @@ class Enhancer:
     @torch.no_grad()
     def enhance(self, img, opts: EnhanceOptions | None = None) -> EnhanceResult:
         """img: MetaTensor (X, Y, Z) in scanner units -> EnhanceResult on the output grid."""
-        from medldm.data.intensity import fit_normalization, normalize
+        from medldm.data.intensity import fill_nonfinite, fit_normalization, normalize
 
         opts = opts or EnhanceOptions()
+        src = (getattr(img, "meta", None) or {}).get("filename_or_obj") or "<image>"
+        if any(int(s) < 1 for s in img.shape):
+            raise CaseError(src, f"empty image (shape {tuple(img.shape)})", "give a scan with at least one voxel")
+        arr = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, dtype=np.float32)
+        bad = ~np.isfinite(arr)
+        n_bad = int(bad.sum())
+        if n_bad == arr.size:
+            raise CaseError(src, "every voxel is NaN or infinite: nothing to enhance", "check the scan's export")
+        # statistics over the finite voxels only (fit_normalization ignores non-finite values); the network sees
+        # each non-finite voxel replaced by its nearest finite neighbour, and the output is NaN there again
         params = opts.normalization or fit_normalization(img, self.modality, window=self.ct_window, foreground=True)
-        x = torch.as_tensor(normalize(img, params)).float().cpu()
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        x = torch.as_tensor(normalize(fill_nonfinite(arr, bad) if n_bad else arr, params)).float().cpu()
         axis = self.slice_axis if opts.axis is None else int(opts.axis)
         cond_img, out_shape = self._condition_image(x, axis, opts.seed)
-        level = self._noise_level(x, axis, opts)
+        finite = arr[~bad]
+        if float(finite.min()) == float(finite.max()):  # constant scan: nothing to denoise, no detail to add
+            mean = torch.full(out_shape, float(x.reshape(-1)[int(np.flatnonzero(~bad.reshape(-1))[0])]))
+            res = self._to_scanner(img, params, mean, torch.zeros(out_shape), out_shape, None, opts, bad)
+            res.info["constant"] = True
+            note = (f"constant scan (every finite voxel is {float(finite[0]):g}): returned unchanged "
+                    f"{'on the finer grid ' if tuple(out_shape) != tuple(arr.shape) else ''}without running the model")
+            res.info["warning"] = "; ".join(w for w in (note, res.info.get("warning")) if w)
+            return res
+        level = self._noise_level(x, axis, opts, bad)
         if self.dims == 2:
             mean, std = self._run_2d(cond_img, axis, level, opts)
         else:
             mean, std = self._run_3d(cond_img, level, opts)
-        return self._to_scanner(img, params, mean, std, out_shape, level, opts)
+        return self._to_scanner(img, params, mean, std, out_shape, level, opts, bad)
 
     # ------------------------------------------------------------------ steps
     def _condition_image(self, x: torch.Tensor, axis: int, seed: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -141,7 +159,8 @@ class Enhancer:
             up = up + 2.0 * sigma * torch.randn(up.shape, generator=g)
         return up, tuple(shape)
 
-    def _noise_level(self, x: torch.Tensor, axis: int, opts: EnhanceOptions) -> float | None:
+    def _noise_level(self, x: torch.Tensor, axis: int, opts: EnhanceOptions,
+                     bad: np.ndarray | None = None) -> float | None:
         """Noise-level input in [0, 1], or None for models without that input."""
         if not self.denoiser.noise_level_cond:
             return None
@@ -150,7 +169,7 @@ class Enhancer:
         if self.task == "sr":
             lo = float((self.degrade.get("noise_aug_range") or [0.0, 0.0])[0])
             return lo / self.level_max if self.level_max > 0 else 0.0
-        sigma = estimate_noise(x, axis)  # std in model units (range width 2)
+        sigma = estimate_noise(x, axis, exclude=bad)  # std in model units (range width 2)
         return float(min(max(sigma / 2.0 / max(self.level_max, 1e-8), 0.0), 1.0))
 
     def _sample_items(self, cond_items: torch.Tensor, keys: list[int], level: float | None, opts: EnhanceOptions):
@@ -222,7 +241,8 @@ class Enhancer:
         sl = (0, 0, *(slice(0, v) for v in shape))
         return m[sl], s[sl]
 
-    def _to_scanner(self, img, params: dict, mean, std, out_shape, level, opts: EnhanceOptions) -> EnhanceResult:
+    def _to_scanner(self, img, params: dict, mean, std, out_shape, level, opts: EnhanceOptions,
+                    bad: np.ndarray | None = None) -> EnhanceResult:
         from monai.data import MetaTensor
 
         from medldm.data.intensity import denormalize
@@ -232,6 +252,14 @@ class Enhancer:
         if tuple(out_shape) != in_shape:
             affine = resized_affine(affine, in_shape, tuple(out_shape))
         out = torch.as_tensor(denormalize(mean, params, to_original_dtype=True)).float()
+        n_bad = int(bad.sum()) if bad is not None else 0
+        bad_out = None
+        if n_bad:  # NaN again where the input was not finite (nearest neighbour onto a finer output grid)
+            bad_out = torch.from_numpy(resize_mask_nearest(bad, tuple(out_shape)))
+            out = out.clone()
+            out[bad_out] = float("nan")
+            std = std.clone()
+            std[bad_out] = float("nan")
         meta = {k: v for k, v in dict(img.meta).items() if k not in ("affine", "original_affine", "spatial_shape")}
         meta.update(spacing=spacing_from_affine(affine), spatial_shape=np.asarray(out_shape), original_affine=affine)
         meta["warnings"] = list(meta.get("warnings", []))
@@ -242,8 +270,14 @@ class Enhancer:
             "task": self.task, "noise_level": level, "samples": int(opts.samples),
             "steps": opts.steps or self.dcfg.sampling_steps, "sampler": opts.sampler or self.dcfg.sampler,
             "input_shape": list(in_shape), "output_shape": list(out_shape), "normalization": params,
-            "refined": self.refiner is not None and opts.refine,
+            "refined": self.refiner is not None and opts.refine, "nonfinite_voxels": n_bad,
         }
+        if n_bad:
+            info["nonfinite_warning"] = (
+                f"{n_bad} NaN/infinite input voxel(s): left out of the intensity statistics and the noise estimate, "
+                "replaced by their nearest finite neighbour for the model, and NaN in the output"
+                + (f" ({int(bad_out.sum())} output voxels on the finer grid)" if bad_out is not None
+                   and bad_out.numel() != bad.size else ""))
         if self.resize_to:
             info["note"] = (f"the model was trained on images resized to {list(self.resize_to)}; this scan was "
                             "enhanced at its own resolution")
@@ -251,6 +285,8 @@ class Enhancer:
         if opts.samples > 1:
             std_img = MetaTensor((std * unit).float().contiguous(), affine=aff.clone(), meta={**meta, "original_dtype": "float32"})
             fg = mean > (mean.min() + 0.05 * (mean.max() - mean.min()))
+            if bad_out is not None:
+                fg &= ~bad_out
             frac = float((std[fg] > UNCERTAIN_STD * 2.0).float().mean()) if bool(fg.any()) else 0.0
             info["uncertainty"] = {
                 "std_mean": float(std[fg].mean() * unit) if bool(fg.any()) else 0.0,
@@ -264,8 +300,9 @@ class Enhancer:
                     "(scanner units): detail there may be invented — check the std map"
                 )
         domain = self._domain_warning(params)
-        if domain:
-            info["warning"] = "; ".join(w for w in (domain, info.get("warning")) if w)
+        warns = (info.pop("nonfinite_warning", None), domain, info.get("warning"))
+        if any(warns):
+            info["warning"] = "; ".join(w for w in warns if w)
         return EnhanceResult(image=image, std=std_img, info=info)
 
     def _domain_warning(self, params: dict) -> str:
@@ -293,13 +330,18 @@ def _load_refiner(path, device: torch.device):
     return None if net is None else net.to(device)
 
 
-def estimate_noise(x: torch.Tensor, axis: int = 2, max_slices: int = 16) -> float:
+def estimate_noise(x: torch.Tensor, axis: int = 2, max_slices: int = 16, exclude: np.ndarray | None = None) -> float:
     """Gaussian noise std of a volume (X, Y, Z): median of skimage's wavelet estimator over up to
-    ``max_slices`` slices along ``axis`` (Donoho & Johnstone 1994)."""
+    ``max_slices`` slices along ``axis`` (Donoho & Johnstone 1994). Slices touching ``exclude`` (e.g. the
+    filled-in non-finite voxels) are left out unless every slice touches it."""
     from skimage.restoration import estimate_sigma
 
     vol = torch.movedim(x, axis, 0).numpy()
-    idx = np.linspace(0, vol.shape[0] - 1, min(max_slices, vol.shape[0])).round().astype(int)
+    cand = np.arange(vol.shape[0])
+    if exclude is not None and exclude.any():
+        clean = cand[~np.moveaxis(np.asarray(exclude, bool), axis, 0).reshape(vol.shape[0], -1).any(axis=1)]
+        cand = clean if clean.size else cand
+    idx = cand[np.linspace(0, cand.size - 1, min(max_slices, cand.size)).round().astype(int)]
     vals = [float(estimate_sigma(vol[i])) for i in idx if min(vol[i].shape) >= 8]
     return float(np.median(vals)) if vals else 0.0
 
