@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import medldm
-from medldm.config import load_config
 from medldm.models import load_model
 from medldm.train import train
 from medldm.train.logging import read_log
+from medldm.train.schema import load_config
 
 pytestmark = pytest.mark.slow  # trains networks (tiny, CPU)
 

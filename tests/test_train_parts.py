@@ -174,9 +174,9 @@ def test_vae_stage_with_all_optional_losses(tmp_path, dipy_files):
     when they appear."""
     from pathlib import Path
 
-    from medldm.config import load_config
     from medldm.train import train
     from medldm.train.logging import read_log
+    from medldm.train.schema import load_config
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "synthesis_2d_tiny.yaml",
                       ["stage=vae", "vae_train.steps=6", "vae_train.log_every=1", "vae_train.adv_weight=0.1",

@@ -38,8 +38,8 @@ def _rows(out: Path, stage: str) -> list[dict]:
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dipy_files):
-    from medldm.config import load_config
     from medldm.train import train
+    from medldm.train.schema import load_config
 
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     train(load_config(CONFIG, SETS), ref)  # uninterrupted reference, in this process (same thread count: 1)
@@ -80,8 +80,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dipy_files):
 
 
 def test_resume_refuses_a_different_config(tmp_path, dipy_files):
-    from medldm.config import ConfigError, load_config
+    from medldm.config import ConfigError
     from medldm.train import train
+    from medldm.train.schema import load_config
 
     cfg = load_config(CONFIG, [*SETS, "stage=vae", "vae_train.steps=2"])
     train(cfg, tmp_path)
@@ -92,8 +93,8 @@ def test_resume_refuses_a_different_config(tmp_path, dipy_files):
 
 def test_worker_processes_do_not_change_the_run(tmp_path, dipy_files):
     """Batches are a pure function of (seed, step): DataLoader workers give the same losses as none."""
-    from medldm.config import load_config
     from medldm.train import train
+    from medldm.train.schema import load_config
 
     logs = []
     for workers in (0, 2):
