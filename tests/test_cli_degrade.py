@@ -61,7 +61,7 @@ def test_folder_gaussian_mirrors_records_and_resumes(cases, tmp_path, capsys):
     assert not np.array_equal(load_scan(out3 / "S0_10slices.nii.gz").numpy(), deg.numpy())
     # a different job into the same OUT is refused per case, not silently mixed
     assert main(["degrade", str(cases), str(out), "--kind", "rician", "--level", "0.03", "--seed", "5", "--quiet"]) == 1
-    assert "holds a different degradation" in capsys.readouterr().err
+    assert "was made with other inputs/options (kind \"gaussian\" ≠ \"rician\")" in capsys.readouterr().err
 
 
 def test_lowdose_on_mr_fails_that_case_only(cases, tmp_path, capsys):

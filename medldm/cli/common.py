@@ -1,13 +1,25 @@
-"""Shared case loop for folder-in / folder-out commands.
+"""Shared case loop and output safety for the folder-in / folder-out commands.
 
 Every command that processes many cases uses :func:`run_cases`: a progress bar, one line per failed
-case (``file: what is wrong — what to do``) on stderr and in the run report, the other cases still
-processed, resume (cases whose outputs exist are skipped), and the exit status contract:
-0 = all done, 1 = some cases failed.
+case (``input file: what is wrong — what to do``) on stderr and in the run report, the other cases still
+processed, resume, and the exit status contract: 0 = all done, 1 = some cases failed, 2 = usage error.
+
+Output safety (docs/guarantees.md):
+
+* :func:`check_in_out` / :func:`check_out_writable` / :func:`check_single_out` refuse, before any work,
+  an OUT that is IN, lies inside IN, contains IN, sits in the series folder of a DICOM input, is an existing
+  folder of other files (one scan out), or cannot be written (read-only, no permission).
+* Each output gets a record ``<output name>.medldm.json`` (degrade: ``<name>.degradation.json``) with the
+  inputs (path, size, mtime_ns) and the options that change the result, written last. :class:`Resume`
+  skips a case only when its record matches; a mismatch or an output without record fails the case with
+  one line (``--overwrite``, or another OUT), and ``--overwrite`` replaces only that output.
+* Write errors (full disk, no permission, read-only file system) become one line naming the input file;
+  the traceback goes only to the run report.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -17,8 +29,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from medldm.io.atomic import atomic_file
+from medldm.io.atomic import atomic_file, clean_stale, medldm_written
 from medldm.io.errors import CaseError, UsageError
+
+RECORD_SUFFIX = ".medldm.json"
 
 
 @dataclass
@@ -29,6 +43,68 @@ class CaseResult:
     outputs: list[str] = field(default_factory=list)
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+
+
+def case_inputs(case) -> list[str]:
+    """The input file(s) of a case, as given (a DICOM series: its folder when it holds only that series)."""
+    paths = getattr(case, "paths", None)
+    if paths:
+        return [str(p) for p in paths]
+    return [str(case)]
+
+
+def case_source(case) -> str:
+    """What error lines name: the case's input file or series folder."""
+    return str(getattr(case, "source", "") or (getattr(case, "paths", None) or [case])[0])
+
+
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("no space left on the output disk", "free space there, or choose an OUT on another disk"),
+    errno.EDQUOT: ("disk quota exceeded on the output disk", "free space there, or choose another OUT"),
+    errno.EROFS: ("the output is on a read-only file system", "choose a writable OUT"),
+    errno.EACCES: ("permission denied", "choose a writable OUT, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a writable OUT, or fix its permissions"),
+}
+
+
+def _write_error(exc: BaseException) -> OSError | None:
+    """The OSError (full disk, permission, read-only) behind ``exc``, following causes and contexts."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRORS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _exists_error(exc: BaseException) -> FileExistsError | None:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, FileExistsError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _failure_line(case, exc: BaseException) -> tuple[str, dict]:
+    """One line for an unexpected exception of a case, and the extra (traceback) for the run report."""
+    src = case_source(case)
+    tb = {"traceback": traceback.format_exc()}
+    ose = _write_error(exc)
+    if ose is not None:
+        what, hint = _WRITE_ERRORS[ose.errno]
+        where = f" writing {ose.filename}" if getattr(ose, "filename", None) else ""
+        return f"{src}: cannot write the output{where}: {what} — {hint}", tb
+    fee = _exists_error(exc)
+    if fee is not None:
+        hint = ("move it away, or choose another OUT" if "did not write" in str(fee.strerror) or "not a folder"
+                in str(fee.strerror) or "is a folder" in str(fee.strerror) else "use --overwrite, or another OUT")
+        return f"{src}: output {fee.filename} {fee.strerror} — {hint}", tb
+    return (f"{src}: unexpected error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            " — please report this with the traceback in the run report", tb)
 
 
 def run_cases(
@@ -46,7 +122,9 @@ def run_cases(
 
     ``process`` may return a list of output paths or a dict (``{"outputs": [...], ...}``) kept in the
     report. A case whose ``error`` attribute is set (found broken during discovery) fails without
-    calling ``process``. Returns ``(exit_status, results)``.
+    calling ``process``. ``is_done(case)`` true skips the case (resume); it may raise :class:`CaseError`
+    (e.g. an output made with other options). Every case entry of the report records its ``inputs``.
+    Returns ``(exit_status, results)``.
     """
     from tqdm import tqdm
 
@@ -55,16 +133,17 @@ def run_cases(
     bar = tqdm(cases, desc=desc, unit="case", disable=quiet or len(cases) < 2, file=sys.stderr)
     for case in bar:
         cid = name(case)
+        inputs = case_inputs(case)
         t0 = time.perf_counter()
         pre_error = getattr(case, "error", None)
         try:
             if pre_error:
                 raise pre_error if isinstance(pre_error, CaseError) else CaseError(cid, str(pre_error))
             if is_done is not None and is_done(case):
-                results.append(CaseResult(cid, "skipped", "already done (resume)"))
+                results.append(CaseResult(cid, "skipped", "already done (resume)", inputs=inputs))
                 continue
             out = process(case)
-            res = CaseResult(cid, "done", seconds=time.perf_counter() - t0)
+            res = CaseResult(cid, "done", seconds=time.perf_counter() - t0, inputs=inputs)
             if isinstance(out, dict):
                 res.outputs = [str(p) for p in out.pop("outputs", [])]
                 res.extra = out
@@ -72,17 +151,23 @@ def run_cases(
                 res.outputs = [str(p) for p in out]
             results.append(res)
         except CaseError as e:
-            results.append(CaseResult(cid, "failed", e.line(), seconds=time.perf_counter() - t0))
+            results.append(CaseResult(cid, "failed", e.line(), seconds=time.perf_counter() - t0, inputs=inputs))
             tqdm.write(f"FAILED {e.line()}", file=sys.stderr)
         except Exception as e:  # keep going: one broken case must not stop the others
-            line = f"{cid}: unexpected error {type(e).__name__}: {e} — please report this with the traceback in the run report"
-            results.append(CaseResult(cid, "failed", line, seconds=time.perf_counter() - t0,
-                                      extra={"traceback": traceback.format_exc()}))
+            line, extra = _failure_line(case, e)
+            results.append(CaseResult(cid, "failed", line, seconds=time.perf_counter() - t0, extra=extra,
+                                      inputs=inputs))
             tqdm.write(f"FAILED {line}", file=sys.stderr)
     n_failed = sum(r.status == "failed" for r in results)
     status = 1 if n_failed else 0
     if report_path is not None:
-        write_report(report_path, results, command=command, status=status)
+        try:
+            write_report(report_path, results, command=command, status=status)
+        except OSError as e:
+            what = _WRITE_ERRORS.get(e.errno, (e.strerror or str(e), ""))[0]
+            print(f"medldm: cannot write the run report {report_path}: {what} — the outputs listed above are "
+                  "written; free space or fix the permissions of OUT", file=sys.stderr)
+            report_path, status = None, 1
     if not quiet:
         n_done = sum(r.status == "done" for r in results)
         n_skip = sum(r.status == "skipped" for r in results)
@@ -98,7 +183,7 @@ def write_report(path: str | Path, results: list[CaseResult], *, command: str = 
     if path.exists():
         try:
             previous = {r["case"]: r for r in json.loads(path.read_text())["cases"]}
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             previous = {}
     merged = dict(previous)
     for r in results:
@@ -116,14 +201,84 @@ def write_report(path: str | Path, results: list[CaseResult], *, command: str = 
         tmp.write_text(json.dumps(report, indent=2))
 
 
+def single_report_path(out: Path, command: str) -> Path:
+    """Run report of a one-scan run: beside OUT, named after it (``<OUT name>.medldm-<command>-report.json``)."""
+    out = Path(os.path.abspath(out))
+    return out.with_name(f"{out.name}.medldm-{command}-report.json")
+
+
+# ------------------------------------------------------------------------------------------ usage checks
+def _is_dicom_file(p: Path) -> bool:
+    from medldm.io.formats import is_nifti
+
+    return p.is_file() and not is_nifti(p)
+
+
 def check_in_out(src: Path, out: Path) -> None:
-    """Usage checks shared by the folder-in / folder-out commands: IN exists, OUT is neither IN nor inside it."""
+    """Usage checks shared by all commands: IN exists; OUT is not IN, not inside IN, does not contain IN,
+    and (a DICOM file input) is not in or under the folder of its series."""
     if not src.exists():
         raise UsageError(f"{src}: no such file or folder")
-    if out.resolve() == src.resolve():
+    s, o = src.resolve(), Path(os.path.abspath(out)).resolve()
+    if o == s:
         raise UsageError("OUT must differ from IN: inputs are never overwritten")
-    if src.is_dir() and src.resolve() in out.resolve().parents:
+    if src.is_dir() and s in o.parents:
         raise UsageError("OUT must not lie inside the input folder IN (it would be read as input next time)")
+    if o in s.parents:
+        raise UsageError(f"OUT {out} contains IN {src}: choose an OUT outside the input "
+                         "(outputs never replace or mix with inputs)")
+    if _is_dicom_file(src) and (o == s.parent or s.parent in o.parents):
+        raise UsageError(f"OUT {out} lies in the folder of the input DICOM series {src.parent}: choose an OUT "
+                         "outside it (it would be read as part of the series next time)")
+
+
+def check_out_writable(out: Path) -> None:
+    """Usage error (exit 2) when OUT, or the nearest existing folder above it, cannot be written:
+    a read-only file system, no write permission, or a regular file on the way."""
+    out = Path(os.path.abspath(out))
+    base = out if out.is_dir() else out.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise UsageError(f"OUT {out}: {base} is a file, not a folder — choose another OUT")
+    try:
+        readonly = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        readonly = False
+    if readonly:
+        raise UsageError(f"OUT {out}: {base} is on a read-only file system — choose a writable OUT")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"OUT {out}: no permission to write in {base} — choose a writable OUT, "
+                         "or fix its permissions")
+
+
+def check_single_out(out: Path, record: Path | None = None) -> None:
+    """One scan out: OUT names the output itself. An existing regular file where a DICOM folder should go,
+    a folder where a NIfTI file should go, or an existing folder holding files medldm did not write, is a
+    usage error: it is never replaced, not even with --overwrite."""
+    from medldm.io.formats import is_nifti
+
+    if is_nifti(out):
+        if out.is_dir():
+            raise UsageError(f"OUT {out} is a folder, not a NIfTI file name — choose another OUT")
+        return
+    if os.path.lexists(out) and (out.is_symlink() or not out.is_dir()):
+        raise UsageError(f"OUT {out} exists and is not a folder: a DICOM series is written as a new folder — "
+                         "choose another OUT")
+    if out.is_dir() and any(True for _ in os.scandir(out)):
+        rec = record if record is not None else record_path(out)
+        if not (rec.is_file() or medldm_written(out)):
+            raise UsageError(f"OUT {out} is an existing folder holding files medldm did not write: it is never "
+                             f"replaced; give a new folder name for the DICOM series (e.g. {out / 'series'})")
+
+
+def sweep_stale(out: Path) -> None:
+    """Remove temporaries of killed medldm runs (``.medldm-tmp.*``) in OUT's tree (or beside a file OUT)."""
+    out = Path(os.path.abspath(out))
+    if out.is_dir():
+        clean_stale(out, recursive=True)
+    if out.parent.is_dir():
+        clean_stale(out.parent)
 
 
 def find_inputs(src: Path):
@@ -148,3 +303,133 @@ def single_case(src: Path, out: Path, cases: list) -> bool:
         return False
     c = cases[0]
     return c.kind == "dicom-series" and Path(os.path.commonpath([str(p.parent) for p in c.paths])) == src
+
+
+# ------------------------------------------------------------------------------------- resume records
+def record_path(out: Path) -> Path:
+    """``OUT/x.nii.gz`` -> ``OUT/x.nii.gz.medldm.json``; DICOM folder ``OUT/x`` -> ``OUT/x.medldm.json``."""
+    return out.with_name(out.name + RECORD_SUFFIX)
+
+
+def file_signature(paths: Iterable, root: Path | None = None) -> list[dict]:
+    """Path, size and mtime_ns of each input file (``rel``: relative to ``root``, what resume compares)."""
+    sig = []
+    for p in paths:
+        p = Path(p)
+        st = p.stat()
+        try:
+            rel = p.relative_to(root).as_posix() if root is not None else p.name
+        except ValueError:
+            rel = p.name
+        sig.append({"path": str(p.resolve()), "rel": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return sig
+
+
+def case_signature(case) -> list[dict]:
+    return file_signature(case.paths, getattr(case, "root", None))
+
+
+def _sig_key(sig: list[dict]) -> list[tuple]:
+    return sorted((d.get("rel"), d.get("size"), d.get("mtime_ns")) for d in sig or [])
+
+
+def _short(v) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _differences(rec: dict, key: dict) -> list[str]:
+    diffs = []
+    if rec.get("command") != key["command"]:
+        diffs.append(f"command {rec.get('command')} ≠ {key['command']}")
+    old, new = rec.get("options") or {}, key["options"]
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            diffs.append(f"{k} {_short(old.get(k))} ≠ {_short(new.get(k))}")
+    if _sig_key(rec.get("inputs")) != _sig_key(key["inputs"]):
+        diffs.append("the input files changed (names, sizes or modification times)")
+    return diffs
+
+
+class Resume:
+    """Resume and overwrite rules of one output (``out`` with record ``record``).
+
+    ``key = {"command": ..., "options": {...}, "inputs": case_signature(case)}``: what made the output.
+    :meth:`state`: "new" (no output), "done" (the record matches and every output exists), "other" (the
+    record differs), "unrecorded" (an output exists without a record: another program, an older medldm,
+    a run killed before its record). :meth:`check` decides: skip (True), write (False), or CaseError.
+    """
+
+    def __init__(self, out: Path, key: dict, *, record: Path | None = None, extra: Iterable[Path] = (),
+                 source: str = "", nest: bool = False):
+        self.out, self.key, self.nest = Path(out), key, nest
+        self.record = record if record is not None else record_path(self.out)
+        self.extra = [Path(p) for p in extra]
+        self.source = source or str(out)
+
+    def _read(self) -> dict | None:
+        try:
+            rec = json.loads(self.record.read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def state(self) -> tuple[str, list[str]]:
+        exists = os.path.lexists(self.out)
+        rec = self._read() if self.record.is_file() else None
+        if rec is None:
+            return ("unrecorded", []) if exists else ("new", [])
+        fields = rec.get("resume") if self.nest else rec
+        if not isinstance(fields, dict):
+            diffs = ["recorded by an older medldm, without its inputs"]
+        else:
+            diffs = _differences(fields, self.key)
+        if not exists:
+            return "new", []
+        if diffs:
+            return "other", diffs
+        if not all(p.exists() for p in self.extra):
+            return "new", []
+        return "done", []
+
+    def check(self, overwrite: bool) -> bool:
+        """True: skip (done). False: write it. CaseError: refuse (a different or unrecorded output is there)."""
+        st, diffs = self.state()
+        if overwrite:
+            return False
+        if st == "done":
+            return True
+        if st == "other":
+            raise CaseError(self.source, f"{self.out} was made with other inputs/options ({'; '.join(diffs)})",
+                            "use --overwrite, or another OUT")
+        if st == "unrecorded":
+            raise CaseError(self.source, f"{self.out} exists but has no medldm record {self.record.name} "
+                            "(another program, an older medldm, or an interrupted run)",
+                            "use --overwrite to replace it, or another OUT")
+        return False
+
+    def owned(self, folder: Path) -> bool:
+        """May --overwrite replace this existing DICOM folder? Only when medldm wrote it: the files its
+        record lists, or only DICOM files with medldm's implementation UID."""
+        rec = self._read() or {}
+        listed = set(rec.get("files") or [])
+        try:
+            names = {e.name for e in os.scandir(folder)}
+        except OSError:
+            return False
+        return (bool(listed) and names <= listed) or medldm_written(folder)
+
+    def finish(self, outputs: Iterable[Path], extra_fields: dict | None = None) -> Path:
+        """Write the record (last: its presence marks the case done), with ``extra_fields`` (``nest``: the
+        resume key under ``"resume"``, the other fields at the top). Returns its path."""
+        from medldm import __version__
+
+        outputs = [Path(p) for p in outputs]
+        files = sorted(e.name for e in os.scandir(self.out)) if self.out.is_dir() else []
+        rec = dict(extra_fields or {})
+        key = {"command": self.key["command"], "options": self.key["options"], "inputs": self.key["inputs"]}
+        rec.update({"medldm": __version__, **({"resume": key} if self.nest else key),
+                    "outputs": [str(p) for p in outputs], "files": files})
+        with atomic_file(self.record) as tmp:
+            tmp.write_text(json.dumps(rec, indent=2, default=str))
+        return self.record

@@ -1,14 +1,19 @@
 """``medldm convert IN OUT``: NIfTI <-> DICOM series.
 
 One scan: IN is a NIfTI file, a DICOM file, or a folder holding one DICOM series; OUT ending in
-``.nii``/``.nii.gz`` is a NIfTI file, anything else a DICOM series folder. DICOM -> DICOM writes a
-derived series of the source; NIfTI -> DICOM writes a new anonymous series, or a derived series of
-``--reference`` (the DICOM series the image came from).
+``.nii``/``.nii.gz`` is a NIfTI file, anything else a DICOM series folder (a new one: an existing folder
+holding other files is a usage error, never replaced). DICOM -> DICOM writes a derived series of the
+source; NIfTI -> DICOM writes a new anonymous series, or a derived series of ``--reference`` (the DICOM
+series the image came from).
 
 Many scans: IN is a folder holding several cases (NIfTI files, DICOM series); OUT is a folder that
 mirrors them (``--to`` picks the output kind; default: the other kind of each input). Failed cases
-are listed one line each and in ``OUT/medldm-convert-report.json``; a rerun skips cases already
-converted (``--overwrite`` redoes them). Exit status: 0 all converted, 1 some failed, 2 usage error.
+are listed one line each and in ``OUT/medldm-convert-report.json``.
+
+Every output gets a record ``<output name>.medldm.json`` (input files, options), written last. A rerun
+skips a case only when its record matches; an output made from other inputs/options, or without record,
+fails that case with one line (``--overwrite`` replaces only that output). OUT must not be, contain or lie
+inside IN. Exit status: 0 all converted, 1 some failed, 2 usage error. See docs/guarantees.md.
 """
 
 from __future__ import annotations
@@ -39,23 +44,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 
-def _convert_one(case, out: Path, *, reference, volume: int | None, description: str) -> list[str]:
-    """Load one case and write it to ``out`` (NIfTI file or DICOM folder)."""
-    from medldm.io.nifti import save_nifti
+def _convert_one(case, out: Path, *, reference, volume: int | None, description: str, resume,
+                 overwrite: bool) -> list[str]:
+    """Load one case and write it to ``out`` (NIfTI file or DICOM folder), then its record."""
     from medldm.io.reader import load_case
     from medldm.io.writer import save_scan
 
     img = load_case(case, volume=volume)
-    if is_nifti(out):
-        return [str(save_nifti(img, out))]
-    if reference is None and img.meta.get("kind") == "dicom-series":
+    if not is_nifti(out) and reference is None and img.meta.get("kind") == "dicom-series":
         reference = img.meta["source_files"]  # DICOM -> DICOM: derived series of the source
-    return [str(save_scan(img, out, reference=reference, description=description))]
+    save_scan(img, out, reference=None if is_nifti(out) else reference, description=description,
+              replace=overwrite, owned=resume.owned)
+    resume.finish([out])
+    return [str(out)]
 
+
+def _key(case, out: Path, args: argparse.Namespace, reference) -> dict:
+    from medldm.cli.common import case_signature, file_signature
+
+    opts: dict = {"volume": args.volume, "output_kind": "nifti" if is_nifti(out) else "dicom"}
+    if not is_nifti(out):
+        opts["description"] = args.description
+        if reference is not None:
+            ref = Path(reference)
+            files = sorted(f for f in ref.rglob("*") if f.is_file()) if ref.is_dir() else [ref]
+            opts["reference"] = [(d["rel"], d["size"], d["mtime_ns"]) for d in file_signature(files, ref)]
+    return {"command": "convert", "options": opts, "inputs": case_signature(case)}
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import check_in_out, find_inputs, run_cases, single_case
+    from medldm.cli.common import (
+        Resume,
+        case_source,
+        check_in_out,
+        check_out_writable,
+        check_single_out,
+        find_inputs,
+        run_cases,
+        single_case,
+        sweep_stale,
+    )
     from medldm.io.discover import output_path
 
     src, out = Path(args.input), Path(args.output)
@@ -67,37 +95,42 @@ def run(args: argparse.Namespace) -> int:
         if is_nifti(out):
             raise UsageError("--reference applies to DICOM output only (OUT ends in .nii/.nii.gz)")
     check_in_out(src, out)
+    check_out_writable(out)
     found = find_inputs(src)
     command = "medldm convert " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "medldm convert"
 
     if single_case(src, out, found.cases):
         if args.to == "nifti" and not is_nifti(out) or args.to == "dicom" and is_nifti(out):
             raise UsageError(f"--to {args.to} contradicts OUT {out}")
-        case = found.cases[0]
-        status, _ = run_cases([case], lambda c: _convert_one(c, out, reference=args.reference, volume=args.volume,
-                                                               description=args.description),
-                              desc="convert", command=command, quiet=args.quiet)
-        return status
+        check_single_out(out)
+        sweep_stale(out)
+        targets = {found.cases[0].id: out}
+        report = None
+        reference = args.reference
+    else:
+        if args.reference is not None:
+            raise UsageError("--reference needs a single input scan; IN holds several cases")
+        if is_nifti(out):
+            raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out} exists and is not a folder")
+        for line in found.skipped:
+            if not args.quiet:
+                print(line, file=sys.stderr)
+        sweep_stale(out)
+        targets = {c.id: output_path(c, out, args.to or ("dicom" if c.kind == "nifti" else "nifti"))
+                   for c in found.cases}
+        report = out / REPORT_NAME
+        reference = None
 
-    if args.reference is not None:
-        raise UsageError("--reference needs a single input scan; IN holds several cases")
-    if is_nifti(out):
-        raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder")
-    for line in found.skipped:
-        if not args.quiet:
-            print(line, file=sys.stderr)
+    def resume(case) -> Resume:
+        t = targets[case.id]
+        return Resume(t, _key(case, t, args, reference), source=case_source(case))
 
-    def target(case) -> Path:
-        fmt = args.to or ("dicom" if case.kind == "nifti" else "nifti")
-        return output_path(case, out, fmt)
+    def process(case):
+        return _convert_one(case, targets[case.id], reference=reference, volume=args.volume,
+                            description=args.description, resume=resume(case), overwrite=args.overwrite)
 
-    def is_done(case) -> bool:
-        return not args.overwrite and target(case).exists()
-
-    status, _ = run_cases(found.cases, lambda c: _convert_one(c, target(c), reference=None, volume=args.volume,
-                                                                description=args.description),
-                          name=str, is_done=is_done, report_path=out / REPORT_NAME, desc="convert",
-                          command=command, quiet=args.quiet)
+    status, _ = run_cases(found.cases, process, name=str, is_done=lambda c: resume(c).check(args.overwrite),
+                          report_path=report, desc="convert", command=command, quiet=args.quiet)
     return status

@@ -9,11 +9,15 @@ OUT is the output file/folder for one scan, or a folder mirroring IN's cases in 
 * ``downsample``: in-plane factor > 1, e.g. 2 or 4 (``--restore`` back to the original grid);
 * ``thick``: slices averaged per thick slice, integer >= 2, along ``--axis`` (default 2 = Z).
 
-Each output gets a sidecar ``<output name>.degradation.json`` (kind, level, seeds, options, input). The
-noise of case ``c`` is drawn from ``SeedSequence([seed, crc32(c)])``, so cases differ and a rerun with
-the same ``--seed`` reproduces every file. Failed cases are listed one line each and in
-``OUT/medldm-degrade-report.json``; a rerun skips finished cases (``--overwrite`` redoes them).
-Exit status: 0 all done, 1 some cases failed, 2 usage error.
+Each output gets a sidecar ``<output name>.degradation.json`` (kind, level, seeds, options, input; under
+``resume`` the input files' sizes and mtimes), written last: it is the case's resume record. The noise of
+case ``c`` is drawn from ``SeedSequence([seed, crc32(c)])``, so cases differ and a rerun with the same
+``--seed`` reproduces every file. Failed cases are listed one line each and in
+``OUT/medldm-degrade-report.json``. A rerun skips a case only when its sidecar matches the inputs and the
+degradation; another degradation (or a different ``--seed``) or an output without sidecar fails that case
+with one line (``--overwrite`` replaces only that output). An existing folder of other files is never
+replaced; OUT must not be, contain or lie inside IN. Exit status: 0 all done, 1 some cases failed,
+2 usage error. See docs/guarantees.md.
 """
 
 from __future__ import annotations
@@ -105,10 +109,9 @@ def _job(args: argparse.Namespace, seed: int) -> dict:
     return {"kind": args.kind, "level": float(args.level), "seed": seed, "axis": args.axis, "options": opts}
 
 
-def _degrade_one(case, out: Path, args: argparse.Namespace, seed: int) -> list[str]:
+def _degrade_one(case, out: Path, args: argparse.Namespace, seed: int, resume) -> list[str]:
     from medldm import __version__
     from medldm.data.degrade import apply_degradation
-    from medldm.io.atomic import atomic_file
     from medldm.io.reader import load_case
     from medldm.io.writer import save_scan
 
@@ -126,32 +129,26 @@ def _degrade_one(case, out: Path, args: argparse.Namespace, seed: int) -> list[s
                    "output_spacing": list(deg.meta.get("spacing", ()))})
     deg.meta["degradation"] = record
     reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
-    save_scan(deg, out, reference=reference, description=f"degraded {args.kind} {args.level:g}")
-    side = sidecar_path(out)
-    with atomic_file(side) as tmp:  # written last: its presence marks the case as done
-        tmp.write_text(json.dumps(record, indent=2, default=str))
+    save_scan(deg, out, reference=reference, description=f"degraded {args.kind} {args.level:g}",
+              replace=args.overwrite, owned=resume.owned)
+    side = resume.finish([out], json.loads(json.dumps(record, default=str)))  # last: marks the case done
     return [str(out), str(side)]
-
-
-def _state(out: Path, job: dict) -> str:
-    """"new" (nothing there), "done" (same job finished) or "other" (a different degradation is there)."""
-    side = sidecar_path(out)
-    if not side.exists():
-        return "new"
-    try:
-        rec = json.loads(side.read_text())
-        same = all(rec.get(k) == job[k] for k in ("kind", "level", "seed", "axis", "options"))
-    except (ValueError, AttributeError):
-        same = False
-    if same and out.exists():
-        return "done"
-    return "other" if out.exists() else "new"
 
 
 def run(args: argparse.Namespace) -> int:
     import secrets
 
-    from medldm.cli.common import check_in_out, find_inputs, run_cases
+    from medldm.cli.common import (
+        Resume,
+        case_signature,
+        case_source,
+        check_in_out,
+        check_out_writable,
+        check_single_out,
+        find_inputs,
+        run_cases,
+        sweep_stale,
+    )
     from medldm.data.degrade import check_level
     from medldm.io.discover import output_path
 
@@ -169,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "lowdose" and args.full_dose_noise is not None and not args.full_dose_noise > 0:
         raise UsageError("--full-dose-noise must be > 0 HU")
     check_in_out(src, out)
+    check_out_writable(out)
     found = find_inputs(src)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     if args.seed is None and not args.quiet:
@@ -180,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         is_nifti(out) or found.cases[0].kind == "dicom-series"
         and all(p.parent == src for p in found.cases[0].paths)))
     if single:
+        check_single_out(out, sidecar_path(out))
         target = {found.cases[0].id: out}
         report = None
     else:
@@ -192,16 +191,18 @@ def run(args: argparse.Namespace) -> int:
         for line in found.skipped:
             if not args.quiet:
                 print(line, file=sys.stderr)
+    sweep_stale(out)
 
-    def is_done(case) -> bool:
-        return not args.overwrite and _state(target[case.id], job) == "done"
+    def resume(case) -> Resume:
+        dest = target[case.id]
+        return Resume(dest, {"command": "degrade", "options": job, "inputs": case_signature(case)},
+                      record=sidecar_path(dest), source=case_source(case), nest=True)
 
     def process(case):
-        dest = target[case.id]
-        if not args.overwrite and _state(dest, job) == "other":
-            raise CaseError(dest, "holds a different degradation (see its .degradation.json)",
-                            "choose another OUT or pass --overwrite")
-        return _degrade_one(case, dest, args, seed)
+        return _degrade_one(case, target[case.id], args, seed, resume(case))
+
+    def is_done(case) -> bool:
+        return resume(case).check(args.overwrite)
 
     status, _ = run_cases(found.cases, process, name=str, is_done=is_done, report_path=report,
                           desc="degrade", command=command, quiet=args.quiet)

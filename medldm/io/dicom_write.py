@@ -200,9 +200,11 @@ def _described(old: str, description: str, n: int = 64) -> str:
 
 
 def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, description: str = "medldm",
-                      modality: str | None = None) -> list[Path]:
+                      modality: str | None = None, replace: bool = True, owned=None) -> list[Path]:
     """Write ``img`` (MetaTensor (X, Y, Z), scanner units, ``.affine`` RAS) as a DICOM series in
-    ``out_dir`` (replaced atomically); returns the written files ``IM00001.dcm`` ... in slice order.
+    ``out_dir`` (appears atomically); returns the written files ``IM00001.dcm`` ... in slice order. An existing
+    non-empty ``out_dir`` is replaced only when ``replace`` and ``owned(out_dir)`` (default: it holds only
+    DICOM files medldm wrote; see ``medldm.io.atomic.atomic_dir``), else FileExistsError.
 
     ``reference``: files (sorted like the reader does) or folder of the source series -> a derived
     series of that patient/study; None -> a new anonymous series. ``modality`` (no reference only):
@@ -235,7 +237,7 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
     series = _series_context(headers, grid, modality, description, vol)
     nearest = _nearest(headers, grid, nz) if headers else [None] * nz
     names = [f"IM{k + 1:05d}.dcm" for k in range(nz)]
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace, owned=owned) as tmp:
         for k in range(nz):
             ds = _slice_header(headers[nearest[k]] if headers else None, series, grid, k)
             _set_pixels(ds, vol[:, :, k], enc, modality, series["rescale"])
