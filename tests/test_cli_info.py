@@ -54,11 +54,14 @@ def test_json_entries_and_failed_case(folder, capsys, dicomdir_tests):
 
 
 def test_text_output_all_ok(dicomdir_tests, capsys):
+    """CT2 has a 202.5 mm gap after its first slice: two regular parts, each at its true position."""
     rc = main(["info", str(dicomdir_tests / "77654033" / "CT2")])
-    out, _ = capsys.readouterr()
+    out, err = capsys.readouterr()
     assert rc == 0
-    assert "shape     16 x 16 x 4" in out and "dtype     int16" in out
-    assert "warning   missing slices" in out
+    assert "shape     16 x 16 x 1" in out and "shape     16 x 16 x 3" in out and "dtype     int16" in out
+    assert "part      1 of 2 of a series split at missing slices" in out
+    assert "warning   missing slices: gap of 202.5 mm" in out
+    assert "split into 2 regular parts, one case each" in err
 
 
 def test_volume_option_for_4d(capsys):

@@ -86,14 +86,17 @@ def test_corrupt_file_is_an_error_case_and_others_load(tree):
     assert tree_hash(tree) == before
 
 
-def test_series_spanning_folders_is_one_case(tmp_path, dicomdir_tests):
+def test_series_spanning_folders_is_one_case_per_folder(tmp_path, dicomdir_tests):
+    """Issue 10 item 8: grouped by folder first, then by series (the output mirrors the input)."""
     files = sorted((dicomdir_tests / "98892001" / "CT5N").iterdir())
     for i, f in enumerate(files):
         sub = tmp_path / "ct" / ("a" if i < 2 else "b")
         sub.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, sub / f.name)
     d = scan_folder(tmp_path)
-    assert [c.id for c in d.cases] == ["ct"] and len(d.cases[0].paths) == 5
+    assert [(c.id, len(c.paths)) for c in d.cases] == [("ct/a", 2), ("ct/b", 3)]
+    assert all(c.error is None and "other folder" in c.warnings[0] for c in d.cases)
+    assert any("found in 2 folders" in n for n in d.notes)
 
 
 def test_single_file_and_series_root(dicomdir_tests, dipy_files, pydicom_files):

@@ -95,25 +95,36 @@ def test_shuffled_names_and_instance_numbers_do_not_change_volume(ct5n, tmp_path
     np.testing.assert_allclose(img.affine.numpy(), ref.affine.numpy())
 
 
-def test_missing_middle_slice_is_reported(ct5n, tmp_path):
+def test_missing_middle_slice_is_never_stacked(ct5n, tmp_path):
+    """Issue 10 item 4: the slices after a gap used to sit one step away from where they were acquired.
+    A list of files with a gap is refused; the folder is split into regular parts (tests/test_dicom_faults.py)."""
     src = copy_series(ct5n, tmp_path / "in")
     zs = {f: float(pydicom.dcmread(f).ImagePositionPatient[2]) for f in src}
     middle = sorted(src, key=zs.get)[2]
     middle.unlink()
+    rest = [f for f in src if f != middle]
     before = tree_hash(tmp_path / "in")
-    img = load_scan(tmp_path / "in")
-    assert tuple(img.shape) == (16, 16, 4)
-    gap = [w for w in img.meta["warnings"] if w.startswith("missing slices")]
-    assert len(gap) == 1 and "about 1 slice missing" in gap[0] and "5 mm" in gap[0]
-    assert img.meta["integrity"]["gaps"][0]["missing"] == 1
-    assert img.meta["integrity"]["max_grid_deviation_mm"] == pytest.approx(2.5, abs=1e-3)
+    with pytest.raises(CaseError, match=r"missing slices: gap of 5 mm .* about 1 slice of 2\.5 mm missing"):
+        load_scan(rest)
+    with pytest.raises(CaseError, match=r"holds 2 scans \(series-5_04\.16302\.0\.6_part-1, .*_part-2\)"):
+        load_scan(tmp_path / "in")
     assert tree_hash(tmp_path / "in") == before
 
 
-def test_real_gap_in_ct2(dicomdir_tests):
-    img = load_scan(dicomdir_tests / "77654033" / "CT2")
-    assert img.meta["integrity"]["gaps"][0]["missing"] == 161  # 202.5 mm / 1.25 mm steps
-    assert img.meta["spacing"][2] == pytest.approx(1.25, abs=1e-4)
+def test_real_gap_in_ct2_splits_into_parts_at_true_positions(dicomdir_tests):
+    from medldm.io.discover import scan_folder
+    from medldm.io.reader import load_case
+
+    d = scan_folder(dicomdir_tests / "77654033" / "CT2")
+    assert [(c.id, len(c.paths)) for c in d.cases] == [("series-2_51.28319.0.2_part-1", 1),
+                                                      ("series-2_51.28319.0.2_part-2", 3)]
+    for c in d.cases:
+        img = load_case(c)
+        assert c.integrity["split"]["gaps"][0]["missing"] == 161  # 202.5 mm / 1.25 mm steps
+        for k, f in enumerate(img.meta["source_files"]):
+            np.testing.assert_allclose(img.affine.numpy()[:3] @ [0, 0, k, 1], ras_position(pydicom.dcmread(f)),
+                                       atol=1e-3)
+    assert load_case(d.cases[1]).meta["spacing"][2] == pytest.approx(1.25, abs=1e-4)
 
 
 def test_gantry_tilt_gives_sheared_affine_through_actual_positions(ct5n, tmp_path):

@@ -1,6 +1,8 @@
 """``medldm info PATH... [--json] [--volume K]``: describe every scan found under the given paths
 (NIfTI files, DICOM series): kind, modality, shape, spacing, RAS affine, original dtype,
-intensity range and percentiles, integrity warnings."""
+intensity range and percentiles, integrity warnings (including how discovery split a series at
+missing slices). ``--json`` output is strict JSON: values that are not finite numbers are ``null``.
+Exit status: 0 all described, 1 some case failed, 2 usage error or nothing found."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ def describe(img, case=None) -> dict:
     from nibabel.orientations import aff2axcodes
 
     meta = img.meta
+    warnings = [*(case.warnings if case is not None else []), *meta.get("warnings", [])]
+    integrity = {**meta.get("integrity", {}), **(case.integrity if case is not None else {})}
     arr = img.detach().cpu().numpy()
     aff = np.asarray(img.affine, dtype=np.float64)
     finite = arr[np.isfinite(arr)]
@@ -44,25 +48,30 @@ def describe(img, case=None) -> dict:
         "n_files": len(meta.get("source_files", [])),
         "series_uid": meta.get("series_uid", ""),
         "series_description": meta.get("series_description", ""),
-        "warnings": list(meta.get("warnings", [])),
-        "integrity": _jsonable(meta.get("integrity", {})),
+        "warnings": list(dict.fromkeys(warnings)),
+        "integrity": integrity,
     }
-    return entry
+    return _jsonable(entry)
 
 
 def _jsonable(obj):
+    """Plain JSON values: numpy scalars unwrapped, NaN/inf -> None (strict JSON has no NaN)."""
+    import math
+
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item"):
-        return obj.item()
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     return obj
 
 
 def format_text(e: dict) -> str:
     """Human-readable block for one entry."""
-    g = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
+    g = lambda v: f"{v:.6g}" if isinstance(v, float) else "n/a" if v is None else str(v)  # noqa: E731
     r = e["range"]
     lines = [
         f"{e['id'] or e['path']}",
@@ -75,6 +84,12 @@ def format_text(e: dict) -> str:
         "  affine    " + "\n            ".join("[" + " ".join(f"{v:10.4f}" for v in row) + "]"
                                             for row in e["affine"]),
     ]
+    split = e.get("integrity", {}).get("split")
+    if split:
+        where = (f"{split['slices']} slices, {split['from_mm']:.2f} to {split['to_mm']:.2f} mm" if split["slices"] > 1
+                 else f"1 slice at {split['from_mm']:.2f} mm")
+        lines.append(f"  part      {split['part']} of {split['parts']} of a series split at missing slices "
+                     f"({where} along the slice normal)")
     lines += [f"  warning   {w}" for w in e["warnings"]]
     return "\n".join(lines)
 
@@ -84,16 +99,19 @@ def run(args: argparse.Namespace) -> int:
     from medldm.io.discover import scan_folder
     from medldm.io.reader import load_case
 
-    cases, skipped = [], []
+    cases, skipped, notes = [], [], []
     for p in args.paths:
         found = scan_folder(p)  # UsageError (exit 2) for a missing path
         cases.extend(found.cases)
         skipped.extend(found.skipped)
-    for line in skipped:
+        notes.extend(found.notes)
+    for line in skipped + notes:
         print(line, file=sys.stderr)
     if not cases:
-        print("no NIfTI file or DICOM image series found", file=sys.stderr)
-        return 1
+        from medldm.io.errors import UsageError
+
+        raise UsageError(f"no NIfTI file or DICOM image series found in {', '.join(args.paths)}"
+                         + (f" ({len(skipped)} file(s) skipped, listed above)" if skipped else ""))
 
     entries: list[dict] = []
 
@@ -108,6 +126,6 @@ def run(args: argparse.Namespace) -> int:
     status, _ = run_cases(cases, process, name=lambda c: c.source or c.id, desc="info",
                           command="medldm info", quiet=args.json)
     if args.json:
-        json.dump(entries, sys.stdout, indent=2)
+        json.dump(entries, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     return status

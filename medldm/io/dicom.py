@@ -7,6 +7,9 @@ Stacking slices into a volume lives in :mod:`medldm.io.dicom_series`, multi-fram
 
 from __future__ import annotations
 
+import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,10 @@ from pydicom.errors import InvalidDicomError
 from medldm.io.errors import CaseError
 
 CODECS_HINT = "install the decoders: pip install 'medldm[dicom-codecs]'"
+
+#: Largest image medldm allocates for one DICOM object or one stacked series (voxels; 2**30 voxels are
+#: 4 GiB as float32). Headers claiming more are refused before anything is allocated.
+MAX_VOXELS = 1 << 30
 
 # Modalities / SOP classes that hold no image to process (reason shown in `skipped`).
 NON_IMAGE_MODALITIES = {
@@ -54,6 +61,31 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
+def file_kind(path: str | Path) -> str | None:
+    """``None`` for a regular file (symbolic links followed), else what it is (``"FIFO"``,
+    ``"character device"``, ...). Raises OSError when it cannot be examined (broken link, no permission)."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def check_regular(path: str | Path) -> None:
+    """Raise :class:`CaseError` unless ``path`` is a regular file: reading a FIFO or a device (e.g. a
+    link to /dev/zero) would block or never end."""
+    try:
+        kind = file_kind(path)
+    except OSError as e:
+        raise CaseError(path, f"cannot open the file ({e.strerror or e})", "check the path and its permissions") from e
+    if kind is not None:
+        raise CaseError(path, f"not a regular file ({kind})", "give a regular DICOM file")
+
+
 def read_header(path: str | Path, *, strict: bool = False) -> Dataset | None:
     """Header of a DICOM file (pixel data deferred, not loaded), or ``None`` when it is not DICOM.
 
@@ -62,6 +94,7 @@ def read_header(path: str | Path, *, strict: bool = False) -> Dataset | None:
     be DICOM but cannot be parsed raises :class:`CaseError` (with ``strict`` also for the others).
     """
     path = Path(path)
+    check_regular(path)
     magic = _is_dicom_file(path)
     if not magic and not strict and path.name.lower().endswith(NOT_DICOM_SUFFIXES):
         return None
@@ -139,6 +172,7 @@ def n_frames(ds: Dataset) -> int:
 
 def load_full(path: str | Path) -> Dataset:
     """Read a whole file (pixel data included); errors become :class:`CaseError`."""
+    check_regular(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -148,11 +182,27 @@ def load_full(path: str | Path) -> Dataset:
                         "the file is damaged or incomplete; copy it again from the source") from e
 
 
+def transfer_syntax(ds: Dataset, path: str | Path):
+    """The file's TransferSyntaxUID (``None`` when absent); :class:`CaseError` when it is not a
+    transfer syntax pydicom knows (a damaged header or a private encoding)."""
+    from pydicom.uid import UID
+
+    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsuid is None:
+        return None
+    tsuid = UID(str(tsuid))
+    if not (tsuid.is_valid and tsuid.is_transfer_syntax):
+        raise CaseError(path, f"unknown transfer syntax {str(tsuid)[:64]!r}: the pixel data cannot be decoded",
+                        "the header is damaged or the encoding is private; export the series again from the "
+                        "scanner/PACS, or re-encode it with a DICOM toolkit (e.g. gdcmconv --raw)")
+    return tsuid
+
+
 def check_decodable(ds: Dataset, path: str | Path) -> None:
     """Raise :class:`CaseError` naming the codecs extra when the transfer syntax cannot be decoded here."""
     from pydicom.pixels import get_decoder
 
-    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    tsuid = transfer_syntax(ds, path)
     if tsuid is None or not tsuid.is_compressed:
         return
     try:
@@ -178,10 +228,58 @@ def _default_transfer_syntax(ds: Dataset) -> None:
                                       ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
+def _int(ds: Dataset, key: str, default: int) -> int:
+    try:
+        v = ds.get(key, default)
+        return default if v in (None, "") else int(v)
+    except (TypeError, ValueError):
+        return -1
+
+
+def check_pixel_size(ds: Dataset, path: str | Path) -> None:
+    """Refuse, before anything is allocated, an image whose header claims more pixels than the file
+    can hold or than :data:`MAX_VOXELS` (a NumberOfFrames / Rows / Columns "bomb"), or none at all."""
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    nf_raw = ds.get("NumberOfFrames", 1)
+    try:
+        nf = 1 if nf_raw in (None, "") else int(nf_raw)
+    except (TypeError, ValueError):
+        raise CaseError(path, f"NumberOfFrames {str(nf_raw)[:20]!r} is not a number",
+                        "the header is damaged; export the file again from the source") from None
+    spp, bits = _int(ds, "SamplesPerPixel", 1), _int(ds, "BitsAllocated", 16)
+    if rows <= 0 or cols <= 0 or nf <= 0 or spp <= 0 or bits <= 0:
+        raise CaseError(path, f"image of {cols}x{rows} pixels, {nf} frame(s), {spp} sample(s) of {bits} bits "
+                              "in the header: nothing to read",
+                        "the header is damaged; export the file again from the source (or remove it)")
+    n = nf * rows * cols * spp
+    if nf * rows * cols > MAX_VOXELS:
+        raise CaseError(path, f"the header claims {nf} frame(s) of {cols}x{rows} pixels ({nf * rows * cols:,} "
+                              f"voxels), above medldm's limit of {MAX_VOXELS:,}",
+                        "the header is damaged (NumberOfFrames/Rows/Columns); export the file again, or "
+                        "split the object into smaller series")
+    try:
+        size = os.path.getsize(path)
+    except (OSError, TypeError):
+        return
+    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        compressed = bool(tsuid is not None and tsuid.is_compressed)
+    except ValueError:  # unknown syntax: transfer_syntax() says so when decoding
+        return
+    need = 8 * nf if compressed else math.ceil(n * bits / 8)  # each compressed frame is >= one 8-byte item
+    if need > size:
+        what = (f"{nf} compressed frames" if compressed else
+                f"{nf} frame(s) of {cols}x{rows}x{spp} at {bits} bits = {need:,} bytes of pixel data")
+        raise CaseError(path, f"the header claims {what}, but the file holds only {size:,} bytes "
+                              "(NumberOfFrames/Rows/Columns inconsistent with the file)",
+                        "the file is damaged or truncated; copy it again from the source (or remove it)")
+
+
 def decode_pixels(ds: Dataset, path: str | Path) -> np.ndarray:
     """Stored pixel values, shape ``(frames, rows, cols)``; errors become :class:`CaseError`."""
     _default_transfer_syntax(ds)
     check_decodable(ds, path)
+    check_pixel_size(ds, path)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "") or "")
     if spp != 1 or photometric.upper() == "PALETTE COLOR":
@@ -207,14 +305,44 @@ def decode_pixels(ds: Dataset, path: str | Path) -> np.ndarray:
     return arr
 
 
-def rescale(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
+def rescale_params(ds: Dataset, path: str | Path) -> tuple[float, float, list[str]]:
+    """``(slope, intercept, warnings)`` of RescaleSlope/RescaleIntercept in ``ds`` (a header or a Pixel Value
+    Transformation item). An absent or empty slope is 1 (empty: with a warning), an absent intercept 0.
+    A slope of 0 maps every pixel to the intercept: the real values (HU) are unknowable, so it is
+    refused, as are values that are not finite numbers."""
+    warns: list[str] = []
+    vals = []
+    for key, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = ds.get(key, None)
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            if key in ds:
+                warns.append(f"{key} is present but empty: assumed {default:g}")
+            vals.append(default)
+            continue
+        try:
+            v = float(raw)
+        except (TypeError, ValueError):
+            raise CaseError(path, f"{key} {str(raw)[:20]!r} is not a number",
+                            "the header is damaged; export the series again from the scanner/PACS") from None
+        if not math.isfinite(v):
+            raise CaseError(path, f"{key} is {v}: the real values cannot be computed",
+                            "the header is damaged; export the series again from the scanner/PACS")
+        vals.append(v)
+    if vals[0] == 0.0:
+        raise CaseError(path, "RescaleSlope is 0: every pixel would map to the intercept, so the real values "
+                              "(e.g. HU) are unknowable",
+                        "the header is damaged; export the series again from the scanner/PACS")
+    return vals[0], vals[1], warns
+
+
+def rescale(arr: np.ndarray, ds: Dataset, path: str | Path = "<dataset>") -> tuple[np.ndarray, bool]:
     """Apply the Modality LUT (RescaleSlope/Intercept or a Modality LUT Sequence) of a single-frame
-    header. Returns ``(values, changed)``; ``values`` keeps the stored dtype when nothing applies."""
+    header. Returns ``(values, changed)``; ``values`` keeps the stored dtype when nothing applies.
+    A slope of 0 or a non-finite slope/intercept raises :class:`CaseError` (see :func:`rescale_params`)."""
     from pydicom.pixels import apply_modality_lut
 
     if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        inter = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        slope, inter, _ = rescale_params(ds, path)
         if "ModalityLUTSequence" not in ds:
             if slope == 1.0 and inter == 0.0:
                 return arr, False
@@ -222,6 +350,7 @@ def rescale(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
                 # exact integer arithmetic (CT HU): same values as apply_modality_lut, integer dtype
                 wide = np.int64 if arr.dtype.itemsize >= 4 else np.int32
                 return arr.astype(wide) * int(slope) + int(inter), True
+            return arr.astype(np.float64) * slope + inter, True
         return np.asarray(apply_modality_lut(arr, ds)), True
     return arr, False
 

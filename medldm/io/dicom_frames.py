@@ -13,9 +13,11 @@ from pydicom.dataset import Dataset
 from medldm.io.dicom import (
     SliceGeom,
     _floats,
+    check_pixel_size,
     decode_pixels,
     n_frames,
     rescale,
+    rescale_params,
     slice_geometry,
     thickness,
 )
@@ -41,25 +43,30 @@ def _tiebreak(ds: Dataset) -> tuple:
     )
 
 
-def _check_image_header(path: str | Path, ds: Dataset) -> None:
+def _check_image_header(path: str | Path, ds: Dataset) -> list[str]:
+    """Header checks done before any pixel is read (sizes, mosaic, rescale); returns warnings."""
     if "Rows" not in ds or "Columns" not in ds:
         raise CaseError(path, "image object without Rows/Columns: the header is incomplete",
                         "copy the file again from the source (or remove it)")
     if "MOSAIC" in [str(v).upper() for v in (ds.get("ImageType", None) or [])]:
         raise CaseError(path, "Siemens mosaic (several slices tiled in one image) is not supported",
                         "convert the series with dcm2niix first and give medldm the NIfTI file")
+    check_pixel_size(ds, path)
+    return rescale_params(ds, path)[2]
 
 
 def single_frame(path: str | Path, ds: Dataset) -> Frame:
     """A Frame for a single-frame image file (pixels decoded lazily from ``ds``)."""
-    _check_image_header(path, ds)
+    warns = _check_image_header(path, ds)
 
     def pixels():
         stored = decode_pixels(ds, path)[0]
-        vals, changed = rescale(stored, ds)
+        vals, changed = rescale(stored, ds, path)
         return vals, stored.dtype, changed
 
-    return Frame(str(path), slice_geometry(ds), (int(ds.Rows), int(ds.Columns)), pixels,
+    geom = slice_geometry(ds)
+    geom.warnings.extend(f"{path}: {w}" for w in warns)
+    return Frame(str(path), geom, (int(ds.Rows), int(ds.Columns)), pixels,
                  uid=str(ds.get("SOPInstanceUID", "")), tiebreak=_tiebreak(ds))
 
 
@@ -81,7 +88,7 @@ def multi_frame(path: str | Path, ds: Dataset) -> list[Frame]:
     Without functional groups, frames are placed along the normal of the top-level orientation
     (or the z axis) at SpacingBetweenSlices / SliceThickness, with a warning.
     """
-    _check_image_header(path, ds)
+    top_warns = _check_image_header(path, ds)
     nf = n_frames(ds)
     shared = _item(ds, "SharedFunctionalGroupsSequence")
     per_seq = list(ds.PerFrameFunctionalGroupsSequence) if "PerFrameFunctionalGroupsSequence" in ds else []
@@ -127,9 +134,14 @@ def multi_frame(path: str | Path, ds: Dataset) -> list[Frame]:
             if k == 0:
                 warns.append(f"multi-frame without patient geometry: identity orientation, frames {step:g} mm "
                              "apart (from SpacingBetweenSlices/SliceThickness or 1 mm)")
+        if k == 0:
+            warns.extend(top_warns)
+        slope = inter = None
+        if pv is not None:
+            slope, inter, pv_warns = rescale_params(pv, f"{path} (frame {k + 1})")
+            if k == 0:
+                warns.extend(pv_warns)
         geom = SliceGeom(pos, row, col, spacing, th, warns)
-        slope = _num(pv.get("RescaleSlope", 1.0), 1.0) if pv is not None else None
-        inter = _num(pv.get("RescaleIntercept", 0.0)) if pv is not None else None
         content = _item(per, "FrameContentSequence")
         tb = (_num(content.get("TemporalPositionIndex", 0)) if content is not None else 0.0, float(k))
 
@@ -140,7 +152,7 @@ def multi_frame(path: str | Path, ds: Dataset) -> list[Frame]:
                     return stored.astype(np.int64) * int(slope) + int(inter), stored.dtype, True
                 return stored * slope + inter, stored.dtype, True
             if slope is None:
-                vals, changed = rescale(stored, ds)
+                vals, changed = rescale(stored, ds, path)
                 return vals, stored.dtype, changed
             return stored, stored.dtype, False
 

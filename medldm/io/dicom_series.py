@@ -2,8 +2,12 @@
 
 Order is by the projection of ImagePositionPatient on the slice normal ``row_cos x col_cos`` (never
 by file name or InstanceNumber); the slice step comes from those positions. Integrity problems go
-to ``warnings`` (human lines) and ``integrity`` (a dict): gaps / non-uniform spacing with the max
+to ``warnings`` (human lines) and ``integrity`` (a dict): small non-uniform spacing with the max
 deviation in mm, small orientation differences, gantry tilt (sheared grid), dropped duplicates.
+
+A real slice is never put at a wrong position: slices that do not lie on one regular grid are not
+stacked. :func:`regular_runs` splits a stack at gaps (missing slices) into regular runs (discovery
+makes one case of each); :func:`stack` refuses a gap or an irregular grid with a :class:`CaseError`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medldm.io.dicom import SliceGeom, affine_lps, exact_dtype_from_stats
+from medldm.io.dicom import MAX_VOXELS, SliceGeom, affine_lps, exact_dtype_from_stats
 from medldm.io.errors import CaseError
 from medldm.io.geometry import lps_to_ras
 
@@ -21,6 +25,9 @@ ORIENT_SPLIT_TOL = 1e-3  # max |cosine difference| still treated as one stack
 ORIENT_WARN_TOL = 1e-4  # above this, one stack but a warning
 SPACING_REL_TOL = 0.01  # steps within 1 % (or 0.01 mm) of the median are uniform
 TILT_WARN_DEG = 0.05
+GAP_FACTOR = 1.5  # a step > 1.5 x the regular step is a gap (missing slices)
+GRID_REFUSE_FRAC = 0.05  # a slice more than 5 % of the step (and 0.01 mm) off the regular grid: refused
+MAX_PARTS = 8  # more regular runs than this: not a volume with a few gaps, refused
 
 
 @dataclass
@@ -126,23 +133,131 @@ def _select_volume(frames: list[Frame], d: np.ndarray, tol: float, volume: int |
     return [frames[i] for i in picked], d[picked]
 
 
-def _spacing_report(d: np.ndarray, warns: list[str], integ: dict) -> float:
-    """Check steps along the normal; returns the step (mm) used for the affine."""
-    steps = np.diff(d)
+def _positions(frames: Sequence[Frame]) -> np.ndarray | None:
+    """Position of each frame along the first frame's normal (None without full geometry)."""
+    if not frames or not all(f.geom.position is not None and f.geom.row_cos is not None for f in frames):
+        return None
+    n = frames[0].geom.normal
+    return np.array([float(f.geom.position @ n) for f in frames])
+
+
+def _position_tol(frames: Sequence[Frame]) -> float:
+    return max(1e-3 * min(frames[0].geom.spacing), 1e-3)
+
+
+def _name(source: str) -> str:
+    """Short file name for messages (``IM0001`` or ``file.dcm#frame3``)."""
+    return source.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def regular_step(u: np.ndarray) -> float:
+    """The regular step of sorted unique positions ``u``: the median of the steps close to the
+    smallest one (so a gap does not inflate it)."""
+    steps = np.diff(u)
+    return float(np.median(steps[steps <= GAP_FACTOR * steps.min()]))
+
+
+def _gap_lines(u: np.ndarray, names: list[str], base: float) -> list[dict]:
+    gaps = []
+    for k, s in enumerate(np.diff(u)):
+        if s > GAP_FACTOR * base:
+            gaps.append({"after_mm": round(float(u[k]), 4), "before_mm": round(float(u[k + 1]), 4),
+                         "gap_mm": round(float(s), 4), "step_mm": round(base, 6),
+                         "missing": max(int(round(s / base)) - 1, 1),
+                         "after_file": names[k], "before_file": names[k + 1]})
+    return gaps
+
+
+def describe_gap(g: dict) -> str:
+    m = g["missing"]
+    return (f"gap of {g['gap_mm']:.4g} mm between the slices at {g['after_mm']:.2f} mm ({g['after_file']}) and "
+            f"{g['before_mm']:.2f} mm ({g['before_file']}) along the slice normal, about {m} slice"
+            f"{'s' * (m != 1)} of {g['step_mm']:.4g} mm missing")
+
+
+def _check_regular(u: np.ndarray, names: list[str], where: str) -> tuple[float, float]:
+    """``(median step, max deviation)`` of a gap-free run of sorted positions; CaseError when a slice
+    lies more than :data:`GRID_REFUSE_FRAC` of the step off the regular grid the affine would describe."""
+    steps = np.diff(u)
     med = float(np.median(steps))
+    off = np.abs(u - (u[0] + med * np.arange(u.size)))
+    dev = float(off.max())
+    if dev > max(GRID_REFUSE_FRAC * med, 0.01):
+        k = int(off.argmax())
+        raise CaseError(where, f"slice positions are not on a regular grid: steps {steps.min():.4g}-{steps.max():.4g} mm "
+                               f"(median {med:.4g}), the slice at {u[k]:.2f} mm ({names[k]}) lies {dev:.3g} mm "
+                               f"({100 * dev / med:.0f}% of the step) off the grid",
+                        "medldm never moves a slice: check the series is complete and unmodified, or resample it "
+                        "to a regular grid with another tool (e.g. dcm2niix) and give medldm that NIfTI file")
+    return med, dev
+
+
+@dataclass
+class Runs:
+    """A stack split at gaps: ``runs`` (frames of each regular run, all images of its positions,
+    ascending along the normal) and ``gaps`` (one dict per gap, see :func:`describe_gap`)."""
+
+    runs: list[list[Frame]]
+    gaps: list[dict] = field(default_factory=list)
+    step: float | None = None
+
+
+def regular_runs(frames: Sequence[Frame], *, where: str) -> Runs:
+    """Split ONE stack (see :func:`split_stacks`) at gaps into runs of slices on a regular grid.
+
+    Every image at one position goes to the same run (4D series stay whole). Raises
+    :class:`CaseError` when a run is not regular (a slice off the grid without a clean gap) or when
+    the stack breaks into more than :data:`MAX_PARTS` runs. Without patient geometry: one run.
+    """
+    frames = list(frames)
+    d = _positions(frames)
+    if d is None or len(frames) < 2:
+        return Runs([frames])
+    order = np.argsort(d, kind="stable")
+    tol = _position_tol(frames)
+    groups: list[list[int]] = []
+    for idx in order:
+        if groups and abs(d[idx] - d[groups[-1][0]]) <= tol:
+            groups[-1].append(int(idx))
+        else:
+            groups.append([int(idx)])
+    if len(groups) < 2:
+        return Runs([frames])
+    u = np.array([float(np.mean(d[g])) for g in groups])
+    names = [_name(frames[g[0]].source) for g in groups]
+    base = regular_step(u)
+    gaps = _gap_lines(u, names, base)
+    cuts = [0] + [k + 1 for k, s in enumerate(np.diff(u)) if s > GAP_FACTOR * base] + [len(u)]
+    if len(cuts) - 1 > MAX_PARTS:
+        raise CaseError(where, f"slice positions break into {len(cuts) - 1} runs at {len(gaps)} gaps (regular step "
+                               f"{base:.4g} mm; first: {describe_gap(gaps[0])})",
+                        "this is not one volume with a few missing slices; check the series is complete, or "
+                        "resample it to a regular grid with another tool (e.g. dcm2niix)")
+    runs = []
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        if b - a >= 2:
+            _check_regular(u[a:b], names[a:b], where)
+        runs.append([frames[i] for g in groups[a:b] for i in g])
+    return Runs(runs, gaps, base)
+
+
+def _spacing_report(d: np.ndarray, warns: list[str], integ: dict, where: str, names: list[str]) -> float:
+    """Check steps along the normal; returns the step (mm) used for the affine. A gap or a slice off
+    the regular grid raises :class:`CaseError` (never stacked at a wrong position)."""
+    steps = np.diff(d)
+    base = regular_step(d)
+    gaps = _gap_lines(d, names, base)
+    if gaps:
+        raise CaseError(where, f"missing slices: {describe_gap(gaps[0])}"
+                               + (f" (and {len(gaps) - 1} more gap{'s' * (len(gaps) > 2)})" if len(gaps) > 1 else "")
+                               + ": the images do not form one regular volume",
+                        "medldm never stacks across a gap; give the folder to scan_folder() / `medldm info`, "
+                        "which splits the series into regular parts (..._part-1, ...)")
+    med, dev = _check_regular(d, names, where)
     tol = max(SPACING_REL_TOL * med, 0.01)
-    dev = float(np.max(np.abs(d - (d[0] + med * np.arange(d.size)))))
     integ["slice_spacing_mm"] = med
     integ["max_grid_deviation_mm"] = dev
-    gaps = []
-    for k, s in enumerate(steps):
-        if s > 1.5 * med:
-            missing = int(round(s / med)) - 1
-            gaps.append({"after_slice": k, "step_mm": float(s), "missing": missing})
-            warns.append(f"missing slices: gap of {s:.3g} mm between slice {k} (at {d[k]:.2f} mm) and "
-                         f"slice {k + 1} (at {d[k + 1]:.2f} mm) along the normal, about {missing} "
-                         f"slice{'s' * (missing != 1)} missing")
-    integ["gaps"] = gaps
+    integ["gaps"] = []
     uneven = np.abs(steps - med) > tol
     integ["uniform_spacing"] = not bool(uneven.any())
     if uneven.any():
@@ -170,8 +285,7 @@ def stack(frames: Sequence[Frame], *, where: str, volume: int | None = None) -> 
             warns.append(f"inconsistent orientation across slices (direction cosines differ by up to "
                          f"{odev:.2g}): the first slice's orientation is used")
         d = np.array([float(f.geom.position @ n) for f in frames])
-        tol = max(1e-3 * min(g0.spacing), 1e-3)
-        frames, d = _select_volume(frames, d, tol, volume, where, warns)
+        frames, d = _select_volume(frames, d, _position_tol(frames), volume, where, warns)
     elif len(frames) > 1:
         warns.append("no ImagePositionPatient/ImageOrientationPatient: slices ordered by InstanceNumber "
                      "and assumed contiguous")
@@ -182,7 +296,8 @@ def stack(frames: Sequence[Frame], *, where: str, volume: int | None = None) -> 
         if volume not in (None, 0):
             warns.append(f"volume {volume} requested but the image holds one volume: ignored")
 
-    warns.extend(g0.warnings)
+    for f in frames:  # header warnings of every slice, each text once
+        warns.extend(w for w in f.geom.warnings if w not in warns)
     g0 = frames[0].geom  # first slice after sorting: the affine's origin
     row = g0.row_cos if g0.row_cos is not None else np.array([1.0, 0.0, 0.0])
     col = g0.col_cos if g0.col_cos is not None else np.array([0.0, 1.0, 0.0])
@@ -193,7 +308,7 @@ def stack(frames: Sequence[Frame], *, where: str, volume: int | None = None) -> 
                      "affine is a scaled identity")
 
     if d is not None and len(frames) > 1:
-        med = _spacing_report(d, warns, integ)
+        med = _spacing_report(d, warns, integ, where, [_name(f.source) for f in frames])
         p0, p1 = frames[0].geom.position, frames[-1].geom.position
         span = p1 - p0
         u = span / np.linalg.norm(span)
@@ -213,6 +328,10 @@ def stack(frames: Sequence[Frame], *, where: str, volume: int | None = None) -> 
 
     # float32 (X=cols, Y=rows, Z), slice by slice; keep what exact_dtype needs
     rows, cols = frames[0].shape
+    if len(frames) * rows * cols > MAX_VOXELS:
+        raise CaseError(where, f"{len(frames)} slices of {cols}x{rows} pixels ({len(frames) * rows * cols:,} voxels) "
+                               f"exceed medldm's limit of {MAX_VOXELS:,} voxels",
+                        "split the series into smaller ones (or crop it) with another tool first")
     data = np.empty((len(frames), rows, cols), dtype=np.float32)  # filled contiguously, transposed once
     dtypes, rescaled, lo, hi, integral = [], False, np.inf, -np.inf, True
     for k, f in enumerate(frames):

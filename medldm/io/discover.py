@@ -1,10 +1,14 @@
 """Find the cases under a folder: NIfTI files and DICOM series (any file name, no extension needed).
 
-DICOM files are grouped by SeriesInstanceUID (a folder may hold several series, a series may span
-folders); a series whose images do not form one volume (several orientations, e.g. a localizer,
-or several image sizes) is split into one case per stack, as dcm2niix does. Unreadable files
-become cases with ``error`` set so the other cases still run; non-image objects are listed in
-``skipped`` with the reason.
+DICOM files are grouped by the folder holding them first, then by SeriesInstanceUID (a folder may
+hold several series; copies of one series in several folders stay separate cases, so the output
+mirrors the input). A series whose images do not form one volume (several orientations, e.g. a
+localizer, or several image sizes) is split into one case per stack, as dcm2niix does; a stack with
+missing slices (a gap) is split into one case per regular run of slices (``..._part-1``, ...), with
+a warning naming the gap, so no slice is ever placed at a wrong position. Unreadable files become
+cases with ``error`` set (or fail the series they belong to) so the other cases still run; files
+that are not scans (non-image objects, hidden files, FIFOs, devices, ...) are listed in ``skipped``
+with the reason. Only regular files are opened.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ class Case:
     source: str = ""  # what error lines and reports name (file or folder [+ series])
     series_uid: str = ""
     headers: list | None = field(default=None, repr=False, compare=False)
+    #: what discovery found about this case (e.g. the series was split at a gap): human lines, and
+    #: the same structured (``{"split": {...}}``); shown by ``medldm info`` and meant for run reports
+    warnings: list[str] = field(default_factory=list)
+    integrity: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         return self.id
@@ -40,6 +48,13 @@ class Case:
 class Discovery:
     cases: list[Case]
     skipped: list[str]
+    #: one line per decision that changed how the input maps to cases (a series split at a gap into
+    #: parts, a series found in several folders), naming the input folder and the case ids
+    notes: list[str] = field(default_factory=list)
+
+
+#: medldm's own temporary folders/files and record sidecars: skipped without a line.
+_OWN = re.compile(r"^\.medldm-tmp-|\.medldm\.json$")
 
 
 def _strip_ext(name: str) -> str:
@@ -59,84 +74,225 @@ def _nifti_ext(path: Path) -> str:
     return ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
 
 
-def _walk(root: Path):
+def _walk(root: Path, skipped: list[str]):
+    """Regular files under ``root`` (links followed only to regular files); the rest goes to ``skipped``."""
+    from medldm.io.dicom import file_kind
+
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for d in sorted(dirnames):
+            full = Path(dirpath) / d
+            if _OWN.search(d):
+                continue
+            if d.startswith("."):
+                skipped.append(f"{full}: skipped: hidden folder (name starts with '.')")
+            elif full.is_symlink():
+                skipped.append(f"{full}: skipped: link to a folder (links to folders are not followed)")
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+            full = Path(dirpath) / name
+            if _OWN.search(name):
+                continue
+            if name.startswith("."):
+                skipped.append(f"{full}: skipped: hidden file (name starts with '.')")
+                continue
+            try:
+                kind = file_kind(full)
+            except OSError as e:
+                skipped.append(f"{full}: skipped: cannot be opened ({e.strerror or e}; a broken link?)")
+                continue
+            if kind is not None:
+                skipped.append(f"{full}: skipped: not a regular file ({kind})")
+                continue
+            yield full
 
 
-def _units_of_series(items: list[tuple[Path, object]]) -> list[tuple[list[Path], list]]:
-    """Split one series' files into loadable units: each multi-frame file alone, single frames by stack."""
+@dataclass
+class _Unit:
+    """Files that load as one case, before ids are given."""
+
+    paths: list[Path]
+    headers: list
+    stack: int = 0  # index among the series' stacks / multi-frame objects
+    part: int = 0  # 1-based part of a stack split at gaps (0: not split)
+    error: CaseError | None = None
+    warnings: list[str] = field(default_factory=list)
+    integrity: dict = field(default_factory=dict)
+
+
+def _belongs(ds, frames) -> bool:
+    """Whether a damaged image header ``ds`` has the size and orientation of the stack ``frames``."""
+    import numpy as np
+
+    from medldm.io.dicom import slice_geometry
+    from medldm.io.dicom_series import ORIENT_SPLIT_TOL, _orient
+
+    try:
+        shape = (int(ds.Rows), int(ds.Columns))
+        g = slice_geometry(ds)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    o, ref = (None if g.row_cos is None else np.concatenate([g.row_cos, g.col_cos])), _orient(frames[0])
+    if shape != frames[0].shape or (o is None) != (ref is None):
+        return False
+    return o is None or float(np.max(np.abs(o - ref))) <= ORIENT_SPLIT_TOL
+
+
+def _with_count(e: CaseError, n_more: int) -> CaseError:
+    if n_more <= 0:
+        return e
+    return CaseError(e.path, f"{e.reason} (and {n_more} more damaged file{'s' * (n_more > 1)} in this series)", e.hint)
+
+
+def _units_of_series(items: list[tuple[Path, object]], bad: list[tuple[Path, object, CaseError]],
+                     where: str) -> list[_Unit]:
+    """Split one series' files (of one folder) into loadable units: each multi-frame file alone, single
+    frames by stack, each stack by regular runs of slices. ``bad``: damaged files of this series
+    (``(path, header or None, error)``); the stack they belong to fails with their error (never
+    loaded without them), so the user is told which file to fix."""
     from medldm.io.dicom import n_frames
     from medldm.io.dicom_frames import single_frame
-    from medldm.io.dicom_series import split_stacks
+    from medldm.io.dicom_series import _positions, describe_gap, regular_runs, split_stacks
 
-    units = [([p], [ds]) for p, ds in items if n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds]
-    singles = [(p, ds) for p, ds in items if not (n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds)]
-    if singles:
-        frames = []
-        for p, ds in singles:
-            try:
-                frames.append((single_frame(p, ds), p, ds))
-            except (CaseError, AttributeError, TypeError, ValueError):  # keep it alone: loading says why
-                units.append(([p], [ds]))
-        by_frame = {id(f): (p, ds) for f, p, ds in frames}
-        stacks = sorted(split_stacks([f for f, _, _ in frames]), key=lambda st: (-len(st), st[0].source))
-        for st in stacks:  # the biggest stack first: "_stack-1" is the main one
-            pairs = [by_frame[id(f)] for f in st]
-            units.append(([p for p, _ in pairs], [ds for _, ds in pairs]))
+    def multi(ds) -> bool:
+        return n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds
+
+    bad = list(bad)
+    units = [_Unit([p], [ds], stack=i) for i, (p, ds) in enumerate((p, ds) for p, ds in items if multi(ds))]
+    frames, by_frame = [], {}
+    for p, ds in items:
+        if multi(ds):
+            continue
+        try:
+            f = single_frame(p, ds)
+        except CaseError as e:
+            bad.append((p, ds, e))
+            continue
+        except (AttributeError, TypeError, ValueError) as e:
+            bad.append((p, ds, CaseError(p, f"damaged image header ({type(e).__name__}: {e})",
+                                         "copy the file again from the source (or remove it)")))
+            continue
+        frames.append(f)
+        by_frame[id(f)] = (p, ds)
+    stacks = sorted(split_stacks(frames), key=lambda st: (-len(st), st[0].source))  # "_stack-1": the biggest
+    stack_bad: dict[int, list] = defaultdict(list)
+    for b in bad:
+        k = next((i for i, st in enumerate(stacks) if b[1] is not None and _belongs(b[1], st)), 0 if stacks else -1)
+        stack_bad[k].append(b)
+    if -1 in stack_bad:  # damaged files only: one error unit
+        bl = stack_bad[-1]
+        units.append(_Unit([p for p, _, _ in bl], [ds for _, ds, _ in bl], stack=len(units),
+                           error=_with_count(bl[0][2], len(bl) - 1)))
+    first_stack = len(units)
+    for k, st in enumerate(stacks):
+        pairs = [by_frame[id(f)] for f in st]
+        sk = first_stack + k
+        if stack_bad.get(k):
+            bl = stack_bad[k]
+            units.append(_Unit([p for p, _ in pairs] + [p for p, _, _ in bl], [ds for _, ds in pairs] + [ds for _, ds, _ in bl],
+                               stack=sk, error=_with_count(bl[0][2], len(bl) - 1)))
+            continue
+        try:
+            runs = regular_runs(st, where=where)
+        except CaseError as e:
+            units.append(_Unit([p for p, _ in pairs], [ds for _, ds in pairs], stack=sk, error=e))
+            continue
+        if len(runs.runs) == 1:
+            units.append(_Unit([p for p, _ in pairs], [ds for _, ds in pairs], stack=sk))
+            continue
+        gaps = "; ".join(describe_gap(g) for g in runs.gaps)
+        n = len(runs.runs)
+        for j, run in enumerate(runs.runs):
+            rp = [by_frame[id(f)] for f in run]
+            pos = _positions(run)
+            lo, hi = float(pos.min()), float(pos.max())
+            nk = len({round(float(x), 3) for x in pos})
+            line = (f"missing slices: {gaps}; the series is split at the gap{'s' * (len(runs.gaps) > 1)} into {n} "
+                    f"regular parts (never stacked across a gap), this is part {j + 1} of {n}: "
+                    + (f"{nk} slices from {lo:.2f} to {hi:.2f} mm" if nk > 1 else f"1 slice at {lo:.2f} mm"))
+            units.append(_Unit([p for p, _ in rp], [ds for _, ds in rp], stack=sk, part=j + 1, warnings=[line],
+                               integrity={"split": {"part": j + 1, "parts": n, "slices": nk, "from_mm": round(lo, 4),
+                                                    "to_mm": round(hi, 4), "gaps": runs.gaps}}))
     return units
 
 
 def scan_folder(root: str | os.PathLike) -> Discovery:
     """Cases under ``root`` (a folder, or a single file). A missing path raises UsageError."""
-    from medldm.io.dicom import non_image_reason, read_header
+    from medldm.io.dicom import file_kind, non_image_reason, read_header
 
     root = Path(root)
     if not root.exists():
-        raise UsageError(f"{root}: no such file or folder")
+        raise UsageError(f"{root}: no such file or folder" + (" (broken link)" if root.is_symlink() else ""))
+    if not root.is_dir():
+        try:
+            kind = file_kind(root)
+        except OSError as e:
+            raise UsageError(f"{root}: cannot be opened ({e.strerror or e})") from None
+        if kind is not None:
+            raise UsageError(f"{root}: not a regular file or folder ({kind})")
     base = root.parent if root.is_file() else root
-    files = [root] if root.is_file() else list(_walk(root))
     cases: list[Case] = []
     skipped: list[str] = []
-    series: dict[str, list[tuple[Path, object]]] = defaultdict(list)
+    files = [root] if root.is_file() else list(_walk(root, skipped))
+    series: dict[tuple[Path, str], list[tuple[Path, object]]] = defaultdict(list)
+    bad: dict[tuple[Path, str], list[tuple[Path, object, CaseError]]] = defaultdict(list)
     for f in files:
-        rel = f.relative_to(base).as_posix()
         if is_nifti(f):
-            cases.append(Case(_safe(_strip_ext(rel)), "nifti", [f], base, source=str(f)))
+            cases.append(Case(_safe(_strip_ext(f.relative_to(base).as_posix())), "nifti", [f], base, source=str(f)))
             continue
         try:
             ds = read_header(f)
         except CaseError as e:
-            cases.append(Case(_safe(_strip_ext(rel)), "dicom-series", [f], base, error=e, source=str(f)))
+            bad[(f.parent, "")].append((f, None, e))
             continue
         if ds is None:
             skipped.append(f"{f}: skipped: not a NIfTI or DICOM file")
             continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "") or f"nouid:{f}"
         try:
             reason = non_image_reason(ds)
         except CaseError as e:
-            cases.append(Case(_safe(_strip_ext(rel)), "dicom-series", [f], base, error=e, source=str(f)))
+            bad[(f.parent, uid)].append((f, ds, e))
             continue
         if reason:
             skipped.append(f"{f}: skipped: {reason}")
             continue
-        uid = str(ds.get("SeriesInstanceUID", "") or "") or f"nouid:{f}"
-        series[uid].append((f, ds))
+        series[(f.parent, uid)].append((f, ds))
 
-    # units (one per stack / multi-frame object), grouped by the folder holding them
-    by_folder: dict[Path, list[tuple[str, object, list[Path], list, int, int]]] = defaultdict(list)
-    for uid, items in series.items():
-        units = _units_of_series(items)
-        folder = Path(os.path.commonpath([str(p.parent) for p, _ in items]))
-        for k, (paths, headers) in enumerate(units):
-            by_folder[folder].append((uid, headers[0], paths, headers, k, len(units)))
+    # files whose header cannot be read: part of the series when their folder holds only one
+    for (folder, uid), items in list(bad.items()):
+        here = [k for k in series if k[0] == folder]
+        if uid == "" and len(here) == 1:
+            bad[here[0]].extend(items)
+            del bad[(folder, uid)]
+    folders_of: dict[str, list[Path]] = defaultdict(list)
+    for folder, uid in series:
+        folders_of[uid].append(folder)
+
+    # units (one per stack / part / multi-frame object), grouped by the folder holding them
+    by_folder: dict[Path, list[tuple[str, object, _Unit, int]]] = defaultdict(list)
+    for (folder, uid), items in series.items():
+        units = _units_of_series(items, bad.pop((folder, uid), []), str(folder))
+        n_stacks = len({u.stack for u in units})
+        if len(folders_of[uid]) > 1 and not uid.startswith("nouid:"):
+            others = sorted(str(f) for f in folders_of[uid] if f != folder)
+            for u in units:
+                u.warnings.append(f"series {uid} also has files in {len(others)} other folder"
+                                  f"{'s' * (len(others) > 1)} ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
+                                  "each folder is its own case")
+        for u in units:
+            by_folder[folder].append((uid, items[0][1], u, n_stacks))
+    for items in bad.values():  # damaged files without a series to join: one case each
+        for f, _, e in items:
+            cases.append(Case(_safe(_strip_ext(f.relative_to(base).as_posix())), "dicom-series", [f], base,
+                              error=e, source=str(f)))
     for folder, units in by_folder.items():
         rel = folder.relative_to(base).as_posix() if folder != base else ""
         top = rel or (root.name if root.is_dir() else _strip_ext(root.name))
-        for uid, ds, paths, headers, k, n_units in units:
+        for uid, ds, u, n_stacks in units:
+            paths = u.paths
             if len(units) == 1:
                 cid = top
             elif uid.startswith("nouid:"):  # a file without SeriesInstanceUID: named after itself
@@ -145,16 +301,19 @@ def scan_folder(root: str | os.PathLike) -> Discovery:
                 num = ds.get("SeriesNumber", None)
                 tail = re.sub(r"[^0-9A-Za-z.]", "", uid.split(":")[-1])[-12:].strip(".")
                 label = (f"series-{num}_{tail}" if num not in (None, "") else f"series_{tail}")
-                if n_units > 1:  # the series was split (orientations, sizes, multi-frame objects)
-                    label += f"_stack-{k + 1}"
+                if n_stacks > 1:  # the series was split (orientations, sizes, multi-frame objects)
+                    label += f"_stack-{u.stack + 1}"
+                if u.part:  # the stack was split at missing slices
+                    label += f"_part-{u.part}"
                 cid = f"{rel}/{label}" if rel else label
             if len(paths) == 1:
                 src = str(paths[0])
             else:
                 src = str(folder) if len(units) == 1 else f"{folder} [{cid.rsplit('/', 1)[-1]}]"
-            cases.append(Case(_safe(cid), "dicom-series", sorted(paths), base, source=src,
+            order = sorted(range(len(paths)), key=lambda i: paths[i])
+            cases.append(Case(_safe(cid), "dicom-series", [paths[i] for i in order], base, error=u.error, source=src,
                               series_uid="" if uid.startswith("nouid:") else uid,
-                              headers=[h for _, h in sorted(zip(paths, headers, strict=True), key=lambda t: t[0])]))
+                              headers=[u.headers[i] for i in order], warnings=u.warnings, integrity=u.integrity))
     # unique ids (a NIfTI file and a DICOM folder could map to the same id)
     seen: dict[str, int] = {}
     for c in sorted(cases, key=lambda c: (c.id, str(c.paths[0]))):
@@ -164,7 +323,28 @@ def scan_folder(root: str | os.PathLike) -> Discovery:
         else:
             seen[c.id] = 1
     cases.sort(key=lambda c: c.id)
-    return Discovery(cases, skipped)
+    return Discovery(cases, skipped, _notes(cases))
+
+
+def _notes(cases: list[Case]) -> list[str]:
+    """One line per series split at gaps, and per series found in several folders."""
+    from medldm.io.dicom_series import describe_gap
+
+    notes, parts = [], defaultdict(list)
+    for c in cases:
+        if "split" in c.integrity:
+            parts[(str(c.paths[0].parent), c.series_uid, repr(c.integrity["split"]["gaps"]))].append(c)
+    for (folder, _uid, _), cs in parts.items():
+        cs.sort(key=lambda c: c.integrity["split"]["part"])
+        gaps = "; ".join(describe_gap(g) for g in cs[0].integrity["split"]["gaps"])
+        notes.append(f"{folder}: missing slices ({gaps}): the series is split into {len(cs)} regular parts, "
+                     f"one case each: {', '.join(c.id for c in cs)}")
+    multi = sorted({c.series_uid for c in cases if any("other folder" in w for w in c.warnings)})
+    for uid in multi:
+        folders = sorted({str(c.paths[0].parent) for c in cases if c.series_uid == uid})
+        notes.append(f"series {uid} is found in {len(folders)} folders ({', '.join(folders[:3])}"
+                     f"{', ...' if len(folders) > 3 else ''}): one case per folder")
+    return notes
 
 
 def output_path(case: Case, out_root: str | os.PathLike, fmt: str | None = None) -> Path:
