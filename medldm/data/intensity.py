@@ -8,7 +8,8 @@ JSON-serializable dict (``params``) that travels in ``img.meta["normalization"]`
   = [-1024, 3071]) or given as ``window=(lo, hi)``.
 * MR and anything else (``method="percentile"``): ``[lo, hi]`` are the ``p_lo``/``p_hi`` percentiles
   (default 0.5 / 99.5) of the whole volume, or of its foreground (``foreground=True``: voxels above the
-  volume minimum, i.e. the zero background of a masked MR is left out).
+  volume minimum, i.e. the zero background of a masked MR is left out; a constant image, which has no
+  foreground, uses all its voxels). NaN and infinite voxels never enter the statistics.
 
 Clipping (``clip=True``) saturates ``y`` to ``out_range``; it is off by default so that
 ``denormalize(normalize(x))`` is exact for every voxel. With ``clip=True`` the inverse is exact for voxels
@@ -111,8 +112,9 @@ def fit_normalization(
     elif method == "percentile":
         a = _as_numpy(img).astype(np.float64, copy=False).ravel()
         a = a[np.isfinite(a)]
-        if foreground:
-            a = a[a > a.min()] if a.size else a
+        if foreground and a.size:
+            fg = a[a > a.min()]
+            a = fg if fg.size else a  # constant image: no foreground, all voxels used
         if a.size == 0:
             raise ValueError("cannot fit percentile normalization: no (foreground) voxels")
         lo, hi = (float(v) for v in np.percentile(a, percentiles))

@@ -17,6 +17,11 @@ inverted afterwards), so the NLM/BM3D parameters below are scale-free:
   :func:`estimate_noise_sigma`) unless given.
 * ``bm3d``: ``bm3d.bm3d(slice, sigma_psd=σ)`` per slice (2D only) from the optional ``bm3d``
   package (``pip install 'medldm[bm3d]'``).
+
+Non-finite voxels (NaN, ±inf) never spread: they are left out of the min/max and of the noise estimate,
+replaced by their nearest finite neighbour (``medldm.data.intensity.fill_nonfinite``) for the filter or
+the interpolation, and are NaN in the output (super-resolution: every output voxel whose centre lies in
+such a voxel). ``info["nonfinite_voxels"]`` counts them. An image with no finite voxel is refused.
 """
 
 from __future__ import annotations
@@ -45,20 +50,27 @@ def _normalize(vol: np.ndarray) -> tuple[np.ndarray, float, float]:
     return (vol.astype(np.float64) - lo) / scale, lo, scale
 
 
-def estimate_noise_sigma(vol: np.ndarray, dims: int = 2) -> float:
+def estimate_noise_sigma(vol: np.ndarray, dims: int = 2, exclude: np.ndarray | None = None) -> float:
     """Noise standard deviation of ``vol`` (X, Y, Z), same units as ``vol``.
 
     ``skimage.restoration.estimate_sigma`` (wavelet MAD estimator of Donoho & Johnstone): with
     ``dims=2`` the median of the per-slice estimates over non-constant slices, with ``dims=3`` one
-    estimate on the whole volume.
+    estimate on the whole volume. Slices touching ``exclude`` (e.g. filled-in NaN voxels) are left out
+    of the 2D median unless every slice touches it (the 3D estimate, a median itself, keeps them).
+    Images narrower than 2 voxels in-plane have no wavelet detail: 0.
     """
     from skimage.restoration import estimate_sigma
 
     vol = np.asarray(vol, dtype=np.float64)
+    if min(vol.shape[:2]) < 2:
+        return 0.0
     if dims == 3 and vol.shape[2] > 1:
         return float(estimate_sigma(vol, channel_axis=None))
-    est = [float(estimate_sigma(vol[:, :, k], channel_axis=None))
-           for k in range(vol.shape[2]) if np.ptp(vol[:, :, k]) > 0]
+    ks = [k for k in range(vol.shape[2]) if np.ptp(vol[:, :, k]) > 0]
+    if exclude is not None:
+        clean = [k for k in ks if not exclude[:, :, k].any()]
+        ks = clean or ks
+    est = [float(estimate_sigma(vol[:, :, k], channel_axis=None)) for k in ks]
     return float(np.median(est)) if est else 0.0
 
 
@@ -99,8 +111,14 @@ def denoise(
         raise ValueError(f"expected an (X, Y, Z) array, got shape {vol.shape}")
     if dims == 3 and vol.shape[2] == 1:
         dims = 2
+    bad = _nonfinite(vol)
+    if bad is not None:
+        from medldm.data.intensity import fill_nonfinite
+
+        vol = fill_nonfinite(vol, bad)
     x, lo, scale = _normalize(vol)
-    info: dict = {"method": method, "dims": dims, "normalization": {"offset": lo, "scale": scale}}
+    info: dict = {"method": method, "dims": dims, "normalization": {"offset": lo, "scale": scale},
+                  "nonfinite_voxels": 0 if bad is None else int(bad.sum())}
     if method == "gaussian":
         from scipy.ndimage import gaussian_filter
 
@@ -112,7 +130,7 @@ def denoise(
             if dims == 3:
                 raise ValueError("bm3d runs slice by slice only: use dims=2")
             bm3d = require_bm3d()
-        sig_n = sigma / scale if sigma is not None else estimate_noise_sigma(x, dims)
+        sig_n = sigma / scale if sigma is not None else estimate_noise_sigma(x, dims, exclude=bad)
         info["noise_sigma"] = sig_n * scale
         info["noise_sigma_source"] = "given" if sigma is not None else "estimate_sigma"
         if sig_n <= 0:
@@ -130,8 +148,20 @@ def denoise(
             y = denoise_nl_means(x, **kw) if dims == 3 else _per_slice(lambda s: denoise_nl_means(s, **kw), x)
         else:
             y = _per_slice(lambda s: np.asarray(bm3d.bm3d(s, sigma_psd=sig_n), dtype=np.float64), x)
-    out = y * scale + lo
-    return out.astype(np.float32), info
+    out = (y * scale + lo).astype(np.float32)
+    if bad is not None:
+        out[bad] = np.nan
+    return out, info
+
+
+def _nonfinite(vol: np.ndarray) -> np.ndarray | None:
+    """Mask of the non-finite voxels (None when there are none); ValueError when no voxel is finite."""
+    bad = ~np.isfinite(vol)
+    if not bad.any():
+        return None
+    if bad.all():
+        raise ValueError("every voxel is NaN or infinite: nothing to process")
+    return bad
 
 
 # ---------------------------------------------------------------------------------- interpolation
@@ -194,6 +224,11 @@ def upsample(vol: np.ndarray, scale: float, method: str, axis: str = "inplane") 
     if axis == "through" and vol.shape[2] < 2:
         raise ValueError("through-plane up-sampling needs a volume with more than one slice")
     new_shape = tuple(max(1, int(round(n * f))) for n, f in zip(vol.shape, factors, strict=True))
+    bad = _nonfinite(vol)
+    if bad is not None:
+        from medldm.data.intensity import fill_nonfinite
+
+        vol = fill_nonfinite(vol, bad)
     if method == "bicubic":
         out = cubic_convolution_resize(vol, new_shape)
     else:
@@ -201,16 +236,44 @@ def upsample(vol: np.ndarray, scale: float, method: str, axis: str = "inplane") 
 
         zf = [m / n for m, n in zip(new_shape, vol.shape, strict=True)]
         out = zoom(vol.astype(np.float64), zf, order=SPLINE_ORDER[method], mode="nearest", grid_mode=True)
-    return np.asarray(out, dtype=np.float32)
+    out = np.asarray(out, dtype=np.float32)
+    if bad is not None:
+        from medldm.io.geometry import resize_mask_nearest
+
+        out[resize_mask_nearest(bad, out.shape)] = np.nan
+    return out
 
 
 # ------------------------------------------------------------------------------------ MetaTensor API
+def _scan_error(img, e: ValueError):
+    from medldm.io.errors import CaseError
+
+    src = (getattr(img, "meta", None) or {}).get("filename_or_obj") or "<image>"
+    return CaseError(src, str(e), "check the scan (see `medldm info`)")
+
+
+def _note_nonfinite(out, n_bad: int, what: str) -> None:
+    if n_bad and hasattr(out, "meta"):
+        out.meta["warnings"] = [*out.meta.get("warnings", []),
+                                f"{n_bad} NaN/infinite input voxel(s): filled with their nearest finite neighbour "
+                                f"for the {what}, NaN in the output"]
+
+
 def denoise_scan(img, method: str, **kwargs):
-    """:func:`denoise` on a MetaTensor (X, Y, Z); returns ``(MetaTensor, info)`` on the same grid."""
-    arr, info = denoise(np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img), method, **kwargs)
+    """:func:`denoise` on a MetaTensor (X, Y, Z); returns ``(MetaTensor, info)`` on the same grid.
+    An image without finite voxels raises :class:`~medldm.io.errors.CaseError`."""
+    try:
+        arr, info = denoise(np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img), method,
+                            **kwargs)
+    except ValueError as e:
+        if "NaN" not in str(e):
+            raise
+        raise _scan_error(img, e) from None
     from medldm.data.degrade import like_image
 
-    return like_image(arr, img), info
+    out = like_image(arr, img)
+    _note_nonfinite(out, info["nonfinite_voxels"], "filter")
+    return out, info
 
 
 def upsample_scan(img, scale: float, method: str, axis: str = "inplane"):
@@ -219,8 +282,18 @@ def upsample_scan(img, scale: float, method: str, axis: str = "inplane"):
     from medldm.io.geometry import resized_affine
 
     src = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img)
-    arr = upsample(src, scale, method, axis)
+    try:
+        arr = upsample(src, scale, method, axis)
+    except ValueError as e:
+        if "NaN" not in str(e):
+            raise
+        raise _scan_error(img, e) from None
     aff = resized_affine(np.asarray(img.affine, dtype=np.float64), src.shape, arr.shape)
     from medldm.data.degrade import like_image
 
-    return like_image(arr, img, aff)
+    out = like_image(arr, img, aff)
+    n_bad = int(src.size - np.count_nonzero(np.isfinite(src)))
+    _note_nonfinite(out, n_bad, "interpolation")
+    if hasattr(out, "meta"):
+        out.meta["nonfinite_voxels"] = n_bad
+    return out

@@ -58,10 +58,12 @@ def _summary_table(summary: dict, methods: list[str], level: str, title: str) ->
         for k in METRICS:
             s = summary["methods"][m][k][level]
             mean, std, ci, n = _stat_cells(s, k)
+            left = (f", <span class='fail'>{s['n_missing']} left out (NaN, see below)</span>"
+                    if s.get("n_missing") else "")
             if s["n"] == 0:
-                cells.append("<td>–<br><small>not computed (see notes)</small></td>")
+                cells.append(f"<td>–<br><small>not computed{left or ' (see notes)'}</small></td>")
                 continue
-            cells.append(f"<td>{mean} ± {std}<br><small>95% CI {ci}, n={n}</small></td>")
+            cells.append(f"<td>{mean} ± {std}<br><small>95% CI {ci}, n={n}{left}</small></td>")
         body.append(f"<tr><td>{escape(m)}</td>{''.join(cells)}</tr>")
     cap = _caption(title, conv, f"mean ± std over cases; {summary['ci']['definition']}")
     return f"<table>{cap}<thead><tr><th>method</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -108,6 +110,19 @@ def _metric_table(metric: str, level: str, values: dict, summary: dict, methods:
             f"<tfoot>{''.join(foot)}</tfoot></table>")
 
 
+def _exclusions(summary: dict) -> str:
+    """What the means leave out (NaN values) and why; says so explicitly when nothing is left out."""
+    lines = summary.get("exclusions")
+    if lines is None:
+        return ""
+    if not lines:
+        return "<p>Left out of the means: nothing (every case and slice has a value for every metric).</p>"
+    items = "".join(f"<li class='fail'>{escape(x)}</li>" for x in lines)
+    return ("<h3 class='fail'>Left out of the means</h3><p>These values are NaN and are not in the means, "
+            "standard deviations or intervals above (counts per method and metric: <code>summary.json</code> "
+            f"→ <code>excluded</code>):</p><ul>{items}</ul>")
+
+
 def _panel_figure(p: dict) -> str:
     labels = " | ".join(t["label"] for t in p["tiles"])
     lo, hi = p["window"]
@@ -143,6 +158,7 @@ def build_html(*, summary: dict, values: dict, methods: list[str], panels: list[
         _summary_table(summary, methods, "volume", "Summary over cases — 3D metrics"),
         _summary_table(summary, methods, "slice_mean", "Summary over cases — per-slice 2D metrics (case means)"),
         _paired_table(summary),
+        _exclusions(summary),
         "<h2>Per case</h2>",
     ]
     for k in METRICS:

@@ -38,6 +38,8 @@ class Collected:
     rows: list[dict] = field(default_factory=list)  # metrics.csv rows (volume + slice)
     panels: list[dict] = field(default_factory=list)
     case_notes: dict[str, list[str]] = field(default_factory=dict)
+    # why a (method, case)'s values are NaN: {(method, case): {"volume": {metric: reason}, "slice": {reason: n}}}
+    nan_reasons: dict[tuple[str, str], dict] = field(default_factory=dict)
 
 
 def _safe_name(cid: str) -> str:
@@ -48,6 +50,9 @@ def _display_window(ref: np.ndarray, mask: np.ndarray | None, conv: Convention) 
     if conv.window is not None:
         return conv.window, "metric window"
     vals = ref[mask] if mask is not None else ref.reshape(-1)
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return (0.0, 1.0), "no finite reference voxel"
     lo, hi = (float(v) for v in np.percentile(vals, [0.5, 99.5]))
     if hi <= lo:
         lo, hi = float(vals.min()), float(vals.max()) if vals.max() > vals.min() else float(vals.min()) + 1.0
@@ -72,12 +77,17 @@ def _write_panels(ec: EvalCase, ref_np, mask_np, aff, planes: dict[str, dict[int
                 a, b = np.clip(a, *clip), np.clip(b, *clip)
             diffs.append(np.abs(a - b).ravel())
     d = np.concatenate(diffs)
-    dmax = float(np.percentile(d, 99.5)) or float(d.max()) or opts.conv.r / 100
+    d = d[np.isfinite(d)]  # NaN voxels (said in the notes) show as black in the difference tiles
+    dmax = (float(np.percentile(d, 99.5)) or float(d.max()) or opts.conv.r / 100) if d.size else opts.conv.r / 100
     dmax = float(f"{dmax:.3g}")
     out = []
+    def shown(a: np.ndarray) -> np.ndarray:
+        return np.where(np.isfinite(a), a, window[0])
+
     for k in idx:
         ref2d, spacing, letters = refs[k]
-        img, tiles = render_panel(ref2d, [(m, by_slice[k]) for m, by_slice in planes.items()], window=window,
+        ref2d = shown(ref2d)
+        img, tiles = render_panel(ref2d, [(m, shown(by_slice[k])) for m, by_slice in planes.items()], window=window,
                                   dmax=dmax, spacing=spacing, diff_clip=clip, tile=opts.tile)
         rel = f"panels/{_safe_name(ec.id)}__{AXIS_NAMES[opts.axis].lower()}{k:04d}.png"
         save_png(img, out_dir / rel)
@@ -126,8 +136,7 @@ def evaluate_case(ec: EvalCase, methods: list[str], opts: EvalOptions, out_dir: 
             failures.append(e)
             continue
         pred_t = pred.as_subclass(torch.Tensor).float()
-        vol, vnotes = volume_metrics(pred_t, ref_t, mask_t, opts.conv)
-        sl, snotes = slice_metrics(pred_t, ref_t, mask_t, opts.conv, opts.axis)
+        vol, vnotes, sl, snotes = _metrics(ec.id, name, pred_t, ref_t, mask_t, opts, acc)
         notes += [f"{name}: 3D {n}" for n in vnotes] + [f"{name}: per slice {n}" for n in snotes]
         acc.rows.append({"method": name, "case": ec.id, "level": "volume", "axis": "", "slice": "", **vol,
                          "note": "; ".join(vnotes)})
@@ -144,6 +153,83 @@ def evaluate_case(ec: EvalCase, methods: list[str], opts: EvalOptions, out_dir: 
     if failures:
         raise CaseError(ec.id, f"{len(failures)} predictions failed: " + " | ".join(e.line() for e in failures))
     return {"methods": list(planes)}
+
+
+def _metrics(cid: str, name: str, pred_t: torch.Tensor, ref_t: torch.Tensor, mask_t, opts: EvalOptions,
+             acc: Collected):
+    """Volume and slice metrics of one prediction. Non-finite voxels (NaN/inf) in the prediction or the
+    reference make the 3D values and the values of the slices holding them NaN: left out of the means, and
+    counted with the reason in summary.json's ``excluded`` and the report (never silently)."""
+    bad_p, bad_r = ~torch.isfinite(pred_t), ~torch.isfinite(ref_t)
+    bad = bad_p | bad_r
+    reasons: dict = {"volume": {}, "slice": {}}
+    if bool(bad.any()):
+        parts = [f"{int(b.sum())} NaN/inf voxel(s) in the {w}" for b, w in ((bad_p, "prediction"), (bad_r, "reference"))
+                 if bool(b.any())]
+        why = " and ".join(parts)
+        zero = torch.zeros((), dtype=pred_t.dtype)
+        vol, vnotes = volume_metrics(torch.where(bad, zero, pred_t), torch.where(bad, zero, ref_t), mask_t, opts.conv)
+        sl, snotes = slice_metrics(torch.where(bad, zero, pred_t), torch.where(bad, zero, ref_t), mask_t, opts.conv,
+                                   opts.axis)
+        hit = bad.movedim(opts.axis, 0).flatten(1).any(dim=1).numpy()
+        for m in METRICS:
+            vol[m] = math.nan
+            sl[m][hit] = math.nan
+            reasons["volume"][m] = why
+            reasons["slice"][m] = [f"{int(hit.sum())} slice(s) with {why}"]
+        vnotes = [f"{why}: 3D metrics not computed (NaN)", *vnotes]
+        snotes = [f"{why}: {int(hit.sum())} slice(s) holding them not computed (NaN)", *snotes]
+    else:
+        vol, vnotes = volume_metrics(pred_t, ref_t, mask_t, opts.conv)
+        sl, snotes = slice_metrics(pred_t, ref_t, mask_t, opts.conv, opts.axis)
+    for m in METRICS:  # other NaN: the metric's own reason (too small, empty mask)
+        if math.isnan(vol[m]) and m not in reasons["volume"]:
+            reasons["volume"][m] = next((n for n in vnotes if n.startswith(f"{m}:")), "not computed")
+    for m in METRICS:
+        reasons["slice"].setdefault(m, []).extend(
+            n for n in snotes if n.startswith(f"{m}:") or "empty mask" in n)
+    acc.nan_reasons[(name, cid)] = reasons
+    return vol, vnotes, sl, snotes
+
+
+def excluded_values(rows: list[dict], methods: list[str], nan_reasons: dict) -> dict:
+    """What the means leave out, and why: ``{method: {metric: {"cases": n, "of_cases": N, "slices": n,
+    "of_slices": N, "reasons": {case: reason}}}}`` (NaN values; every count is in summary.json)."""
+    out: dict = {}
+    for m in methods:
+        out[m] = {}
+        for k in METRICS:
+            vol = [r for r in rows if r["method"] == m and r["level"] == "volume"]
+            sli = [r for r in rows if r["method"] == m and r["level"] == "slice"]
+            reasons = {}
+            for r in vol:
+                if isinstance(r[k], float) and math.isnan(r[k]):
+                    reasons[r["case"]] = nan_reasons.get((m, r["case"]), {}).get("volume", {}).get(k, "not computed")
+            n_sl = sum(isinstance(r[k], float) and math.isnan(r[k]) for r in sli)
+            slice_cases = sorted({r["case"] for r in sli if isinstance(r[k], float) and math.isnan(r[k])})
+            slice_reasons = {c: "; ".join(nan_reasons.get((m, c), {}).get("slice", {}).get(k, [])) or "not computed"
+                             for c in slice_cases}
+            out[m][k] = {"cases": len(reasons), "of_cases": len(vol), "slices": int(n_sl), "of_slices": len(sli),
+                         "reasons": reasons, "slice_reasons": slice_reasons}
+    return out
+
+
+def _exclusion_notes(excluded: dict) -> list[str]:
+    lines = []
+    for m, by_metric in excluded.items():
+        for k, e in by_metric.items():
+            if e["cases"]:
+                why = "; ".join(f"{c}: {r}" for c, r in list(e["reasons"].items())[:5])
+                more = f" (+{e['cases'] - 5} more)" if e["cases"] > 5 else ""
+                lines.append(f"{m} {k}: {e['cases']} of {e['of_cases']} case(s) left out of the 3D means "
+                             f"(NaN) — {why}{more}")
+            if e["slices"]:
+                sr = e["slice_reasons"]
+                why = "; ".join(f"{c}: {r}" for c, r in list(sr.items())[:5])
+                more = f" (+{len(sr) - 5} more cases)" if len(sr) > 5 else ""
+                lines.append(f"{m} {k}: {e['slices']} of {e['of_slices']} slice(s) left out of the per-slice "
+                             f"means (NaN) — {why}{more}")
+    return lines
 
 
 def _group_notes(case_notes: dict[str, list[str]]) -> list[str]:
@@ -254,6 +340,8 @@ def evaluate(pairing: Pairing, opts: EvalOptions, out_dir: str | Path, *, comman
     failed = [r.message for r in results if r.status == "failed"]
     summary["cases"] = {"paired": len(pairing.cases), "evaluated": sum(r.status == "done" for r in results),
                         "failed": failed}
+    summary["excluded"] = excluded_values(acc.rows, pairing.methods, acc.nan_reasons)
+    summary["exclusions"] = _exclusion_notes(summary["excluded"])
     summary["notes"] = pairing.notes + _group_notes(acc.case_notes)
     write_csv(out_dir / "metrics.csv", acc.rows)
     write_json(out_dir / "summary.json", summary)

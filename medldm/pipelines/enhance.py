@@ -35,6 +35,8 @@ from medldm.pipelines.tiling import tiled_call, tiled_decode
 UNCERTAIN_STD = 0.05
 #: warn when more than this fraction of the foreground is uncertain
 UNCERTAIN_WARN_FRACTION = 0.01
+#: smallest padded image size for a model folder with a refiner (2**4: BasicUNet's four poolings)
+REFINER_MIN_SIZE = 16
 
 
 @dataclass
@@ -96,6 +98,9 @@ class Enhancer:
         self.refiner_base = str((ex.get("refiner") or {}).get("base", "decoded"))
         self.unet_down = 2 ** (len(self.denoiser.cfg.channels) - 1)  # latent sizes must be multiples of this
         self.align = self.f * self.unet_down  # image sizes are padded to multiples of this
+        # ... and to at least this: the refiner (MONAI BasicUNet) pools 4 times, so a 1-pixel-wide image padded
+        # to `align` only would be too small for it
+        self.min_size = max(self.align, REFINER_MIN_SIZE if self.refiner is not None else 0)
         self.resize_to = ex.get("resize_to")
         patch = ex.get("patch_size") or [64] * self.dims
         self.default_window = tuple(_ceil(max(2 * int(p) // self.f, 8), self.unet_down) for p in patch)
@@ -223,7 +228,7 @@ class Enhancer:
     def _run_2d(self, cond_img: torch.Tensor, axis: int, level, opts: EnhanceOptions):
         vol = torch.movedim(cond_img, axis, 0)  # (n, H, W)
         n, h, w = vol.shape
-        ph, pw = _ceil(h, self.align), _ceil(w, self.align)
+        ph, pw = (max(_ceil(v, self.align), self.min_size) for v in (h, w))
         means, stds = [], []
         for start in range(0, n, max(opts.batch_size, 1)):
             items = vol[start : start + opts.batch_size][:, None]
@@ -236,7 +241,7 @@ class Enhancer:
 
     def _run_3d(self, cond_img: torch.Tensor, level, opts: EnhanceOptions):
         shape = cond_img.shape
-        items = _pad_to(cond_img[None, None], tuple(_ceil(s, self.align) for s in shape))
+        items = _pad_to(cond_img[None, None], tuple(max(_ceil(s, self.align), self.min_size) for s in shape))
         m, s = self._sample_items(items, [0], level, opts)
         sl = (0, 0, *(slice(0, v) for v in shape))
         return m[sl], s[sl]
