@@ -1,5 +1,8 @@
 """Multi-process training with ``torchrun`` (DDP): NCCL on GPUs, gloo on CPU. Rank 0 writes files.
 
+Collectives run on the process group's device (``collective_device``): an NCCL group only takes CUDA tensors
+("No backend type associated with device type cpu" otherwise), a gloo group CPU tensors.
+
 Data parallelism does not need a ``DistributedSampler``: each optimiser step's samples are drawn from a
 generator seeded by (seed, step, micro-batch, rank) (see ``medldm.data.datasets.step_rng``), so ranks see
 different samples, the global batch is ``world_size * batch_size``, and a resumed run draws exactly the
@@ -52,19 +55,49 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def mean_across(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Average scalar logs over ranks (a collective: every rank must call it)."""
-    if not info.enabled or not values:
-        return values
+def collective_device(group=None) -> torch.device:
+    """The device whose tensors the process group's collectives take: the current CUDA device for NCCL, else CPU.
+
+    A mixed group (``"cpu:gloo,cuda:nccl"``) takes both; CPU is used then (no transfer needed for scalars)."""
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mean_across(values: dict[str, float | torch.Tensor], info: DistInfo) -> dict[str, float]:
+    """Average scalar logs over ranks (a collective: every rank must call it); floats out, one host read.
+
+    Values may be Python numbers or 0-d tensors on any device (the engine's on-device loss sums)."""
+    if not values:
+        return {}
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+    if info.enabled:
+        dev = collective_device()
+    else:  # stay where the tensors are (one transfer below, not one per value)
+        dev = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    t = torch.stack([torch.as_tensor(values[k]).detach().to(device=dev, dtype=torch.float64).reshape(())
+                     for k in keys])
+    if info.enabled:
+        dist.all_reduce(t)
+        t = t / info.world_size
+    return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def all_finite(flag: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``flag`` (0-d bool, this rank) AND-ed over ranks, so every rank takes the same skip decision."""
+    if not info.enabled:
+        return flag
+    dev = collective_device()
+    f = flag.to(device=dev, dtype=torch.float32).reshape(1)
+    dist.all_reduce(f, op=dist.ReduceOp.MIN)
+    return f[0].to(flag.device) > 0
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        dist.barrier()
+        dev = collective_device()
+        dist.barrier(device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 def cleanup(info: DistInfo) -> None:
@@ -77,8 +110,9 @@ def check_in_sync(modules: dict[str, nn.Module], info: DistInfo) -> None:
     """Raise if the ranks' weights have drifted apart (a cheap checksum per module; a collective)."""
     if not info.enabled:
         return
+    dev = collective_device()
     for name, m in modules.items():
-        s = torch.stack([p.detach().double().sum() for p in m.parameters()]).sum().reshape(1).cpu()
+        s = torch.stack([p.detach().double().sum() for p in m.parameters()]).sum().reshape(1).to(dev)
         gathered = [torch.zeros_like(s) for _ in range(info.world_size)]
         dist.all_gather(gathered, s)
         if any(not torch.equal(g, gathered[0]) for g in gathered):

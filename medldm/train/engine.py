@@ -11,12 +11,20 @@ A *stage* (``VAEStage``, ``LDMStage``) supplies: ``name``, ``tcfg`` (its train s
 networks to checkpoint), ``wrapped`` (the same, DDP/compile-wrapped, used for forward), ``optimizers``,
 ``ema`` (name -> EMA), ``cpu_batch(step, micro)`` + ``to_device(batch)``, ``losses(batch, step) -> {"loss": ...}``,
 ``validate(step) -> metrics``, ``images(step, path)``, ``export(path)``, ``config`` and ``extra()``.
+
+Host syncs: loss values stay on the device, summed per log interval, and are read once per log row (as EDM2's
+``training_stats`` does) — no ``float()`` / ``.item()`` per micro-batch. The one read per step is a single flag:
+whether the step's loss and gradient norms are finite. A non-finite step is skipped (no optimizer step, no EMA
+update), counted in the log's ``nonfinite`` column and reported; ``Runtime.max_nonfinite`` consecutive ones stop
+the run with ``NonFiniteLossError`` (its last checkpoint stays intact). With fp16 the GradScaler handles gradient
+overflow itself, so only the loss is checked then.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import random
 import sys
@@ -29,8 +37,21 @@ import torch
 from torch import nn
 
 from medldm.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from medldm.train.distributed import DistInfo, barrier, check_in_sync, init_distributed, mean_across
+from medldm.train.distributed import (
+    DistInfo,
+    all_finite,
+    barrier,
+    check_in_sync,
+    init_distributed,
+    mean_across,
+)
 from medldm.train.logging import MetricLog, read_log
+
+log_ = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive optimiser steps had a non-finite loss or gradient."""
 
 
 @dataclasses.dataclass
@@ -46,6 +67,7 @@ class Runtime:
     flash_attention: bool = False
     progress: bool = True
     tensorboard: bool = True
+    max_nonfinite: int = 20  # consecutive non-finite (skipped) steps before the run stops
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -188,8 +210,10 @@ def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = Fal
 
         bar = tqdm(total=total, initial=step, desc=stage.name, unit="step", file=sys.stderr, dynamic_ncols=True)
     done_here = 0
-    acc: dict[str, float] = {}
-    n_acc = 0
+    acc: dict[str, torch.Tensor] = {}  # on-device sums of the finite steps' losses since the last log row
+    n_acc = 0  # finite steps in acc
+    skipped = 0  # non-finite (skipped) steps since the last log row
+    consecutive = 0
     t_last = time.perf_counter()
     imgs_since = 0
     stream = batch_stream(stage, step, total, tcfg.grad_accum, stage.cfg.data.num_workers, rt.device.type == "cuda")
@@ -200,6 +224,7 @@ def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = Fal
             for g, lr0 in zip(o.param_groups, base_lr[k], strict=True):
                 g["lr"] = lr0 * f
             o.zero_grad(set_to_none=True)
+        step_sums: dict[str, torch.Tensor] = {}
         for micro in range(tcfg.grad_accum):
             batch = stage.to_device(next(stream))
             sync = micro == tcfg.grad_accum - 1
@@ -213,36 +238,67 @@ def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = Fal
                     losses = stage.losses(batch, step)
                 loss = losses["loss"] / tcfg.grad_accum
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-            for k, v in losses.items():
-                acc[k] = acc.get(k, 0.0) + float(v.detach()) / tcfg.grad_accum
+            for k, v in losses.items():  # stays on the device: no host sync
+                v = v.detach().double() / tcfg.grad_accum
+                step_sums[k] = step_sums[k] + v if k in step_sums else v
             imgs_since += int(stage.batch_size(batch)) * rt.dist.world_size
-        n_acc += 1
+        finite = torch.isfinite(step_sums["loss"])
         for o in stage.optimizers.values():
             if scaler is not None:
                 scaler.unscale_(o)
+            params = [p for g in o.param_groups for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
             if tcfg.grad_clip > 0:
-                params = [p for g in o.param_groups for p in g["params"] if p.grad is not None]
-                torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-            if scaler is not None:
-                scaler.step(o)
+                norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+            elif scaler is None:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             else:
-                o.step()
+                continue
+            if scaler is None:  # fp16: the GradScaler skips overflowing steps itself
+                finite = finite & torch.isfinite(norm).to(finite.device)
+        finite = all_finite(finite, rt.dist)  # every rank takes the same decision
+        if bool(finite):  # the step's one host read
+            consecutive = 0
+            for k, v in step_sums.items():
+                acc[k] = acc[k] + v if k in acc else v
+            n_acc += 1
+            for o in stage.optimizers.values():
+                if scaler is not None:
+                    scaler.step(o)
+                else:
+                    o.step()
+            for name, e in stage.ema.items():
+                e.update(stage.modules[name])
+        else:
+            skipped += 1
+            consecutive += 1
+            log_.warning("%s step %d: non-finite loss or gradient — step skipped (%d in a row)",
+                         stage.name, step, consecutive)
+            if consecutive >= rt.max_nonfinite:
+                if bar is not None:
+                    bar.close()
+                log.close()
+                raise NonFiniteLossError(
+                    f"{stage.name}: {consecutive} consecutive steps (up to step {step}) had a non-finite loss or "
+                    f"gradient and were skipped — lower the learning rate, enable grad_clip or use bf16/fp32; "
+                    f"the last checkpoint in {ckpt} is intact (resume with --resume)")
         if scaler is not None:
             scaler.update()
-        for name, e in stage.ema.items():
-            e.update(stage.modules[name])
         step += 1
         done_here += 1
         if step % tcfg.log_every == 0 or step == total:
             now = time.perf_counter()
-            row = mean_across({k: v / n_acc for k, v in acc.items()}, rt.dist)
+            vals: dict[str, Any] = {k: v / n_acc for k, v in acc.items()} if n_acc else {"loss": math.nan}
+            vals["nonfinite"] = float(skipped)
+            row = mean_across(vals, rt.dist)  # the interval's one read of the loss values
             row["img_per_s"] = imgs_since / max(now - t_last, 1e-9)
             row["lr"] = next(iter(stage.optimizers.values())).param_groups[0]["lr"]
             if main:
                 log.write(step, row)
             if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.4g}", img_s=f"{row['img_per_s']:.1f}")
-            acc, n_acc, imgs_since = {}, 0, 0
+                bar.set_postfix(loss=f"{row.get('loss', math.nan):.4g}", img_s=f"{row['img_per_s']:.1f}")
+            acc, n_acc, skipped, imgs_since = {}, 0, 0, 0
             t_last = time.perf_counter()
         if bar is not None:
             bar.update(1)

@@ -4,10 +4,14 @@ Loss = L1(recon, x) + kl_weight * KL(q(z|x) || N(0, I)) [+ ssim_weight * (1 - SS
 image gradients] [+ adv_weight * least-squares patch-GAN loss from ``adv_start`` on (MONAI PatchDiscriminator)].
 No loss needs downloaded weights. At export the latent scale factor ``1 / std(z)`` over training crops is stored
 in ``extra.json`` (``scale_factor``), with validation PSNR/SSIM (model range [-1, 1], data_range 2).
+
+Validation, image grids and the scale factor all use the weights that are exported: the EMA average when
+``vae_train.ema_decay`` > 0, else the raw weights.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -117,14 +121,24 @@ class VAEStage:
         return out
 
     # ------------------------------------------------------------------------------ evaluation
+    def export_net(self) -> torch.nn.Module:
+        """The VAE as it will be exported (EMA weights when EMA is on), in eval mode; training weights untouched."""
+        if not self.ema:
+            return self.vae.eval()
+        net = copy.deepcopy(self.vae)
+        self.ema["vae"].copy_to(net)
+        return net.eval()
+
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstruction (decoder of the posterior mean)."""
-        self.vae.eval()
+    def reconstruct(self, x: torch.Tensor, net: torch.nn.Module | None = None) -> torch.Tensor:
+        """Deterministic reconstruction (decoder of the posterior mean) by ``net`` (default: the exported VAE)."""
+        own = net is None
+        net = self.export_net() if own else net
         with self.rt.autocast():
-            mu, _ = self.vae.encode(self.rt.to(x))
-            r = self.vae.decode(mu).float().cpu()
-        self.vae.train()
+            mu, _ = net.encode(self.rt.to(x))
+            r = net.decode(mu).float().cpu()
+        if own:
+            self.vae.train()
         return r
 
     @torch.no_grad()
@@ -133,7 +147,9 @@ class VAEStage:
 
         store, prefix = self.data.val_or_train()
         x, _, _ = center_batch(store, self.tcfg.val_max_items)
-        r = torch.cat([self.reconstruct(x[i:i + 8]) for i in range(0, len(x), 8)])
+        net = self.export_net()
+        r = torch.cat([self.reconstruct(x[i:i + 8], net) for i in range(0, len(x), 8)])
+        self.vae.train()
         self.metrics = {f"{prefix}psnr": float(psnr(r, x, data_range=DATA_RANGE).mean()),
                         f"{prefix}ssim": float(ssim(r, x, data_range=DATA_RANGE).mean()),
                         f"{prefix}l1": float((r - x).abs().mean())}
@@ -146,15 +162,16 @@ class VAEStage:
 
     @torch.no_grad()
     def compute_scale_factor(self, n_batches: int = 8) -> float:
-        """1 / std of sampled latents over training crops (Rombach et al. 2022, sec. 4.3 / appendix G)."""
-        self.vae.eval()
+        """1 / std of sampled latents of the exported VAE over training crops (Rombach et al. 2022, sec. 4.3 /
+        appendix G)."""
+        net = self.export_net()
         zs = []
         for b in range(n_batches):
             rng = step_rng(self.cfg.seed, 10**9 + b)
             idx, corners = self.data.train.draw(rng, self.cfg.data.batch_size)
             x = self.rt.to(self.data.train.crop(idx, corners))
             with self.rt.autocast():
-                mu, sigma = self.vae.encode(x)
+                mu, sigma = net.encode(x)
             g = torch.Generator().manual_seed(int(rng.integers(2**31)))
             eps = torch.randn(mu.shape, generator=g).to(mu.device)
             zs.append((mu.float() + sigma.float() * eps).flatten().cpu())
@@ -180,8 +197,10 @@ class VAEStage:
     def export(self, path: Path) -> None:
         from medldm.models import save_model_folder
 
-        self.compute_scale_factor()
-        if self.ema:
-            self.ema["vae"].copy_to(self.vae)  # the exported VAE is the averaged one
-        save_model_folder(path, config=self.config, modules={"vae": self.vae}, extra=self.extra())
+        net = self.export_net()  # the averaged VAE when EMA is on
+        self.compute_scale_factor()  # on the same weights
+        if not self.metrics:  # validation ran on these weights at the last step (engine); else run it now
+            self.validate(self.tcfg.steps)
+        save_model_folder(path, config=self.config, modules={"vae": net}, extra=self.extra())
+        self.vae.train()
 
