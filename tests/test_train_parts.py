@@ -235,3 +235,32 @@ def test_disk_cache_parses_each_scan_once(tmp_path, dipy_files, monkeypatch):
     monkeypatch.setattr(ds.LoadNormalize, "__call__", boom)
     again = load_volumes(refs, cache="disk", cache_dir=tmp_path / "cache")
     assert torch.equal(first[0]["image"], again[0]["image"]) and again[0]["norm"] == first[0]["norm"]
+
+
+def test_vae_export_scale_factor_and_metrics_are_those_of_the_saved_weights(tmp_path, dipy_files):
+    """With EMA on, the exported VAE is the averaged one: its stored scale_factor and validation metrics are
+    recomputed exactly from the saved weights (and differ from those of the raw, last-step weights)."""
+    from pathlib import Path
+
+    from medldm.models import load_model
+    from medldm.train import train
+    from medldm.train.data import build_data
+    from medldm.train.engine import make_runtime
+    from medldm.train.schema import load_config
+    from medldm.train.vae_stage import VAEStage
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "synthesis_2d_tiny.yaml",
+                      ["stage=vae", "vae_train.steps=8", "vae_train.ema_decay=0.9", "vae_train.ckpt_every=8",
+                       "vae_train.lr=0.005"])
+    train(cfg, tmp_path)
+    saved = load_model(tmp_path / "vae" / "model")
+    stage = VAEStage(cfg, build_data(cfg, tmp_path, quiet=True), make_runtime(cfg.engine))
+    ckpt = load_model(tmp_path / "vae" / "checkpoint", ema=False)  # the raw weights of the last step
+    stage.vae.load_state_dict(ckpt.vae.state_dict())
+    raw_scale, raw_metrics = stage.compute_scale_factor(), stage.validate(8)
+    stage.ema = {}
+    stage.vae.load_state_dict(saved.vae.state_dict())
+    assert stage.compute_scale_factor() == pytest.approx(saved.extra["scale_factor"], rel=1e-6)
+    assert stage.validate(8) == pytest.approx(saved.extra["val_metrics"], rel=1e-6)
+    assert abs(raw_scale - saved.extra["scale_factor"]) > 1e-4 * raw_scale  # the test can tell them apart
+    assert raw_metrics != pytest.approx(saved.extra["val_metrics"], rel=1e-4)
