@@ -47,12 +47,43 @@ def test_ddpm_schedule_values():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="schedule"):
+    with pytest.raises(ValueError, match=r"diffusion\.schedule: expected one of 'ddpm', 'flow', got 'edm'"):
         DiffusionConfig(schedule="edm")
-    with pytest.raises(ValueError, match="flow"):
+    with pytest.raises(ValueError, match=r"diffusion\.prediction: 'flow' goes with schedule 'flow'"):
         DiffusionConfig(schedule="flow", prediction="eps")
-    with pytest.raises(ValueError, match="cfg_dropout"):
+    with pytest.raises(ValueError, match=r"diffusion\.cfg_dropout: must be in \[0, 1\)"):
         DiffusionConfig(cfg_dropout=1.0)
+
+
+@pytest.mark.parametrize(("section", "needle"), [
+    ({"sampler": "euler"}, "diffusion.sampler: expected one of 'ddim', 'dpmpp_2m', 'unipc', 'euler_flow', got 'euler'; "
+                           "did you mean 'euler_flow'?"),
+    ({"predicton": "v"}, "diffusion.predicton: unknown key; did you mean 'diffusion.prediction'?"),
+    ({"num_train_timesteps": 1.5}, "diffusion.num_train_timesteps: expected int, got 1.5"),
+    ({"sampling_steps": 0}, "diffusion.sampling_steps: expected an integer in 1..100000, got 0"),
+    ({"beta_start": float("nan")}, "diffusion.beta_start: expected a finite number, got nan"),
+    ({"beta_start": 0.1, "beta_end": 0.01}, "diffusion.beta_start / beta_end: need 0 < beta_start <= beta_end < 1"),
+    ({"schedule": "flow"}, "diffusion.prediction: 'flow' goes with schedule 'flow'"),
+    ([1, 2], "diffusion: expected a section"),
+])
+def test_config_from_yaml_uses_the_validated_mechanism(section, needle):
+    """The diffusion section is checked by medldm.config like every other section: key, type, nearest choice."""
+    from medldm.config import ConfigError
+    from medldm.diffusion import load_diffusion_config
+
+    with pytest.raises(ConfigError) as e:
+        load_diffusion_config(section)
+    assert needle in str(e.value)
+
+
+def test_config_from_yaml_defaults_and_choices():
+    from medldm.diffusion import SAMPLERS, load_diffusion_config
+    from medldm.diffusion.config import SAMPLER_NAMES
+
+    assert load_diffusion_config(None) == DiffusionConfig()
+    cfg = load_diffusion_config({"schedule": "flow", "prediction": "flow", "sampler": "euler_flow", "beta_end": 1e-2})
+    assert cfg == DiffusionConfig(schedule="flow", prediction="flow", sampler="euler_flow", beta_end=0.01)
+    assert set(SAMPLER_NAMES) == set(SAMPLERS)  # every configurable sampler exists, and only those
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

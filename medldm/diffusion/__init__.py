@@ -2,7 +2,7 @@
 
 Public API::
 
-    DiffusionConfig                                            # medldm.diffusion.config
+    DiffusionConfig, load_diffusion_config(section)            # medldm.diffusion.config (validated dataclass)
     make_schedule(cfg) -> Schedule; q_sample, training_target, predict_x0_eps, diffusion_loss
     make_model_fn(denoiser, schedule, cond=, class_labels=, guidance=, noise_level=) -> model_fn(x, t)
     sample(name, model_fn, x_T, schedule, steps, generator=None, **kw); sample_ddim / sample_dpmpp_2m /
@@ -10,7 +10,7 @@ Public API::
     sample_many(k, draw) -> (mean, std)
 """
 
-from medldm.diffusion.config import DiffusionConfig
+from medldm.diffusion.config import DiffusionConfig, load_diffusion_config
 from medldm.diffusion.guidance import make_model_fn
 from medldm.diffusion.posterior import sample_many
 from medldm.diffusion.samplers import (
@@ -41,6 +41,7 @@ __all__ = [
     "Schedule",
     "alpha_sigma",
     "diffusion_loss",
+    "load_diffusion_config",
     "make_model_fn",
     "make_schedule",
     "model_time",
