@@ -82,6 +82,68 @@ def test_shipped_configs_load_and_round_trip(path):
     assert to_mapping(again) == to_mapping(cfg)
 
 
+ROOT = Path(__file__).parents[1]
+SAVED_CONFIGS = sorted([*(ROOT / "configs" / "shipped").glob("*.yaml"), *(ROOT / "medldm" / "assets" / "models").glob("*/config.yaml"),
+                        *(ROOT / "docs" / "training_logs").glob("*/resolved_config.yaml")])
+
+
+@pytest.mark.parametrize("path", SAVED_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_model_configs_still_load(path):
+    """The shipped models' training configs and the resolved configs saved in their folders (written before the
+    stage sections shared a base) load unchanged: same keys, same values."""
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_config(path)
+    out = to_mapping(cfg)
+    for sec in ("vae_train", "ldm_train", "refine"):
+        for key, value in (raw.get(sec) or {}).items():
+            assert out[sec][key] == (list(value) if isinstance(value, tuple) else value), f"{sec}.{key}"
+
+
+def test_stage_sections_share_the_optimisation_base():
+    from medldm.train.schema import (
+        LDMTrainConfig,
+        RefineConfig,
+        StageTrainConfig,
+        TrainingConfig,
+        VAETrainConfig,
+    )
+
+    base = [f.name for f in dataclasses.fields(StageTrainConfig)]
+    for cls in (VAETrainConfig, LDMTrainConfig, RefineConfig):
+        assert issubclass(cls, StageTrainConfig)
+        assert [f.name for f in dataclasses.fields(cls)][:len(base)] == base  # the shared keys come first
+    # each stage keeps its own defaults where they differ
+    cfg = TrainingConfig()
+    assert (cfg.vae_train.steps, cfg.ldm_train.steps, cfg.refine.steps) == (2000, 5000, 2000)
+    assert (cfg.vae_train.lr, cfg.ldm_train.lr, cfg.refine.lr) == (1e-4, 1e-4, 2e-4)
+    assert (cfg.vae_train.ema_decay, cfg.ldm_train.ema_decay, cfg.refine.ema_decay) == (0.0, 0.999, 0.0)
+    assert (cfg.vae_train.warmup_steps, cfg.refine.warmup_steps) == (100, 50)
+    assert cfg.vae_train.val_max_items == 16 and cfg.ldm_train.val_sampling_steps == 20
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("vae_train.steps=0", "vae_train.steps: must be >= 1, got 0"),
+    ("ldm_train.grad_accum=0", "ldm_train.grad_accum: must be >= 1, got 0"),
+    ("refine.log_every=0", "refine.log_every: must be >= 1, got 0"),
+    ("refine.ckpt_every=-1", "refine.ckpt_every: must be >= 1, got -1"),
+    ("vae_train.warmup_steps=-5", "vae_train.warmup_steps: must be >= 0 (0 = off), got -5"),
+    ("ldm_train.lr=0", "ldm_train.lr: must be a finite number > 0, got 0.0"),
+    ("ldm_train.ema_decay=1.0", "ldm_train.ema_decay: must be in [0, 1) (0 = off), got 1.0"),
+    ("vae_train.grad_clip=-1", "vae_train.grad_clip: must be a finite number >= 0, got -1.0"),
+    ("ldm_train.lr_schedule=cosin", "ldm_train.lr_schedule: expected one of 'constant', 'cosine', got 'cosin'; "
+                                    "did you mean 'cosine'?"),
+    ("data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
+    ("data.val_fraction=1.0", "data.val_fraction: must be in [0, 1), got 1.0"),
+    ("data.slice_axis=3", "data.slice_axis: expected one of 0, 1, 2, got 3"),
+    ("degrade.scale=0", "degrade.scale: must be >= 1, got 0"),
+])
+def test_section_invariants_name_the_key(override, needle):
+    """Each invariant is checked once, by the section that owns it, and the message names the key."""
+    with pytest.raises(ConfigError) as e:
+        load_config({}, [override])
+    assert str(e.value) == needle
+
+
 def test_shipped_config_set_is_complete():
     names = {p.name for p in CONFIGS}
     for task in ("synthesis", "sr", "denoise"):

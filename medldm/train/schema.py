@@ -12,10 +12,11 @@ docs/training.md's reference table is generated from these fields by ``python to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from medldm.config import ConfigError, doc_field, load_dataclass
 from medldm.diffusion.config import DiffusionConfig
@@ -32,7 +33,7 @@ class DataConfig:
     val_fraction: float = doc_field(0.2, "fraction of train scans held out when val is empty (by scan, never by slice)")
     modality: Literal["auto", "CT", "MR"] = doc_field("auto", "normalization: CT = HU window, MR = percentiles; auto = from the scan")
     ct_window: str = doc_field("full", "CT window name for normalization (medldm.data.intensity.CT_WINDOWS)")
-    slice_axis: int = doc_field(2, "2D models: array axis the slices are taken along (0, 1 or 2)")
+    slice_axis: Literal[0, 1, 2] = doc_field(2, "2D models: array axis the slices are taken along")
     patch_size: tuple[int, ...] = doc_field((64, 64), "training crop in pixels (2 or 3 values); a multiple of the VAE factor")
     resize_to: tuple[int, ...] | None = doc_field(None, "resize each slice/volume (padded to square first) to this size; "
                                                       "null = native resolution with random crops")
@@ -43,6 +44,12 @@ class DataConfig:
     num_workers: int = doc_field(0, "DataLoader worker processes (0 = in the training process)")
     cache: Literal["memory", "disk"] = doc_field("memory", "MONAI CacheDataset (memory) or PersistentDataset (disk): scans are parsed once")
     cache_dir: str | None = doc_field(None, "PersistentDataset folder (cache: disk); default OUT_DIR/cache")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size: must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -72,56 +79,96 @@ class DegradeConfig:
         (0.0, 0.0), "sr (downsample): Gaussian pre-blur sigma in high-res pixels, drawn per sample, before area "
         "down-sampling (0.5 at x2 is skimage's anti_aliasing=True): robustness to the scanner's / user's kernel")
 
+    def __post_init__(self) -> None:
+        if self.scale < 1:
+            raise ValueError(f"degrade.scale: must be >= 1, got {self.scale}")
+
 
 @dataclass
-class VAETrainConfig:
-    """Stage 1 optimisation and losses."""
+class StageTrainConfig:
+    """Optimisation shared by the three stages (``vae_train``, ``ldm_train``, ``refine``): steps, learning rate,
+    warm-up, schedule, gradient accumulation and clipping, EMA, logging and checkpoints. A stage section inherits
+    these keys and may change their defaults; its own keys (losses, validation sampling, the refiner network)
+    follow them."""
+
+    _section: ClassVar[str] = "stage"  # the YAML section, for error messages
 
     steps: int = doc_field(2000, "optimiser steps")
-    lr: float = doc_field(1e-4, "AdamW learning rate (generator)")
-    weight_decay: float = doc_field(0.0, "AdamW weight decay")
-    warmup_steps: int = doc_field(100, "linear learning-rate warm-up")
-    lr_schedule: Literal["constant", "cosine"] = doc_field("constant", "after warm-up: constant, or cosine decay to 1 % at the last step")
-    grad_accum: int = doc_field(1, "micro-batches per optimiser step")
-    grad_clip: float = doc_field(1.0, "clip gradient norm (0 = off)")
-    ema_decay: float = doc_field(0.0, "EMA of the weights (0 = off)")
-    kl_weight: float = doc_field(1e-6, "weight of the KL term")
-    ssim_weight: float = doc_field(0.0, "weight of 1 - SSIM (0 = off)")
-    grad_weight: float = doc_field(0.0, "weight of the L1 loss between image gradients (0 = off)")
-    adv_weight: float = doc_field(0.0, "weight of the patch adversarial loss (0 = off; MONAI PatchDiscriminator)")
-    adv_start: int = doc_field(0, "step from which the adversarial loss is used")
-    disc_lr: float = doc_field(1e-4, "discriminator learning rate")
-    log_every: int = doc_field(10, "steps between CSV/TensorBoard log rows")
-    val_every: int = doc_field(500, "steps between validation runs (PSNR/SSIM); 0 = only at the end")
-    image_every: int = doc_field(500, "steps between PNG grids of reconstructions (0 = off)")
-    ckpt_every: int = doc_field(500, "steps between checkpoints")
-    val_max_items: int = doc_field(16, "validation slices/volumes evaluated (evenly spread)")
-
-
-@dataclass
-class LDMTrainConfig:
-    """Stage 2 optimisation."""
-
-    steps: int = doc_field(5000, "optimiser steps")
     lr: float = doc_field(1e-4, "AdamW learning rate")
     weight_decay: float = doc_field(0.0, "AdamW weight decay")
     warmup_steps: int = doc_field(100, "linear learning-rate warm-up")
     lr_schedule: Literal["constant", "cosine"] = doc_field("constant", "after warm-up: constant, or cosine decay to 1 % at the last step")
     grad_accum: int = doc_field(1, "micro-batches per optimiser step")
     grad_clip: float = doc_field(1.0, "clip gradient norm (0 = off)")
-    ema_decay: float = doc_field(0.999, "EMA of the U-Net weights saved in the model (0 = off)")
+    ema_decay: float = doc_field(0.0, "EMA of the weights (0 = off)")
     log_every: int = doc_field(10, "steps between CSV/TensorBoard log rows")
+    val_every: int = doc_field(500, "steps between validation runs; 0 = only at the end")
+    image_every: int = doc_field(500, "steps between PNG grids (0 = off)")
+    ckpt_every: int = doc_field(500, "steps between checkpoints")
+    val_max_items: int = doc_field(8, "validation slices/volumes evaluated (evenly spread)")
+
+    def __post_init__(self) -> None:
+        """The optimisation invariants, checked here once for every stage."""
+        sec = self._section
+        for name in ("steps", "grad_accum", "log_every", "ckpt_every", "val_max_items"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{sec}.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "val_every", "image_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{sec}.{name}: must be >= 0 (0 = off), got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{sec}.lr: must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{sec}.{name}: must be a finite number >= 0, got {v}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"{sec}.ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
+
+
+@dataclass
+class VAETrainConfig(StageTrainConfig):
+    """Stage 1 optimisation and losses."""
+
+    _section: ClassVar[str] = "vae_train"
+
+    lr: float = doc_field(1e-4, "AdamW learning rate (generator)")
+    val_every: int = doc_field(500, "steps between validation runs (PSNR/SSIM); 0 = only at the end")
+    image_every: int = doc_field(500, "steps between PNG grids of reconstructions (0 = off)")
+    val_max_items: int = doc_field(16, "validation slices/volumes evaluated (evenly spread)")
+    kl_weight: float = doc_field(1e-6, "weight of the KL term")
+    ssim_weight: float = doc_field(0.0, "weight of 1 - SSIM (0 = off)")
+    grad_weight: float = doc_field(0.0, "weight of the L1 loss between image gradients (0 = off)")
+    adv_weight: float = doc_field(0.0, "weight of the patch adversarial loss (0 = off; MONAI PatchDiscriminator)")
+    adv_start: int = doc_field(0, "step from which the adversarial loss is used")
+    disc_lr: float = doc_field(1e-4, "discriminator learning rate")
+
+
+@dataclass
+class LDMTrainConfig(StageTrainConfig):
+    """Stage 2 optimisation."""
+
+    _section: ClassVar[str] = "ldm_train"
+
+    steps: int = doc_field(5000, "optimiser steps")
+    ema_decay: float = doc_field(0.999, "EMA of the U-Net weights saved in the model (0 = off)")
     val_every: int = doc_field(1000, "steps between validation runs (0 = only at the end)")
     image_every: int = doc_field(1000, "steps between PNG grids of samples (0 = off)")
-    ckpt_every: int = doc_field(500, "steps between checkpoints")
     val_max_items: int = doc_field(8, "validation items sampled")
     val_sampling_steps: int = doc_field(20, "sampler steps for validation samples")
 
 
 @dataclass
-class RefineConfig:
+class RefineConfig(StageTrainConfig):
     """Stage 3 (sr / denoise): pixel-space refiner past the VAE ceiling (see docs/training.md)."""
 
+    _section: ClassVar[str] = "refine"
+
+    lr: float = doc_field(2e-4, "AdamW learning rate")
+    warmup_steps: int = doc_field(50, "linear learning-rate warm-up")
+    ema_decay: float = doc_field(0.0, "EMA of the refiner weights (0 = off)")
+    val_every: int = doc_field(500, "steps between validation runs (0 = only at the end)")
+    val_max_items: int = doc_field(8, "validation items")
     enabled: bool = doc_field(False, "train a refiner: clean ~ base + net([decoded, degraded]) at full resolution")
     features: tuple[int, int, int, int, int, int] = doc_field((16, 32, 64, 128, 256, 16),
                                                               "MONAI BasicUNet features (6 values)")
@@ -131,19 +178,6 @@ class RefineConfig:
     norm: Literal["none", "instance", "batch"] = doc_field(
         "none", "normalization layers of the refiner ('none': its output does not depend on the image size)")
     augment: bool = doc_field(True, "apply the config's augment section to the clean training crops")
-    steps: int = doc_field(2000, "optimiser steps")
-    lr: float = doc_field(2e-4, "AdamW learning rate")
-    weight_decay: float = doc_field(0.0, "AdamW weight decay")
-    warmup_steps: int = doc_field(50, "linear learning-rate warm-up")
-    lr_schedule: Literal["constant", "cosine"] = doc_field("constant", "after warm-up: constant, or cosine decay to 1 % at the last step")
-    grad_accum: int = doc_field(1, "micro-batches per optimiser step")
-    grad_clip: float = doc_field(1.0, "clip gradient norm (0 = off)")
-    ema_decay: float = doc_field(0.0, "EMA of the refiner weights (0 = off)")
-    log_every: int = doc_field(10, "steps between CSV/TensorBoard log rows")
-    val_every: int = doc_field(500, "steps between validation runs (0 = only at the end)")
-    image_every: int = doc_field(500, "steps between PNG grids (0 = off)")
-    ckpt_every: int = doc_field(500, "steps between checkpoints")
-    val_max_items: int = doc_field(8, "validation items")
 
 
 @dataclass
@@ -216,12 +250,6 @@ class TrainingConfig:
                                   f"(2 ** (len(vae.channels) - 1)), got {list(size)}")
         if d.resize_to is not None and any(p > r for p, r in zip(d.patch_size, d.resize_to, strict=True)):
             raise ConfigError("data.patch_size: must not exceed data.resize_to")
-        if d.slice_axis not in (0, 1, 2):
-            raise ConfigError(f"data.slice_axis: expected 0, 1 or 2, got {d.slice_axis}")
-        if d.batch_size < 1:
-            raise ConfigError("data.batch_size: must be >= 1")
-        if not 0.0 <= d.val_fraction < 1.0:
-            raise ConfigError("data.val_fraction: must be in [0, 1)")
         if len(self.vae.attention_levels) != len(self.vae.channels):
             raise ConfigError("vae.attention_levels: needs one entry per vae.channels level")
         if len(self.unet.attention_levels) != len(self.unet.channels):
@@ -237,8 +265,6 @@ class TrainingConfig:
             raise ConfigError(f"degrade.kind: task 'denoise' needs 'gaussian' or 'rician', got {deg.kind!r}")
         if self.task == "sr" and deg.kind == "thick" and nd != 3:
             raise ConfigError("degrade.kind: 'thick' slices need spatial_dims 3")
-        if deg.scale < 1:
-            raise ConfigError("degrade.scale: must be >= 1")
         # Conditioning the U-Net needs follows from the task: it is derived, not typed by hand.
         cond = self.in_channels * f ** nd if self.task in ("sr", "denoise") else 0
         if self.unet.cond_channels not in (0, cond):
@@ -253,9 +279,6 @@ class TrainingConfig:
                               f"({len(d.train)}), got {self.unet.num_classes}")
         if self.refine.enabled and self.task == "synthesis":
             raise ConfigError("refine.enabled: the refiner is for tasks 'sr' and 'denoise'")
-        for sec in (self.vae_train, self.ldm_train, self.refine):
-            if sec.steps < 1 or sec.grad_accum < 1 or sec.ckpt_every < 1 or sec.log_every < 1:
-                raise ConfigError("steps, grad_accum, ckpt_every and log_every must be >= 1")
 
     @property
     def in_channels(self) -> int:
