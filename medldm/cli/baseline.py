@@ -7,9 +7,12 @@
 
 IN is a scan (NIfTI file, DICOM file or series folder) or a folder of cases; OUT mirrors IN (same
 relative names, same kind: NIfTI stays NIfTI, a DICOM series becomes a derived DICOM series of its
-source; ``--to`` changes the kind). A rerun skips cases whose output exists (``--overwrite`` redoes
-them); failed cases are listed one line each and in ``OUT/medldm-baseline-report.json`` with the
-parameters used per case. Exit status: 0 all done, 1 some failed, 2 usage error.
+source; ``--to`` changes the kind). Failed cases are listed one line each and in
+``OUT/medldm-baseline-report.json`` (one scan in: ``<OUT name>.medldm-baseline-report.json`` beside OUT) with
+the parameters used per case. Each output gets a record ``<output name>.medldm.json`` (input files, task,
+method and its parameters), written last: a rerun skips a case only when its record matches; an output made
+with other inputs/options fails that case with one line (``--overwrite`` replaces only that output).
+Exit status: 0 all done, 1 some failed, 2 usage error. See docs/guarantees.md.
 Definitions of the methods: docs/evaluation.md and ``medldm.eval.baselines``.
 """
 
@@ -72,7 +75,7 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--scale must be >= 1 (up-sampling factor)")
 
 
-def _process(case, out: Path, args: argparse.Namespace) -> dict:
+def _process(case, out: Path, args: argparse.Namespace, resume) -> dict:
     from medldm.eval import baselines as B
     from medldm.io.reader import load_case
     from medldm.io.writer import save_scan
@@ -93,42 +96,73 @@ def _process(case, out: Path, args: argparse.Namespace) -> dict:
                 "shape_in": list(img.shape), "shape_out": list(res.shape)}
         desc = f"baseline {args.method} x{args.scale:g}"
     reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
-    written = save_scan(res, out, reference=None if is_nifti(out) else reference, description=desc)
+    written = save_scan(res, out, reference=None if is_nifti(out) else reference, description=desc,
+                        replace=args.overwrite, owned=resume.owned)
+    resume.finish([written])
     return {"outputs": [str(written)], "params": info}
 
 
 
+def _options(args: argparse.Namespace) -> dict:
+    """The options that change a baseline's result (recorded beside each output; resume compares them)."""
+    if args.task == "denoise":
+        opts = {"task": "denoise", "method": args.method, "dims": args.dims}
+        if args.method == "gaussian":
+            opts["filter_sigma"] = args.filter_sigma
+        else:
+            opts["sigma"] = args.sigma
+        return opts
+    return {"task": "sr", "method": args.method, "scale": args.scale, "axis": args.axis}
+
+
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import check_in_out, find_inputs, run_cases, single_case
+    from medldm.cli.common import (
+        Resume,
+        case_signature,
+        case_source,
+        check_in_out,
+        check_out_writable,
+        check_single_out,
+        find_inputs,
+        run_cases,
+        single_case,
+        single_report_path,
+        sweep_stale,
+    )
     from medldm.io.discover import output_path
 
     _check(args)
     src, out = Path(args.input), Path(args.output)
     check_in_out(src, out)
+    check_out_writable(out)
     found = find_inputs(src)
     command = shlex.join(["medldm", "baseline", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm baseline"
     if single_case(src, out, found.cases):
         if args.to and (args.to == "nifti") != is_nifti(out):
             raise UsageError(f"--to {args.to} contradicts OUT {out}")
-        case = found.cases[0]
-        if not args.overwrite and out.exists():
-            print(f"{out} exists: nothing to do (--overwrite redoes it)", file=sys.stderr)
-            return 0
-        status, _ = run_cases([case], lambda c: _process(c, out, args), desc="baseline",
-                              command=command, quiet=args.quiet)
-        return status
-    if is_nifti(out):
-        raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder")
-    if not args.quiet:
-        for line in found.skipped:
-            print(line, file=sys.stderr)
+        check_single_out(out)
+        targets = {found.cases[0].id: out}
+        report = single_report_path(out, "baseline")
+    else:
+        if is_nifti(out):
+            raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out} exists and is not a folder")
+        if not args.quiet:
+            for line in found.skipped:
+                print(line, file=sys.stderr)
+        targets = {c.id: output_path(c, out, args.to) for c in found.cases}
+        report = out / REPORT_NAME
+    sweep_stale(out)
+    options = _options(args)
 
-    def target(case) -> Path:
-        return output_path(case, out, args.to)
+    def resume(case) -> Resume:
+        t = targets[case.id]
+        key = {"command": "baseline", "options": {**options, "output_kind": "nifti" if is_nifti(t) else "dicom"},
+               "inputs": case_signature(case)}
+        return Resume(t, key, source=case_source(case))
 
-    status, _ = run_cases(found.cases, lambda c: _process(c, target(c), args), name=str,
-                          is_done=lambda c: not args.overwrite and target(c).exists(),
-                          report_path=out / REPORT_NAME, desc="baseline", command=command, quiet=args.quiet)
+    status, _ = run_cases(found.cases, lambda c: _process(c, targets[c.id], args, resume(c)), name=str,
+                          is_done=lambda c: resume(c).check(args.overwrite), report_path=report, desc="baseline",
+                          command=command, quiet=args.quiet)
     return status

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from medldm.io.atomic import atomic_file, clean_stale, medldm_written
+from medldm.io.atomic import TMP_TAG, atomic_file, clean_stale, medldm_written
 from medldm.io.errors import CaseError, UsageError
 
 RECORD_SUFFIX = ".medldm.json"
@@ -96,7 +96,8 @@ def _failure_line(case, exc: BaseException) -> tuple[str, dict]:
     ose = _write_error(exc)
     if ose is not None:
         what, hint = _WRITE_ERRORS[ose.errno]
-        where = f" writing {ose.filename}" if getattr(ose, "filename", None) else ""
+        fname = str(getattr(ose, "filename", None) or "")
+        where = f" {fname}" if fname and TMP_TAG not in fname else ""
         return f"{src}: cannot write the output{where}: {what} — {hint}", tb
     fee = _exists_error(exc)
     if fee is not None:
@@ -308,6 +309,7 @@ def single_case(src: Path, out: Path, cases: list) -> bool:
 # ------------------------------------------------------------------------------------- resume records
 def record_path(out: Path) -> Path:
     """``OUT/x.nii.gz`` -> ``OUT/x.nii.gz.medldm.json``; DICOM folder ``OUT/x`` -> ``OUT/x.medldm.json``."""
+    out = Path(os.path.abspath(out))
     return out.with_name(out.name + RECORD_SUFFIX)
 
 
@@ -375,7 +377,7 @@ class Resume:
         return rec if isinstance(rec, dict) else None
 
     def state(self) -> tuple[str, list[str]]:
-        exists = os.path.lexists(self.out)
+        exists = os.path.lexists(self.out) and not (self.out.is_dir() and not any(os.scandir(self.out)))
         rec = self._read() if self.record.is_file() else None
         if rec is None:
             return ("unrecorded", []) if exists else ("new", [])
@@ -388,13 +390,17 @@ class Resume:
             return "new", []
         if diffs:
             return "other", diffs
-        if not all(p.exists() for p in self.extra):
-            return "new", []
+        missing = [p.name for p in self.extra if not p.exists()]
+        if missing:
+            return "other", [f"{', '.join(missing)} missing"]
         return "done", []
 
     def check(self, overwrite: bool) -> bool:
         """True: skip (done). False: write it. CaseError: refuse (a different or unrecorded output is there)."""
         st, diffs = self.state()
+        if st in ("other", "unrecorded") and self.out.is_dir() and not self.owned(self.out):
+            raise CaseError(self.source, f"{self.out} is a folder holding files medldm did not write: it is never "
+                            "replaced", "move it away, or choose another OUT")
         if overwrite:
             return False
         if st == "done":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -72,6 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def sidecar_path(out: Path) -> Path:
     """``OUT/x.nii.gz`` -> ``OUT/x.degradation.json``; DICOM folder ``OUT/x`` -> ``OUT/x.degradation.json``."""
+    out = Path(os.path.abspath(out))
     name = out.name
     for suf in (".nii.gz", ".nii"):
         if name.lower().endswith(suf):

@@ -7,7 +7,11 @@ IN is a scan (NIfTI file, DICOM file or series folder) or a folder of cases (mix
 (NIfTI stays NIfTI, a DICOM series becomes a derived DICOM series of its source; ``--to`` changes the kind),
 geometry preserved (super-resolution: spacing scaled, physical extent kept), intensities back in the original
 units and dtype. ``--samples K`` > 1 writes the posterior mean and, beside it, ``<name>_std.nii.gz`` (per-voxel
-standard deviation, same grid); the run report warns where uncertainty is high. A rerun skips finished cases.
+standard deviation, same grid); the run report warns where uncertainty is high. Each output gets a record
+``<output name>.medldm.json`` (input files; model path and hash of its weights and config; seed, steps, sampler,
+samples, noise level, axis, refine), written last: a rerun skips a case only when its record matches, and an
+output made with another model or options fails that case with one line (``--overwrite`` replaces only that
+output). One scan in: the run report is ``<OUT name>.medldm-enhance-report.json`` beside OUT.
 Under ``torchrun --nproc_per_node=K -m medldm enhance ...`` the cases are sharded over the K processes (GPU
 ``cuda:LOCAL_RANK`` each when available); every rank writes its outputs and ``*.rank<r>.json`` report and rank 0
 merges them into the run report. Exit status: 0 all done, 1 some failed, 2 usage error.
@@ -54,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def std_path(out: Path) -> Path:
     """Where the uncertainty map of output ``out`` goes: ``<name>_std.nii.gz`` beside it."""
+    out = Path(os.path.abspath(out))
     name = out.name
     for ext in (".nii.gz", ".nii"):
         if name.lower().endswith(ext):
@@ -95,25 +100,37 @@ def _device(name: str, local_rank: int = 0) -> str:
     return name
 
 
-def _process(case, out: Path, enhancer, opts, desc: str) -> dict:
-    from medldm.io.nifti import save_nifti
+def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool) -> dict:
     from medldm.io.reader import load_case
     from medldm.io.writer import save_scan
 
     img = load_case(case)
     res = enhancer.enhance(img, opts)
     outputs = []
-    if res.std is not None:
-        outputs.append(str(save_nifti(res.std, std_path(out), dtype="float32")))
     reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
-    written = save_scan(res.image, out, reference=None if is_nifti(out) else reference, description=desc)
+    written = save_scan(res.image, out, reference=None if is_nifti(out) else reference, description=desc,
+                        replace=overwrite, owned=resume.owned)
+    if res.std is not None:
+        outputs.append(str(save_scan(res.std, std_path(out), dtype="float32", replace=overwrite)))
+    resume.finish([written, *outputs])
     info = {k: v for k, v in res.info.items() if k not in ("normalization", "warning")}
     info["normalization"] = {k: res.info["normalization"].get(k) for k in ("method", "lo", "hi", "original_dtype")}
     return {"outputs": [str(written), *outputs], "params": info, **({"warning": res.info["warning"]} if "warning" in res.info else {})}
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import check_in_out, find_inputs, run_cases
+    from medldm.cli.common import (
+        Resume,
+        case_signature,
+        case_source,
+        check_in_out,
+        check_out_writable,
+        check_single_out,
+        find_inputs,
+        run_cases,
+        single_report_path,
+        sweep_stale,
+    )
     from medldm.io.discover import output_path
     from medldm.io.errors import CaseError
     from medldm.models import load_model
@@ -123,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     src, out, model = Path(args.input), Path(args.output), Path(args.model)
     model = _resolve_model(model)
     check_in_out(src, out)
+    check_out_writable(out)
     rank, world, local_rank = _dist_setup(getattr(args, "distributed", False))
     device = _device(args.device, local_rank)
     try:
@@ -137,8 +155,11 @@ def run(args: argparse.Namespace) -> int:
     command = shlex.join(["medldm", "enhance", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm enhance"
     single = src.is_file() or (len(found.cases) == 1 and is_nifti(out))
     if single:
+        if args.to and (args.to == "nifti") != is_nifti(out):
+            raise UsageError(f"--to {args.to} contradicts OUT {out}")
+        check_single_out(out)
         targets = {found.cases[0].id: out}
-        report = out.parent / REPORT_NAME
+        report = single_report_path(out, "enhance")
     else:
         if is_nifti(out):
             raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
@@ -150,14 +171,25 @@ def run(args: argparse.Namespace) -> int:
             for line in found.skipped:
                 print(line, file=sys.stderr)
 
-    def done(case) -> bool:
+    sweep_stale(out)
+    from medldm.models.folder import model_hash
+
+    options = {"model": str(model.resolve()), "model_hash": model_hash(model), "steps": args.steps,
+               "sampler": args.sampler, "samples": args.samples, "seed": args.seed, "noise_level": args.noise_level,
+               "axis": args.axis, "refine": not args.no_refine}
+
+    def resume(case) -> Resume:
         t = targets[case.id]
-        return not args.overwrite and t.exists() and (args.samples == 1 or std_path(t).exists())
+        key = {"command": "enhance", "options": {**options, "output_kind": "nifti" if is_nifti(t) else "dicom"},
+               "inputs": case_signature(case)}
+        return Resume(t, key, extra=[std_path(t)] if args.samples > 1 else [], source=case_source(case))
 
     shard = found.cases[rank::world]
     rank_report = report if world == 1 else report.with_name(f"{report.stem}.rank{rank}.json")
-    status, results = run_cases(shard, lambda c: _process(c, targets[c.id], enhancer, opts, desc), name=str,
-                                is_done=done, report_path=rank_report, desc="enhance", command=command,
+    status, results = run_cases(shard, lambda c: _process(c, targets[c.id], enhancer, opts, desc, resume(c),
+                                                          args.overwrite),
+                                name=str, is_done=lambda c: resume(c).check(args.overwrite),
+                                report_path=rank_report, desc="enhance", command=command,
                                 quiet=args.quiet or rank > 0)
     if not args.quiet:
         for r in results:

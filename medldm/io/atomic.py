@@ -208,8 +208,8 @@ def atomic_dir(dest: str | os.PathLike, *, replace: bool = True,
 
     A missing or empty ``dest`` is simply created. A non-empty ``dest`` is replaced whole only when
     ``replace`` is true and ``owned(dest)`` (default :func:`medldm_written`) says medldm wrote it; otherwise
-    :class:`FileExistsError` is raised and ``dest`` is left as it was. A regular file or link at ``dest`` is
-    never replaced. Two writers racing for the same ``dest``: the last one wins when replacing is allowed,
+    :class:`FileExistsError` is raised (when the new folder is complete, just before the rename) and ``dest``
+    is left as it was. A regular file or link at ``dest`` is never replaced. Two writers racing for the same ``dest``: the last one wins when replacing is allowed,
     else the second gets :class:`FileExistsError`.
     """
     dest = Path(os.path.abspath(dest))
@@ -225,7 +225,6 @@ def atomic_dir(dest: str | os.PathLike, *, replace: bool = True,
                 raise FileExistsError(errno.EEXIST, "is a non-empty folder that medldm did not write: "
                                       "not replaced", str(dest))
 
-    check()
     dest.parent.mkdir(parents=True, exist_ok=True)
     _clean_once(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(TMP_TAG, dest), dir=dest.parent))
