@@ -42,15 +42,30 @@ REMOVED_KEYWORDS = (
 )
 
 
+#: Free text about the patient, the visit or the image, never copied into a derived series (it may
+#: hold identifying or clinical details unrelated to the new pixels): every attribute whose keyword
+#: contains ``Comment`` (ImageComments, StudyComments, PatientComments, AcquisitionComments, ...) and these.
+FREE_TEXT_KEYWORDS = (
+    "AdditionalPatientHistory", "TextString", "Impressions", "InterpretationText", "ReasonForStudy",
+    "ReasonForTheRequestedProcedure", "ReasonForTheImagingServiceRequest", "MedicalAlerts", "Allergies",
+    "PatientState", "SpecialNeeds", "ModifiedImageDescription", "DerivationDescription",
+)
+
+
+def is_free_text(keyword: str) -> bool:
+    return "Comment" in keyword or keyword in FREE_TEXT_KEYWORDS
+
+
 def clean_reference(ref: Dataset) -> Dataset:
-    """A fresh copy of ``ref`` (no pixels, no file meta) without :data:`REMOVED_KEYWORDS`,
-    private tags, group lengths, curves (50xx) and overlays (60xx). ``ref`` is not modified."""
+    """A fresh copy of ``ref`` (no pixels, no file meta) without :data:`REMOVED_KEYWORDS`, free-text
+    comments (:func:`is_free_text`), private tags, group lengths, curves (50xx) and overlays (60xx).
+    ``ref`` is not modified."""
     out = Dataset()
     for elem in ref:
         g, e = elem.tag.group, elem.tag.element
         if elem.tag.is_private or e == 0 or 0x5000 <= g <= 0x50FF or 0x6000 <= g <= 0x60FF:
             continue
-        if elem.keyword in REMOVED_KEYWORDS or g == 0xFFFA:
+        if elem.keyword in REMOVED_KEYWORDS or g == 0xFFFA or is_free_text(elem.keyword):
             continue
         out.add(copy.deepcopy(elem))
     return out

@@ -151,18 +151,32 @@ def _sort_key(ds: Dataset) -> tuple[float, int]:
     return d, int(ds.get("InstanceNumber", 0) or 0)
 
 
-def _nearest(headers: list[Dataset], grid: Grid, nz: int) -> list[int]:
-    """Reference slice giving the per-slice header of each output slice: the same index when the
-    slice count is unchanged, else the nearest by position along the normal."""
-    if len(headers) == nz:
-        return list(range(nz))
+def _nearest(headers: list[Dataset], grid: Grid, nz: int) -> tuple[list[int], list[list[int]]]:
+    """Per output slice: the reference slice whose header it copies (the nearest by position along the
+    normal), and the reference slices it is derived from (its SourceImageSequence): only parallel ones
+    within half the larger of the two slice spacings. A source slice at another position (e.g. across
+    a gap in the reference) is never referenced."""
+    n = len(headers)
     try:
         pr = np.array([np.dot(np.asarray(ds.ImagePositionPatient, float), grid.normal) for ds in headers])
-    except (AttributeError, TypeError, ValueError):  # no positions: scale the index
-        n = len(headers)
-        return [min(n - 1, max(0, round((k + 0.5) * n / nz - 0.5))) for k in range(nz)]
+        normals = []
+        for ds in headers:
+            o = np.asarray(ds.ImageOrientationPatient, float)
+            nn = np.cross(o[:3], o[3:])
+            normals.append(nn / np.linalg.norm(nn))
+    except (AttributeError, TypeError, ValueError, IndexError):  # no geometry: by index, references only 1:1
+        if n == nz:
+            return list(range(nz)), [[k] for k in range(nz)]
+        return [min(n - 1, max(0, round((k + 0.5) * n / nz - 0.5))) for k in range(nz)], [[] for _ in range(nz)]
     pk = np.array([np.dot(grid.position(k), grid.normal) for k in range(nz)])
-    return [int(np.argmin(np.abs(pr - p))) for p in pk]
+    nearest = [int(np.argmin(np.abs(pr - p))) for p in pk]
+    spacings = [s for s in (_ref_spacing(headers, grid.normal), grid.spacing if nz > 1 else None) if s]
+    # a source slice is referenced when it lies within the output slice's slab, or the output slice centre
+    # within the source slice's slab (interpolated from it); a slice one step away is never referenced
+    tol = 0.5 * max(spacings) * (1 + 1e-6) + 1e-4 if spacings else 1e-3
+    parallel = [1.0 - abs(float(nn @ grid.normal)) <= 1e-6 for nn in normals]
+    sources = [[i for i in range(n) if parallel[i] and abs(pr[i] - p) <= tol] for p in pk]
+    return nearest, sources
 
 
 def _ref_spacing(headers: list[Dataset], normal: np.ndarray) -> float | None:
@@ -179,9 +193,31 @@ def _ref_spacing(headers: list[Dataset], normal: np.ndarray) -> float | None:
 
 
 def _ref_encoding(headers: list[Dataset]) -> tuple[float, float, bool] | None:
-    encs = {(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0),
-             int(ds.get("PixelRepresentation", 0)) == 1) for ds in headers}
-    return encs.pop() if len(encs) == 1 else None
+    try:
+        encs = {(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0),
+                 int(ds.get("PixelRepresentation", 0)) == 1) for ds in headers}
+    except (TypeError, ValueError):
+        return None
+    enc = encs.pop() if len(encs) == 1 else None
+    return enc if enc is not None and np.isfinite(enc[0]) and np.isfinite(enc[1]) and enc[0] != 0 else None
+
+
+def _burned_in(headers: list[Dataset], deid, out_dir: object) -> str | None:
+    """BurnedInAnnotation of the derived series: ``YES`` when any reference slice says YES (the text is
+    in the pixels medldm processed, so it is still there; a warning, and refused with ``deidentify``),
+    ``NO`` when the reference says NO, else absent (medldm adds no text to pixels)."""
+    vals = {str(ds.get("BurnedInAnnotation", "") or "").strip().upper() for ds in headers}
+    if "YES" in vals:
+        if deid is not None:
+            raise CaseError(headers[0].filename if hasattr(headers[0], "filename") else out_dir,
+                            "the reference marks BurnedInAnnotation YES: text burned into the pixels "
+                            "(names, dates) survives in the derived images and header de-identification "
+                            "cannot remove it",
+                            "remove the burned-in text from the images first, or write without --deidentify")
+        log.warning("%s: the reference series has burned-in annotation (BurnedInAnnotation YES): the derived "
+                    "images still show it; BurnedInAnnotation YES is kept", out_dir)
+        return "YES"
+    return "NO" if "NO" in vals else None
 
 
 def _window(vol: np.ndarray) -> tuple[float, float]:
@@ -200,7 +236,8 @@ def _described(old: str, description: str, n: int = 64) -> str:
 
 
 def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, description: str = "medldm",
-                      modality: str | None = None, replace: bool = True, owned=None) -> list[Path]:
+                      modality: str | None = None, replace: bool = True, owned=None,
+                      deidentify=False) -> list[Path]:
     """Write ``img`` (MetaTensor (X, Y, Z), scanner units, ``.affine`` RAS) as a DICOM series in
     ``out_dir`` (appears atomically); returns the written files ``IM00001.dcm`` ... in slice order. An existing
     non-empty ``out_dir`` is replaced only when ``replace`` and ``owned(out_dir)`` (default: it holds only
@@ -209,6 +246,11 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
     ``reference``: files (sorted like the reader does) or folder of the source series -> a derived
     series of that patient/study; None -> a new anonymous series. ``modality`` (no reference only):
     default ``img.meta["modality"]``, ``OT`` when unknown. Reference files are only read.
+
+    ``deidentify``: False, True, or a :class:`medldm.io.deidentify.Deidentifier` (a secret shared by the
+    series of one run): every header is passed through the DICOM PS3.15 basic confidentiality profile
+    (see docs/io.md); True uses the process-wide secret, so the series written by one run share
+    consistent new Study / Frame of Reference UIDs. A reference with BurnedInAnnotation YES is then refused.
     """
     out_dir = Path(out_dir)
     meta = getattr(img, "meta", {}) or {}
@@ -221,6 +263,8 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
     vol, grid = grid_from_affine(vol, affine, out_dir)
     nz = vol.shape[2]
     headers = load_reference(reference, out_dir) if reference is not None else []
+    deid = _deidentifier(deidentify)
+    burned = _burned_in(headers, deid, out_dir) if headers else None
     try:
         odt = str(meta.get("original_dtype", "") or "")
         enc = choose_encoding(vol, _ref_encoding(headers) if headers else None,
@@ -235,7 +279,8 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
         modality = (modality or str(meta.get("modality", "")) or "OT").upper()
         modality = "OT" if modality in ("UNKNOWN", "") else modality
     series = _series_context(headers, grid, modality, description, vol)
-    nearest = _nearest(headers, grid, nz) if headers else [None] * nz
+    nearest, sources = _nearest(headers, grid, nz) if headers else ([None] * nz, [[] for _ in range(nz)])
+    series.update(sources=[[headers[i] for i in s] for s in sources], deidentify=deid, burned_in=burned)
     names = [f"IM{k + 1:05d}.dcm" for k in range(nz)]
     with atomic_dir(out_dir, replace=replace, owned=owned) as tmp:
         for k in range(nz):
@@ -294,20 +339,30 @@ def _slice_header(ref: Dataset | None, ctx: dict, grid: Grid, k: int) -> Dataset
                 "DeidentificationMethod" in ds or "DeidentificationMethodCodeSequence" in ds):
             ds.DeidentificationMethod = "unknown: source marked de-identified without a method"
         old_type = [str(v).strip() for v in (ref.get("ImageType") or [])]
-        src = Dataset()
-        src.ReferencedSOPClassUID = ref.SOPClassUID
-        src.ReferencedSOPInstanceUID = ref.SOPInstanceUID
-        code = Dataset()
-        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = _SOURCE_PURPOSE
-        src.PurposeOfReferenceCodeSequence = [code]
-        ds.SourceImageSequence = [src]
-        inst = Dataset()
-        inst.ReferencedSOPClassUID = ref.SOPClassUID
-        inst.ReferencedSOPInstanceUID = ref.SOPInstanceUID
-        rser = Dataset()
-        rser.SeriesInstanceUID = ref.SeriesInstanceUID
-        rser.ReferencedInstanceSequence = [inst]
-        ds.ReferencedSeriesSequence = [rser]
+        srcs = ctx.get("sources", [[ref]] * (k + 1))[k]  # only source slices in this slice's plane
+        items, insts = [], []
+        for s in srcs:
+            src = Dataset()
+            src.ReferencedSOPClassUID = s.SOPClassUID
+            src.ReferencedSOPInstanceUID = s.SOPInstanceUID
+            code = Dataset()
+            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = _SOURCE_PURPOSE
+            src.PurposeOfReferenceCodeSequence = [code]
+            items.append(src)
+            inst = Dataset()
+            inst.ReferencedSOPClassUID = s.SOPClassUID
+            inst.ReferencedSOPInstanceUID = s.SOPInstanceUID
+            insts.append(inst)
+        if items:
+            ds.SourceImageSequence = items
+            rser = Dataset()
+            rser.SeriesInstanceUID = ref.SeriesInstanceUID
+            rser.ReferencedInstanceSequence = insts
+            ds.ReferencedSeriesSequence = [rser]
+        if ctx.get("burned_in"):
+            ds.BurnedInAnnotation = ctx["burned_in"]
+        elif "BurnedInAnnotation" in ds:
+            del ds.BurnedInAnnotation
         ds.DerivationDescription = (f"medldm {__version__} {ctx['description']}: pixel data and geometry "
                                     f"recomputed from series {ref.SeriesInstanceUID}")[:1024]
         add_software(ds)
@@ -339,7 +394,22 @@ def _slice_header(ref: Dataset | None, ctx: dict, grid: Grid, k: int) -> Dataset
     ds.SliceLocation = _ds(float(np.dot(pos, grid.normal)))
     for key, val in ctx["window"].items():
         setattr(ds, key, val)
+    deid = ctx.get("deidentify")
+    if deid is not None:  # PS3.15 basic profile, then medldm's own (non-identifying) descriptions back
+        deid.apply(ds)
+        ds.SeriesDescription = _described("", ctx["description"])
+        ds.DerivationDescription = (f"medldm {__version__} {ctx['description']}: pixel data and geometry "
+                                    "recomputed" + (" from a de-identified source series" if ref is not None else ""))
     return ds
+
+
+def _deidentifier(deidentify):
+    """``None`` (no de-identification) or the :class:`~medldm.io.deidentify.Deidentifier` to use."""
+    if deidentify is False or deidentify is None:
+        return None
+    from medldm.io.deidentify import Deidentifier
+
+    return deidentify if isinstance(deidentify, Deidentifier) else Deidentifier()
 
 
 def _set_pixels(ds: Dataset, plane: np.ndarray, enc: Encoding, modality: str, rescale: bool) -> None:

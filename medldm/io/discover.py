@@ -53,8 +53,9 @@ class Discovery:
     notes: list[str] = field(default_factory=list)
 
 
-#: medldm's own temporary folders/files and record sidecars: skipped without a line.
-_OWN = re.compile(r"^\.medldm-tmp-|\.medldm\.json$")
+#: medldm's own temporaries (``.medldm-tmp.*``, ``.medldm-old.*``, see medldm.io.atomic) and record
+#: sidecars (``*.medldm.json``): skipped without a line.
+_OWN = re.compile(r"^\.medldm-(tmp|old)[.-]|\.medldm\.json$")
 
 
 def _strip_ext(name: str) -> str:
