@@ -28,6 +28,19 @@ def _falls(rows: list[dict], key: str = "loss") -> tuple[float, float]:
     return rows[0][key], sum(r[key] for r in half) / len(half)
 
 
+def _constant_psnr(out: Path, n: int) -> float:
+    """Baseline: PSNR of the best constant image (each held-out item's own mean) on the ``n`` validation items
+    the stages evaluate (``center_batch``), model range [-1, 1]."""
+    from medldm.metrics import psnr
+    from medldm.train.data import build_data, center_batch
+
+    cfg = load_config(out / "config.yaml")
+    store, _ = build_data(cfg, out, quiet=True).val_or_train()
+    x, _, _ = center_batch(store, n)
+    const = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True).expand_as(x)
+    return float(psnr(const, x, data_range=2.0).mean())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, dipy_files):
     """Train each 2D tiny config once (module scope): name -> output folder."""
@@ -56,10 +69,19 @@ def test_tiny_config_trains_and_loss_falls(trained, name):
         assert last < 0.8 * first, f"{stage} loss did not fall: {first:.4f} -> {last:.4f}"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_scans"] == 1 and summary["train_scans"] == 2
-    assert 5.0 < summary["vae"]["psnr"] < 60.0  # held-out subject, model range [-1, 1]
     assert (out / "config.yaml").is_file() and (out / "ldm" / "images" / "step_0000030.png").is_file()
+    cfg = load_config(out / "config.yaml")
+    # held-out subject: the VAE (30 steps) reconstructs better than the best constant image (seeds 0 and 1 on CPU:
+    # +1.4 to +3.5 dB over it)
+    assert summary["vae"]["psnr"] > _constant_psnr(out, cfg.vae_train.val_max_items) + 0.5
     if name != "synthesis_2d_tiny":  # enhancement metrics, including the VAE ceiling, are reported
-        assert {"psnr", "ssim", "input_psnr", "vae_psnr"} <= set(summary["ldm"])
+        ldm = summary["ldm"]
+        assert {"psnr", "ssim", "input_psnr", "vae_psnr"} <= set(ldm)
+        # the sample follows its condition: within 2 dB of the VAE ceiling (seeds 0, 1: 0.1 to 0.7 dB below it)
+        # and better than a constant image (seeds 0, 1: +0.5 to +1.4 dB); beating the degraded input needs far
+        # more than 30 steps (tracked by the shipped models' tests)
+        assert ldm["psnr"] > ldm["vae_psnr"] - 2.0
+        assert ldm["psnr"] > _constant_psnr(out, cfg.ldm_train.val_max_items)
 
 
 def test_model_folder_round_trip(trained):
@@ -144,6 +166,10 @@ def test_refiner_stage_uses_the_degraded_input(trained):
     assert last < first
     val = read_log(out / "refine" / "val_log.csv")[-1]
     assert {"psnr", "ldm_psnr", "input_psnr"} <= set(val)
+    # output vs input: the refiner improves the diffusion output it refines (seeds 0, 1: +4.9 to +5.0 dB) and
+    # stays within 0.5 dB of the degraded input its residual is added to (seeds 0, 1: -0.03 to -0.09 dB)
+    assert val["psnr"] > val["ldm_psnr"] + 2.0
+    assert val["psnr"] > val["input_psnr"] - 0.5
     refiner = load_refiner(out / "model")
     assert refiner is not None and (out / "model" / "refiner.safetensors").is_file()
     g = torch.Generator().manual_seed(0)
