@@ -213,3 +213,16 @@ def test_cli_reports_config_errors_as_usage_errors(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["task"] == "sr" and printed["unet"]["cond_channels"] == 4
     assert not (tmp_path / "o").exists()
+
+
+def test_model_range_and_ct_window_tables_agree():
+    """One model range width for the metrics; the evaluation and normalization CT window tables agree on the
+    names they share, and the one deliberate difference (subdural) is named apart (``ct-subdural`` vs ``subdural``)."""
+    from medldm.data.intensity import CT_WINDOWS, MODEL_RANGE
+    from medldm.metrics.ranges import MODEL_DATA_RANGE, WINDOWS
+
+    assert MODEL_DATA_RANGE == MODEL_RANGE[1] - MODEL_RANGE[0]
+    for name, window in CT_WINDOWS.items():
+        if f"ct-{name}" in WINDOWS and name != "subdural":
+            assert WINDOWS[f"ct-{name}"] == window, name
+    assert WINDOWS["ct-subdural"] == (-20.0, 180.0)  # W200 L80, narrower than the normalization window

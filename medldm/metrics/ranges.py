@@ -14,10 +14,22 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-# (lo, hi) in Hounsfield units, = level -/+ width / 2 of the usual radiology presets.
+#: Width of medldm's model intensity range [-1, 1] (``medldm.data.intensity.MODEL_RANGE``): the ``data_range``
+#: of PSNR / SSIM on normalized images (training validation, refiner metrics). Defined here, once; import it.
+MODEL_DATA_RANGE: float = 2.0
+
+#: EVALUATION windows: (lo, hi) in Hounsfield units, = level -/+ width / 2 of the usual radiology display presets,
+#: for ``data_range=`` / ``window=`` of the metrics. Their names carry a ``ct-`` prefix.
+#:
+#: Not to be confused with the NORMALIZATION windows of ``medldm.data.intensity.CT_WINDOWS`` (unprefixed names,
+#: ``data.ct_window`` / ``--ct-window``), which map HU to the model range before a model sees the image. Where a
+#: name appears in both tables the values agree, except the subdural window: ``ct-subdural`` here is the narrow
+#: display window W200 L80 = (-20, 180), chosen to score the thin blood/brain contrast, while the normalization
+#: window named ``subdural`` is the wider W400 L100 = (-100, 300), which keeps the skull edge and the blood
+#: unclipped for the model. A test keeps the shared entries in step.
 WINDOWS: dict[str, tuple[float, float]] = {
     "ct-brain": (0.0, 80.0),  # W80 L40
-    "ct-subdural": (-20.0, 180.0),  # W200 L80
+    "ct-subdural": (-20.0, 180.0),  # W200 L80 (narrow display window; the normalization "subdural" is W400 L100)
     "ct-stroke": (8.0, 48.0),  # W40 L28
     "ct-soft-tissue": (-160.0, 240.0),  # W400 L40
     "ct-mediastinum": (-125.0, 225.0),  # W350 L50
