@@ -10,7 +10,7 @@ import re
 import sys
 
 from medldm import __version__
-from medldm.io.errors import UsageError
+from medldm.io.errors import CaseError, UsageError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -42,6 +42,9 @@ def _available() -> dict[str, object]:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser = argparse.ArgumentParser(prog="medldm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"medldm {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show library warnings in full, as Python prints them (default: one WARNING line each, "
+                             "harmless ones dropped; -W / PYTHONWARNINGS also keep Python's display)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     mods = _available()
     for name, mod in mods.items():
@@ -72,11 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    from medldm.cli.warn import one_line, route_warnings
+
     try:
-        return int(mods[args.command].run(args) or 0)
+        with route_warnings(verbose=args.verbose):
+            return int(mods[args.command].run(args) or 0)
     except UsageError as e:
-        print(f"medldm {args.command}: error: {e}", file=sys.stderr)
+        print(f"medldm {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except CaseError as e:  # a model folder or option value found unusable outside the case loop
+        print(f"medldm {args.command}: error: {one_line(e.line())}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"medldm {args.command}: error: out of memory — process fewer or smaller scans at a time "
+              "(e.g. a smaller --size or --batch-size)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -51,6 +52,33 @@ def _conditions(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Option values that can be checked without the model (usage errors, exit 2)."""
+    if args.num < 1:
+        raise UsageError("-n must be >= 1")
+    if not (math.isfinite(args.spacing) and args.spacing > 0):
+        raise UsageError(f"--spacing {args.spacing:g}: must be a positive voxel size in mm, e.g. --spacing 1")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UsageError("--guidance must be a finite number, e.g. 3")
+    if args.seed < 0:
+        raise UsageError("--seed must be >= 0")
+
+
+def _size(text: str | None) -> tuple[int, ...] | None:
+    """``--size X,Y[,Z]`` -> positive integers (the model checks the count and the multiple)."""
+    if not text:
+        return None
+    try:
+        size = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--size {text!r}: expected integers like 64,64") from None
+    if any(v < 1 for v in size):
+        raise UsageError(f"--size {text}: every value must be >= 1, e.g. 64,64")
+    return size
+
+
 def run(args: argparse.Namespace) -> int:
     import medldm
     from medldm.cli.common import run_cases
@@ -60,58 +88,108 @@ def run(args: argparse.Namespace) -> int:
     from medldm.io.nifti import save_nifti
     from medldm.io.writer import save_scan
     from medldm.models import load_model, model_hash
-    from medldm.pipelines.synthesize import Synthesizer
+    from medldm.pipelines.synthesize import SizeError, Synthesizer
 
-    if args.num < 1:
-        raise UsageError("-n must be >= 1")
+    _check(args)
     model, out = Path(args.model), Path(args.output)
     model = _resolve_model(model)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
     cond = _conditions(args.condition)
-    size = None
-    if args.size:
-        try:
-            size = tuple(int(v) for v in args.size.split(","))
-        except ValueError:
-            raise UsageError(f"--size {args.size!r}: expected integers like 64,64") from None
+    size = _size(args.size)
     try:
         bundle = load_model(model)
         syn = Synthesizer(bundle, device=_device(args.device))
         label = syn.label_index(cond.get("class"))
     except (CaseError, ValueError) as e:
         raise UsageError(e.line() if isinstance(e, CaseError) else str(e)) from None
+    # what sampling and decoding will allocate, checked before the first case: a usage error, not N failures
+    w = float(syn.dcfg.guidance if args.guidance is None else args.guidance)
+    try:
+        size = syn.check_size(size, guidance=1.0 if label is None or syn.num_classes == 0 else w)
+    except SizeError as e:
+        what = f"--size {args.size}" if args.size else f"the model's size {','.join(map(str, syn.size))}"
+        raise UsageError(f"{what}: {str(e).split(': ', 1)[-1]}") from None
     mhash = model_hash(model)
     command = shlex.join(["medldm", "synthesize", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm synthesize"
+    report = out / REPORT_NAME
+    if report.exists() and _ours(report, "cases") is None:
+        raise UsageError(f"{report} exists and was not written by medldm synthesize: move it away or choose "
+                         "another OUT (synthesize never replaces files it did not write)")
+    used_w = 1.0 if label is None or syn.num_classes == 0 else w
+    settings = {  # what the scans depend on: a resumed run must match them
+        "model_hash": mhash, "condition": {"class": label, "class_name": syn.class_names[label]
+                                           if label is not None and label < len(syn.class_names) else None},
+        "guidance": used_w, "sampler": args.sampler or syn.dcfg.sampler,
+        "steps": args.steps or syn.dcfg.sampling_steps, "shape": [*size, 1] if len(size) == 2 else list(size),
+        "spacing_mm": args.spacing, "format": args.format,
+    }
 
     def target(i: int) -> Path:
         return out / (f"synth_{i:05d}.nii.gz" if args.format == "nifti" else f"synth_{i:05d}")
 
+    def record(i: int) -> Path:
+        return out / f"synth_{i:05d}.json"
+
+    def previous(i: int) -> dict | None:
+        """The provenance record of an earlier run for scan i, None when there is none; a CaseError when OUT holds
+        files of that name that synthesize did not write, or that were made with other settings."""
+        dest, rec = target(i), record(i)
+        keep = "move them away or choose another OUT: synthesize never replaces files it did not write"
+        prev = _ours(rec, "model_hash") if rec.exists() or rec.is_symlink() else None
+        if (rec.exists() or rec.is_symlink()) and prev is None:
+            raise CaseError(rec, "exists and is not a medldm synthesize record", keep)
+        if prev is None and (dest.exists() or dest.is_symlink()):
+            raise CaseError(dest, f"exists and was not written by medldm synthesize (no {rec.name} beside it)", keep)
+        if prev is not None:
+            diff = [k for k, v in settings.items() if k != "format" and json.loads(json.dumps(v)) != prev.get(k)]
+            if prev.get("seed") != args.seed + i:
+                diff.insert(0, "seed")
+            if prev.get("format", args.format) != args.format:
+                diff.append("format")
+            if diff:
+                raise CaseError(dest if dest.exists() else rec,
+                                f"an earlier run made this scan with other settings ({', '.join(diff)})",
+                                "choose another OUT, or rerun with the earlier settings (see the .json record)")
+        return prev
+
+    def is_done(i: int) -> bool:
+        try:
+            return previous(i) is not None and target(i).exists()
+        except CaseError:
+            return False  # process() reports it
+
     def process(i: int) -> dict:
         seed = args.seed + i
+        previous(i)
+        dest, rec = target(i), record(i)
+        prov = {"synthetic": True, "medldm_version": medldm.__version__, "model": str(model.resolve()),
+                "seed": seed, **settings, "intensity": syn.intensity, "config": bundle.config}
+        # the record first: a scan file without its record is never ours, so it is never replaced
+        with atomic_file(rec) as tmp:
+            tmp.write_text(json.dumps(prov, indent=2, default=str))
         try:
-            img, used = syn.generate(seed=seed, label=label, guidance=args.guidance, steps=args.steps,
-                                     sampler=args.sampler, size=size, spacing=args.spacing)
+            img, _ = syn.generate(seed=seed, label=label, guidance=args.guidance, steps=args.steps,
+                                  sampler=args.sampler, size=size, spacing=args.spacing)
         except ValueError as e:
             raise CaseError(f"synth_{i:05d}", str(e), "check --size / --condition") from None
-        prov = {
-            "synthetic": True, "medldm_version": medldm.__version__, "model": str(model.resolve()),
-            "model_hash": mhash, "seed": seed, "condition": {"class": label,
-                                                             "class_name": syn.class_names[label] if label is not None and label < len(syn.class_names) else None},
-            "guidance": used["guidance"], "sampler": args.sampler or syn.dcfg.sampler,
-            "steps": args.steps or syn.dcfg.sampling_steps, "shape": list(img.shape), "spacing_mm": args.spacing,
-            "intensity": syn.intensity, "config": bundle.config,
-        }
-        dest = target(i)
         if args.format == "nifti":
             save_nifti(img, dest)
         else:
             save_scan(img, dest, reference=None, description=f"SYNTHETIC medldm {model.name} seed {seed}")
-        with atomic_file(dest.parent / f"synth_{i:05d}.json") as tmp:
-            tmp.write_text(json.dumps(prov, indent=2, default=str))
-        return {"outputs": [str(dest), str(dest.parent / f"synth_{i:05d}.json")], "seed": seed}
+        return {"outputs": [str(dest), str(rec)], "seed": seed}
 
-    status, _ = run_cases(range(args.num), process, name=lambda i: f"synth_{i:05d}",
-                          is_done=lambda i: target(i).exists() and (out / f"synth_{i:05d}.json").exists(),
-                          report_path=out / REPORT_NAME, desc="synthesize", command=command, quiet=args.quiet)
+    status, _ = run_cases(range(args.num), process, name=lambda i: f"synth_{i:05d}", is_done=is_done,
+                          report_path=report, desc="synthesize", command=command, quiet=args.quiet)
     return status
+
+
+def _ours(file: Path, key: str) -> dict | None:
+    """``file`` parsed when it is a regular JSON file holding ``key`` (written by medldm), else None."""
+    if not file.is_file() or file.is_symlink():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) and key in data else None

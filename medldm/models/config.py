@@ -77,3 +77,63 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         v = getattr(cfg, f.name)
         out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+# Bounds for configs read from model folders (``validate``): generous for real models, far below what would
+# exhaust memory while the networks are built. A folder beyond them is refused before anything is allocated.
+MAX_WIDTH = 4096  # feature channels of one level
+MAX_LEVELS = 8  # resolution levels
+MAX_RES_BLOCKS = 16  # residual blocks per level
+MAX_IO_CHANNELS = 256  # image / latent / condition channels
+MAX_CLASSES = 10_000
+
+
+def validate(cfg: Any, prefix: str) -> None:
+    """Check the types and ranges of a ``VAEConfig`` / ``UNetConfig`` (as read from a YAML file).
+
+    Raises ``ValueError`` naming the key (``prefix.key``), its value and the allowed range.
+    """
+
+    def where(name: str) -> str:
+        return f"{prefix}.{name}"
+
+    def integer(name: str, lo: int, hi: int) -> None:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"{where(name)} = {v!r}: must be an integer in {lo}..{hi}")
+
+    def flag(name: str) -> None:
+        v = getattr(cfg, name)
+        if not isinstance(v, bool):
+            raise ValueError(f"{where(name)} = {v!r}: must be true or false")
+
+    def widths(name: str) -> None:
+        v = getattr(cfg, name)
+        if not isinstance(v, tuple) or not 1 <= len(v) <= MAX_LEVELS:
+            raise ValueError(f"{where(name)} = {v!r}: must be a list of 1..{MAX_LEVELS} channel counts")
+        for i, c in enumerate(v):
+            if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= MAX_WIDTH:
+                raise ValueError(f"{where(name)}[{i}] = {c!r}: must be an integer in 1..{MAX_WIDTH}")
+
+    def levels(name: str, n: int) -> None:
+        v = getattr(cfg, name)
+        if not isinstance(v, tuple) or len(v) != n or not all(isinstance(a, bool) for a in v):
+            raise ValueError(f"{where(name)} = {v!r}: must be a list of {n} true/false values (one per channels level)")
+
+    for f in dataclasses.fields(cfg):
+        if f.name in ("channels", "attention_levels"):
+            continue
+        if isinstance(f.default, bool):
+            flag(f.name)
+    widths("channels")
+    levels("attention_levels", len(cfg.channels))
+    integer("num_res_blocks", 1, MAX_RES_BLOCKS)
+    integer("norm_num_groups", 1, MAX_WIDTH)
+    if isinstance(cfg, VAEConfig):
+        integer("spatial_dims", 2, 3)
+        for name in ("in_channels", "out_channels", "latent_channels"):
+            integer(name, 1, MAX_IO_CHANNELS)
+    elif isinstance(cfg, UNetConfig):
+        integer("num_head_channels", 1, MAX_WIDTH)
+        integer("num_classes", 0, MAX_CLASSES)
+        integer("cond_channels", 0, MAX_IO_CHANNELS)

@@ -27,11 +27,20 @@ from torch import nn
 
 from medldm.io.atomic import atomic_dir
 from medldm.io.errors import CaseError
-from medldm.models.config import UNetConfig, VAEConfig, from_dict
+from medldm.models.config import UNetConfig, VAEConfig, from_dict, validate
 
 CONFIG_FILE = "config.yaml"
 EXTRA_FILE = "extra.json"
 _HINT = "point -m at a folder written by `medldm train`"
+_FIX = "the model folder is damaged or was edited: copy it again, or point -m at a folder written by `medldm train`"
+
+MAX_PARAMS_ENV = "MEDLDM_MAX_PARAMS"
+DEFAULT_MAX_PARAMS = 500_000_000  # parameters over all networks of a folder (2 GB of float32 weights)
+MAX_CONFIG_BYTES = 4 << 20  # config.yaml / extra.json: a few KB in real folders
+MAX_CONFIG_NODES = 200_000  # YAML aliases can make a small file a huge tree
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass
@@ -91,7 +100,14 @@ def save_model_folder(
 
 
 def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu") -> ModelBundle:
-    """Rebuild the networks named in ``config.yaml`` and load their safetensors (EMA weights when present)."""
+    """Rebuild the networks named in ``config.yaml`` and load their safetensors (EMA weights when present).
+
+    Nothing large is allocated before the folder is checked: the config's types and ranges
+    (``medldm.models.config.validate``), the parameter count it implies (networks built on the ``meta``
+    device, no memory) against ``MEDLDM_MAX_PARAMS``, and the tensor names and shapes it implies against the
+    safetensors headers (read without loading the tensors). Every problem is a one-line ``CaseError`` naming
+    the file of the folder at fault.
+    """
     from medldm.models.denoiser import build_denoiser
     from medldm.models.vae import build_vae
 
@@ -99,28 +115,47 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise CaseError(path, f"not a model folder (no {CONFIG_FILE})", _HINT)
-    try:
-        config = yaml.safe_load(cfg_file.read_text()) or {}
-        extra = json.loads((path / EXTRA_FILE).read_text()) if (path / EXTRA_FILE).is_file() else {}
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise CaseError(path, f"unreadable model config ({exc.__class__.__name__})", _HINT) from exc
+    config = _read_mapping(cfg_file, yaml.safe_load, "YAML")
+    extra = _read_mapping(path / EXTRA_FILE, json.loads, "JSON") if (path / EXTRA_FILE).is_file() else {}
     sections = model_sections(config)
-    vae = denoiser = None
+    for name, sec in sections.items():
+        if sec is not None and not isinstance(sec, dict):
+            raise CaseError(cfg_file, f"section {name!r} is a {_kind(sec)}, not a mapping of settings", _FIX)
+    _check_extra(path / EXTRA_FILE, extra)
     try:
         vae_cfg = from_dict(VAEConfig, sections["vae"]) if sections.get("vae") is not None else None
-        if vae_cfg is not None and _weights(path, "vae", ema) is not None:
-            vae = build_vae(vae_cfg)
-            _load_into(vae, _weights(path, "vae", ema), path)
-        if sections.get("unet") is not None and _weights(path, "denoiser", ema) is not None:
-            if vae_cfg is None:
-                raise ValueError("a denoiser needs the vae section (spatial_dims, latent_channels)")
-            unet_cfg = from_dict(UNetConfig, sections["unet"])
-            denoiser = build_denoiser(unet_cfg, vae_cfg.spatial_dims, vae_cfg.latent_channels)
-            _load_into(denoiser, _weights(path, "denoiser", ema), path)
+        unet_cfg = from_dict(UNetConfig, sections["unet"]) if sections.get("unet") is not None else None
+        if vae_cfg is not None:
+            validate(vae_cfg, "vae")
+        if unet_cfg is not None:
+            validate(unet_cfg, "unet")
+        _check_diffusion(sections.get("diffusion"))
     except (ValueError, TypeError) as exc:
-        raise CaseError(path, f"invalid model config: {exc}", _HINT) from exc
-    if vae is None and denoiser is None:
+        raise CaseError(cfg_file, f"invalid model config: {_one_line(exc)}", _FIX) from exc
+    builders = {}
+    if vae_cfg is not None and _weights(path, "vae", ema) is not None:
+        builders["vae"] = lambda: build_vae(vae_cfg)
+    if unet_cfg is not None and _weights(path, "denoiser", ema) is not None:
+        if vae_cfg is None:
+            raise CaseError(cfg_file, "invalid model config: a denoiser needs the vae section "
+                            "(spatial_dims, latent_channels)", _FIX)
+        builders["denoiser"] = lambda: build_denoiser(unet_cfg, vae_cfg.spatial_dims, vae_cfg.latent_channels)
+    if not builders:
         raise CaseError(path, "model folder holds no vae/denoiser weights", _HINT)
+    budget = max_params()
+    for name, build in builders.items():  # check everything before allocating anything
+        file = _weights(path, name, ema)
+        assert file is not None
+        n = _check_against_weights(build, file, cfg_file, name, budget)
+        budget -= n
+    nets: dict[str, nn.Module] = {}
+    for name, build in builders.items():
+        try:
+            nets[name] = build()
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise CaseError(cfg_file, f"invalid model config: {_one_line(exc)}", _FIX) from exc
+        _load_into(nets[name], _weights(path, name, ema), path)
+    vae, denoiser = nets.get("vae"), nets.get("denoiser")
     bundle = ModelBundle(config=config, vae=vae, denoiser=denoiser, extra=extra, path=path)
     for m in (vae, denoiser):
         if m is not None:
@@ -149,6 +184,189 @@ def _weights(path: Path, name: str, ema: bool) -> Path | None:
         if f.is_file():
             return f
     return None
+
+
+def max_params() -> int:
+    """Most parameters a model folder may ask for: ``$MEDLDM_MAX_PARAMS`` (e.g. ``2e9``) or 500 million."""
+    raw = os.environ.get(MAX_PARAMS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PARAMS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (value >= 1 and value < 1e15):
+        raise CaseError(f"{MAX_PARAMS_ENV}={raw!r}", "not a positive parameter count",
+                        f"set it to a number such as 2e9, or unset it (default {DEFAULT_MAX_PARAMS:.0e})")
+    return int(value)
+
+
+def read_safetensors_header(file: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{tensor name: (dtype, shape)}`` from a safetensors file's JSON header, without reading the tensors.
+
+    Checks that the header and every tensor's byte range lie inside the file and match dtype x shape, so a
+    truncated or forged file is found before anything is allocated. Raises ``ValueError`` (one line).
+    """
+    file = Path(file)
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes: too short for a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"header length {n} does not fit the file's {size} bytes (truncated, or not safetensors)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("the header is not JSON (not a safetensors file)") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object (not a safetensors file)")
+    data_bytes = size - 8 - n
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (dtype in _DTYPE_BYTES and isinstance(shape, list)
+                  and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+                  and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"tensor {name!r}: malformed header entry")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end > data_bytes:
+            raise ValueError(f"tensor {name!r} lies beyond the end of the file (truncated: {size} bytes)")
+        if end - begin != numel * _DTYPE_BYTES[dtype]:
+            raise ValueError(f"tensor {name!r}: {end - begin} bytes for a {dtype} tensor of shape {shape}")
+        out[name] = (dtype, tuple(shape))
+    return out
+
+
+def _check_against_weights(build, file: Path, cfg_file: Path, name: str, budget: int) -> int:
+    """Build ``name`` on the meta device (no memory), refuse it beyond ``budget`` parameters, compare its
+    tensors with ``file``'s header. Returns its parameter count."""
+    try:
+        with torch.device("meta"):
+            net = build()
+    except Exception as exc:  # MONAI / torch reject some combinations with their own error types
+        raise CaseError(cfg_file, f"invalid model config: {_one_line(exc)}", _FIX) from exc
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    del net
+    n_cfg = sum(_numel(s) for s in expected.values())
+    if n_cfg > budget:
+        raise CaseError(cfg_file, f"the {name} it describes has {n_cfg:,} parameters, more than the "
+                        f"{max_params():,} allowed", f"a damaged or hostile config.yaml? copy the model folder "
+                        f"again; if the model really is that large, set {MAX_PARAMS_ENV}")
+    try:
+        header = read_safetensors_header(file)
+    except (OSError, ValueError) as exc:
+        raise CaseError(file, f"{file.name} is not a readable safetensors file ({_one_line(exc)})", _FIX) from exc
+    n_file = sum(_numel(s) for _, s in header.values())
+    missing = [k for k in expected if k not in header]
+    unexpected = [k for k in header if k not in expected]
+    reshaped = [k for k in expected if k in header and header[k][1] != expected[k]]
+    if missing or unexpected or reshaped:
+        bad = (missing or unexpected or reshaped)[0]
+        raise CaseError(
+            cfg_file,
+            f"{file.name} does not match config.yaml (config.yaml describes {n_cfg:,} parameters, {file.name} "
+            f"holds {n_file:,}; {len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} reshaped "
+            f"tensors, e.g. {bad})",
+            "the config or the weights are corrupt, or come from another model: keep config.yaml and weights "
+            "together (copy the model folder again)",
+        )
+    return n_cfg
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _read_mapping(file: Path, parse, kind: str) -> dict[str, Any]:
+    """A YAML/JSON file of a model folder that must hold a mapping (small, no alias bombs)."""
+    try:
+        size = file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise CaseError(file, f"{size:,} bytes: far too large for a model folder's {file.name}", _FIX)
+        data = parse(file.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CaseError(file, f"unreadable model config ({exc.__class__.__name__}: {_one_line(exc)})", _FIX) from exc
+    except OSError as exc:
+        raise CaseError(file, f"cannot read it ({exc.strerror or exc})", "check the model folder's permissions") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CaseError(file, f"holds a {kind} {_kind(data)}, not a mapping of settings", _FIX)
+    if _count_nodes(data, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
+        raise CaseError(file, f"more than {MAX_CONFIG_NODES:,} entries (YAML aliases?)", _FIX)
+    return data
+
+
+def _count_nodes(obj: Any, limit: int) -> int:
+    """Entries of a parsed YAML/JSON tree, counting shared (aliased) nodes each time; stops past ``limit``."""
+    count, stack = 0, [obj]
+    while stack and count <= limit:
+        o = stack.pop()
+        count += 1
+        if isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return count
+
+
+def _check_extra(file: Path, extra: dict[str, Any]) -> None:
+    """The extra.json entries used to run a model: types and ranges (one-line CaseError on the file)."""
+    sf = extra.get("scale_factor", 1.0)
+    if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not (0 < abs(sf) < 1e6):
+        raise CaseError(file, f"scale_factor = {sf!r}: must be a finite non-zero number", _FIX)
+    for key in ("resize_to", "patch_size"):
+        v = extra.get(key)
+        if v is not None and (not isinstance(v, list) or not 1 <= len(v) <= 3 or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 16 for d in v)):
+            raise CaseError(file, f"{key} = {v!r}: must be a list of 1..3 positive sizes", _FIX)
+    factor = extra.get("factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int) or not 1 <= factor <= 1 << 10):
+        raise CaseError(file, f"factor = {factor!r}: must be a positive integer", _FIX)
+    names = extra.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise CaseError(file, "class_names must be a list of names", _FIX)
+
+
+def _check_diffusion(section: dict[str, Any] | None) -> None:
+    """Build the ``DiffusionConfig`` (its own checks) and bound what sizes arrays at inference."""
+    import math
+
+    from medldm.diffusion.config import DiffusionConfig
+
+    d = from_dict(DiffusionConfig, section)
+    for key, hi in (("num_train_timesteps", 1_000_000), ("sampling_steps", 100_000)):
+        v = getattr(d, key)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise ValueError(f"diffusion.{key} = {v!r}: must be an integer in 1..{hi}")
+    for f in ("beta_start", "beta_end", "cfg_dropout", "min_snr_gamma", "flow_shift", "guidance"):
+        v = getattr(d, f)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"diffusion.{f} = {v!r}: must be a finite number")
+
+
+def _kind(obj: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(obj),
+                                                                                        type(obj).__name__)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _load_into(module: nn.Module, file: Path | None, folder: Path) -> None:

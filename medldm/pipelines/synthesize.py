@@ -4,11 +4,19 @@
 image size (``extra.resize_to`` or ``patch_size``; 2D models give (X, Y, 1) images) on an axis-aligned grid with
 ``spacing`` mm voxels. Intensities: model range -> CT Hounsfield units through the training CT window, otherwise
 through the normalization of the first training scan (MR has no absolute scale; recorded in the provenance).
+
+Sizes are checked before anything is allocated (``Synthesizer.check_size``): the output voxels against
+``$MEDLDM_MAX_VOXELS`` (default 2**31, as for scans read), and the estimated peak memory of sampling and
+decoding (activations, skip connections and the quadratic self-attention maps of the U-Net and VAE) against
+``$MEDLDM_MAX_MEMORY`` (bytes, e.g. ``16G``), by default 80 % of the available RAM (free GPU memory on a GPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import re
 from typing import Any
 
 import numpy as np
@@ -16,6 +24,16 @@ import torch
 
 from medldm.diffusion import make_model_fn, make_schedule, sample
 from medldm.io.errors import CaseError
+
+MAX_VOXELS_ENV = "MEDLDM_MAX_VOXELS"
+MAX_MEMORY_ENV = "MEDLDM_MAX_MEMORY"
+DEFAULT_MAX_VOXELS = 2**31  # as for scans read (medldm.io.reader.max_voxels): 8 GiB of float32
+_ACT_COPIES = 8  # live activation tensors of the widest level (measured: 1.6-2.5x a 4-copy estimate)
+_ATT_COPIES = 3  # attention scores, softmax, and a temporary of the same size
+
+
+class SizeError(ValueError):
+    """A requested image size is invalid or would not fit in memory (a usage error; the message says why)."""
 
 
 class Synthesizer:
@@ -33,7 +51,11 @@ class Synthesizer:
         self.schedule = make_schedule(bundle.diffusion)
         self.dcfg = bundle.diffusion
         self.dims = int(self.denoiser.spatial_dims)
-        self.f = int(ex.get("factor") or 2 ** (len((bundle.config.get("vae") or {}).get("channels", [0, 0, 0])) - 1))
+        from medldm.models.config import VAEConfig, from_dict
+        from medldm.models.folder import model_sections
+
+        self.vae_cfg = from_dict(VAEConfig, model_sections(bundle.config).get("vae"))
+        self.f = int(ex.get("factor") or self.vae_cfg.downsample_factor)
         self.size = tuple(int(v) for v in (ex.get("resize_to") or ex.get("patch_size") or [64] * self.dims))
         self.class_names = list(ex.get("class_names") or [])
         self.num_classes = int(self.denoiser.num_classes)
@@ -64,12 +86,12 @@ class Synthesizer:
 
         from medldm.data.intensity import denormalize
 
-        size = tuple(size or self.size)
-        if len(size) != self.dims or any(s % self.f for s in size):
-            raise ValueError(f"size {list(size)}: needs {self.dims} values, each a multiple of {self.f}")
+        if not (math.isfinite(spacing) and spacing > 0):
+            raise ValueError(f"spacing {spacing}: must be a positive number of mm")
         w = float(self.dcfg.guidance if guidance is None else guidance)
         if label is None or self.num_classes == 0:
             w = 1.0  # unconditional: the null class alone, no guidance
+        size = self.check_size(size, guidance=w)
         g = torch.Generator().manual_seed(int(seed))
         shape = (1, int(self.denoiser.latent_channels), *(s // self.f for s in size))
         x_t = torch.randn(shape, generator=g).to(self.device)
@@ -94,10 +116,111 @@ class Synthesizer:
         }
         return MetaTensor(vals.contiguous(), affine=torch.as_tensor(affine), meta=meta), {"guidance": w, "label": label}
 
+    def check_size(self, size: tuple[int, ...] | None = None, *, guidance: float = 1.0) -> tuple[int, ...]:
+        """``size`` (default: the training size) when it is valid and fits in memory, else ``SizeError`` saying
+        what fits. ``guidance != 1`` runs two network passes per step (batch 2)."""
+        size = tuple(self.size if size is None else size)
+        if len(size) != self.dims or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size) \
+                or any(s % self.f for s in size):
+            raise SizeError(f"size {','.join(map(str, size))}: needs {self.dims} positive values, each a multiple "
+                            f"of {self.f}, e.g. {','.join(map(str, self.size))}")
+        voxels = math.prod(size)
+        max_vox = _env_number(MAX_VOXELS_ENV, DEFAULT_MAX_VOXELS)
+        if voxels > max_vox:
+            raise SizeError(f"size {','.join(map(str, size))}: {voxels:,} voxels, more than the {int(max_vox):,} "
+                            f"allowed: pass a smaller size, or raise {MAX_VOXELS_ENV}")
+        batch = 2 if guidance != 1.0 else 1
+        need = self.estimate_bytes(size, batch=batch)
+        limit, what = memory_limit(self.device)
+        if need > limit:
+            fit = size
+            while self.estimate_bytes(fit, batch=batch) > limit and max(fit) > self.f:
+                fit = tuple(max(self.f, (s // 2) // self.f * self.f) for s in fit)
+            hint = (f": pass a smaller size ({','.join(map(str, fit))} fits)" if self.estimate_bytes(fit, batch=batch)
+                    <= limit else ": pass a smaller size")
+            raise SizeError(f"size {','.join(map(str, size))}: synthesis would need about {_gb(need)} of memory, more "
+                            f"than the {_gb(limit)} {what}{hint}")
+        return size
+
+    def estimate_bytes(self, size: tuple[int, ...], *, batch: int = 1) -> int:
+        """Rough peak memory (bytes) of one ``generate`` at ``size``: the larger of the U-Net pass on the latent
+        and the VAE decode, float32 activations of the widest level plus skip connections and attention maps."""
+        vae_cfg = self.vae_cfg
+        unet_cfg = self.denoiser.cfg
+        dims, img = self.dims, math.prod(size)
+        lat = img / self.f**dims
+        skips = peak = 0.0
+        for level, (ch, attn) in enumerate(zip(unet_cfg.channels, unet_cfg.attention_levels, strict=False)):
+            vox = lat / 2 ** (dims * level)
+            skips += (unet_cfg.num_res_blocks + 1) * ch * vox * 4
+            heads = max(1, ch // unet_cfg.num_head_channels)
+            att = _ATT_COPIES * heads * vox * vox * 4 if attn and not unet_cfg.use_flash_attention else 0.0
+            peak = max(peak, _ACT_COPIES * ch * vox * 4 + att)
+        unet = batch * (skips + peak)
+        vae = 0.0
+        if vae_cfg is not None:
+            levels = list(zip(vae_cfg.channels, vae_cfg.attention_levels, strict=False))
+            for level, (ch, attn) in enumerate(levels):
+                vox = img / 2 ** (dims * level)
+                att = _ATT_COPIES * vox * vox * 4 if attn and not vae_cfg.use_flash_attention else 0.0
+                if level == len(levels) - 1 and vae_cfg.with_decoder_nonlocal_attn and not vae_cfg.use_flash_attention:
+                    att = max(att, _ATT_COPIES * vox * vox * 4)
+                vae = max(vae, _ACT_COPIES * ch * vox * 4 + att)
+        return int(max(unet, vae) + img * 4 * 4)
+
     def _autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def memory_limit(device: torch.device | str = "cpu") -> tuple[int, str]:
+    """(bytes, what): ``$MEDLDM_MAX_MEMORY`` when set, else 80 % of the free GPU memory (CUDA device) or of the
+    available RAM."""
+    if os.environ.get(MAX_MEMORY_ENV, "").strip():
+        return int(_env_number(MAX_MEMORY_ENV, 0)), f"allowed ({MAX_MEMORY_ENV})"
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.8 * free), f"allowed (80% of the free GPU memory; set {MAX_MEMORY_ENV} to change)"
+    return int(0.8 * _available_ram()), f"allowed (80% of the available memory; set {MAX_MEMORY_ENV} to change)"
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _env_number(name: str, default: float) -> float:
+    """A positive number from the environment (``2e9``, ``16G``, ``512M``), else ``default``; bad values are a
+    ``SizeError`` naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    m = re.fullmatch(r"([0-9.eE+]+)\s*([KMGT]?)i?B?", raw, flags=re.IGNORECASE)
+    try:
+        value = float(m.group(1)) * _UNITS[m.group(2).upper()] if m else -1.0
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0):
+        raise SizeError(f"{name}={raw!r}: expected a positive number such as 2e9 or 16G")
+    return value
+
+
+def _gb(n: float) -> str:
+    return f"{n / (1 << 30):.1f} GB" if n >= 1 << 28 else f"{n / (1 << 20):.0f} MB"
 
 
 def _output_params(extra: dict) -> dict:

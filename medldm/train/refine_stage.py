@@ -66,11 +66,23 @@ def load_refiner(model_dir: str | Path) -> nn.Module | None:
     residual base is ``refiner_spec(model_dir)["base"]`` (folders written before that key: ``decoded``)."""
     from safetensors.torch import load_file
 
-    spec = refiner_spec(model_dir)
-    if spec is None:
-        return None
-    net = build_refiner(int(spec["spatial_dims"]), spec["features"], spec.get("norm", "instance"))
-    net.load_state_dict(load_file(str(Path(model_dir) / "refiner.safetensors")))
+    from medldm.io.errors import CaseError
+    from medldm.models.folder import read_safetensors_header
+
+    file = Path(model_dir) / "refiner.safetensors"
+    try:  # a damaged or hostile folder: one line naming the file, nothing large allocated first
+        spec = refiner_spec(model_dir)
+        if spec is None:
+            return None
+        dims, features = spec["spatial_dims"], list(spec["features"])
+        if dims not in (2, 3) or len(features) != 6 or not all(type(f) is int and 1 <= f <= 1024 for f in features):
+            raise ValueError(f"extra.json refiner spec spatial_dims={dims!r}, features={features!r} is out of range")
+        read_safetensors_header(file)
+        net = build_refiner(dims, features, spec.get("norm", "instance"))
+        net.load_state_dict(load_file(str(file)))
+    except Exception as exc:
+        raise CaseError(file, f"not a usable refiner ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})",
+                        "the model folder is damaged: copy it again") from exc
     return net.eval().requires_grad_(False)
 
 
