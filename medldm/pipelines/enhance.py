@@ -12,6 +12,11 @@
    every step (``medldm.pipelines.tiling``); K samples -> posterior mean and per-voxel std (``sample_many``);
 4. decode, crop, back to scanner units; SR output grid from ``medldm.io.geometry.resized_affine``
    (physical extent kept).
+
+Bad input (docs/limits.md): NaN/inf voxels are left out of the normalization and the noise estimate, replaced by
+their nearest finite neighbour for the model, and NaN again in the output (nearest neighbour onto an SR grid),
+counted in ``info["nonfinite_voxels"]`` and the warning; an image without finite voxels is a ``CaseError``; a
+constant scan is returned unchanged (with a warning) without running the model.
 """
 
 from __future__ import annotations
@@ -127,7 +132,9 @@ class Enhancer:
         axis = self.slice_axis if opts.axis is None else int(opts.axis)
         cond_img, out_shape = self._condition_image(x, axis, opts.seed)
         finite = arr[~bad]
-        if float(finite.min()) == float(finite.max()):  # constant scan: nothing to denoise, no detail to add
+        # constant scan: nothing to denoise, no detail to add (a chunk of a larger volume, with the volume's
+        # fixed normalization, still runs the model: chunking must not change results)
+        if opts.normalization is None and float(finite.min()) == float(finite.max()):
             mean = torch.full(out_shape, float(x.reshape(-1)[int(np.flatnonzero(~bad.reshape(-1))[0])]))
             res = self._to_scanner(img, params, mean, torch.zeros(out_shape), out_shape, None, opts, bad)
             res.info["constant"] = True
