@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                 print(line, file=sys.stderr)
         targets = {c.id: output_path(c, out, args.to) for c in found.cases}
         report = out / REPORT_NAME
-    sweep_stale(out)
+    sweep_stale(out, targets.values())
     options = _options(args)
 
     def resume(case) -> Resume:

@@ -273,13 +273,14 @@ def check_single_out(out: Path, record: Path | None = None) -> None:
                              f"replaced; give a new folder name for the DICOM series (e.g. {out / 'series'})")
 
 
-def sweep_stale(out: Path) -> None:
-    """Remove temporaries of killed medldm runs (``.medldm-tmp.*``) in OUT's tree (or beside a file OUT)."""
+def sweep_stale(out: Path, targets: Iterable[Path] = ()) -> None:
+    """Remove temporaries of killed medldm runs (``.medldm-tmp.*`` of dead processes of this host) from OUT,
+    the folder holding OUT and the folder of every target output; nothing else is touched."""
     out = Path(os.path.abspath(out))
-    if out.is_dir():
-        clean_stale(out, recursive=True)
-    if out.parent.is_dir():
-        clean_stale(out.parent)
+    folders = {out, out.parent, *(Path(os.path.abspath(t)).parent for t in targets)}
+    for folder in sorted(folders):
+        if folder.is_dir():
+            clean_stale(folder)
 
 
 def find_inputs(src: Path):

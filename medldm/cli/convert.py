@@ -103,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
         if args.to == "nifti" and not is_nifti(out) or args.to == "dicom" and is_nifti(out):
             raise UsageError(f"--to {args.to} contradicts OUT {out}")
         check_single_out(out)
-        sweep_stale(out)
         targets = {found.cases[0].id: out}
         report = None
         reference = args.reference
@@ -117,11 +116,11 @@ def run(args: argparse.Namespace) -> int:
         for line in found.skipped:
             if not args.quiet:
                 print(line, file=sys.stderr)
-        sweep_stale(out)
         targets = {c.id: output_path(c, out, args.to or ("dicom" if c.kind == "nifti" else "nifti"))
                    for c in found.cases}
         report = out / REPORT_NAME
         reference = None
+    sweep_stale(out, targets.values())
 
     def resume(case) -> Resume:
         t = targets[case.id]

@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         for line in found.skipped:
             if not args.quiet:
                 print(line, file=sys.stderr)
-    sweep_stale(out)
+    sweep_stale(out, target.values())
 
     def resume(case) -> Resume:
         dest = target[case.id]

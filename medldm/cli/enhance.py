@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             for line in found.skipped:
                 print(line, file=sys.stderr)
 
-    sweep_stale(out)
+    sweep_stale(out, targets.values())
     from medldm.models.folder import model_hash
 
     options = {"model": str(model.resolve()), "model_hash": model_hash(model), "steps": args.steps,

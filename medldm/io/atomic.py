@@ -10,9 +10,9 @@ renamed onto the destination, so readers see the old result or the new one, neve
   ``config.yaml``, ``*.safetensors``). An empty folder is filled; a regular file where a folder should go,
   or a folder where a file should go, is an error (:class:`FileExistsError`), never converted.
 * **Recognisable temporary names.** Temporaries are ``.medldm-tmp.<pid>.<host>.<name>.<random>`` (and
-  ``.medldm-old.…`` for a folder being replaced). Every atomic write first removes such leftovers of *dead*
-  processes of this host in the destination's folder (a ``kill -9`` mid-write); :func:`clean_stale` does it
-  for a whole tree. Nothing else is ever removed.
+  ``.medldm-old.…`` for a folder being replaced). The first atomic write into a folder (per process)
+  removes such leftovers of *dead* processes of this host there (a ``kill -9`` mid-write);
+  :func:`clean_stale` does it on request. Nothing else is ever removed.
 * **The umask is respected.** ``mkstemp``/``mkdtemp`` create 0600/0700; before the rename the file gets
   ``0o666 & ~umask`` and the folder ``0o777 & ~umask``, like any file a program creates.
 """
