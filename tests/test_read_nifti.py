@@ -113,3 +113,24 @@ def test_volume_on_3d_is_ignored_with_warning(dipy_files, tmp_path):
     f = shutil.copy(dipy_files / "aniso_vox.nii.gz", tmp_path / "a.nii.gz")
     img = load_scan(f, volume=1)
     assert any("ignored" in w for w in img.meta["warnings"])
+
+
+def test_voxel_limit_counts_the_selected_volume_of_a_4d_file(example4d, monkeypatch):
+    """MEDLDM_MAX_VOXELS bounds what is allocated: one volume of a 4D file (docs/limits.md)."""
+    monkeypatch.setenv("MEDLDM_MAX_VOXELS", str(128 * 96 * 24))  # one volume fits, the whole file would not
+    assert tuple(load_scan(example4d, volume=1).shape) == (128, 96, 24)
+    monkeypatch.setenv("MEDLDM_MAX_VOXELS", str(128 * 96 * 24 - 1))
+    with pytest.raises(CaseError, match=r"294912 voxels to read \(128x96x24x2\) exceed the limit of 294911"):
+        load_scan(example4d, volume=1)
+
+
+def test_truncated_uncompressed_file_is_refused_before_reading(dipy_files, tmp_path):
+    """A real .nii cut short: the header's size no longer fits the file."""
+    import gzip
+
+    raw = gzip.open(dipy_files / "S0_10slices.nii.gz").read()
+    p = tmp_path / "cut.nii"
+    p.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CaseError, match=r"cut.nii: the header claims 128x128x10x1 voxels of uint16 .* but the file "
+                                        r"holds only .* — the file is truncated"):
+        load_scan(p)

@@ -190,7 +190,7 @@ def load_nifti(path: str | os.PathLike, *, volume: int | None = None) -> tuple[n
     if len(shape) > 4:
         raise CaseError(path, f"{len(shape)}D image of shape {shape}", "medldm reads 2D, 3D and 4D NIfTI")
     n_all = math.prod(full_shape)
-    _check_nifti_size(path, img, full_shape, n_all // shape[3] if len(shape) == 4 and volume is not None else n_all)
+    _check_nifti_size(path, img, full_shape, n_all // shape[3] if len(shape) == 4 else n_all)  # 4D: one volume read
     if len(shape) == 4:
         if volume is None:
             raise CaseError(path, f"4D image of shape {shape} ({shape[3]} volumes)",
