@@ -262,10 +262,10 @@ def scan_folder(root: str | os.PathLike) -> Discovery:
             continue
         series[(f.parent, uid)].append((f, ds))
 
-    # files whose header cannot be read: part of the series when their folder holds only one
+    # damaged files of no known series: part of the series when their folder holds only one
     for (folder, uid), items in list(bad.items()):
         here = [k for k in series if k[0] == folder]
-        if uid == "" and len(here) == 1:
+        if (uid == "" or uid.startswith("nouid:")) and len(here) == 1:
             bad[here[0]].extend(items)
             del bad[(folder, uid)]
     folders_of: dict[str, list[Path]] = defaultdict(list)
