@@ -7,7 +7,8 @@ evaluates on (docs/models.md). Beside the weights, ``card.json`` records how the
 command, data, steps, wall time, hardware, and validation figures (training-pool validation scans, and the
 held-out demo scans once measured).
 
-``resolve_model(name_or_path) -> Path`` turns what a user gives to ``-m`` into a model folder; ``card(name)``
+``resolve_model(name_or_path) -> Path`` turns what a user gives to ``-m`` (or ``medldm.load_model``) into a model
+folder: a model folder, a training run's folder (``RUN_DIR`` -> ``RUN_DIR/model``) or a shipped name; ``card(name)``
 reads a model's card (``medldm models``). Making the shipped folders (export from a training run, validation,
 held-out figures) is maintainer tooling: ``tools/shipped_models.py``.
 """
@@ -22,6 +23,7 @@ from medldm.io.errors import CaseError
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "models"
 CARD_FILE = "card.json"
+RUN_MODEL = "model"  # the final model folder inside a training run's folder (medldm train -o RUN_DIR)
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,16 @@ def installed_models() -> dict[str, ShippedModel]:
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """A model folder for ``-m``: an existing folder as given, else the folder of the shipped model of that name.
+    """A model folder for ``-m`` / ``medldm.load_model``: a model folder as given; the run folder that
+    ``medldm train -o RUN_DIR`` wrote (resolved to ``RUN_DIR/model``); else the folder of the shipped model of
+    that name.
 
     A folder wins over a name, so a local folder called like a shipped model is used as the user typed it.
-    Raises ``CaseError`` (one line: what is wrong, what to do) when it is neither.
+    Raises ``CaseError`` (one line: what is wrong, what to do) when it is none of these.
     """
     p = Path(name_or_path).expanduser()
     if p.is_dir():
-        return p
+        return _model_folder(p)
     name = str(name_or_path)
     if name in SHIPPED:
         folder = SHIPPED[name].path
@@ -69,6 +73,30 @@ def resolve_model(name_or_path: str | Path) -> Path:
     known = ", ".join(SHIPPED)
     raise CaseError(name, "no such model folder or shipped model name",
                     f"give a folder written by `medldm train`, or one of: {known} (see `medldm models`)")
+
+
+def _model_folder(folder: Path) -> Path:
+    """``folder`` if it is a model folder, ``folder/model`` if it is a training run's folder.
+
+    A run folder (``medldm train -o RUN_DIR``) holds the resolved *training* config as ``config.yaml`` but no
+    weights, and its final model folder as ``model/``; a model folder holds ``config.yaml`` and ``*.safetensors``.
+    """
+    has_weights = any(folder.glob("*.safetensors"))
+    if not has_weights and (folder / RUN_MODEL / "config.yaml").is_file():
+        return folder / RUN_MODEL
+    if not has_weights:
+        stages = [folder / s / RUN_MODEL for s in ("refine", "ldm", "vae") if (folder / s / RUN_MODEL / "config.yaml").is_file()]
+        if stages:  # a run stopped before its final model was published
+            resume = (f"`medldm train {folder / 'config.yaml'} -o {folder} --resume`" if (folder / "config.yaml").is_file()
+                      else "`medldm train CONFIG -o RUN_DIR --resume`")
+            raise CaseError(folder, f"training run without its final {RUN_MODEL}/ folder (written when `medldm train` "
+                                    "finishes)", f"finish the run with {resume}, or point -m at a stage's model: "
+                                                 f"{', '.join(map(str, stages))}")
+    if (folder / "config.yaml").is_file():
+        return folder  # a model folder: medldm.models.load_model checks the rest
+    raise CaseError(folder, f"not a model folder: neither config.yaml nor {RUN_MODEL}/config.yaml is in it",
+                    "give the folder `medldm train -o RUN_DIR` wrote (RUN_DIR or RUN_DIR/model), a model folder, "
+                    "or a shipped model name (see `medldm models`)")
 
 
 def enhance(model: str | Path, img, *, seed: int = 0, batch_size: int = 4):

@@ -52,9 +52,67 @@ def test_resolve_model_names_and_folders(tmp_path):
         folder = _require(name)
         assert (folder / "config.yaml").is_file() and folder.name == name
         assert sum(f.stat().st_size for f in folder.iterdir()) < 8e6, "keep shipped folders small"
-    assert resolve_model(tmp_path) == tmp_path  # a folder is used as given
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.yaml").write_text("vae: {}\n")
+    assert resolve_model(model) == model  # a model folder is used as given (the loader checks the rest)
     with pytest.raises(CaseError, match="medldm models"):
         resolve_model("mr-no-such-model")
+    with pytest.raises(CaseError, match=r"not a model folder: neither config\.yaml nor model/config\.yaml is in it "
+                                        r"— give the folder `medldm train -o RUN_DIR` wrote"):
+        resolve_model(tmp_path)  # a folder that is neither a model nor a run
+
+
+def _fake_run(tmp_path, name: str = "mr-denoise-2d"):
+    """A folder as ``medldm train -o RUN`` leaves it: the resolved training config, stage folders, and the final
+    model folder RUN/model (here a copy of a shipped model)."""
+    import shutil
+
+    run = tmp_path / "RUN"
+    src = _require(name)
+    shutil.copytree(src, run / "model")
+    shutil.copytree(src, run / "ldm" / "model")
+    shutil.copy(src / "config.yaml", run / "config.yaml")  # a run folder has a config.yaml too, but no weights
+    (run / "summary.json").write_text("{}")
+    return run
+
+
+def test_run_folder_resolves_to_its_model(tmp_path):
+    """``medldm.load_model(RUN_DIR)`` and ``-m RUN_DIR`` accept the folder ``medldm train -o RUN_DIR`` wrote."""
+    run = _fake_run(tmp_path)
+    assert resolve_model(run) == run / "model"
+    assert resolve_model(run / "model") == run / "model"
+    bundle, ref = medldm.load_model(run), medldm.load_model("mr-denoise-2d")
+    assert bundle.extra["task"] == "denoise"
+    for (k, a), (_, b) in zip(bundle.denoiser.state_dict().items(), ref.denoiser.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+    from medldm.cli.enhance import _resolve_model
+
+    assert _resolve_model(run) == run / "model"  # what `medldm enhance -m RUN_DIR` loads
+
+    import shutil
+
+    shutil.rmtree(run / "model")  # a run stopped before its final model: say so, and name the stage's model
+    with pytest.raises(CaseError, match=r"training run without its final model/ folder .* --resume.*ldm/model"):
+        resolve_model(run)
+    with pytest.raises(CaseError, match="training run without its final model/ folder"):
+        medldm.load_model(run)
+
+
+def test_cli_enhance_accepts_a_run_folder(tmp_path, dipy_files):
+    import nibabel as nib
+
+    run = _fake_run(tmp_path)
+    img = nib.load(dipy_files / "S0_10slices.nii.gz")
+    crop = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32)[40:72, 40:72, 4:5, 0], img.affine)
+    src, out = tmp_path / "in.nii.gz", tmp_path / "out.nii.gz"
+    nib.save(crop, src)
+    assert main(["enhance", "-m", str(run), "-i", str(src), "-o", str(out), "--steps", "1", "--quiet"]) == 0
+    assert nib.load(out).shape == crop.shape
+    (tmp_path / "empty").mkdir()
+    assert main(["enhance", "-m", str(tmp_path / "empty"), "-i", str(src), "-o", str(tmp_path / "x.nii.gz"),
+                 "--quiet"]) == 2  # a folder that is neither a model nor a run: usage error
 
 
 @pytest.mark.parametrize("name", [n for n, m in SHIPPED.items() if m.task != "synthesis"])
