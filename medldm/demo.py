@@ -235,13 +235,11 @@ def run_synthesis(out: Path, n: int, seed: int) -> dict | None:
 
 def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path], wall: float,
                 synth: dict | None = None) -> Path:
+    from medldm.eval.style import PAGE_END, page_head
     from medldm.io.atomic import atomic_file
     from medldm.samples import SAMPLES
 
-    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>medldm demo</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #999;padding:4px 8px}caption{text-align:left;font-weight:bold}"
-             "img{max-width:100%}</style></head><body>",
+    parts = [page_head("medldm demo"),
              f"<h1>medldm demo</h1><p>This report: <code>{escape(str((out / 'report.html').resolve()))}</code>. "
              f"Run time {wall:.0f} s.</p>",
              "<p>Held-out real MR scans (never used to train shipped models), each scaled to [0, 1] by its own "
@@ -271,7 +269,7 @@ def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path]
                      f"Unconditional samples, {synth['size'][0]} x {synth['size'][1]}, seeds 0..{synth['n'] - 1}, "
                      f"{synth['steps']} sampler steps, {synth['seconds']:.1f} s; each shown between its own "
                      "0.5-99.5th percentiles. Files: <code>synth/sample_*.nii.gz</code>.</figcaption></figure>")
-    parts.append("</body></html>")
+    parts.append(PAGE_END)
     path = out / "report.html"
     with atomic_file(path) as tmp:
         tmp.write_text("\n".join(parts))

@@ -138,6 +138,9 @@ def test_html_and_pair_panels(audit2d):
     flagged = [r["id"] for r in audit["synthetic"] if r["flagged"]]
     assert set(flagged) <= set(panels) and all(panels[i]["png"] in parser.imgs for i in flagged)
     assert "0.95" in html and "held-out" in html
+    from medldm.eval.style import CSS
+
+    assert html.count("<style>") == 1 and f"<style>{CSS}</style>" in html  # the one shared stylesheet
     # the exact copy: synthetic and training tiles identical, difference tile black, image not blank
     p = panels["copy_mni90"]
     im = np.asarray(Image.open(report / p["png"]).convert("RGB")).astype(int)

@@ -56,3 +56,14 @@ def test_quick_demo_end_to_end(tmp_path, mni152):  # mni152: skips when the data
     # quality gap is tested, as a known failure, in tests/test_shipped.py)
     assert np.isfinite(den["mr-denoise-2d"]) and np.isfinite(sr["mr-sr2x-2d"])
     assert len(list((out / "synth").glob("sample_*.nii.gz"))) == 4
+
+
+def test_index_page_uses_the_shared_stylesheet(tmp_path):
+    """The demo index is styled by medldm.eval.style like the evaluation and audit reports (no copy of its own)."""
+    import medldm.demo
+    from medldm.eval.style import CSS, PAGE_END
+
+    page = medldm.demo.write_index(tmp_path, [], {}, 1.0).read_text()
+    assert page.startswith("<!DOCTYPE html>") and f"<style>{CSS}</style>" in page and page.endswith(PAGE_END)
+    assert page.count("<style>") == 1 and "<title>medldm demo</title>" in page
+    assert "font-family" not in Path(medldm.demo.__file__).read_text()
