@@ -254,13 +254,14 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
     """
     out_dir = Path(out_dir)
     meta = getattr(img, "meta", {}) or {}
+    where = str(meta.get("filename_or_obj", "") or "") or out_dir  # faults of the image name its input
     vol = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, dtype=np.float32)
     if vol.ndim == 2:
         vol = vol[:, :, None]
     if vol.ndim != 3:
-        raise CaseError(out_dir, f"expected a (X, Y, Z) volume, got shape {vol.shape}", "select one volume")
+        raise CaseError(where, f"expected a (X, Y, Z) volume, got shape {vol.shape}", "select one volume")
     affine = np.asarray(getattr(img, "affine", np.eye(4)), dtype=np.float64)
-    vol, grid = grid_from_affine(vol, affine, out_dir)
+    vol, grid = grid_from_affine(vol, affine, where)
     nz = vol.shape[2]
     headers = load_reference(reference, out_dir) if reference is not None else []
     deid = _deidentifier(deidentify)
@@ -270,7 +271,7 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
         enc = choose_encoding(vol, _ref_encoding(headers) if headers else None,
                               prefer_signed=odt.startswith("int"))
     except ValueError as e:
-        raise CaseError(out_dir, str(e), "fix the image values before writing DICOM") from e
+        raise CaseError(where, f"cannot be written as DICOM: {e}", "fix the image values before writing DICOM") from e
     if enc.max_error > 0:
         log.warning("%s: values stored with RescaleSlope %g: max error %.3g", out_dir, enc.slope, enc.max_error)
     if headers:
