@@ -46,14 +46,27 @@ def test_vae_shapes_and_downsample_factor(dims, mr_slices):
 
 
 def test_vae_config_errors():
-    with pytest.raises(ValueError, match="attention_levels"):
+    # medldm's own messages (key-qualified "vae.…"); MONAI's AutoencoderKL errors also say "attention_levels" and
+    # "norm_num_groups", so matching those words alone would pass on MONAI's error too.
+    with pytest.raises(ValueError, match=r"vae\.attention_levels.* one entry per vae\.channels level"):
         build_vae(VAEConfig(channels=(8, 16), attention_levels=(False,)))
-    with pytest.raises(ValueError, match="norm_num_groups"):
+    with pytest.raises(ValueError, match=r"vae\.norm_num_groups.*8.* must divide every vae\.channels entry"):
         build_vae(VAEConfig(channels=(8, 12), attention_levels=(False, False), norm_num_groups=8))
     with pytest.raises(ValueError, match="did you mean 'latent_channels'"):
         from_dict(VAEConfig, {"latent_channel": 3})
     cfg = from_dict(UNetConfig, {"channels": [16, 32], "attention_levels": [False, True]})
     assert cfg.channels == (16, 32) and to_dict(cfg)["channels"] == [16, 32]
+
+
+def test_unet_config_errors():
+    """medldm's key-qualified messages ("unet.…"), not MONAI DiffusionModelUNet's, which name the same settings."""
+    base = to_dict(TINY_UNET)
+    with pytest.raises(ValueError, match=r"unet\.attention_levels.* one entry per unet\.channels level"):
+        build_denoiser(UNetConfig(**{**base, "attention_levels": (False,)}), spatial_dims=2, latent_channels=4)
+    with pytest.raises(ValueError, match=r"unet\.norm_num_groups.*12.* must divide every unet\.channels entry"):
+        build_denoiser(UNetConfig(**{**base, "norm_num_groups": 12}), spatial_dims=2, latent_channels=4)
+    with pytest.raises(ValueError, match=r"unet\.num_head_channels.*12.* must divide the channels of every attention level"):
+        build_denoiser(UNetConfig(**{**base, "num_head_channels": 12}), spatial_dims=2, latent_channels=4)
 
 
 def _cond_denoiser(dims: int = 2):
@@ -107,16 +120,17 @@ def test_denoiser_3d_and_input_errors():
     d = build_denoiser(TINY_UNET, spatial_dims=3, latent_channels=2)
     out = d(torch.randn(1, 2, 8, 8, 8), torch.tensor([3]))
     assert out.shape == (1, 2, 8, 8, 8)
-    with pytest.raises(ValueError, match="not class-conditional"):
+    # each message is medldm's (LatentDenoiser's input checks), not one MONAI or torch could also raise
+    with pytest.raises(ValueError, match=r"this denoiser is not class-conditional \(unet\.num_classes = 0\)"):
         d(torch.randn(1, 2, 8, 8, 8), torch.tensor([3]), class_labels=torch.tensor([0]))
-    with pytest.raises(ValueError, match="image condition"):
+    with pytest.raises(ValueError, match=r"this denoiser was built without an image condition \(unet\.cond_channels = 0\)"):
         d(torch.randn(1, 2, 8, 8, 8), torch.tensor([3]), cond=torch.randn(1, 1, 8, 8, 8))
     c = _cond_denoiser()
-    with pytest.raises(ValueError, match="noise_level"):
+    with pytest.raises(ValueError, match=r"this denoiser is conditioned on a noise level: pass noise_level in \[0, 1\]"):
         c(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond=torch.zeros(1, 1, 8, 8))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match=r"condition shape \(1, 1, 4, 4\) does not match latent \(1, 4, 8, 8\)"):
         c(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond=torch.zeros(1, 1, 4, 4), noise_level=0.1)
-    with pytest.raises(ValueError, match="class labels must be"):
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 3\] \(last = null class\)"):
         c(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond=torch.zeros(1, 1, 8, 8), class_labels=torch.tensor([7]), noise_level=0.1)
 
 
@@ -138,7 +152,7 @@ def test_ema_update_copy_and_state_roundtrip():
     restored.load_state_dict(ema.state_dict())
     assert restored.decay == 0.9 and restored.num_updates == 1
     torch.testing.assert_close(restored.shadow["0.weight"], ema.shadow["0.weight"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"EMA decay must be in \[0, 1\)"):
         EMA(net, decay=1.0)
     ema.num_updates = 1000
     assert ema.current_decay() == 0.9  # warm-up over: the configured decay
