@@ -61,8 +61,8 @@ def test_real_one_process_gloo_group(tmp_path):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         info = types.SimpleNamespace(enabled=True, world_size=1, rank=0)
-        row = D.mean_across({"loss": torch.tensor(0.25, dtype=torch.float64), "n": 3.0}, info)
-        assert row == {"loss": 0.25, "n": 3.0}
+        row = D.mean_across({"loss": torch.tensor(0.25, dtype=torch.float64), "n": 3.0, "lr": 1e-3}, info)
+        assert row == {"loss": 0.25, "n": 3.0, "lr": 1e-3}
         D.check_in_sync({"net": nn.Linear(3, 2)}, info)
         assert bool(D.all_finite(torch.tensor(True), info)) and not bool(D.all_finite(torch.tensor(False), info))
         D.barrier(info)
@@ -71,8 +71,8 @@ def test_real_one_process_gloo_group(tmp_path):
 
 
 def test_mean_across_single_process_reads_tensors():
-    out = D.mean_across({"a": torch.tensor(1.5, dtype=torch.float64), "b": 2}, D.DistInfo())
-    assert out == {"a": 1.5, "b": 2.0} and all(type(v) is float for v in out.values())
+    out = D.mean_across({"a": torch.tensor(1.5, dtype=torch.float64), "b": 2, "lr": 1e-3}, D.DistInfo())
+    assert out == {"a": 1.5, "b": 2.0, "lr": 1e-3} and all(type(v) is float for v in out.values())
 
 
 # ------------------------------------------------------------------------------------------- engine loop
@@ -209,3 +209,31 @@ def test_too_many_consecutive_nonfinite_steps_stop_the_run(tmp_path):
         fit(stage, rt, tmp_path, seed=0)
     rows = read_log(tmp_path / "tiny" / "train_log.csv")
     assert [r["nonfinite"] for r in rows] == [0, 0, 1, 1]  # the last skipped step raised before its row
+
+
+# ------------------------------------------------------------------------------------------- tools/gpu_check.py
+def _gpu_check():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "tools" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_without_cuda_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _gpu_check().main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_check_dist_part_on_cpu(capsys):
+    """Smoke test of the script's logic (its gloo twin of the NCCL part, a few seconds); the full check never runs
+    in the tests."""
+    import json
+
+    rc = _gpu_check().main(["--device", "cpu", "--quick", "--skip", "train,enhance,bench_metrics,bench_train"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["ok"] and summary["dist"]["backend"] == "gloo"
+    assert summary["dist"]["fit"]["nonfinite"] == [0, 1, 0]

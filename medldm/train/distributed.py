@@ -76,8 +76,8 @@ def mean_across(values: dict[str, float | torch.Tensor], info: DistInfo) -> dict
         dev = collective_device()
     else:  # stay where the tensors are (one transfer below, not one per value)
         dev = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    t = torch.stack([torch.as_tensor(values[k]).detach().to(device=dev, dtype=torch.float64).reshape(())
-                     for k in keys])
+    t = torch.stack([(v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64))
+                     .to(device=dev, dtype=torch.float64).reshape(()) for v in (values[k] for k in keys)])
     if info.enabled:
         dist.all_reduce(t)
         t = t / info.world_size
