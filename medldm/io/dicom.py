@@ -341,17 +341,17 @@ def rescale(arr: np.ndarray, ds: Dataset, path: str | Path = "<dataset>") -> tup
     A slope of 0 or a non-finite slope/intercept raises :class:`CaseError` (see :func:`rescale_params`)."""
     from pydicom.pixels import apply_modality_lut
 
-    if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        slope, inter, _ = rescale_params(ds, path)
-        if "ModalityLUTSequence" not in ds:
-            if slope == 1.0 and inter == 0.0:
-                return arr, False
-            if np.issubdtype(arr.dtype, np.integer) and slope.is_integer() and inter.is_integer():
-                # exact integer arithmetic (CT HU): same values as apply_modality_lut, integer dtype
-                wide = np.int64 if arr.dtype.itemsize >= 4 else np.int32
-                return arr.astype(wide) * int(slope) + int(inter), True
-            return arr.astype(np.float64) * slope + inter, True
+    if "ModalityLUTSequence" in ds:
         return np.asarray(apply_modality_lut(arr, ds)), True
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        slope, inter, _ = rescale_params(ds, path)
+        if slope == 1.0 and inter == 0.0:
+            return arr, False
+        if np.issubdtype(arr.dtype, np.integer) and slope.is_integer() and inter.is_integer():
+            # exact integer arithmetic (CT HU): same values as apply_modality_lut, integer dtype
+            wide = np.int64 if arr.dtype.itemsize >= 4 else np.int32
+            return arr.astype(wide) * int(slope) + int(inter), True
+        return arr.astype(np.float64) * slope + inter, True  # as apply_modality_lut computes it
     return arr, False
 
 

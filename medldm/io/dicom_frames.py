@@ -52,7 +52,7 @@ def _check_image_header(path: str | Path, ds: Dataset) -> list[str]:
         raise CaseError(path, "Siemens mosaic (several slices tiled in one image) is not supported",
                         "convert the series with dcm2niix first and give medldm the NIfTI file")
     check_pixel_size(ds, path)
-    return rescale_params(ds, path)[2]
+    return [] if "ModalityLUTSequence" in ds else rescale_params(ds, path)[2]
 
 
 def single_frame(path: str | Path, ds: Dataset) -> Frame:
@@ -65,7 +65,7 @@ def single_frame(path: str | Path, ds: Dataset) -> Frame:
         return vals, stored.dtype, changed
 
     geom = slice_geometry(ds)
-    geom.warnings.extend(f"{path}: {w}" for w in warns)
+    geom.warnings.extend(warns)  # the same text for every slice: reported once per volume
     return Frame(str(path), geom, (int(ds.Rows), int(ds.Columns)), pixels,
                  uid=str(ds.get("SOPInstanceUID", "")), tiebreak=_tiebreak(ds))
 
