@@ -46,3 +46,24 @@ def test_cli_reference_documents_every_option():
         for action in sub.choices[name]._actions:
             for opt in action.option_strings:
                 assert opt in sections[name], f"docs/cli.md: `medldm {name}` lacks {opt}: run python tools/gen_cli_docs.py"
+
+
+def test_errors_escaping_a_command_are_one_line(monkeypatch, capsys):
+    """A CaseError or a MemoryError that reaches the entry point is one line, not a traceback."""
+    import medldm.cli.models as models
+    from medldm.io.errors import CaseError
+
+    def case_error(args):
+        raise CaseError("/m/config.yaml", "invalid model config:\nvae.channels", "copy it again")
+
+    monkeypatch.setattr(models, "run", case_error)
+    assert main(["models"]) == 2
+    assert capsys.readouterr().err == "medldm models: error: /m/config.yaml: invalid model config: vae.channels — copy it again\n"
+
+    def oom(args):
+        raise MemoryError
+
+    monkeypatch.setattr(models, "run", oom)
+    assert main(["--verbose", "models"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("medldm models: error: out of memory") and err.count("\n") == 1

@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         with route_warnings(verbose=args.verbose):
             return int(mods[args.command].run(args) or 0)
     except UsageError as e:
-        print(f"medldm {args.command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"medldm {args.command}: error: {one_line(e, None)}", file=sys.stderr)
         return 2
     except CaseError as e:  # a model folder or option value found unusable outside the case loop
-        print(f"medldm {args.command}: error: {one_line(e.line())}", file=sys.stderr)
+        print(f"medldm {args.command}: error: {one_line(e.line(), None)}", file=sys.stderr)
         return 2
     except MemoryError:
         print(f"medldm {args.command}: error: out of memory — process fewer or smaller scans at a time "

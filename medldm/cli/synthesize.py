@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         size = syn.check_size(size, guidance=1.0 if label is None or syn.num_classes == 0 else w)
     except SizeError as e:
         what = f"--size {args.size}" if args.size else f"the model's size {','.join(map(str, syn.size))}"
-        raise UsageError(f"{what}: {str(e).split(': ', 1)[-1]}") from None
+        raise UsageError(f"{what}: {e.reason}" if e.reason else str(e)) from None
     mhash = model_hash(model)
     command = shlex.join(["medldm", "synthesize", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm synthesize"
     report = out / REPORT_NAME

@@ -37,10 +37,10 @@ _MAX_CHARS = 400
 _printed: set[tuple[str, str]] = set()
 
 
-def one_line(text: object) -> str:
-    """Whitespace (newlines included) collapsed to single spaces, cut to a readable length."""
+def one_line(text: object, limit: int | None = _MAX_CHARS) -> str:
+    """Whitespace (newlines included) collapsed to single spaces, cut to ``limit`` characters (None: no cut)."""
     s = " ".join(str(text).split())
-    return s if len(s) <= _MAX_CHARS else s[: _MAX_CHARS - 3] + "..."
+    return s if limit is None or len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _emit(line: str) -> None:

@@ -30,10 +30,21 @@ MAX_MEMORY_ENV = "MEDLDM_MAX_MEMORY"
 DEFAULT_MAX_VOXELS = 2**31  # as for scans read (medldm.io.reader.max_voxels): 8 GiB of float32
 _ACT_COPIES = 8  # live activation tensors of the widest level (measured: 1.6-2.5x a 4-copy estimate)
 _ATT_COPIES = 3  # attention scores, softmax, and a temporary of the same size
+_WORKSPACE = 64 << 20  # convolution workspaces and allocator slack, measured at small sizes
 
 
 class SizeError(ValueError):
-    """A requested image size is invalid or would not fit in memory (a usage error; the message says why)."""
+    """A requested image size is invalid or would not fit in memory (a usage error; the message says why).
+
+    ``reason``: the message without the leading ``size X,Y: `` (empty for a bad limit setting)."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _size_error(size: tuple[int, ...], reason: str) -> SizeError:
+    return SizeError(f"size {','.join(map(str, size))}: {reason}", reason)
 
 
 class Synthesizer:
@@ -122,13 +133,13 @@ class Synthesizer:
         size = tuple(self.size if size is None else size)
         if len(size) != self.dims or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size) \
                 or any(s % self.f for s in size):
-            raise SizeError(f"size {','.join(map(str, size))}: needs {self.dims} positive values, each a multiple "
-                            f"of {self.f}, e.g. {','.join(map(str, self.size))}")
+            raise _size_error(size, f"needs {self.dims} positive values, each a multiple of {self.f}, "
+                                    f"e.g. {','.join(map(str, self.size))}")
         voxels = math.prod(size)
         max_vox = _env_number(MAX_VOXELS_ENV, DEFAULT_MAX_VOXELS)
         if voxels > max_vox:
-            raise SizeError(f"size {','.join(map(str, size))}: {voxels:,} voxels, more than the {int(max_vox):,} "
-                            f"allowed: pass a smaller size, or raise {MAX_VOXELS_ENV}")
+            raise _size_error(size, f"{voxels:,} voxels, more than the {int(max_vox):,} allowed: pass a smaller "
+                                    f"size, or raise {MAX_VOXELS_ENV}")
         batch = 2 if guidance != 1.0 else 1
         need = self.estimate_bytes(size, batch=batch)
         limit, what = memory_limit(self.device)
@@ -138,8 +149,8 @@ class Synthesizer:
                 fit = tuple(max(self.f, (s // 2) // self.f * self.f) for s in fit)
             hint = (f": pass a smaller size ({','.join(map(str, fit))} fits)" if self.estimate_bytes(fit, batch=batch)
                     <= limit else ": pass a smaller size")
-            raise SizeError(f"size {','.join(map(str, size))}: synthesis would need about {_gb(need)} of memory, more "
-                            f"than the {_gb(limit)} {what}{hint}")
+            raise _size_error(size, f"synthesis would need about {_gb(need)} of memory, more than the "
+                                    f"{_gb(limit)} {what}{hint}")
         return size
 
     def estimate_bytes(self, size: tuple[int, ...], *, batch: int = 1) -> int:
@@ -166,7 +177,7 @@ class Synthesizer:
                 if level == len(levels) - 1 and vae_cfg.with_decoder_nonlocal_attn and not vae_cfg.use_flash_attention:
                     att = max(att, _ATT_COPIES * vox * vox * 4)
                 vae = max(vae, _ACT_COPIES * ch * vox * 4 + att)
-        return int(max(unet, vae) + img * 4 * 4)
+        return int(max(unet, vae) + img * 4 * 4 + _WORKSPACE)
 
     def _autocast(self):
         if self.device.type == "cuda":

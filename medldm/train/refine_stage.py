@@ -81,7 +81,7 @@ def load_refiner(model_dir: str | Path) -> nn.Module | None:
         net = build_refiner(dims, features, spec.get("norm", "instance"))
         net.load_state_dict(load_file(str(file)))
     except Exception as exc:
-        raise CaseError(file, f"not a usable refiner ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})",
+        raise CaseError(file, f"not a usable refiner ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
                         "the model folder is damaged: copy it again") from exc
     return net.eval().requires_grad_(False)
 
