@@ -20,12 +20,12 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from medldm.io.errors import CaseError
+from medldm.io.limits import max_voxels
 
 CODECS_HINT = "install the decoders: pip install 'medldm[dicom-codecs]'"
 
 #: Largest image medldm allocates for one DICOM object or one stacked series (voxels; 2**30 voxels are
 #: 4 GiB as float32). Headers claiming more are refused before anything is allocated.
-MAX_VOXELS = 1 << 30
 
 # Modalities / SOP classes that hold no image to process (reason shown in `skipped`).
 NON_IMAGE_MODALITIES = {
@@ -238,7 +238,7 @@ def _int(ds: Dataset, key: str, default: int) -> int:
 
 def check_pixel_size(ds: Dataset, path: str | Path) -> None:
     """Refuse, before anything is allocated, an image whose header claims more pixels than the file
-    can hold or than :data:`MAX_VOXELS` (a NumberOfFrames / Rows / Columns "bomb"), or none at all."""
+    can hold or than ``max_voxels()`` (``MEDLDM_MAX_VOXELS``; a NumberOfFrames / Rows / Columns "bomb"), or none at all."""
     rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
     nf_raw = ds.get("NumberOfFrames", 1)
     try:
@@ -252,11 +252,12 @@ def check_pixel_size(ds: Dataset, path: str | Path) -> None:
                               "in the header: nothing to read",
                         "the header is damaged; export the file again from the source (or remove it)")
     n = nf * rows * cols * spp
-    if nf * rows * cols > MAX_VOXELS:
+    limit = max_voxels()
+    if nf * rows * cols > limit:
         raise CaseError(path, f"the header claims {nf} frame(s) of {cols}x{rows} pixels ({nf * rows * cols:,} "
-                              f"voxels), above medldm's limit of {MAX_VOXELS:,}",
-                        "the header is damaged (NumberOfFrames/Rows/Columns); export the file again, or "
-                        "split the object into smaller series")
+                              f"voxels), above medldm's limit of {limit:,} (MEDLDM_MAX_VOXELS)",
+                        "the header is damaged (NumberOfFrames/Rows/Columns); export the file again, "
+                        "split the object into smaller series, or raise MEDLDM_MAX_VOXELS")
     try:
         size = os.path.getsize(path)
     except (OSError, TypeError):

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medldm.io.dicom import MAX_VOXELS, SliceGeom, affine_lps, exact_dtype_from_stats
+from medldm.io.dicom import SliceGeom, affine_lps, exact_dtype_from_stats
 from medldm.io.errors import CaseError
 from medldm.io.geometry import lps_to_ras
+from medldm.io.limits import max_voxels
 
 ORIENT_SPLIT_TOL = 1e-3  # max |cosine difference| still treated as one stack
 ORIENT_WARN_TOL = 1e-4  # above this, one stack but a warning
@@ -328,9 +329,10 @@ def stack(frames: Sequence[Frame], *, where: str, volume: int | None = None) -> 
 
     # float32 (X=cols, Y=rows, Z), slice by slice; keep what exact_dtype needs
     rows, cols = frames[0].shape
-    if len(frames) * rows * cols > MAX_VOXELS:
+    limit = max_voxels()
+    if len(frames) * rows * cols > limit:
         raise CaseError(where, f"{len(frames)} slices of {cols}x{rows} pixels ({len(frames) * rows * cols:,} voxels) "
-                               f"exceed medldm's limit of {MAX_VOXELS:,} voxels",
+                               f"exceed medldm's limit of {limit:,} voxels (MEDLDM_MAX_VOXELS)",
                         "split the series into smaller ones (or crop it) with another tool first")
     data = np.empty((len(frames), rows, cols), dtype=np.float32)  # filled contiguously, transposed once
     dtypes, rescaled, lo, hi, integral = [], False, np.inf, -np.inf, True

@@ -15,6 +15,7 @@ import numpy as np
 
 from medldm.io.errors import CaseError
 from medldm.io.formats import NIFTI_SUFFIXES, is_nifti  # noqa: F401 (re-exported)
+from medldm.io.limits import DEFAULT_MAX_VOXELS, max_voxels  # noqa: F401 (re-exported)
 
 
 def _to_metatensor(data: np.ndarray, affine: np.ndarray, meta: dict):
@@ -53,25 +54,8 @@ def _nifti_exact_dtype(img, arr: np.ndarray) -> str:
     return exact_dtype(arr, stored, True)
 
 
-#: default of the voxel limit (``MEDLDM_MAX_VOXELS``): 2**31 voxels = 8 GiB as float32
-DEFAULT_MAX_VOXELS = 2**31
 #: deflate (gzip) cannot expand data by more than about 1032:1
 GZIP_MAX_RATIO = 1032
-
-
-def max_voxels() -> int:
-    """The most voxels one scan may hold: ``MEDLDM_MAX_VOXELS`` (e.g. ``4e9``), default 2**31."""
-    v = os.environ.get("MEDLDM_MAX_VOXELS", "").strip()
-    if not v:
-        return DEFAULT_MAX_VOXELS
-    try:
-        n = int(float(v))
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise CaseError("MEDLDM_MAX_VOXELS", f"{v!r} is not a positive voxel count",
-                        "set it to a number such as 4e9, or unset it for the default 2**31")
-    return n
 
 
 def _human(n: float) -> str:
@@ -352,5 +336,7 @@ def load_case(case, *, volume: int | None = None):
         raise case.error
     if case.kind == "nifti":
         return _to_metatensor(*load_nifti(case.paths[0], volume=volume))
-    return _to_metatensor(*load_dicom(case.paths, volume=volume, where=str(case.source),
-                                      headers=case.headers))
+    data, affine, meta = load_dicom(case.paths, volume=volume, where=str(case.source), headers=case.headers)
+    meta["warnings"] = [*getattr(case, "warnings", []), *meta["warnings"]]  # e.g. "part 1 of 2: split at a gap"
+    meta["integrity"] = {**meta["integrity"], **getattr(case, "integrity", {})}
+    return _to_metatensor(data, affine, meta)
