@@ -66,8 +66,18 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, mods = build_parser()
+    from medldm.cli.warn import route_warnings
+
     argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    # Python warnings (nibabel, numpy, pydicom, MONAI, torch ...): one WARNING line each, from start to end
+    with route_warnings(verbose="--verbose" in argv):
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
+    from medldm.cli.warn import one_line
+
+    parser, mods = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
@@ -75,11 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from medldm.cli.warn import one_line, route_warnings
-
     try:
-        with route_warnings(verbose=args.verbose):
-            return int(mods[args.command].run(args) or 0)
+        return int(mods[args.command].run(args) or 0)
     except UsageError as e:
         print(f"medldm {args.command}: error: {one_line(e, None)}", file=sys.stderr)
         return 2
