@@ -422,3 +422,9 @@ def test_case_warnings_name_the_input_file(tmp_path, capsys, mr_scan):
     assert lines == [f"WARNING {case.source or mr_scan}: volume 1 requested but the image is 3D: ignored"]
     assert capsys.readouterr().err.strip() == lines[0]
     assert print_case_warnings(str(mr_scan), ["two\nlines"]) == [f"WARNING {mr_scan}: two lines"]
+
+
+def test_bad_voxel_limit_setting_is_a_usage_error(tmp_path, capsys, monkeypatch, no_generate):
+    monkeypatch.setenv("MEDLDM_MAX_VOXELS", "many")
+    err = _usage_error(capsys, ["synthesize", "-m", "mr-synth-2d", "-n", "1", "-o", str(tmp_path / "o")])
+    assert "MEDLDM_MAX_VOXELS: 'many' is not a positive voxel count" in err

@@ -6,7 +6,7 @@ image size (``extra.resize_to`` or ``patch_size``; 2D models give (X, Y, 1) imag
 through the normalization of the first training scan (MR has no absolute scale; recorded in the provenance).
 
 Sizes are checked before anything is allocated (``Synthesizer.check_size``): the output voxels against
-``$MEDLDM_MAX_VOXELS`` (default 2**31, as for scans read), and the estimated peak memory of sampling and
+``$MEDLDM_MAX_VOXELS`` (``medldm.io.limits``, as for scans read), and the estimated peak memory of sampling and
 decoding (activations, skip connections and the quadratic self-attention maps of the U-Net and VAE) against
 ``$MEDLDM_MAX_MEMORY`` (bytes, e.g. ``16G``), by default 80 % of the available RAM (free GPU memory on a GPU).
 """
@@ -25,9 +25,8 @@ import torch
 from medldm.diffusion import make_model_fn, make_schedule, sample
 from medldm.io.errors import CaseError
 
-MAX_VOXELS_ENV = "MEDLDM_MAX_VOXELS"
+MAX_VOXELS_ENV = "MEDLDM_MAX_VOXELS"  # the one voxel limit of medldm.io.limits
 MAX_MEMORY_ENV = "MEDLDM_MAX_MEMORY"
-DEFAULT_MAX_VOXELS = 2**31  # as for scans read (medldm.io.reader.max_voxels): 8 GiB of float32
 _ACT_COPIES = 8  # live activation tensors of the widest level (measured: 1.6-2.5x a 4-copy estimate)
 _ATT_COPIES = 3  # attention scores, softmax, and a temporary of the same size
 _WORKSPACE = 64 << 20  # convolution workspaces and allocator slack, measured at small sizes
@@ -136,7 +135,12 @@ class Synthesizer:
             raise _size_error(size, f"needs {self.dims} positive values, each a multiple of {self.f}, "
                                     f"e.g. {','.join(map(str, self.size))}")
         voxels = math.prod(size)
-        max_vox = _env_number(MAX_VOXELS_ENV, DEFAULT_MAX_VOXELS)
+        from medldm.io.limits import max_voxels
+
+        try:
+            max_vox = max_voxels()
+        except CaseError as e:
+            raise SizeError(e.line()) from None
         if voxels > max_vox:
             raise _size_error(size, f"{voxels:,} voxels, more than the {int(max_vox):,} allowed: pass a smaller "
                                     f"size, or raise {MAX_VOXELS_ENV}")
