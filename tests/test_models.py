@@ -52,7 +52,7 @@ def test_vae_config_errors():
         build_vae(VAEConfig(channels=(8, 16), attention_levels=(False,)))
     with pytest.raises(ValueError, match=r"vae\.norm_num_groups.*8.* must divide every vae\.channels entry"):
         build_vae(VAEConfig(channels=(8, 12), attention_levels=(False, False), norm_num_groups=8))
-    with pytest.raises(ValueError, match="did you mean 'latent_channels'"):
+    with pytest.raises(ValueError, match=r"did you mean '(vae\.)?latent_channels'"):
         from_dict(VAEConfig, {"latent_channel": 3})
     cfg = from_dict(UNetConfig, {"channels": [16, 32], "attention_levels": [False, True]})
     assert cfg.channels == (16, 32) and to_dict(cfg)["channels"] == [16, 32]
