@@ -90,3 +90,52 @@ def test_usage_errors(tmp_path, dipy_files, dicomdir_tests, capsys):
     assert main(["convert", str(dicomdir_tests / "98892003"), str(dicomdir_tests / "98892003" / "out")]) == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _first_header(folder):
+    return pydicom.dcmread(sorted(folder.glob("*.dcm"))[0], stop_before_pixels=True)
+
+
+def test_deidentify_folder_keeps_study_links_with_new_uids(tmp_path, dicomdir_tests):
+    """--deidentify: no source identifier in the derived series; series of one source study share one new
+    StudyInstanceUID (consistent within the run); without it the derived series keep the source's study."""
+    src = tmp_path / "in"
+    shutil.copytree(dicomdir_tests / "98892003" / "MR2", src / "MR2")
+    files = sorted((src / "MR2").iterdir())
+    series = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in files})
+    assert len(series) == 3  # three series of three studies: put the last two in one study
+    shared = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        if str(ds.SeriesInstanceUID) != series[0]:
+            ds.StudyInstanceUID = shared + ".9"
+            ds.save_as(f)
+    before = _tree_digest(src)
+    src_hdr = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
+    src_studies = {str(ds.StudyInstanceUID) for ds in src_hdr.values()}
+    assert len(src_studies) == 2
+
+    assert main(["convert", str(src), str(tmp_path / "plain"), "--to", "dicom", "--quiet"]) == 0
+    assert main(["convert", str(src), str(tmp_path / "deid"), "--to", "dicom", "--deidentify", "--quiet"]) == 0
+    assert _tree_digest(src) == before
+    plain = sorted({p.parent.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*.dcm")})
+    deid = sorted({p.parent.relative_to(tmp_path / "deid") for p in (tmp_path / "deid").rglob("*.dcm")})
+    assert plain == deid and len(plain) >= 3  # one derived series per source stack
+    plain = [tmp_path / "plain" / r for r in plain]
+    deid = [tmp_path / "deid" / r for r in deid]
+    new_study_of_old = {}
+    for p, d in zip(plain, deid, strict=True):
+        a, b = _first_header(p), _first_header(d)
+        assert str(a.StudyInstanceUID) in src_studies  # plain derived series: same study as the source
+        assert str(a.PatientName) == "Doe^Peter" and str(a.PatientID) == "98890234"
+        assert str(b.StudyInstanceUID) not in src_studies
+        assert "Doe" not in str(b.get("PatientName", "")) and str(b.get("PatientID", "")) != "98890234"
+        new_study_of_old.setdefault(str(a.StudyInstanceUID), set()).add(str(b.StudyInstanceUID))
+    assert all(len(v) == 1 for v in new_study_of_old.values())  # one new study UID per source study
+    assert len({next(iter(v)) for v in new_study_of_old.values()}) == 2
+
+
+def test_deidentify_with_nifti_output_is_a_usage_error(tmp_path, dipy_files, capsys):
+    assert main(["convert", str(dipy_files / "aniso_vox.nii.gz"), str(tmp_path / "o.nii.gz"), "--deidentify"]) == 2
+    assert "--deidentify applies to DICOM output only" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()

@@ -76,11 +76,13 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _process(case, out: Path, args: argparse.Namespace, resume) -> dict:
+    from medldm.cli.warn import print_case_warnings
     from medldm.eval import baselines as B
     from medldm.io.reader import load_case
     from medldm.io.writer import save_scan
 
     img = load_case(case)
+    warns = print_case_warnings(case, img)
     if args.task == "denoise":
         res, info = B.denoise_scan(img, args.method, sigma=args.sigma, filter_sigma=args.filter_sigma,
                                    dims=args.dims)
@@ -93,13 +95,14 @@ def _process(case, out: Path, args: argparse.Namespace, resume) -> dict:
 
             raise CaseError(case.source or case.id, str(e), "use --axis inplane for single-slice images") from None
         info = {"method": args.method, "scale": args.scale, "axis": args.axis,
-                "shape_in": list(img.shape), "shape_out": list(res.shape)}
+                "shape_in": list(img.shape), "shape_out": list(res.shape),
+                "nonfinite_voxels": res.meta.get("nonfinite_voxels", 0)}
         desc = f"baseline {args.method} x{args.scale:g}"
     reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
     written = save_scan(res, out, reference=None if is_nifti(out) else reference, description=desc,
                         replace=args.overwrite, owned=resume.owned)
     resume.finish([written])
-    return {"outputs": [str(written)], "params": info}
+    return {"outputs": [str(written)], "params": info, **({"warnings": warns} if warns else {})}
 
 
 
@@ -120,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         Resume,
         case_signature,
         case_source,
+        check_folder_out,
         check_in_out,
         check_out_writable,
         check_single_out,
@@ -144,13 +148,7 @@ def run(args: argparse.Namespace) -> int:
         targets = {found.cases[0].id: out}
         report = single_report_path(out, "baseline")
     else:
-        if is_nifti(out):
-            raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"{out} exists and is not a folder")
-        if not args.quiet:
-            for line in found.skipped:
-                print(line, file=sys.stderr)
+        check_folder_out(found, out, quiet=args.quiet)
         targets = {c.id: output_path(c, out, args.to) for c in found.cases}
         report = out / REPORT_NAME
     sweep_stale(out, targets.values())

@@ -440,3 +440,36 @@ class Resume:
         with atomic_file(self.record) as tmp:
             tmp.write_text(json.dumps(rec, indent=2, default=str))
         return self.record
+
+
+def check_folder_out(found, out: Path, *, quiet: bool = False) -> None:
+    """Folder mode (IN holds several cases): OUT must be a folder; print what discovery skipped or split."""
+    from medldm.io.formats import is_nifti
+
+    notes = list(getattr(found, "notes", []) or [])
+    if is_nifti(out):
+        ids = ", ".join(c.id for c in found.cases[:4]) + (", ..." if len(found.cases) > 4 else "")
+        raise UsageError(f"IN holds {len(found.cases)} cases ({ids}): OUT must be a folder, not a NIfTI file name"
+                         + (f"; {notes[0]}" if notes else ""))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder")
+    if not quiet:
+        for line in [*found.skipped, *notes]:
+            print(line, file=sys.stderr)
+
+
+def add_deidentify_argument(p) -> None:
+    """``--deidentify`` for commands that write DICOM series."""
+    p.add_argument("--deidentify", action="store_true",
+                   help="DICOM output: apply the DICOM PS3.15 basic confidentiality profile to the written series "
+                        "(identifiers and dates removed, UIDs replaced consistently within this run; see docs/io.md)")
+
+
+def deidentifier(args):
+    """One :class:`medldm.io.deidentify.Deidentifier` for the whole run (consistent new UIDs across its
+    series), or False."""
+    if not getattr(args, "deidentify", False):
+        return False
+    from medldm.io.deidentify import Deidentifier
+
+    return Deidentifier()

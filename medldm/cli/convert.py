@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from medldm.cli.common import add_deidentify_argument
 from medldm.io.errors import UsageError
 from medldm.io.formats import is_nifti
 
@@ -41,22 +42,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="added to the DICOM SeriesDescription as '[medldm <description>]' (default: convert)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_deidentify_argument(p)
 
 
 
 def _convert_one(case, out: Path, *, reference, volume: int | None, description: str, resume,
-                 overwrite: bool) -> list[str]:
+                 overwrite: bool, deidentify=False) -> dict:
     """Load one case and write it to ``out`` (NIfTI file or DICOM folder), then its record."""
+    from medldm.cli.warn import print_case_warnings
     from medldm.io.reader import load_case
     from medldm.io.writer import save_scan
 
     img = load_case(case, volume=volume)
+    warns = print_case_warnings(case, img)
     if not is_nifti(out) and reference is None and img.meta.get("kind") == "dicom-series":
         reference = img.meta["source_files"]  # DICOM -> DICOM: derived series of the source
     save_scan(img, out, reference=None if is_nifti(out) else reference, description=description,
-              replace=overwrite, owned=resume.owned)
+              replace=overwrite, owned=resume.owned, deidentify=deidentify)
     resume.finish([out])
-    return [str(out)]
+    return {"outputs": [str(out)], **({"warnings": warns} if warns else {})}
 
 
 def _key(case, out: Path, args: argparse.Namespace, reference) -> dict:
@@ -65,6 +69,7 @@ def _key(case, out: Path, args: argparse.Namespace, reference) -> dict:
     opts: dict = {"volume": args.volume, "output_kind": "nifti" if is_nifti(out) else "dicom"}
     if not is_nifti(out):
         opts["description"] = args.description
+        opts["deidentify"] = bool(args.deidentify)
         if reference is not None:
             ref = Path(reference)
             files = sorted(f for f in ref.rglob("*") if f.is_file()) if ref.is_dir() else [ref]
@@ -76,9 +81,11 @@ def run(args: argparse.Namespace) -> int:
     from medldm.cli.common import (
         Resume,
         case_source,
+        check_folder_out,
         check_in_out,
         check_out_writable,
         check_single_out,
+        deidentifier,
         find_inputs,
         run_cases,
         single_case,
@@ -94,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--reference {args.reference}: no such file or folder")
         if is_nifti(out):
             raise UsageError("--reference applies to DICOM output only (OUT ends in .nii/.nii.gz)")
+    if args.deidentify and (is_nifti(out) or args.to == "nifti"):
+        raise UsageError("--deidentify applies to DICOM output only (NIfTI output carries no DICOM identifiers)")
     check_in_out(src, out)
     check_out_writable(out)
     found = find_inputs(src)
@@ -109,18 +118,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.reference is not None:
             raise UsageError("--reference needs a single input scan; IN holds several cases")
-        if is_nifti(out):
-            raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"{out} exists and is not a folder")
-        for line in found.skipped:
-            if not args.quiet:
-                print(line, file=sys.stderr)
+        check_folder_out(found, out, quiet=args.quiet)
         targets = {c.id: output_path(c, out, args.to or ("dicom" if c.kind == "nifti" else "nifti"))
                    for c in found.cases}
         report = out / REPORT_NAME
         reference = None
     sweep_stale(out, targets.values())
+
+    deid = deidentifier(args)
 
     def resume(case) -> Resume:
         t = targets[case.id]
@@ -128,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
 
     def process(case):
         return _convert_one(case, targets[case.id], reference=reference, volume=args.volume,
-                            description=args.description, resume=resume(case), overwrite=args.overwrite)
+                            description=args.description, resume=resume(case), overwrite=args.overwrite,
+                            deidentify=deid)
 
     status, _ = run_cases(found.cases, process, name=str, is_done=lambda c: resume(c).check(args.overwrite),
                           report_path=report, desc="convert", command=command, quiet=args.quiet)

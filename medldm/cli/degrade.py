@@ -29,6 +29,7 @@ import sys
 import zlib
 from pathlib import Path
 
+from medldm.cli.common import add_deidentify_argument
 from medldm.io.errors import CaseError, UsageError
 from medldm.io.formats import is_nifti
 
@@ -68,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--volume", type=int, metavar="K", help="volume to take from a 4D input (0-based)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_deidentify_argument(p)
 
 
 
@@ -111,13 +113,15 @@ def _job(args: argparse.Namespace, seed: int) -> dict:
     return {"kind": args.kind, "level": float(args.level), "seed": seed, "axis": args.axis, "options": opts}
 
 
-def _degrade_one(case, out: Path, args: argparse.Namespace, seed: int, resume) -> list[str]:
+def _degrade_one(case, out: Path, args: argparse.Namespace, seed: int, resume, deidentify=False) -> dict:
     from medldm import __version__
+    from medldm.cli.warn import print_case_warnings
     from medldm.data.degrade import apply_degradation
     from medldm.io.reader import load_case
     from medldm.io.writer import save_scan
 
     img = load_case(case, volume=args.volume)
+    warns = print_case_warnings(case, img)
     cseed = case_seed(seed, case.id)
     try:
         deg = apply_degradation(img, args.kind, args.level, cseed, axis=args.axis, **_options(args))
@@ -132,9 +136,9 @@ def _degrade_one(case, out: Path, args: argparse.Namespace, seed: int, resume) -
     deg.meta["degradation"] = record
     reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
     save_scan(deg, out, reference=reference, description=f"degraded {args.kind} {args.level:g}",
-              replace=args.overwrite, owned=resume.owned)
+              replace=args.overwrite, owned=resume.owned, deidentify=deidentify)
     side = resume.finish([out], json.loads(json.dumps(record, default=str)))  # last: marks the case done
-    return [str(out), str(side)]
+    return {"outputs": [str(out), str(side)], **({"warnings": warns} if warns else {})}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,9 +148,11 @@ def run(args: argparse.Namespace) -> int:
         Resume,
         case_signature,
         case_source,
+        check_folder_out,
         check_in_out,
         check_out_writable,
         check_single_out,
+        deidentifier,
         find_inputs,
         run_cases,
         sweep_stale,
@@ -167,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--i0 must be > 0")
     if args.kind == "lowdose" and args.full_dose_noise is not None and not args.full_dose_noise > 0:
         raise UsageError("--full-dose-noise must be > 0 HU")
+    if args.deidentify and is_nifti(out):
+        raise UsageError("--deidentify applies to DICOM output only (NIfTI output carries no DICOM identifiers)")
     check_in_out(src, out)
     check_out_writable(out)
     found = find_inputs(src)
@@ -184,24 +192,21 @@ def run(args: argparse.Namespace) -> int:
         target = {found.cases[0].id: out}
         report = None
     else:
-        if is_nifti(out):
-            raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"{out} exists and is not a folder")
+        check_folder_out(found, out, quiet=args.quiet)
         target = {c.id: output_path(c, out) for c in found.cases}
         report = out / REPORT_NAME
-        for line in found.skipped:
-            if not args.quiet:
-                print(line, file=sys.stderr)
     sweep_stale(out, target.values())
+
+    deid = deidentifier(args)
 
     def resume(case) -> Resume:
         dest = target[case.id]
-        return Resume(dest, {"command": "degrade", "options": job, "inputs": case_signature(case)},
+        key_opts = {**job, "deidentify": bool(args.deidentify)} if not is_nifti(dest) else job
+        return Resume(dest, {"command": "degrade", "options": key_opts, "inputs": case_signature(case)},
                       record=sidecar_path(dest), source=case_source(case), nest=True)
 
     def process(case):
-        return _degrade_one(case, target[case.id], args, seed, resume(case))
+        return _degrade_one(case, target[case.id], args, seed, resume(case), deidentify=deid)
 
     def is_done(case) -> bool:
         return resume(case).check(args.overwrite)

@@ -25,6 +25,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from medldm.cli.common import add_deidentify_argument
 from medldm.io.errors import UsageError
 from medldm.io.formats import is_nifti
 
@@ -54,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shard the cases over the processes of `torchrun --nproc_per_node=K -m medldm enhance ...` "
                         "(implied when WORLD_SIZE > 1); rank 0 merges the run reports")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_deidentify_argument(p)
 
 
 def std_path(out: Path) -> Path:
@@ -100,22 +102,27 @@ def _device(name: str, local_rank: int = 0) -> str:
     return name
 
 
-def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool) -> dict:
+def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool, deidentify=False) -> dict:
+    from medldm.cli.warn import print_case_warnings
     from medldm.io.reader import load_case
     from medldm.io.writer import save_scan
 
     img = load_case(case)
+    warns = print_case_warnings(case, img)
     res = enhancer.enhance(img, opts)
+    if res.info.get("warning"):  # e.g. a scan outside the model's training domain
+        warns += print_case_warnings(case, [res.info["warning"]])
     outputs = []
     reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
     written = save_scan(res.image, out, reference=None if is_nifti(out) else reference, description=desc,
-                        replace=overwrite, owned=resume.owned)
+                        replace=overwrite, owned=resume.owned, deidentify=deidentify)
     if res.std is not None:
         outputs.append(str(save_scan(res.std, std_path(out), dtype="float32", replace=overwrite)))
     resume.finish([written, *outputs])
     info = {k: v for k, v in res.info.items() if k not in ("normalization", "warning")}
     info["normalization"] = {k: res.info["normalization"].get(k) for k in ("method", "lo", "hi", "original_dtype")}
-    return {"outputs": [str(written), *outputs], "params": info, **({"warning": res.info["warning"]} if "warning" in res.info else {})}
+    return {"outputs": [str(written), *outputs], "params": info, **({"warnings": warns} if warns else {}),
+            **({"warning": res.info["warning"]} if "warning" in res.info else {})}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,9 +130,11 @@ def run(args: argparse.Namespace) -> int:
         Resume,
         case_signature,
         case_source,
+        check_folder_out,
         check_in_out,
         check_out_writable,
         check_single_out,
+        deidentifier,
         find_inputs,
         run_cases,
         single_report_path,
@@ -139,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     src, out, model = Path(args.input), Path(args.output), Path(args.model)
     model = _resolve_model(model)
+    if args.deidentify and (is_nifti(out) or args.to == "nifti"):
+        raise UsageError("--deidentify applies to DICOM output only (NIfTI output carries no DICOM identifiers)")
     check_in_out(src, out)
     check_out_writable(out)
     rank, world, local_rank = _dist_setup(getattr(args, "distributed", False))
@@ -161,15 +172,9 @@ def run(args: argparse.Namespace) -> int:
         targets = {found.cases[0].id: out}
         report = single_report_path(out, "enhance")
     else:
-        if is_nifti(out):
-            raise UsageError(f"IN holds {len(found.cases)} cases: OUT must be a folder, not a NIfTI file name")
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"{out} exists and is not a folder")
+        check_folder_out(found, out, quiet=args.quiet)
         targets = {c.id: output_path(c, out, args.to) for c in found.cases}
         report = out / REPORT_NAME
-        if not args.quiet:
-            for line in found.skipped:
-                print(line, file=sys.stderr)
 
     sweep_stale(out, targets.values())
     from medldm.models.folder import model_hash
@@ -180,21 +185,19 @@ def run(args: argparse.Namespace) -> int:
 
     def resume(case) -> Resume:
         t = targets[case.id]
-        key = {"command": "enhance", "options": {**options, "output_kind": "nifti" if is_nifti(t) else "dicom"},
+        kind = {"output_kind": "nifti"} if is_nifti(t) else {"output_kind": "dicom", "deidentify": bool(args.deidentify)}
+        key = {"command": "enhance", "options": {**options, **kind},
                "inputs": case_signature(case)}
         return Resume(t, key, extra=[std_path(t)] if args.samples > 1 else [], source=case_source(case))
 
     shard = found.cases[rank::world]
     rank_report = report if world == 1 else report.with_name(f"{report.stem}.rank{rank}.json")
+    deid = deidentifier(args)
     status, results = run_cases(shard, lambda c: _process(c, targets[c.id], enhancer, opts, desc, resume(c),
-                                                          args.overwrite),
+                                                          args.overwrite, deid),
                                 name=str, is_done=lambda c: resume(c).check(args.overwrite),
                                 report_path=rank_report, desc="enhance", command=command,
                                 quiet=args.quiet or rank > 0)
-    if not args.quiet:
-        for r in results:
-            if r.extra.get("warning"):
-                print(f"WARNING {r.case}: {r.extra['warning']}", file=sys.stderr)
     if world > 1:
         status = _merge_ranks(report, world, rank, status, command)
     return status

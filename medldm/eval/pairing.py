@@ -27,7 +27,8 @@ from pathlib import Path
 
 from medldm.io.errors import CaseError, UsageError
 
-_RUN_REPORT = re.compile(r"(^|/)(medldm-[a-z]+-report|run_report)\.json$")  # our own run reports: not noted
+# our own run reports and resume records: not noted
+_RUN_REPORT = re.compile(r"(^|/|\.)(medldm-[a-z]+-report|run_report)\.json$|\.medldm\.json$|\.degradation\.json$")
 
 
 @dataclass

@@ -53,9 +53,10 @@ class Discovery:
     notes: list[str] = field(default_factory=list)
 
 
-#: medldm's own temporaries (``.medldm-tmp.*``, ``.medldm-old.*``, see medldm.io.atomic) and record
-#: sidecars (``*.medldm.json``): skipped without a line.
-_OWN = re.compile(r"^\.medldm-(tmp|old)[.-]|\.medldm\.json$")
+#: medldm's own temporaries (``.medldm-tmp.*``, ``.medldm-old.*``, see medldm.io.atomic), resume records
+#: (``*.medldm.json``, degrade's ``*.degradation.json``) and run reports (``medldm-<cmd>-report.json``,
+#: ``<OUT>.medldm-<cmd>-report.json``): skipped without a line.
+_OWN = re.compile(r"^\.medldm-(tmp|old)[.-]|\.medldm\.json$|\.degradation\.json$|(^|\.)medldm-[a-z]+-report(\.rank\d+)?\.json$")
 
 
 def _strip_ext(name: str) -> str:

@@ -14,11 +14,12 @@ from medldm.io.formats import is_nifti
 
 
 def save_scan(img, out_path: str | os.PathLike, *, reference=None, description: str = "medldm",
-              replace: bool = True, owned=None, dtype=None) -> Path:
+              replace: bool = True, owned=None, dtype=None, deidentify=False) -> Path:
     """Write ``img`` (MetaTensor (X, Y, Z), RAS affine): ``out_path`` ending in .nii/.nii.gz -> NIfTI
     (``reference`` unused; ``dtype`` forces the stored type), anything else -> a DICOM series folder
     (``reference``: the source series' files or folder for a derived series; None for a new anonymous
-    series). ``replace``/``owned``: see the module docstring. Returns ``out_path``."""
+    series; ``deidentify``: False, True or a shared :class:`medldm.io.deidentify.Deidentifier`, the PS3.15
+    basic profile). ``replace``/``owned``: see the module docstring. Returns ``out_path``."""
     from medldm.io.atomic import atomic_file
 
     out_path = Path(out_path)
@@ -34,5 +35,6 @@ def save_scan(img, out_path: str | os.PathLike, *, reference=None, description: 
         return out_path
     from medldm.io.dicom_write import save_dicom_series
 
-    save_dicom_series(img, out_path, reference=reference, description=description, replace=replace, owned=owned)
+    save_dicom_series(img, out_path, reference=reference, description=description, replace=replace, owned=owned,
+                      deidentify=deidentify)
     return out_path
