@@ -1,4 +1,4 @@
-"""The CLI dispatcher: help, usage errors, negative option values."""
+"""The CLI dispatcher: every sub-command registered, help, usage errors, negative option values, logging."""
 
 import subprocess
 import sys
@@ -6,12 +6,50 @@ import sys
 from medldm.cli import COMMANDS, _join_negative_values, build_parser, main
 
 
-def test_every_registered_command_has_help():
+ALL_COMMANDS = ["info", "convert", "degrade", "evaluate", "baseline", "train", "enhance", "synthesize", "audit",
+                "models", "demo"]
+
+
+def test_every_command_is_registered_and_has_help():
     parser, mods = build_parser()
-    assert {"info", "convert", "degrade", "evaluate", "baseline"} <= set(mods)
+    assert list(mods) == ALL_COMMANDS
+    assert list(COMMANDS) == ALL_COMMANDS
     for name in mods:
         assert main([name, "--help"]) == 0, name
-    assert set(mods) <= set(COMMANDS)
+
+
+def test_a_broken_command_module_fails_instead_of_vanishing(monkeypatch):
+    import pytest
+
+    monkeypatch.setitem(COMMANDS, "enhance", ("medldm.cli.no_such_module", "broken"))
+    with pytest.raises(ModuleNotFoundError):
+        build_parser()
+
+
+def test_log_messages_on_stderr_quiet_and_verbose(monkeypatch, capsys):
+    """medldm's loggers print plain lines on stderr: INFO by default, WARNING with --quiet, DEBUG with --verbose."""
+    import logging
+
+    import medldm.cli.convert as convert
+    import medldm.cli.models as models
+
+    def talk(args):
+        log = logging.getLogger("medldm.some.module")
+        log.debug("debug line")
+        log.info("info line")
+        log.warning("warning line")
+        return 0
+
+    monkeypatch.setattr(models, "run", talk)
+    monkeypatch.setattr(convert, "run", talk)
+    assert main(["models"]) == 0
+    assert capsys.readouterr().err == "info line\nwarning line\n"
+    assert main(["--verbose", "models"]) == 0
+    assert capsys.readouterr().err == "debug line\ninfo line\nwarning line\n"
+    assert main(["convert", "in", "out", "--quiet"]) == 0
+    assert capsys.readouterr().err == "warning line\n"
+    # outside the CLI, medldm installs no handler: the logger is back as it was
+    assert not logging.getLogger("medldm").handlers and logging.getLogger("medldm").propagate
 
 
 def test_no_command_and_unknown_command_are_usage_errors():

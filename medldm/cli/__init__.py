@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import re
 import sys
 
@@ -28,15 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available() -> dict[str, object]:
-    mods = {}
-    for name, (modname, _) in COMMANDS.items():
-        try:
-            mods[name] = importlib.import_module(modname)
-        except ModuleNotFoundError as e:  # a sub-command not built yet
-            if e.name != modname:
-                raise
-    return mods
+def _modules() -> dict[str, object]:
+    """Every sub-command's module: a broken or missing one is an error, never a silently absent command."""
+    return {name: importlib.import_module(modname) for name, (modname, _) in COMMANDS.items()}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
@@ -44,9 +39,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser.add_argument("--version", action="version", version=f"medldm {__version__}")
     parser.add_argument("--verbose", action="store_true",
                         help="show library warnings in full, as Python prints them (default: one WARNING line each, "
-                             "harmless ones dropped; -W / PYTHONWARNINGS also keep Python's display)")
+                             "harmless ones dropped; -W / PYTHONWARNINGS also keep Python's display), and "
+                             "medldm's debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    mods = _available()
+    mods = _modules()
     for name, mod in mods.items():
         p = sub.add_parser(name, help=COMMANDS[name][1], description=COMMANDS[name][1])
         mod.add_arguments(p)
@@ -74,8 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+def _log_level(args: argparse.Namespace) -> int:
+    """medldm's messages: INFO by default, WARNING with a command's --quiet, DEBUG with --verbose."""
+    if getattr(args, "verbose", False):
+        return logging.DEBUG
+    return logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+
+
 def _main(argv: list[str]) -> int:
-    from medldm.cli.warn import one_line
+    from medldm.cli.warn import route_logging
 
     parser, mods = build_parser()
     try:
@@ -85,8 +88,15 @@ def _main(argv: list[str]) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    with route_logging(_log_level(args)):
+        return _run(mods[args.command], args)
+
+
+def _run(mod, args: argparse.Namespace) -> int:
+    from medldm.cli.warn import one_line
+
     try:
-        return int(mods[args.command].run(args) or 0)
+        return int(mod.run(args) or 0)
     except UsageError as e:
         print(f"medldm {args.command}: error: {one_line(e, None)}", file=sys.stderr)
         return 2

@@ -6,11 +6,15 @@
   warnings that concern library internals, not the user's data or results (deprecations, known harmless
   messages), are dropped; every other warning becomes one ``WARNING: <text> [<origin>]`` line, printed once.
   ``medldm --verbose COMMAND`` or any ``-W`` / ``PYTHONWARNINGS`` setting keeps Python's own display.
+* :func:`route_logging` (used by ``medldm.cli.main``) prints the messages of medldm's loggers
+  (``logging.getLogger(__name__)`` in the library) on stderr, plain (the message only), from INFO up;
+  a command's ``--quiet`` raises the threshold to WARNING, ``medldm --verbose`` lowers it to DEBUG.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import sys
 import warnings
@@ -132,3 +136,33 @@ def route_warnings(verbose: bool = False) -> Iterator[None]:
             warnings.filterwarnings("ignore", message=msg)
         warnings.showwarning = _show
         yield
+
+
+class _TerminalHandler(logging.Handler):
+    """A log record as one plain line on the current ``sys.stderr`` (looked up at each record, so a
+    redirected stderr is honoured), written so that a running tqdm progress bar stays intact."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _emit(self.format(record))
+        except Exception:  # pragma: no cover - logging's own policy for failing handlers
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def route_logging(level: int = logging.INFO) -> Iterator[None]:
+    """While the block runs, records of the ``medldm`` loggers at ``level`` or above are printed on stderr
+    as their plain message (no level or logger name), and not passed on to the root logger's handlers."""
+    logger = logging.getLogger("medldm")
+    handler = _TerminalHandler(level)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]

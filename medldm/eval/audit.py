@@ -6,7 +6,7 @@ Public API::
         -> (exit_status, audit dict)        # writes REPORT_DIR/audit.{json,csv,html}, pairs/*.png, run_report.json
     thresholds(holdout_ssim, holdout_ncc, options) -> dict
 
-Pipeline: every case of each folder is loaded (:func:`medldm.cli.common.run_cases`: one line per failed
+Pipeline: every case of each folder is loaded (:func:`medldm.io.caseloop.run_cases`: one line per failed
 case, the others still processed), normalized and resampled to the comparison grid
 (:mod:`audit_load`); nearest training neighbours of synthetic and held-out images
 (:mod:`audit_match`); thresholds from the held-out distribution; diversity and the classifier
@@ -15,7 +15,7 @@ two-sample test (:mod:`audit_stats`); report (:mod:`audit_report`).
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +28,8 @@ from medldm.eval.audit_match import Match, aligned_pair, nearest_neighbours
 from medldm.eval.audit_report import write_outputs, write_pair_png
 from medldm.eval.audit_stats import diversity, two_sample_test
 from medldm.io.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 ROLES = ("synthetic", "train", "holdout")
 
@@ -99,7 +101,7 @@ def _rows(samples: list[Sample], matches: list[Match], train: list[Sample], thr:
 def _load_all(folders: dict[str, Path], out_dir: Path, opt: AuditOptions,
               command: str) -> tuple[int, dict[str, list[Sample]], list[str], str]:
     """Discover and prepare every case; returns (status, {role: [Sample]}, failure lines, modality note)."""
-    from medldm.cli.common import run_cases
+    from medldm.io.caseloop import run_cases
     from medldm.io.discover import scan_folder
 
     items = []
@@ -134,7 +136,7 @@ def _load_all(folders: dict[str, Path], out_dir: Path, opt: AuditOptions,
             line = (f"{s.source}: {s.ndim}D image in a {nd}D audit (most synthetic samples are {nd}D) — "
                     "audit 2D slices and 3D volumes separately")
             failed.append(line)
-            print(f"FAILED {line}", file=sys.stderr)
+            log.warning("FAILED %s", line)
             status = 1
         loaded[role] = sorted((s for s in loaded[role] if s.ndim == nd), key=lambda s: s.id)
     return status, loaded, failed, mod_note
@@ -211,12 +213,11 @@ def run_audit(synthetic_dir: str | Path, train_dir: str | Path, out_dir: str | P
     audit["panels"] = [{k: v for k, v in p.items() if k != "row"} | {"id": p["row"]["id"]} for p in panels]
     write_outputs(out_dir, audit, panels, command)
     if not opt.quiet:
-        print(f"audit: {len(flagged)} of {len(rows_syn)} synthetic samples flagged as near-copies "
-              f"({thr['source']} thresholds SSIM {thr['ssim']:.3f}, NCC {thr['ncc']:.3f}); "
-              f"diversity {div['synthetic']['mean'] if div['synthetic']['mean'] is not None else float('nan'):.3f} "
-              f"(training {div['train']['mean'] if div['train']['mean'] is not None else float('nan'):.3f}); "
-              f"realism accuracy {realism.get('accuracy', float('nan')):.3f}; report: {out_dir / 'audit.html'}",
-              file=sys.stderr)
+        log.info(f"audit: {len(flagged)} of {len(rows_syn)} synthetic samples flagged as near-copies "
+                 f"({thr['source']} thresholds SSIM {thr['ssim']:.3f}, NCC {thr['ncc']:.3f}); "
+                 f"diversity {div['synthetic']['mean'] if div['synthetic']['mean'] is not None else float('nan'):.3f} "
+                 f"(training {div['train']['mean'] if div['train']['mean'] is not None else float('nan'):.3f}); "
+                 f"realism accuracy {realism.get('accuracy', float('nan')):.3f}; report: {out_dir / 'audit.html'}")
     return status, audit
 
 

@@ -322,7 +322,7 @@ def write_json(path: Path, obj: dict) -> None:
 def evaluate(pairing: Pairing, opts: EvalOptions, out_dir: str | Path, *, command: str = "",
              quiet: bool = False) -> tuple[int, dict]:
     """Evaluate all cases of ``pairing`` and write the report folder. Returns ``(exit_status, summary)``."""
-    from medldm.cli.common import run_cases
+    from medldm.io.caseloop import run_cases
     from medldm.eval.report import write_html
 
     out_dir = Path(out_dir)

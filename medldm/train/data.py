@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from medldm.data.datasets import ItemStore, collect_scans, load_volumes, make_items, split_scans
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,8 +51,8 @@ def build_data(cfg, out_dir: Path, *, quiet: bool = False) -> RunData:
     val = (ItemStore(make_items(val_vols, **items_kw), d.patch_size, cfg.factor, cfg.unet.num_classes, d.class_from)
            if val_vols else None)
     if not quiet:
-        print(f"data: {len(vols)} training scans -> {len(train)} items; {len(val_vols)} validation scans"
-              + (f" -> {len(val)} items" if val is not None else " (validating on training items)"), file=sys.stderr)
+        log.info("data: %d training scans -> %d items; %d validation scans%s", len(vols), len(train), len(val_vols),
+                 f" -> {len(val)} items" if val is not None else " (validating on training items)")
     return RunData(train, val, [v["id"] for v in vols], [v["id"] for v in val_vols], [v["norm"] for v in vols[:4]])
 
 

@@ -200,7 +200,7 @@ def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = Fal
         if main:
             log.truncate_after(step)
             val_log.truncate_after(step)
-            print(f"{stage.name}: resumed at step {step} from {ckpt}", file=sys.stderr)
+            log_.info("%s: resumed at step %d from %s", stage.name, step, ckpt)
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype is torch.float16 else None
     total = tcfg.steps
     metrics: dict[str, float] = {}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
 from medldm.config import ConfigError, read_yaml, save_config, to_mapping
 from medldm.io.atomic import atomic_file
+
+log = logging.getLogger(__name__)
 
 
 def _check_resume(cfg: Any, out: Path, resume: bool) -> None:
@@ -73,8 +75,7 @@ def train(cfg: Any, out_dir: str | Path, *, resume: bool = False, stop_after: in
         if rt.dist.is_main:
             with atomic_file(out / "summary.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2))
-            print(f"done: {json.dumps({k: v for k, v in summary.items() if k in ('vae', 'ldm', 'refine', 'model')})}",
-                  file=sys.stderr)
+            log.info("done: %s", json.dumps({k: v for k, v in summary.items() if k in ("vae", "ldm", "refine", "model")}))
         return summary
     finally:
         cleanup(rt.dist)
