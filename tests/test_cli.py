@@ -5,7 +5,6 @@ import sys
 
 from medldm.cli import COMMANDS, _join_negative_values, build_parser, main
 
-
 ALL_COMMANDS = ["info", "convert", "degrade", "evaluate", "baseline", "train", "enhance", "synthesize", "audit",
                 "models", "demo"]
 

@@ -53,7 +53,7 @@ def _convert_one(case, out: Path, *, reference, volume: int | None, description:
     from medldm.io.reader import load_case
     from medldm.io.writer import save_scan
 
-    img = load_case(case, volume=volume)
+    img = load_case(case, volume=volume, as_numpy=True)  # numpy only: converting needs no torch or MONAI
     warns = print_case_warnings(case, img)
     if not is_nifti(out) and reference is None and img.meta.get("kind") == "dicom-series":
         reference = img.meta["source_files"]  # DICOM -> DICOM: derived series of the source

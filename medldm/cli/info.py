@@ -20,15 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def describe(img, case=None) -> dict:
-    """Summary of a loaded scan (MetaTensor (X, Y, Z)) as a JSON-ready dict."""
+    """Summary of a loaded scan as a JSON-ready dict. ``img``: ``(data, affine, meta)`` as
+    :func:`medldm.io.reader.read_case` returns it (numpy; no torch), or a MetaTensor ``(X, Y, Z)``."""
     import numpy as np
     from nibabel.orientations import aff2axcodes
 
-    meta = img.meta
+    if isinstance(img, tuple):
+        arr, aff, meta = img
+    else:
+        arr, aff, meta = img.detach().cpu().numpy(), img.affine, img.meta
+    arr = np.asarray(arr)
+    aff = np.asarray(aff, dtype=np.float64)
     warnings = [*(case.warnings if case is not None else []), *meta.get("warnings", [])]
     integrity = {**meta.get("integrity", {}), **(case.integrity if case is not None else {})}
-    arr = img.detach().cpu().numpy()
-    aff = np.asarray(img.affine, dtype=np.float64)
     finite = arr[np.isfinite(arr)]
     p1, p99 = (np.percentile(finite, [1, 99]) if finite.size else (float("nan"), float("nan")))
     entry = {
@@ -97,7 +101,7 @@ def format_text(e: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from medldm.cli.common import run_cases
     from medldm.io.discover import scan_folder
-    from medldm.io.reader import load_case
+    from medldm.io.reader import read_case  # numpy only: `medldm info` never imports torch or MONAI
 
     cases, skipped, notes = [], [], []
     for p in args.paths:
@@ -116,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
     entries: list[dict] = []
 
     def process(case):
-        img = load_case(case, volume=args.volume)
-        entry = describe(img, case)
+        entry = describe(read_case(case, volume=args.volume), case)
         entries.append(entry)
         if not args.json:
             print(format_text(entry), flush=True)

@@ -322,8 +322,8 @@ def write_json(path: Path, obj: dict) -> None:
 def evaluate(pairing: Pairing, opts: EvalOptions, out_dir: str | Path, *, command: str = "",
              quiet: bool = False) -> tuple[int, dict]:
     """Evaluate all cases of ``pairing`` and write the report folder. Returns ``(exit_status, summary)``."""
-    from medldm.io.caseloop import run_cases
     from medldm.eval.report import write_html
+    from medldm.io.caseloop import run_cases
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

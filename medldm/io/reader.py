@@ -2,6 +2,7 @@
 
 Returns a ``monai.data.MetaTensor`` of shape ``(X, Y, Z)`` (2D images: ``(X, Y, 1)``), float32 in
 scanner units, ``.affine`` = voxel centre -> RAS mm, and the meta keys listed in docs/io.md.
+:func:`read_case` returns the same as numpy ``(data, affine, meta)`` without importing torch or MONAI.
 """
 
 from __future__ import annotations
@@ -18,14 +19,11 @@ from medldm.io.formats import NIFTI_SUFFIXES, is_nifti  # noqa: F401 (re-exporte
 from medldm.io.limits import DEFAULT_MAX_VOXELS, max_voxels  # noqa: F401 (re-exported)
 
 
-def _to_metatensor(data: np.ndarray, affine: np.ndarray, meta: dict):
-    """Wrap ``data`` (X, Y, Z) float32 as a MetaTensor with MONAI-compatible meta keys."""
-    import torch
-    from monai.data import MetaTensor
-
+def _finish(data: np.ndarray, affine: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(data (X, Y, Z) float32, RAS affine float64, meta)`` with the derived meta keys (spacing, non-finite
+    voxels and their warning, MONAI-compatible keys): what :func:`read_case` returns and a MetaTensor carries."""
     from medldm.io.geometry import spacing_from_affine
 
-    aff = torch.as_tensor(np.asarray(affine, dtype=np.float64))
     meta = dict(meta)
     meta["warnings"] = list(meta.get("warnings", []))
     n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
@@ -39,7 +37,16 @@ def _to_metatensor(data: np.ndarray, affine: np.ndarray, meta: dict):
     meta["original_affine"] = np.asarray(affine, dtype=np.float64)
     meta["space"] = "RAS"
     meta["original_channel_dim"] = "no_channel"
-    return MetaTensor(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), affine=aff, meta=meta)
+    return np.ascontiguousarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64), meta
+
+
+def _to_metatensor(data: np.ndarray, affine: np.ndarray, meta: dict):
+    """Wrap ``data`` (X, Y, Z) float32 as a MetaTensor with MONAI-compatible meta keys."""
+    import torch
+    from monai.data import MetaTensor
+
+    data, affine, meta = _finish(data, affine, meta)
+    return MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(affine), meta=meta)
 
 
 # ---------------------------------------------------------------- NIfTI
@@ -330,13 +337,52 @@ def load_scan(path: str | os.PathLike | Sequence[str | os.PathLike], *, volume: 
     return _to_metatensor(*load_dicom([p], volume=volume))
 
 
-def load_case(case, *, volume: int | None = None):
-    """Load a :class:`medldm.io.discover.Case` (raises its discovery error if it has one)."""
+def read_case(case, *, volume: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read a :class:`medldm.io.discover.Case` without torch or MONAI: ``(data (X, Y, Z) float32,
+    RAS affine (4, 4) float64, meta)``, the same values and meta keys :func:`load_case` puts in its
+    MetaTensor (for callers that need only numpy, e.g. ``medldm info``, which then stays free of torch).
+    Raises the case's discovery error if it has one."""
     if case.error is not None:
         raise case.error
     if case.kind == "nifti":
-        return _to_metatensor(*load_nifti(case.paths[0], volume=volume))
+        return _finish(*load_nifti(case.paths[0], volume=volume))
     data, affine, meta = load_dicom(case.paths, volume=volume, where=str(case.source), headers=case.headers)
     meta["warnings"] = [*getattr(case, "warnings", []), *meta["warnings"]]  # e.g. "part 1 of 2: split at a gap"
     meta["integrity"] = {**meta["integrity"], **getattr(case, "integrity", {})}
-    return _to_metatensor(data, affine, meta)
+    return _finish(data, affine, meta)
+
+
+class ScanArray:
+    """A scan read without torch: ``data`` (X, Y, Z) float32, ``affine`` (RAS), ``meta`` — the attributes the
+    writers (:func:`medldm.io.writer.save_scan`, ``save_nifti``, ``save_dicom_series``) and
+    ``print_case_warnings`` read from a MetaTensor, and numpy's array protocol. For commands that only move
+    voxels between formats (``medldm convert``), so they need not import torch or MONAI."""
+
+    __slots__ = ("data", "affine", "meta")
+
+    def __init__(self, data: np.ndarray, affine: np.ndarray, meta: dict):
+        self.data, self.affine, self.meta = data, affine, meta
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    def __array__(self, dtype=None, copy=None):
+        return np.array(self.data, dtype=dtype, copy=copy) if copy is not None else np.asarray(self.data, dtype=dtype)
+
+
+def load_case(case, *, volume: int | None = None, as_numpy: bool = False):
+    """Load a :class:`medldm.io.discover.Case` as a MetaTensor, or (``as_numpy``) a :class:`ScanArray`
+    without importing torch (raises the case's discovery error if it has one)."""
+    if as_numpy:
+        return ScanArray(*read_case(case, volume=volume))
+    return _load_case_metatensor(case, volume=volume)
+
+
+def _load_case_metatensor(case, *, volume: int | None = None):
+    """Load a :class:`medldm.io.discover.Case` as a MetaTensor (raises its discovery error if it has one)."""
+    import torch
+    from monai.data import MetaTensor
+
+    data, affine, meta = read_case(case, volume=volume)
+    return MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(affine), meta=meta)
