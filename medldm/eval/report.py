@@ -12,21 +12,8 @@ from html import escape
 from pathlib import Path
 
 from medldm.eval.evaluate import METRIC_LABELS, METRICS
+from medldm.eval.style import PAGE_END, page_head
 from medldm.io.atomic import atomic_file
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1400px}
-table{border-collapse:collapse;margin:0.5em 0 1.5em 0;font-size:0.9em}
-th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}
-th:first-child,td:first-child{text-align:left}
-thead th{background:#eee} tfoot td{background:#f6f6f6}
-caption{caption-side:top;text-align:left;font-size:0.9em;padding:4px 0;max-width:1100px}
-.conv{font-weight:600;color:#7a2e00} .best{font-weight:700}
-figure{margin:0 0 1.2em 0} figcaption{font-size:0.85em;max-width:1100px}
-.bar{display:inline-block;width:120px;height:10px;vertical-align:middle;
- background:linear-gradient(to right,#000 0%,#f00 33%,#ff0 67%,#fff 100%);border:1px solid #888}
-.fail{color:#a00} code{background:#f3f3f3;padding:0 3px}
-"""
 
 
 def _num(v: float | None, metric: str) -> str:
@@ -143,8 +130,7 @@ def build_html(*, summary: dict, values: dict, methods: list[str], panels: list[
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cases = summary["cases"]
     parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        "<title>medldm evaluation report</title>", f"<style>{_CSS}</style></head><body>",
+        page_head("medldm evaluation report"),
         "<h1>medldm evaluation report</h1>",
         "<ul>",
         f"<li>Intensity convention: <span class='conv'>{escape(summary['convention']['text'])}</span></li>",
@@ -177,7 +163,7 @@ def build_html(*, summary: dict, values: dict, methods: list[str], panels: list[
         parts += [f"<li>{escape(n)}</li>" for n in summary["notes"]]
         parts.append("</ul>")
     parts.append("<p><small>Per-case and per-slice values: <code>metrics.csv</code>; statistics: "
-                 "<code>summary.json</code>; definitions: docs/evaluation.md.</small></p></body></html>")
+                 "<code>summary.json</code>; definitions: docs/evaluation.md.</small></p>" + PAGE_END)
     return "\n".join(p for p in parts if p)
 
 
