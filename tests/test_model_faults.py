@@ -240,13 +240,29 @@ def test_bad_refiner_is_a_usage_error(tmp_path, capsys, mr_scan, damage):
 
 
 def test_load_refiner_raises_case_error(tmp_path):
-    from medldm.train.refine_stage import load_refiner
+    from medldm.models import load_model, load_refiner
 
     m = _copy(tmp_path, "mr-denoise-2d")
     assert load_refiner(m) is not None
     (m / "refiner.safetensors").write_bytes(b"junk")
     with pytest.raises(CaseError, match="refiner.safetensors: not a usable refiner"):
         load_refiner(m)
+    with pytest.raises(CaseError, match="refiner.safetensors: not a usable refiner"):
+        load_model(m)
+
+
+def test_refiner_goes_through_the_shape_checked_loader(tmp_path, no_networks):
+    """A refiner whose weights do not match extra.json, or too large for MEDLDM_MAX_PARAMS, is refused from the
+    safetensors header and a meta-device build (no_networks: nothing built for real, no tensor read)."""
+    from medldm.models import load_model
+
+    m = _copy(tmp_path, "mr-denoise-2d")
+    ex = json.loads((m / "extra.json").read_text())
+    ex["refiner"]["features"] = [16, 16, 32, 64, 128, 16]
+    (m / "extra.json").write_text(json.dumps(ex))
+    with pytest.raises(CaseError, match=r"refiner\.safetensors: not a usable refiner \(refiner\.safetensors does not "
+                       r"match extra\.json .* reshaped tensors"):
+        load_model(m)
 
 
 # ------------------------------------------------------------------ synthesize options and sizes

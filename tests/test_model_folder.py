@@ -117,7 +117,7 @@ def test_bad_folders_fail_with_one_line_reasons(tmp_path):
     assert "\n" not in str(err.value)
     cfg["model"]["unet"]["chanels"] = cfg["model"]["unet"].pop("channels")
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(CaseError, match="did you mean 'channels'"):
+    with pytest.raises(CaseError, match=r"did you mean 'unet\.channels'"):
         load_model(folder)
     (folder / "denoiser.safetensors").write_bytes(b"\x80\x04pickle-not-allowed")
     (folder / "config.yaml").write_text(yaml.safe_dump(_config()))
@@ -138,3 +138,34 @@ def test_saved_files_are_plain_yaml_json_and_safetensors(tmp_path):
     with safe_open(str(folder / "vae.safetensors"), framework="pt") as f:
         assert f.metadata()["producer"] == "medldm" and len(list(f.keys())) == len(vae.state_dict())
     assert not list(tmp_path.glob(".*"))  # no temporary leftovers beside the folder
+
+
+def test_refiner_is_part_of_the_model_bundle(tmp_path):
+    """refiner.safetensors + extra.json["refiner"] load into ModelBundle.refiner (bit-exact round trip); the spec's
+    norm/base are the folder's, a folder from before they were stored reads as instance/decoded, and the dotted
+    ``apply`` path older folders stored is ignored and no longer written."""
+    from medldm.models import RefinerSpec, apply_refiner, build_refiner
+
+    vae, den = _modules()
+    torch.manual_seed(3)
+    ref = build_refiner(2, (4, 4, 4, 4, 8, 4), "none").eval()
+    spec = RefinerSpec(spatial_dims=2, features=(4, 4, 4, 4, 8, 4), norm="none", base="degraded")
+    assert "apply" not in spec.to_extra()
+    folder = save_model_folder(tmp_path / "m", config=_config(), modules={"vae": vae, "denoiser": den, "refiner": ref},
+                               extra={"refiner": {**spec.to_extra(), "apply": "medldm.train.refine_stage.apply_refiner"}})
+    b = load_model(folder)
+    assert b.refiner is not None and not b.refiner.training and b.refiner_base == "degraded"
+    assert b.refiner_spec == spec
+    d, y = torch.randn(1, 1, 32, 32), torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(apply_refiner(b.refiner, d, y, b.refiner_base), apply_refiner(ref, d, y, "degraded"))
+    legacy = save_model_folder(tmp_path / "old", config=_config(),
+                               modules={"vae": vae, "denoiser": den, "refiner": build_refiner(2, spec.features, "instance")},
+                               extra={"refiner": {"spatial_dims": 2, "features": list(spec.features)}})
+    old = load_model(legacy)
+    assert old.refiner is not None and old.refiner_spec.norm == "instance" and old.refiner_base == "decoded"
+    assert load_model(folder, ema=False).refiner is not None
+    no_spec = save_model_folder(tmp_path / "n", config=_config(), modules={"vae": vae, "denoiser": den, "refiner": ref})
+    assert load_model(no_spec).refiner is None  # weights without extra.json["refiner"]: not a refiner folder
+    with pytest.raises(ValueError, match="refiner base 'both'"):
+        apply_refiner(ref, d, y, "both")

@@ -54,7 +54,8 @@ def test_vae_config_errors():
         build_vae(VAEConfig(channels=(8, 12), attention_levels=(False, False), norm_num_groups=8))
     with pytest.raises(ValueError, match=r"did you mean '(vae\.)?latent_channels'"):
         from_dict(VAEConfig, {"latent_channel": 3})
-    cfg = from_dict(UNetConfig, {"channels": [16, 32], "attention_levels": [False, True]})
+    cfg = from_dict(UNetConfig, {"channels": [16, 32], "attention_levels": [False, True], "norm_num_groups": 8,
+                                 "num_head_channels": 8})
     assert cfg.channels == (16, 32) and to_dict(cfg)["channels"] == [16, 32]
 
 
@@ -67,6 +68,24 @@ def test_unet_config_errors():
         build_denoiser(UNetConfig(**{**base, "norm_num_groups": 12}), spatial_dims=2, latent_channels=4)
     with pytest.raises(ValueError, match=r"unet\.num_head_channels.*12.* must divide the channels of every attention level"):
         build_denoiser(UNetConfig(**{**base, "num_head_channels": 12}), spatial_dims=2, latent_channels=4)
+
+
+def test_network_invariants_are_checked_once_by_the_config():
+    """The same check and message wherever a config is made: a model folder's section (from_dict), a training
+    config (load_config), a direct construction; the builders no longer repeat them."""
+    from medldm.config import ConfigError
+    from medldm.train.schema import load_config
+
+    bad = {"channels": [16, 24], "attention_levels": [False, False], "norm_num_groups": 16}
+    msg = r"^unet\.norm_num_groups=16 must divide every unet\.channels entry$"
+    with pytest.raises(ConfigError, match=msg):
+        from_dict(UNetConfig, bad, prefix="unet")
+    with pytest.raises(ConfigError, match=msg):
+        load_config({"unet": bad})
+    with pytest.raises(ValueError, match=msg):
+        UNetConfig(channels=(16, 24), attention_levels=(False, False), norm_num_groups=16)
+    with pytest.raises(ConfigError, match=r"^vae\.attention_levels = \[False\]: needs one entry per vae\.channels level"):
+        load_config({"vae": {"channels": [8, 16], "attention_levels": [False]}})
 
 
 def _cond_denoiser(dims: int = 2):
@@ -130,8 +149,29 @@ def test_denoiser_3d_and_input_errors():
         c(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond=torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match=r"condition shape \(1, 1, 4, 4\) does not match latent \(1, 4, 8, 8\)"):
         c(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond=torch.zeros(1, 1, 4, 4), noise_level=0.1)
-    with pytest.raises(ValueError, match=r"class labels must be in \[0, 3\] \(last = null class\)"):
-        c(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond=torch.zeros(1, 1, 8, 8), class_labels=torch.tensor([7]), noise_level=0.1)
+
+
+def test_class_labels_are_checked_where_they_are_made():
+    """Not in the denoiser's forward pass (a host sync per step on a GPU): training labels in ItemStore.labels,
+    [0, num_classes - 1]; a user's label in Synthesizer.generate before sampling, [0, num_classes] (last = null)."""
+    from medldm.data.datasets import Item, ItemStore
+    from medldm.models import ModelBundle
+    from medldm.pipelines.synthesize import Synthesizer
+
+    items = [Item(torch.zeros(1, 8, 8), f"s{i}", source=i) for i in range(3)]
+    store = ItemStore(items, (8, 8), 4, num_classes=3, class_from="source")
+    assert store.labels(np.array([0, 2, 1])).tolist() == [0, 2, 1]
+    with pytest.raises(ValueError, match=r"class label 2 \(class_from 'source'\) is outside \[0, 1\]: unet\.num_classes = 2"):
+        ItemStore(items, (8, 8), 4, num_classes=2, class_from="source").labels(np.array([0, 2]))
+    c = _cond_denoiser()  # no check left in forward: an out-of-range label is the caller's to refuse
+    c(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond=torch.zeros(1, 1, 8, 8), class_labels=torch.tensor([3]), noise_level=0.1)
+    den = build_denoiser(UNetConfig(**{**to_dict(TINY_UNET), "num_classes": 3}), spatial_dims=2, latent_channels=4)
+    bundle = ModelBundle(config={"vae": to_dict(TINY_VAE)}, vae=build_vae(TINY_VAE), denoiser=den.eval(),
+                         extra={"task": "synthesis", "patch_size": [8, 8]})
+    syn = Synthesizer(bundle)
+    for bad in (7, -1, 1.0):
+        with pytest.raises(ValueError, match=rf"class label {bad!r} is outside \[0, 3\] \(last = null class\)"):
+            syn.generate(label=bad, steps=1)
 
 
 def test_ema_update_copy_and_state_roundtrip():

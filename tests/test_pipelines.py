@@ -323,19 +323,19 @@ def test_refiner_of_the_model_folder_is_applied(tmp_path, models, mr_nifti):
     from safetensors.torch import save_file
 
     from medldm.io import load_scan
+    from medldm.models import build_refiner
     from medldm.pipelines import EnhanceOptions, Enhancer
-    from medldm.train.refine_stage import build_refiner
 
     folder = tmp_path / "m"
     shutil.copytree(models["denoise2"], folder)
     torch.manual_seed(1)
-    ref = build_refiner(2, (4, 4, 4, 4, 8, 4))
+    ref = build_refiner(2, (4, 4, 4, 4, 8, 4), "instance")
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(folder / "refiner.safetensors"))
     ex = json.loads((folder / "extra.json").read_text())
-    ex["refiner"] = {"spatial_dims": 2, "features": [4, 4, 4, 4, 8, 4]}
+    ex["refiner"] = {"spatial_dims": 2, "features": [4, 4, 4, 4, 8, 4]}  # a folder from before norm/base were stored
     (folder / "extra.json").write_text(json.dumps(ex))
     img = load_scan(mr_nifti)
     enh = Enhancer(load_model(folder))

@@ -158,7 +158,7 @@ def test_existing_run_needs_resume(trained):
 
 
 def test_refiner_stage_uses_the_degraded_input(trained):
-    from medldm.train.refine_stage import apply_refiner, load_refiner
+    from medldm.models import apply_refiner, load_model, load_refiner
 
     out = trained("sr_2d_tiny")
     rows = read_log(out / "refine" / "train_log.csv")
@@ -176,6 +176,10 @@ def test_refiner_stage_uses_the_degraded_input(trained):
     d = torch.rand(2, 1, 32, 32, generator=g) * 2 - 1
     y = torch.rand(2, 1, 32, 32, generator=g) * 2 - 1
     with torch.no_grad():
-        a, b = apply_refiner(refiner, d, y), apply_refiner(refiner, d, torch.zeros_like(y))
+        base = load_model(out / "model").refiner_base  # the base it was trained with (refine.base: degraded)
+        assert base == "degraded"
+        # the network's residual (output minus its base) depends on the degraded input, not only the base does
+        a = apply_refiner(refiner, d, y, base) - y
+        b = apply_refiner(refiner, d, torch.zeros_like(y), base)
     assert float((a - b).abs().mean()) > 1e-4
     assert load_refiner(out / "ldm" / "model") is None  # stage-2 folder has no refiner

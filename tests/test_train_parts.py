@@ -17,13 +17,8 @@ from medldm.data.datasets import (
     split_scans,
     step_rng,
 )
-from medldm.train.conditioning import (
-    add_noise,
-    depth_to_space,
-    downsample_upsample,
-    make_pair,
-    space_to_depth,
-)
+from medldm.models.conditioning import depth_to_space, space_to_depth
+from medldm.train.conditioning import add_noise, downsample_upsample, make_pair
 
 
 def test_split_is_by_scan_seeded_and_order_free():
@@ -120,7 +115,7 @@ def test_lr_schedule_warmup_then_cosine():
 def test_refiner_residual_base_and_size_independence():
     """base 'degraded' adds the residual to the degraded input; without normalization layers a crop of the output
     equals the output of the crop away from the borders (the refiner is applied to whole slices)."""
-    from medldm.train.refine_stage import apply_refiner, build_refiner
+    from medldm.models.refiner import apply_refiner, build_refiner
 
     torch.manual_seed(0)
     net = build_refiner(2, (4, 4, 8, 8, 16, 4), "none").eval()

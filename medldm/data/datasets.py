@@ -286,7 +286,15 @@ class ItemStore:
         return torch.stack(out)
 
     def labels(self, idx: np.ndarray) -> torch.Tensor:
-        return torch.tensor([self.label(int(i)) for i in idx], dtype=torch.long)
+        """Class labels (B,) of items ``idx``, each in [0, num_classes - 1]: checked here, on the host, where they
+        are made (the denoiser does not check them in its forward pass, which would sync the GPU each step)."""
+        labels = [self.label(int(i)) for i in idx]
+        if self.num_classes > 0:
+            bad = [v for v in labels if not 0 <= v < self.num_classes]
+            if bad:
+                raise ValueError(f"class label {bad[0]} (class_from {self.class_from!r}) is outside "
+                                 f"[0, {self.num_classes - 1}]: unet.num_classes = {self.num_classes} is too small")
+        return torch.tensor(labels, dtype=torch.long)
 
     def spread(self, n: int) -> list[int]:
         """``n`` item indices spread evenly over the store (validation)."""

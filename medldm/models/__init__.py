@@ -1,12 +1,15 @@
-"""Networks: KL-VAE and latent denoiser built from config, EMA, model folders.
+"""Networks: KL-VAE, latent denoiser and stage-3 refiner built from config, EMA, model folders.
 
 Public API (imported lazily, so ``import medldm.models`` stays light)::
 
     VAEConfig, UNetConfig, from_dict, to_dict               # medldm.models.config
     build_vae(cfg: VAEConfig) -> monai AutoencoderKL
     build_denoiser(cfg: UNetConfig, spatial_dims, latent_channels) -> LatentDenoiser
+    build_refiner(spatial_dims, features, norm); apply_refiner(net, decoded, degraded, base); RefinerSpec
+    space_to_depth(x, f); depth_to_space(x, f)              # the U-Net's image condition (medldm.models.conditioning)
     EMA(model, decay=0.999); unwrap(model)
-    save_model_folder(path, *, config, modules, extra); load_model(path) -> ModelBundle; model_hash(path)
+    save_model_folder(path, *, config, modules, extra); load_model(path) -> ModelBundle (vae, denoiser, refiner)
+    load_refiner(path); model_hash(path)
 """
 
 from __future__ import annotations
@@ -24,9 +27,15 @@ _WHERE = {
     "unwrap": "ema",
     "ModelBundle": "folder",
     "load_model": "folder",
+    "load_refiner": "folder",
     "model_hash": "folder",
     "save_model_folder": "folder",
     "build_vae": "vae",
+    "RefinerSpec": "refiner",
+    "apply_refiner": "refiner",
+    "build_refiner": "refiner",
+    "space_to_depth": "conditioning",
+    "depth_to_space": "conditioning",
 }
 
 __all__ = sorted(_WHERE)

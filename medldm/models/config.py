@@ -1,13 +1,16 @@
 """Network configurations (plain dataclasses: str/int/float/bool/tuple fields only).
 
 They are the ``vae`` and ``unet`` sections of a training YAML and of a model folder's ``config.yaml``;
-``from_dict`` rebuilds them from the YAML mapping (lists become tuples, unknown keys are an error).
+``from_dict`` rebuilds them from the YAML mapping with :func:`medldm.config.from_mapping` (keys and types
+checked, lists become tuples). Each invariant between settings is checked once, by the dataclass itself
+(``__post_init__``: attention levels per channel level, GroupNorm groups and attention heads dividing the
+channels); :func:`validate` adds the ranges a model folder read from disk must keep to.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -35,6 +38,9 @@ class VAEConfig:
     with_decoder_nonlocal_attn: bool = _f(False, "attention block at the decoder bottleneck")
     use_flash_attention: bool = _f(False, "use torch scaled_dot_product_attention kernels")
 
+    def __post_init__(self) -> None:
+        _check_levels(self, "vae")
+
     @property
     def downsample_factor(self) -> int:
         """Spatial size ratio image / latent."""
@@ -55,19 +61,51 @@ class UNetConfig:
     noise_level_cond: bool = _f(False, "condition on a continuous scalar in [0, 1] (noise-augmentation or degradation level)")
     use_flash_attention: bool = _f(False, "use torch scaled_dot_product_attention kernels")
 
+    def __post_init__(self) -> None:
+        _check_levels(self, "unet")
+        heads = self.num_head_channels
+        if _is_int(heads) and heads < 1:
+            raise ValueError(f"unet.num_head_channels = {heads!r}: must be a positive integer")
+        if _is_int(heads) and _ints(self.channels) and len(self.attention_levels) == len(self.channels):
+            attn = [c for c, a in zip(self.channels, self.attention_levels, strict=True) if a] + [self.channels[-1]]
+            if any(c % heads for c in attn):
+                raise ValueError(
+                    f"unet.num_head_channels={heads} must divide the channels of every attention level "
+                    f"and of the bottleneck ({self.channels[-1]})"
+                )
 
-def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
-    """Build dataclass ``cls`` from a mapping (e.g. parsed YAML): lists -> tuples, unknown keys rejected."""
-    data = dict(data or {})
-    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        k = unknown[0]
-        near = difflib.get_close_matches(k, list(names), n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(f"{cls.__name__}: unknown key {k!r}{hint}; valid keys: {', '.join(names)}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**kwargs)
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(values: Any) -> bool:
+    return isinstance(values, (tuple, list)) and len(values) > 0 and all(_is_int(c) for c in values)
+
+
+def _check_levels(cfg: VAEConfig | UNetConfig, prefix: str) -> None:
+    """The structural invariants of a network config, checked once, where it is built (``from_mapping`` /
+    ``from_dict`` and direct construction): one ``attention_levels`` entry per ``channels`` level, and
+    ``norm_num_groups`` dividing every ``channels`` entry. Ranges of values read from model folders are
+    :func:`validate`'s; these checks only look at values of the right type."""
+    if isinstance(cfg.attention_levels, (tuple, list)) and isinstance(cfg.channels, (tuple, list)) \
+            and len(cfg.attention_levels) != len(cfg.channels):
+        raise ValueError(f"{prefix}.attention_levels = {list(cfg.attention_levels)}: needs one entry per "
+                         f"{prefix}.channels level ({len(cfg.channels)})")
+    groups = cfg.norm_num_groups
+    if _is_int(groups) and groups < 1:
+        raise ValueError(f"{prefix}.norm_num_groups = {groups!r}: must be a positive integer")
+    if _is_int(groups) and _ints(cfg.channels) and any(c % groups for c in cfg.channels):
+        raise ValueError(f"{prefix}.norm_num_groups={groups} must divide every {prefix}.channels entry")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a parsed-YAML mapping with medldm's one validated mechanism
+    (:func:`medldm.config.from_mapping`): every key and type checked, lists -> tuples, an unknown key names the
+    nearest valid one (``prefix`` = the section name in messages, e.g. ``"vae"``)."""
+    from medldm.config import from_mapping
+
+    return from_mapping(cls, data, prefix=prefix)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -115,10 +153,10 @@ def validate(cfg: Any, prefix: str) -> None:
             if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= MAX_WIDTH:
                 raise ValueError(f"{where(name)}[{i}] = {c!r}: must be an integer in 1..{MAX_WIDTH}")
 
-    def levels(name: str, n: int) -> None:
+    def levels(name: str) -> None:  # one per channels level: the config's own check (_check_levels)
         v = getattr(cfg, name)
-        if not isinstance(v, tuple) or len(v) != n or not all(isinstance(a, bool) for a in v):
-            raise ValueError(f"{where(name)} = {v!r}: must be a list of {n} true/false values (one per channels level)")
+        if not isinstance(v, tuple) or not all(isinstance(a, bool) for a in v):
+            raise ValueError(f"{where(name)} = {v!r}: must be a list of true/false values (one per channels level)")
 
     for f in dataclasses.fields(cfg):
         if f.name in ("channels", "attention_levels"):
@@ -126,7 +164,7 @@ def validate(cfg: Any, prefix: str) -> None:
         if isinstance(f.default, bool):
             flag(f.name)
     widths("channels")
-    levels("attention_levels", len(cfg.channels))
+    levels("attention_levels")
     integer("num_res_blocks", 1, MAX_RES_BLOCKS)
     integer("norm_num_groups", 1, MAX_WIDTH)
     if isinstance(cfg, VAEConfig):

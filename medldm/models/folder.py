@@ -6,13 +6,15 @@ Layout::
       config.yaml            # resolved config; sections ``vae``, ``unet``, ``diffusion`` (top level or under ``model``)
       vae.safetensors        # one file per module (``<name>.safetensors``); ``<name>_ema.safetensors`` preferred
       denoiser.safetensors   #   by ``load_model(ema=True)`` when present
-      extra.json             # scale_factor, normalization params, class names, data hashes ...
+      refiner.safetensors    # optional stage-3 refiner (sr / denoise), described by extra.json["refiner"]
+      extra.json             # scale_factor, normalization params, class names, refiner spec, data hashes ...
 
 Loading parses YAML/JSON and safetensors only: no pickle, no code execution.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,11 +30,13 @@ from torch import nn
 from medldm.io.atomic import atomic_dir
 from medldm.io.errors import CaseError
 from medldm.models.config import UNetConfig, VAEConfig, from_dict, validate
+from medldm.models.refiner import RefinerSpec, build_from_spec, refiner_spec
 
 CONFIG_FILE = "config.yaml"
 EXTRA_FILE = "extra.json"
 _HINT = "point -m at a folder written by `medldm train`"
 _FIX = "the model folder is damaged or was edited: copy it again, or point -m at a folder written by `medldm train`"
+_REFINER_FIX = "the model folder is damaged: copy it again"
 
 MAX_PARAMS_ENV = "MEDLDM_MAX_PARAMS"
 DEFAULT_MAX_PARAMS = 500_000_000  # parameters over all networks of a folder (2 GB of float32 weights)
@@ -45,29 +49,42 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 @dataclass
 class ModelBundle:
-    """A loaded model folder. ``vae`` / ``denoiser`` are in eval mode on CPU, or None when absent."""
+    """A loaded model folder. ``vae`` / ``denoiser`` / ``refiner`` (stage 3, sr / denoise models trained with
+    one) are in eval mode on CPU, or None when absent."""
 
     config: dict[str, Any]
     vae: nn.Module | None
     denoiser: nn.Module | None
     extra: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    refiner: nn.Module | None = None
 
     @property
     def diffusion(self):
         """The ``DiffusionConfig`` of the folder (defaults when the section is absent)."""
-        from medldm.diffusion.config import DiffusionConfig
+        from medldm.diffusion.config import load_diffusion_config
 
-        return from_dict(DiffusionConfig, model_sections(self.config).get("diffusion"))
+        return load_diffusion_config(model_sections(self.config).get("diffusion"))
 
     @property
     def scale_factor(self) -> float:
         """Latent scale factor (z_model = z_vae * scale_factor), 1.0 when not stored."""
         return float(self.extra.get("scale_factor", 1.0))
 
+    @property
+    def refiner_spec(self) -> RefinerSpec | None:
+        """How the refiner is built and applied (``extra.json["refiner"]``); None without a refiner."""
+        return refiner_spec(self.extra) if self.refiner is not None else None
+
+    @property
+    def refiner_base(self) -> str | None:
+        """What the refiner's residual is added to ('degraded' or 'decoded'), for ``apply_refiner``."""
+        spec = self.refiner_spec
+        return None if spec is None else spec.base
+
     def to(self, device: str | torch.device) -> ModelBundle:
         """Move the networks to ``device`` (in place) and return self."""
-        for m in (self.vae, self.denoiser):
+        for m in (self.vae, self.denoiser, self.refiner):
             if m is not None:
                 m.to(device)
         return self
@@ -106,7 +123,8 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
     (``medldm.models.config.validate``), the parameter count it implies (networks built on the ``meta``
     device, no memory) against ``MEDLDM_MAX_PARAMS``, and the tensor names and shapes it implies against the
     safetensors headers (read without loading the tensors). Every problem is a one-line ``CaseError`` naming
-    the file of the folder at fault.
+    the file of the folder at fault. The refiner (``refiner.safetensors``, built from ``extra.json["refiner"]``)
+    goes through the same checks; its faults read ``refiner.safetensors: not a usable refiner (...)``.
     """
     from medldm.models.denoiser import build_denoiser
     from medldm.models.vae import build_vae
@@ -123,8 +141,8 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
             raise CaseError(cfg_file, f"section {name!r} is a {_kind(sec)}, not a mapping of settings", _FIX)
     _check_extra(path / EXTRA_FILE, extra)
     try:
-        vae_cfg = from_dict(VAEConfig, sections["vae"]) if sections.get("vae") is not None else None
-        unet_cfg = from_dict(UNetConfig, sections["unet"]) if sections.get("unet") is not None else None
+        vae_cfg = from_dict(VAEConfig, sections["vae"], prefix="vae") if sections.get("vae") is not None else None
+        unet_cfg = from_dict(UNetConfig, sections["unet"], prefix="unet") if sections.get("unet") is not None else None
         if vae_cfg is not None:
             validate(vae_cfg, "vae")
         if unet_cfg is not None:
@@ -142,25 +160,43 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
         builders["denoiser"] = lambda: build_denoiser(unet_cfg, vae_cfg.spatial_dims, vae_cfg.latent_channels)
     if not builders:
         raise CaseError(path, "model folder holds no vae/denoiser weights", _HINT)
+    described_by = {name: cfg_file for name in builders}
+    ref_file = _weights(path, "refiner", ema)
+    if ref_file is not None and extra.get("refiner"):  # weights without a spec (or a spec alone): no refiner
+        try:
+            spec = refiner_spec(extra)
+        except (ValueError, TypeError) as exc:
+            raise CaseError(ref_file, f"not a usable refiner (extra.json: {_one_line(exc)})", _REFINER_FIX) from exc
+        assert spec is not None
+        builders["refiner"] = lambda: build_from_spec(spec)
+        described_by["refiner"] = path / EXTRA_FILE
     budget = max_params()
     for name, build in builders.items():  # check everything before allocating anything
         file = _weights(path, name, ema)
         assert file is not None
-        n = _check_against_weights(build, file, cfg_file, name, budget)
+        with _as_refiner_fault(name, file):
+            n = _check_against_weights(build, file, described_by[name], name, budget)
         budget -= n
     nets: dict[str, nn.Module] = {}
     for name, build in builders.items():
-        try:
-            nets[name] = build()
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise CaseError(cfg_file, f"invalid model config: {_one_line(exc)}", _FIX) from exc
-        _load_into(nets[name], _weights(path, name, ema), path)
-    vae, denoiser = nets.get("vae"), nets.get("denoiser")
-    bundle = ModelBundle(config=config, vae=vae, denoiser=denoiser, extra=extra, path=path)
-    for m in (vae, denoiser):
+        with _as_refiner_fault(name, _weights(path, name, ema)):
+            try:
+                nets[name] = build()
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise CaseError(described_by[name], f"invalid model config: {_one_line(exc)}", _FIX) from exc
+            _load_into(nets[name], _weights(path, name, ema), path)
+    vae, denoiser, refiner = nets.get("vae"), nets.get("denoiser"), nets.get("refiner")
+    bundle = ModelBundle(config=config, vae=vae, denoiser=denoiser, extra=extra, path=path, refiner=refiner)
+    for m in (vae, denoiser, refiner):
         if m is not None:
             m.eval().requires_grad_(False)
     return bundle.to(device)
+
+
+def load_refiner(path: str | os.PathLike, *, ema: bool = True) -> nn.Module | None:
+    """The stage-3 refiner of a model folder, or None when it has none: ``load_model(path).refiner`` (the whole
+    folder is checked and loaded; keep the ``ModelBundle`` when the VAE and the denoiser are needed too)."""
+    return load_model(path, ema=ema).refiner
 
 
 def model_hash(path: str | os.PathLike) -> str:
@@ -176,6 +212,18 @@ def model_hash(path: str | os.PathLike) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _as_refiner_fault(name: str, file: Path | None):
+    """Re-word a fault of the refiner's checks as ``refiner.safetensors: not a usable refiner (...)``."""
+    try:
+        yield
+    except CaseError as exc:
+        if name != "refiner":
+            raise
+        hint = exc.hint if MAX_PARAMS_ENV in exc.hint else _REFINER_FIX
+        raise CaseError(file, f"not a usable refiner ({exc.reason})", hint) from exc
 
 
 def _weights(path: Path, name: str, ema: bool) -> Path | None:
@@ -250,7 +298,8 @@ def read_safetensors_header(file: str | os.PathLike) -> dict[str, tuple[str, tup
 
 def _check_against_weights(build, file: Path, cfg_file: Path, name: str, budget: int) -> int:
     """Build ``name`` on the meta device (no memory), refuse it beyond ``budget`` parameters, compare its
-    tensors with ``file``'s header. Returns its parameter count."""
+    tensors with ``file``'s header. ``cfg_file``: the file that describes the network (config.yaml; extra.json
+    for the refiner). Returns its parameter count."""
     try:
         with torch.device("meta"):
             net = build()
@@ -275,10 +324,10 @@ def _check_against_weights(build, file: Path, cfg_file: Path, name: str, budget:
         bad = (missing or unexpected or reshaped)[0]
         raise CaseError(
             cfg_file,
-            f"{file.name} does not match config.yaml (config.yaml describes {n_cfg:,} parameters, {file.name} "
+            f"{file.name} does not match {cfg_file.name} ({cfg_file.name} describes {n_cfg:,} parameters, {file.name} "
             f"holds {n_file:,}; {len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} reshaped "
             f"tensors, e.g. {bad})",
-            "the config or the weights are corrupt, or come from another model: keep config.yaml and weights "
+            f"the config or the weights are corrupt, or come from another model: keep {cfg_file.name} and weights "
             "together (copy the model folder again)",
         )
     return n_cfg
@@ -343,20 +392,10 @@ def _check_extra(file: Path, extra: dict[str, Any]) -> None:
 
 
 def _check_diffusion(section: dict[str, Any] | None) -> None:
-    """Build the ``DiffusionConfig`` (its own checks) and bound what sizes arrays at inference."""
-    import math
+    """Validate the diffusion section (types, choices, ranges and the array-sizing bounds: DiffusionConfig)."""
+    from medldm.diffusion.config import load_diffusion_config
 
-    from medldm.diffusion.config import DiffusionConfig
-
-    d = from_dict(DiffusionConfig, section)
-    for key, hi in (("num_train_timesteps", 1_000_000), ("sampling_steps", 100_000)):
-        v = getattr(d, key)
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
-            raise ValueError(f"diffusion.{key} = {v!r}: must be an integer in 1..{hi}")
-    for f in ("beta_start", "beta_end", "cfg_dropout", "min_snr_gamma", "flow_shift", "guidance"):
-        v = getattr(d, f)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"diffusion.{f} = {v!r}: must be a finite number")
+    load_diffusion_config(section)
 
 
 def _kind(obj: Any) -> str:

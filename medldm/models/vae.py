@@ -8,11 +8,9 @@ from medldm.models.config import VAEConfig
 
 
 def build_vae(cfg: VAEConfig) -> AutoencoderKL:
-    """KL autoencoder: image (N, in_channels, *S) <-> latent (N, latent_channels, *S / f), f = 2**(levels-1)."""
-    if len(cfg.attention_levels) != len(cfg.channels):
-        raise ValueError("vae.attention_levels must have one entry per vae.channels level")
-    if any(c % cfg.norm_num_groups for c in cfg.channels):
-        raise ValueError(f"vae.norm_num_groups={cfg.norm_num_groups} must divide every vae.channels entry")
+    """KL autoencoder: image (N, in_channels, *S) <-> latent (N, latent_channels, *S / f), f = 2**(levels-1).
+
+    ``cfg`` checked its own invariants when it was made (``VAEConfig.__post_init__``)."""
     return AutoencoderKL(
         spatial_dims=cfg.spatial_dims,
         in_channels=cfg.in_channels,

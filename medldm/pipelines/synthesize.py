@@ -105,6 +105,11 @@ class Synthesizer:
         g = torch.Generator().manual_seed(int(seed))
         shape = (1, int(self.denoiser.latent_channels), *(s // self.f for s in size))
         x_t = torch.randn(shape, generator=g).to(self.device)
+        # the user's label is checked here, once, before sampling (the denoiser's forward pass does not check it)
+        if label is not None and self.num_classes:
+            whole = isinstance(label, (int, np.integer)) and not isinstance(label, bool)
+            if not (whole and 0 <= label <= self.num_classes):
+                raise ValueError(f"class label {label!r} is outside [0, {self.num_classes}] (last = null class)")
         labels = None if self.num_classes == 0 else torch.tensor([self.num_classes if label is None else label])
         fn = make_model_fn(self.denoiser, self.schedule, class_labels=labels, guidance=w)
 

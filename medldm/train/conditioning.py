@@ -13,8 +13,7 @@ model range [-1, 1] (width 2):
   (Ho et al. 2021, cascaded diffusion) and ``s`` is a U-Net input.
 
 **Condition** = the degraded image on the high-res grid, rearranged to the latent grid by space-to-depth
-(``pixel_unshuffle``): ``(N, 1, *S)`` -> ``(N, f**d, *S/f)``. It is lossless (no encoder pass per batch and no
-information thrown away by pooling), so every pixel of the low-res / noisy input reaches the U-Net.
+(:func:`medldm.models.conditioning.space_to_depth`, shared with inference, so it lives below both).
 
 The noise level given to the U-Net is ``s / max(range)`` in [0, 1]; ``noise_level_max`` is stored in the model
 folder's ``extra.json`` so inference feeds the same scale.
@@ -26,29 +25,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-
-def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
-    """(N, C, *S) -> (N, C * f**d, *S / f); d = 2 or 3. Inverse: :func:`depth_to_space`.
-
-    Channel order is (c, f_1, ..., f_d), the same as ``torch.nn.functional.pixel_unshuffle`` in 2D."""
-    from einops import rearrange
-
-    s = x.shape[2:]
-    if any(v % f for v in s):
-        raise ValueError(f"spatial shape {tuple(s)} is not a multiple of {f}")
-    if len(s) == 2:
-        return rearrange(x, "n c (h a) (w b) -> n (c a b) h w", a=f, b=f)
-    return rearrange(x, "n c (h a) (w b) (d e) -> n (c a b e) h w d", a=f, b=f, e=f)
-
-
-def depth_to_space(x: torch.Tensor, f: int) -> torch.Tensor:
-    """Inverse of :func:`space_to_depth`."""
-    from einops import rearrange
-
-    if x.dim() == 4:
-        return rearrange(x, "n (c a b) h w -> n c (h a) (w b)", a=f, b=f)
-    return rearrange(x, "n (c a b e) h w d -> n c (h a) (w b) (d e)", a=f, b=f, e=f)
 
 
 def _levels(n: int, lo_hi: tuple[float, float], gen: torch.Generator, device) -> torch.Tensor:

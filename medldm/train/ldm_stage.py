@@ -21,13 +21,13 @@ import torch
 from medldm.config import to_mapping
 from medldm.data.datasets import step_rng
 from medldm.data.latent_cache import encode_items, load_cache, save_cache
-from medldm.train.conditioning import make_pair, noise_level_max, space_to_depth
+from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
+from medldm.models.conditioning import space_to_depth
+from medldm.train.conditioning import make_pair, noise_level_max
 from medldm.train.data import RunData, center_batch
 from medldm.train.distributed import barrier
 from medldm.train.engine import Runtime, adamw, prepare
 from medldm.train.logging import save_grid
-
-DATA_RANGE = 2.0
 
 
 def stage_sampler(d) -> str:

@@ -1,4 +1,4 @@
-"""Stage 3 (sr / denoise): a pixel-space refiner that gets past the VAE's reconstruction ceiling.
+"""Stage 3 (sr / denoise): training the pixel-space refiner that gets past the VAE's reconstruction ceiling.
 
 Latent diffusion can never return detail the VAE decoder cannot reconstruct, and a few-step sample is not the
 minimum-error estimate that PSNR rewards. The refiner is a small MONAI ``BasicUNet`` at full resolution (by
@@ -6,6 +6,9 @@ default without normalization layers, so its output does not depend on the image
 decoded diffusion output ``d`` and the degraded input ``y``:
 
     x_hat = base + refiner([d, y]),   base = y (``refine.base: degraded``, default) or d (``decoded``)
+
+The network, its loading and ``apply_refiner`` are part of the model (:mod:`medldm.models.refiner`,
+``ModelBundle.refiner``); this module trains it.
 
 Training pairs are made exactly as at inference: clean crops (augmented like stage 1), ``y`` degraded on the
 fly like stage 2's condition, and ``d`` the decoded diffusion sample for ``y`` drawn with the frozen stage-2
@@ -24,66 +27,14 @@ from torch import nn
 
 from medldm.config import to_mapping
 from medldm.data.datasets import step_rng
-from medldm.train.conditioning import make_pair, space_to_depth
+from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
+from medldm.models.conditioning import space_to_depth
+from medldm.models.refiner import RefinerSpec, apply_refiner, build_from_spec
+from medldm.train.conditioning import make_pair
 from medldm.train.data import RunData, center_batch
 from medldm.train.engine import Runtime, adamw, prepare
 from medldm.train.ldm_stage import stage_sampler, val_sigma
 from medldm.train.logging import save_grid
-
-DATA_RANGE = 2.0
-_NORMS = {"none": None, "instance": ("instance", {"affine": True}), "batch": ("batch", {"affine": True})}
-
-
-def build_refiner(spatial_dims: int, features, norm: str = "instance") -> nn.Module:
-    """MONAI BasicUNet: (N, 2, *S) [decoded, degraded] -> (N, 1, *S) residual."""
-    from monai.networks.nets import BasicUNet
-
-    return BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=tuple(features),
-                     norm=_NORMS[norm])
-
-
-def apply_refiner(refiner: nn.Module, decoded: torch.Tensor, degraded: torch.Tensor,
-                  base: str = "decoded") -> torch.Tensor:
-    """decoded, degraded (N, 1, *S) in the model range -> refined (N, 1, *S) = base + refiner([d, y])."""
-    degraded = degraded.to(decoded.dtype)
-    res = refiner(torch.cat([decoded, degraded], dim=1)).to(decoded.dtype)
-    return (degraded if base == "degraded" else decoded) + res
-
-
-def refiner_spec(model_dir: str | Path) -> dict | None:
-    """``extra.json["refiner"]`` of a model folder with ``refiner.safetensors``, or None."""
-    import json
-
-    model_dir = Path(model_dir)
-    extra_file, weights = model_dir / "extra.json", model_dir / "refiner.safetensors"
-    if not (extra_file.is_file() and weights.is_file()):
-        return None
-    return json.loads(extra_file.read_text()).get("refiner") or None
-
-
-def load_refiner(model_dir: str | Path) -> nn.Module | None:
-    """The refiner of a model folder (``refiner.safetensors`` + ``extra.json["refiner"]``), or None. Its
-    residual base is ``refiner_spec(model_dir)["base"]`` (folders written before that key: ``decoded``)."""
-    from safetensors.torch import load_file
-
-    from medldm.io.errors import CaseError
-    from medldm.models.folder import read_safetensors_header
-
-    file = Path(model_dir) / "refiner.safetensors"
-    try:  # a damaged or hostile folder: one line naming the file, nothing large allocated first
-        spec = refiner_spec(model_dir)
-        if spec is None:
-            return None
-        dims, features = spec["spatial_dims"], list(spec["features"])
-        if dims not in (2, 3) or len(features) != 6 or not all(type(f) is int and 1 <= f <= 1024 for f in features):
-            raise ValueError(f"extra.json refiner spec spatial_dims={dims!r}, features={features!r} is out of range")
-        read_safetensors_header(file)
-        net = build_refiner(dims, features, spec.get("norm", "instance"))
-        net.load_state_dict(load_file(str(file)))
-    except Exception as exc:
-        raise CaseError(file, f"not a usable refiner ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
-                        "the model folder is damaged: copy it again") from exc
-    return net.eval().requires_grad_(False)
 
 
 class RefineStage:
@@ -105,7 +56,10 @@ class RefineStage:
         self.schedule = make_schedule(cfg.diffusion)
         self.augment = Augmenter(cfg.augment, cfg.spatial_dims) if self.tcfg.augment else None
         torch.manual_seed(cfg.seed)
-        self.refiner = build_refiner(cfg.spatial_dims, self.tcfg.features, self.tcfg.norm)
+        # the refine section is the one source of the refiner's settings; the model folder stores them (extra())
+        self.spec = RefinerSpec(spatial_dims=cfg.spatial_dims, features=tuple(self.tcfg.features),
+                                norm=self.tcfg.norm, base=self.tcfg.base)
+        self.refiner = build_from_spec(self.spec)
         self.modules = {"refiner": self.refiner}
         self.wrapped = {"refiner": prepare(self.refiner, rt)}
         self.optimizers = {"refiner": adamw(self.refiner.parameters(), self.tcfg.lr, self.tcfg.weight_decay, rt)}
@@ -152,7 +106,7 @@ class RefineStage:
 
     def losses(self, b: dict, step: int) -> dict[str, torch.Tensor]:
         decoded = self.diffuse(b["degraded"], b["level"], b["seed"])
-        out = apply_refiner(self.wrapped["refiner"], decoded, b["degraded"], self.tcfg.base).float()
+        out = apply_refiner(self.wrapped["refiner"], decoded, b["degraded"], self.spec.base).float()
         loss = (out - b["clean"].float()).abs().mean()
         return {"loss": loss, "decoded_l1": (decoded - b["clean"].float()).abs().mean().detach()}
 
@@ -164,7 +118,7 @@ class RefineStage:
         degraded, level = make_pair(x, self.cfg.task, self.cfg.degrade, gen, val_sigma(self.cfg))
         dec = self.diffuse(degraded, level, self.cfg.seed + 1)
         with self.rt.autocast():
-            ref = apply_refiner(self._eval_net(), dec, self.rt.to(degraded), self.tcfg.base).float()
+            ref = apply_refiner(self._eval_net(), dec, self.rt.to(degraded), self.spec.base).float()
         return degraded, dec.cpu(), ref.cpu()
 
     def _eval_net(self) -> nn.Module:
@@ -195,10 +149,7 @@ class RefineStage:
 
     def extra(self) -> dict:
         ex = dict(self.bundle.extra)
-        ex["refiner"] = {"spatial_dims": self.cfg.spatial_dims, "features": list(self.tcfg.features),
-                         "norm": self.tcfg.norm, "base": self.tcfg.base,
-                         "inputs": ["decoded", "degraded"], "residual": True,
-                         "apply": "medldm.train.refine_stage.apply_refiner"}
+        ex["refiner"] = self.spec.to_extra()  # read back by medldm.models.folder.load_model
         ex["refine_val_metrics"] = self.metrics
         return ex
 

@@ -250,14 +250,7 @@ class TrainingConfig:
                                   f"(2 ** (len(vae.channels) - 1)), got {list(size)}")
         if d.resize_to is not None and any(p > r for p, r in zip(d.patch_size, d.resize_to, strict=True)):
             raise ConfigError("data.patch_size: must not exceed data.resize_to")
-        if len(self.vae.attention_levels) != len(self.vae.channels):
-            raise ConfigError("vae.attention_levels: needs one entry per vae.channels level")
-        if len(self.unet.attention_levels) != len(self.unet.channels):
-            raise ConfigError("unet.attention_levels: needs one entry per unet.channels level")
-        if any(c % self.vae.norm_num_groups for c in self.vae.channels):
-            raise ConfigError(f"vae.norm_num_groups={self.vae.norm_num_groups} must divide every vae.channels entry")
-        if any(c % self.unet.norm_num_groups for c in self.unet.channels):
-            raise ConfigError(f"unet.norm_num_groups={self.unet.norm_num_groups} must divide every unet.channels entry")
+        # the vae / unet sections' own invariants (attention levels, GroupNorm groups, heads): VAEConfig / UNetConfig
         deg = self.degrade
         if self.task == "sr" and deg.kind not in ("downsample", "thick"):
             raise ConfigError(f"degrade.kind: task 'sr' needs 'downsample' or 'thick', got {deg.kind!r}")

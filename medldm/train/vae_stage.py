@@ -20,11 +20,10 @@ import torch
 from medldm.config import to_mapping
 from medldm.data.augment import Augmenter
 from medldm.data.datasets import step_rng
+from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
 from medldm.train.data import RunData, center_batch
 from medldm.train.engine import Runtime, adamw, prepare
 from medldm.train.logging import save_grid
-
-DATA_RANGE = 2.0  # model range [-1, 1]
 
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""Stage-3 refiner: a pixel-space network that gets past the VAE's reconstruction ceiling (sr / denoise).
+
+A small MONAI ``BasicUNet`` at full resolution that sees both the decoded diffusion output ``d`` and the degraded
+input ``y`` and predicts a residual:
+
+    x_hat = base + refiner([d, y]),   base = y (``degraded``) or d (``decoded``)
+
+It is part of the model (``ModelBundle.refiner``, loaded by :func:`medldm.models.folder.load_model` with the same
+shape checks as the VAE and the denoiser; ``medldm.models.folder.load_refiner`` for the refiner alone); its
+training lives in :mod:`medldm.train.refine_stage`.
+
+A model folder describes it in ``extra.json["refiner"]`` (:class:`RefinerSpec`) next to ``refiner.safetensors``.
+The code has no defaults of its own for ``norm`` and ``base``: new folders store what the training config
+(``refine.norm`` / ``refine.base``, ``medldm.train.schema.RefineConfig``) chose, and folders written before those
+keys existed are read with what they were trained with (:data:`LEGACY_SPEC`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+#: normalization layers of the BasicUNet, by ``norm`` name
+NORMS: dict[str, Any] = {"none": None, "instance": ("instance", {"affine": True}), "batch": ("batch", {"affine": True})}
+#: what the refiner's residual is added to
+BASES = ("degraded", "decoded")
+#: ``extra.json["refiner"]`` keys that folders written before they existed were trained with (instance-normalized
+#: network, residual on the decoded output); a folder that stores them is read as stored
+LEGACY_SPEC: dict[str, str] = {"norm": "instance", "base": "decoded"}
+#: keys of ``extra.json["refiner"]`` that older medldm versions wrote and nothing reads (``apply``: a dotted import
+#: path of ``apply_refiner``); ignored on load, no longer written
+IGNORED_KEYS = ("apply",)
+#: widest BasicUNet level a model folder may ask for
+MAX_FEATURES = 1024
+
+
+@dataclass(frozen=True)
+class RefinerSpec:
+    """``extra.json["refiner"]`` of a model folder: how to build and apply ``refiner.safetensors``."""
+
+    spatial_dims: Literal[2, 3]
+    features: tuple[int, int, int, int, int, int]  # MONAI BasicUNet features
+    norm: Literal["none", "instance", "batch"]
+    base: Literal["degraded", "decoded"]
+    inputs: tuple[str, ...] = ("decoded", "degraded")  # channel order of the network input (informative)
+    residual: bool = True  # the output is added to ``base`` (informative; always true)
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.features if not 1 <= f <= MAX_FEATURES]
+        if bad:
+            raise ValueError(f"refiner.features = {list(self.features)}: every entry must be in 1..{MAX_FEATURES}")
+        if tuple(self.inputs) != ("decoded", "degraded") or not self.residual:
+            raise ValueError(f"refiner inputs {list(self.inputs)} / residual {self.residual}: medldm applies a "
+                             "residual refiner to [decoded, degraded] only")
+
+    def to_extra(self) -> dict[str, Any]:
+        """The ``extra.json["refiner"]`` entry (YAML/JSON-safe)."""
+        return {"spatial_dims": self.spatial_dims, "features": list(self.features), "norm": self.norm,
+                "base": self.base, "inputs": list(self.inputs), "residual": self.residual}
+
+
+def refiner_spec(extra: dict[str, Any]) -> RefinerSpec | None:
+    """The validated :class:`RefinerSpec` of a model folder's ``extra.json`` (None when it has none).
+
+    Raises ``medldm.config.ConfigError`` (a ``ValueError``) naming the key at fault."""
+    from medldm.config import ConfigError, from_mapping
+
+    raw = extra.get("refiner")
+    if not raw:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"refiner: expected a mapping of settings, got {type(raw).__name__}")
+    data = {**LEGACY_SPEC, **{k: v for k, v in raw.items() if k not in IGNORED_KEYS}}
+    return from_mapping(RefinerSpec, data, prefix="refiner")
+
+
+def build_refiner(spatial_dims: int, features, norm: str) -> nn.Module:
+    """MONAI BasicUNet: (N, 2, *S) [decoded, degraded] -> (N, 1, *S) residual."""
+    from monai.networks.nets import BasicUNet
+
+    if norm not in NORMS:
+        raise ValueError(f"refiner norm {norm!r}: expected one of {', '.join(NORMS)}")
+    return BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=tuple(features),
+                     norm=NORMS[norm])
+
+
+def build_from_spec(spec: RefinerSpec) -> nn.Module:
+    """The (untrained) network a :class:`RefinerSpec` describes."""
+    return build_refiner(spec.spatial_dims, spec.features, spec.norm)
+
+
+def apply_refiner(refiner: nn.Module, decoded: torch.Tensor, degraded: torch.Tensor, base: str) -> torch.Tensor:
+    """decoded, degraded (N, 1, *S) in the model range -> refined (N, 1, *S) = base + refiner([d, y]).
+
+    ``base`` is the model's (``ModelBundle.refiner_base``; in training ``refine.base``): 'degraded' or 'decoded'."""
+    if base not in BASES:
+        raise ValueError(f"refiner base {base!r}: expected one of {', '.join(BASES)}")
+    degraded = degraded.to(decoded.dtype)
+    res = refiner(torch.cat([decoded, degraded], dim=1)).to(decoded.dtype)
+    return (degraded if base == "degraded" else decoded) + res
+
