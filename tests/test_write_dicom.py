@@ -337,3 +337,92 @@ def test_dcm2niix_reads_the_written_geometry(case, tmp_path, dipy_files, dicomdi
     ours = nib.as_closest_canonical(nib.Nifti1Image(img.numpy(), img.affine.numpy()))
     np.testing.assert_allclose(theirs.affine, ours.affine, atol=1e-3)  # dcm2niix stores float32
     assert np.array_equal(np.asarray(theirs.dataobj).astype(np.float32), np.asarray(ours.dataobj))
+
+
+# ---------------------------------------------------------------- provenance (IHE AI Results), issue 15
+PROV = {"model": "mr-denoise-2d", "model_hash": "0123456789abcdef" * 4, "task": "denoise", "steps": 2,
+        "sampler": "ddim", "seed": 0}
+
+
+def _contribution(ds: pydicom.Dataset) -> pydicom.Dataset:
+    items = [it for it in ds.ContributingEquipmentSequence if it.Manufacturer == "medldm"]
+    assert len(items) == 1
+    return items[0]
+
+
+@pytest.mark.parametrize("series", ["98892001/CT5N", "MR_small.dcm"])
+def test_provenance_tags_on_a_derived_series(series, tmp_path, dicomdir_tests, pydicom_files):
+    """Same study, new Series/SOP UIDs, DERIVED, references to every source slice, DerivationDescription with
+    model/task/steps, ContributingEquipmentSequence (DCM 109102 Processing Equipment, medldm, version, model +
+    hash), a research-use SeriesDescription; dciodvfy: 0 errors."""
+    from medldm import __version__
+
+    src = pydicom_files / series if series.endswith(".dcm") else dicomdir_tests / series
+    img = load_scan(src)
+    img.meta["provenance"] = dict(PROV)
+    files = save_dicom_series(img, tmp_path / "d", reference=img.meta["source_files"],
+                              description="denoise (mr-denoise-2d)")
+    refs = [pydicom.dcmread(f, stop_before_pixels=True) for f in img.meta["source_files"]]
+    ref_sops = {str(r.SOPInstanceUID) for r in refs}
+    for o in (pydicom.dcmread(f) for f in files):
+        assert o.StudyInstanceUID == refs[0].StudyInstanceUID
+        assert o.SeriesInstanceUID != refs[0].SeriesInstanceUID and str(o.SOPInstanceUID) not in ref_sops
+        assert "DERIVED" in list(o.ImageType)
+        assert {str(i.ReferencedSOPInstanceUID) for i in o.SourceImageSequence} <= ref_sops
+        assert o.ReferencedSeriesSequence[0].SeriesInstanceUID == refs[0].SeriesInstanceUID
+        d = o.DerivationDescription
+        assert "mr-denoise-2d" in d and "task denoise" in d and "steps 2" in d and PROV["model_hash"] in d
+        it = _contribution(o)
+        code = it.PurposeOfReferenceCodeSequence[0]
+        assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == \
+            ("109102", "DCM", "Processing Equipment")
+        assert it.SoftwareVersions == __version__
+        assert it.ManufacturerModelName == "mr-denoise-2d sha256:" + PROV["model_hash"][:16]
+        assert "[medldm denoise (mr-denoise-2d)] research use only" in o.SeriesDescription
+        assert len(o.SeriesDescription) <= 64
+    assert {str(i.ReferencedSOPInstanceUID) for f in files
+            for i in pydicom.dcmread(f).SourceImageSequence} == ref_sops  # every source slice is referenced
+    assert _dciodvfy_errors(files) == []
+
+
+def test_derived_uids_are_deterministic_for_source_and_options(tmp_path, dicomdir_tests):
+    """The same source series + model + options -> the same Series and SOP UIDs (a PACS re-run is detected);
+    other options -> other UIDs; no provenance -> new UIDs every time."""
+    from medldm.io.dicom_write import derived_series_uid
+
+    img = load_scan(dicomdir_tests / "98892001" / "CT5N")
+
+    def uids(name, prov):
+        kw = {"provenance": prov} if prov is not None else {}
+        files = save_dicom_series(img, tmp_path / name, reference=img.meta["source_files"], **kw)
+        ds = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        return str(ds[0].SeriesInstanceUID), [str(d.SOPInstanceUID) for d in ds]
+
+    a, b = uids("a", PROV), uids("b", dict(PROV))
+    assert a == b and len(set(a[1])) == len(a[1])
+    assert a[0] == derived_series_uid(str(pydicom.dcmread(img.meta["source_files"][0]).SeriesInstanceUID), PROV)
+    c = uids("c", {**PROV, "steps": 3})
+    assert c[0] != a[0] and not set(c[1]) & set(a[1])
+    assert uids("d", None)[0] != uids("e", None)[0]
+    assert pydicom.uid.UID(a[0]).is_valid and len(a[0]) <= 64
+
+
+def test_provenance_on_folder_output_without_reference_and_deidentified(tmp_path, dipy_files, dicomdir_tests):
+    """NIfTI in -> DICOM out (no source series) and a de-identified derived series carry medldm's contribution
+    too; dciodvfy: 0 errors."""
+    img = load_scan(dipy_files / "S0_10slices.nii.gz")
+    img.meta["provenance"] = dict(PROV)
+    files = save_dicom_series(img, tmp_path / "n")
+    o = pydicom.dcmread(files[0])
+    assert "mr-denoise-2d" in o.DerivationDescription and "without a DICOM source" in o.DerivationDescription
+    assert _contribution(o).ManufacturerModelName.startswith("mr-denoise-2d")
+    assert "research use only" in o.SeriesDescription
+    src = load_scan(dicomdir_tests / "98892001" / "CT5N")
+    files2 = save_dicom_series(src, tmp_path / "deid", reference=src.meta["source_files"], provenance=PROV,
+                               deidentify=True)
+    o2 = pydicom.dcmread(files2[0])
+    it = _contribution(o2)
+    assert it.ContributionDescription == o2.DerivationDescription
+    ref = pydicom.dcmread(src.meta["source_files"][0], stop_before_pixels=True)
+    assert str(ref.SeriesInstanceUID) not in str(o2.DerivationDescription)
+    assert _dciodvfy_errors([files[0], files2[0]]) == []

@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 
 #: Code for SourceImageSequence items (DCM 121322, CID 7202).
 _SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
+#: PurposeOfReferenceCodeSequence of medldm's ContributingEquipmentSequence item (CID 7005 "Contributing
+#: Equipment Purposes of Reference"): DCM 109102 "Processing Equipment", the equipment that processed the source
+#: images into new instances. Not 109103 "Modifying Equipment", which edits attributes of an existing instance
+#: without creating a new one. (CID 7005 has no "Processing Algorithm" code; 109102 is the one IHE AI Results uses
+#: for the software that produced derived images.)
+PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")
+#: Said by every derived series' SeriesDescription (within its 64 characters).
+RESEARCH_NOTE = "research use only"
 
 
 @dataclass
@@ -226,10 +234,16 @@ def _window(vol: np.ndarray) -> tuple[float, float]:
 
 
 def _described(old: str, description: str, n: int = 64) -> str:
-    """``<old> [medldm <description>]`` within ``n`` characters (LO): the old text is shortened first."""
+    """``<old> [medldm <description>] research use only`` within ``n`` characters (LO): the old text is
+    shortened first, then the description (a leading ``medldm`` in it is not repeated)."""
+    description = description.strip()
+    if description.lower().startswith("medldm "):
+        description = description[7:].strip()
+    note = f" {RESEARCH_NOTE}"
     tag = f"[medldm {description}]"
-    if len(tag) > n:
-        tag = tag[: n - 1] + "]"
+    if len(tag) + len(note) > n:
+        tag = tag[: n - len(note) - 1] + "]"
+    tag += note
     room = n - len(tag) - 1
     old = old.strip()[: max(room, 0)].rstrip()
     return f"{old} {tag}" if old else tag
@@ -237,7 +251,7 @@ def _described(old: str, description: str, n: int = 64) -> str:
 
 def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, description: str = "medldm",
                       modality: str | None = None, replace: bool = True, owned=None,
-                      deidentify=False) -> list[Path]:
+                      deidentify=False, provenance: dict | None = None) -> list[Path]:
     """Write ``img`` (MetaTensor (X, Y, Z), scanner units, ``.affine`` RAS) as a DICOM series in
     ``out_dir`` (appears atomically); returns the written files ``IM00001.dcm`` ... in slice order. An existing
     non-empty ``out_dir`` is replaced only when ``replace`` and ``owned(out_dir)`` (default: it holds only
@@ -251,6 +265,13 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
     series of one run): every header is passed through the DICOM PS3.15 basic confidentiality profile
     (see docs/io.md); True uses the process-wide secret, so the series written by one run share
     consistent new Study / Frame of Reference UIDs. A reference with BurnedInAnnotation YES is then refused.
+
+    ``provenance`` (default ``img.meta["provenance"]``): what made the pixels, e.g. ``{"model": "mr-denoise-2d",
+    "model_hash": "...", "task": "denoise", "steps": 2, "sampler": "ddim", "seed": 0}`` (any JSON-able values;
+    ``"key"``: the options key, default the whole dict). It goes into DerivationDescription and the
+    ContributingEquipmentSequence item (IHE AI Results, see docs/io_writing.md), and, with a reference, makes the
+    Series and SOP Instance UIDs deterministic (:func:`derived_series_uid`): the same source series processed
+    with the same model and options gets the same UIDs, so a PACS store can detect a re-run.
     """
     out_dir = Path(out_dir)
     meta = getattr(img, "meta", {}) or {}
@@ -265,6 +286,9 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
     nz = vol.shape[2]
     headers = load_reference(reference, out_dir) if reference is not None else []
     deid = _deidentifier(deidentify)
+    prov = provenance if provenance is not None else meta.get("provenance")
+    if prov is not None and not isinstance(prov, dict):
+        raise TypeError(f"provenance must be a dict, got {type(prov).__name__}")
     burned = _burned_in(headers, deid, out_dir) if headers else None
     try:
         odt = str(meta.get("original_dtype", "") or "")
@@ -279,7 +303,7 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
     else:
         modality = (modality or str(meta.get("modality", "")) or "OT").upper()
         modality = "OT" if modality in ("UNKNOWN", "") else modality
-    series = _series_context(headers, grid, modality, description, vol)
+    series = _series_context(headers, grid, modality, description, vol, prov)
     nearest, sources = _nearest(headers, grid, nz) if headers else ([None] * nz, [[] for _ in range(nz)])
     series.update(sources=[[headers[i] for i in s] for s in sources], deidentify=deid, burned_in=burned)
     names = [f"IM{k + 1:05d}.dcm" for k in range(nz)]
@@ -291,12 +315,70 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
     return [out_dir / n for n in names]
 
 
-def _series_context(headers, grid, modality, description, vol) -> dict:
+def provenance_key(provenance: dict) -> str:
+    """The options key of a provenance dict: its ``"key"``, else the whole dict as sorted JSON."""
+    import json
+
+    if provenance.get("key") not in (None, ""):
+        return str(provenance["key"])
+    return json.dumps(provenance, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def derived_series_uid(source_series_uid: str, provenance: dict | str) -> str:
+    """SeriesInstanceUID of the series derived from ``source_series_uid`` with these options (a provenance dict
+    or its key): always the same for the same pair, so a re-run is recognised (e.g. by a QIDO query)."""
+    key = provenance if isinstance(provenance, str) else provenance_key(provenance)
+    return str(derived_uid("derived-series", f"{source_series_uid}|{key}"))
+
+
+def _derivation(description: str, prov: dict | None, source_series: str | None) -> str:
+    """DerivationDescription (ST, 1024): what medldm did, with which model and options, from which series."""
+    what = f"medldm {__version__} {description}"
+    if prov:
+        parts = []
+        if prov.get("task"):
+            parts.append(f"task {prov['task']}")
+        if prov.get("model"):
+            parts.append(f"model {prov['model']}" + (f" (sha256 {prov['model_hash']})" if prov.get("model_hash") else ""))
+        for k in ("steps", "sampler", "samples", "seed", "noise_level"):
+            if prov.get(k) is not None:
+                parts.append(f"{k.replace('_', ' ')} {prov[k]}")
+        what += ": " + ", ".join(parts) if parts else ""
+    src = f"; pixel data and geometry recomputed from series {source_series}" if source_series else \
+        "; written without a DICOM source"
+    return (what + src)[:1024]
+
+
+def _equipment_item(ctx: dict) -> Dataset:
+    """medldm's ContributingEquipmentSequence item (SOP Common module, IHE AI Results)."""
+    prov = ctx.get("provenance") or {}
+    item = Dataset()
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = PROCESSING_EQUIPMENT
+    item.PurposeOfReferenceCodeSequence = [code]
+    item.Manufacturer = "medldm"
+    model = str(prov.get("model") or "").strip()
+    h = str(prov.get("model_hash") or "").strip()
+    item.ManufacturerModelName = (" ".join(x for x in (model, f"sha256:{h[:16]}" if h else "") if x)
+                                  or "medldm")[:64]
+    item.SoftwareVersions = str(__version__)
+    da, tm = ctx["date"]
+    item.ContributionDateTime = da + tm
+    item.ContributionDescription = ctx["derivation"]
+    return item
+
+
+def _series_context(headers, grid, modality, description, vol, prov=None) -> dict:
     """Values shared by every slice of the new series."""
     ctx: dict = {"series_uid": new_uid(), "description": description, "date": now(),
-                 "rescale": any("RescaleSlope" in ds for ds in headers)}
+                 "rescale": any("RescaleSlope" in ds for ds in headers), "provenance": prov,
+                 "deterministic": False}
+    ctx["derivation"] = _derivation(description, prov, str(headers[0].SeriesInstanceUID) if headers else None)
     if headers:
         ref = headers[0]
+        if prov:
+            ctx["series_uid"] = derived_series_uid(str(ref.SeriesInstanceUID), prov)
+            ctx["deterministic"] = True
         old = str(ref.get("SeriesDescription", "") or "").strip()
         ctx["series_description"] = _described(old, description)
         ctx["series_number"] = int(ref.get("SeriesNumber", 0) or 0) + 1000
@@ -364,13 +446,12 @@ def _slice_header(ref: Dataset | None, ctx: dict, grid: Grid, k: int) -> Dataset
             ds.BurnedInAnnotation = ctx["burned_in"]
         elif "BurnedInAnnotation" in ds:
             del ds.BurnedInAnnotation
-        ds.DerivationDescription = (f"medldm {__version__} {ctx['description']}: pixel data and geometry "
-                                    f"recomputed from series {ref.SeriesInstanceUID}")[:1024]
+        ds.DerivationDescription = ctx["derivation"]
         add_software(ds)
     else:
         ds = copy.deepcopy(ctx["base"])
         old_type = []
-        ds.DerivationDescription = f"medldm {__version__} {ctx['description']}: written without a DICOM source"
+        ds.DerivationDescription = ctx["derivation"]
         ds.Laterality = ""  # Type 2C: required (empty: unknown) as the body part is unknown
         if ds.SOPClassUID == CTImageStorage:
             ds.PatientPosition, ds.KVP, ds.AcquisitionNumber = "", "", ""  # Type 2: unknown
@@ -381,7 +462,8 @@ def _slice_header(ref: Dataset | None, ctx: dict, grid: Grid, k: int) -> Dataset
     if ds.SOPClassUID == CTImageStorage and len(ds.ImageType) < 3:
         ds.ImageType = list(ds.ImageType) + ["AXIAL"]
     ds.SeriesInstanceUID = ctx["series_uid"]
-    ds.SOPInstanceUID = new_uid()
+    ds.SOPInstanceUID = derived_uid("derived-instance", f"{ctx['series_uid']}|{k + 1}") if ctx["deterministic"] \
+        else new_uid()
     ds.InstanceNumber = k + 1
     ds.ContentDate, ds.ContentTime = da, tm
     ds.InstanceCreationDate, ds.InstanceCreationTime = da, tm
@@ -401,6 +483,11 @@ def _slice_header(ref: Dataset | None, ctx: dict, grid: Grid, k: int) -> Dataset
         ds.SeriesDescription = _described("", ctx["description"])
         ds.DerivationDescription = (f"medldm {__version__} {ctx['description']}: pixel data and geometry "
                                     "recomputed" + (" from a de-identified source series" if ref is not None else ""))
+    # medldm's own contribution, after de-identification (it names no patient, site or source UID there)
+    item = _equipment_item(ctx)
+    if deid is not None:
+        item.ContributionDescription = ds.DerivationDescription
+    ds.ContributingEquipmentSequence = [*ds.get("ContributingEquipmentSequence", []), item]
     return ds
 
 
