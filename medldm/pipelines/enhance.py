@@ -99,8 +99,8 @@ class Enhancer:
         # outside the model's training domain (e.g. CT given to an MR model)
         self.trained_methods = {e["method"] for e in norm.get("examples", []) if e.get("method")}
         self.slice_axis = int(ex.get("slice_axis", 2))
-        self.refiner = _load_refiner(bundle.path, self.device)
-        self.refiner_base = str((ex.get("refiner") or {}).get("base", "decoded"))
+        self.refiner = bundle.refiner  # checked and loaded with the model folder, on self.device with the bundle
+        self.refiner_base = bundle.refiner_base
         self.unet_down = 2 ** (len(self.denoiser.cfg.channels) - 1)  # latent sizes must be multiples of this
         self.align = self.f * self.unet_down  # image sizes are padded to multiples of this
         # ... and to at least this: the refiner (MONAI BasicUNet) pools 4 times, so a 1-pixel-wide image padded
@@ -224,7 +224,7 @@ class Enhancer:
         return sample_many(max(int(opts.samples), 1), draw)
 
     def _refine(self, decoded: torch.Tensor, degraded: torch.Tensor | None) -> torch.Tensor:
-        from medldm.train.refine_stage import apply_refiner
+        from medldm.models.refiner import apply_refiner
 
         assert degraded is not None and self.refiner is not None
         return apply_refiner(self.refiner, decoded, degraded, self.refiner_base)
@@ -336,7 +336,7 @@ def _load_refiner(path, device: torch.device):
     """The model folder's stage-3 refiner (``refiner.safetensors``), or None."""
     if path is None or not (Path(path) / "refiner.safetensors").is_file():
         return None
-    from medldm.train.refine_stage import load_refiner
+    from medldm.models.folder import load_refiner
 
     net = load_refiner(path)
     return None if net is None else net.to(device)
@@ -360,7 +360,7 @@ def estimate_noise(x: torch.Tensor, axis: int = 2, max_slices: int = 16, exclude
 
 def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
     """(N, C, *S) -> (N, C f^d, *S/f): the training stage's lossless condition layout."""
-    from medldm.train.conditioning import space_to_depth as s2d
+    from medldm.models.conditioning import space_to_depth as s2d
 
     return s2d(x, f)
 
