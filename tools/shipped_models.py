@@ -28,6 +28,7 @@ def export(run_dir: str | Path, name: str, *, wall_s: float, hardware: str, stag
     import yaml
 
     from medldm.io.atomic import atomic_dir, atomic_file
+    from medldm.models.refiner import IGNORED_KEYS
 
     run = Path(run_dir)
     src = run / stage / "model" if stage else run / "model"
@@ -44,8 +45,12 @@ def export(run_dir: str | Path, name: str, *, wall_s: float, hardware: str, stag
                 else:
                     shutil.copy2(src / f, tmp / f)
         if (tmp / "extra.json").is_file():  # scan ids as pkg:// paths, not this machine's site-packages
-            text = (tmp / "extra.json").read_text()
-            (tmp / "extra.json").write_text(re.sub(r'"[^"]*?/site-packages/', '"pkg://', text))
+            text = re.sub(r'"[^"]*?/site-packages/', '"pkg://', (tmp / "extra.json").read_text())
+            extra = json.loads(text)
+            if isinstance(extra.get("refiner"), dict):  # runs from before it was dropped: the unread dotted path
+                for key in IGNORED_KEYS:
+                    extra["refiner"].pop(key, None)
+            (tmp / "extra.json").write_text(json.dumps(extra, indent=2, sort_keys=True))
     stages = ("vae", "ldm", "refine")
     stages = stages[: stages.index(stage) + 1] if stage else stages
     if "refine" not in stages:
