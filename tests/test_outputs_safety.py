@@ -339,7 +339,7 @@ def test_permission_denied_while_writing_is_one_line(tmp_path, cases, monkeypatc
             raise PermissionError(errno.EACCES, "Permission denied", str(dest))
         return real(dest, *a, **k)
 
-    monkeypatch.setattr("medldm.cli.common.atomic_file", denied)
+    monkeypatch.setattr("medldm.io.caseloop.atomic_file", denied)
     monkeypatch.setattr(nib, "save", lambda *a, **k: (_ for _ in ()).throw(
         OSError(errno.EROFS, "Read-only file system", "x")))
     assert main(["convert", str(cases), str(tmp_path / "out"), "--to", "nifti", "--quiet"]) == 1

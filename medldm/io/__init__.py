@@ -6,6 +6,7 @@ Public API::
 
     load_scan(path, volume=None) -> MetaTensor          # NIfTI file, DICOM file(s) or series folder
     load_case(case, volume=None) -> MetaTensor          # a Case from scan_folder
+    read_case(case, volume=None) -> (data, affine, meta)  # the same, numpy only (no torch import)
     scan_folder(root) -> Discovery                      # cases (NIfTI files, DICOM series) + skipped files
     save_nifti(img, path, dtype=None) -> Path
     save_dicom_series(img, out_dir, reference=None, description="medldm", modality=None) -> list[Path]
@@ -14,11 +15,11 @@ Public API::
 
 from medldm.io.errors import CaseError, UsageError
 
-__all__ = ["CaseError", "UsageError", "load_scan", "load_case", "scan_folder", "save_nifti", "save_dicom_series", "save_scan"]
+__all__ = ["CaseError", "UsageError", "load_scan", "load_case", "read_case", "scan_folder", "save_nifti", "save_dicom_series", "save_scan"]
 
 
 def __getattr__(name):  # lazy: keep `import medldm.io` light
-    if name in ("load_scan", "load_case"):
+    if name in ("load_scan", "load_case", "read_case"):
         from medldm.io import reader
 
         return getattr(reader, name)
