@@ -1,0 +1,131 @@
+"""``medldm listen``: a DICOM node (C-STORE SCP) that enhances each series it receives and sends the result on.
+
+    medldm listen --aet MEDLDM --port 11112 -m MODEL --forward AET@HOST:PORT [--out FOLDER] [--idle 10]
+                  [--spool FOLDER] [--steps N] [--sampler S] [--seed S] [--device D]
+
+Received instances are written to the spool (``--spool``, default ``<OUT>/spool``) before they are acknowledged.
+A series is complete after ``--idle`` seconds without a new instance; it is then enhanced through the same code
+as ``medldm enhance`` (``medldm.pipelines.enhance.Enhancer`` + ``medldm.io.writer.save_scan``: a derived series
+of the same study with the provenance tags, see docs/pacs.md) into ``<OUT>/derived/<StudyUID>/<SeriesUID>``, and
+sent with C-STORE to ``--forward``. A failed series is one line and the listener keeps going; Ctrl-C stops it,
+and the next start processes every spooled series that was not done. Exit status: 0 after Ctrl-C, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, metavar="MODEL",
+                   help="model folder, or a shipped model name (`medldm models`)")
+    p.add_argument("--aet", default="MEDLDM", help="this node's AE title (default MEDLDM)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port to listen on (default 11112)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all; 127.0.0.1: this machine)")
+    p.add_argument("--forward", metavar="AET@HOST:PORT",
+                   help="send each derived series there with C-STORE (e.g. the PACS the series came from)")
+    p.add_argument("-o", "--out", default="medldm-listen", metavar="FOLDER",
+                   help="working folder: spool/ (received) and derived/ (results); default ./medldm-listen")
+    p.add_argument("--spool", metavar="FOLDER", help="where received instances are kept (default OUT/spool)")
+    p.add_argument("--idle", type=float, default=10.0, metavar="SECONDS",
+                   help="a series is complete after this many seconds without a new instance (default 10)")
+    p.add_argument("--steps", type=int, metavar="N", help="sampler steps (default: the model's)")
+    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m", "unipc", "euler_flow"), help="default: the model's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="only warnings and failures")
+
+
+def make_processor(enhancer, opts, out_root: str | Path, model_name: str, model_hash: str):
+    """``process(series_folder) -> [derived series folders]``: every case of the spooled folder enhanced and
+    written as a derived DICOM series under ``out_root/<StudyUID>/<SeriesUID>[/<case>]`` with the provenance
+    tags (deterministic derived UIDs)."""
+    from medldm.cli.remote import provenance
+    from medldm.io.discover import scan_folder
+    from medldm.io.errors import CaseError
+    from medldm.io.reader import load_case
+    from medldm.io.writer import save_scan
+
+    out_root = Path(out_root)
+    desc = f"{enhancer.task} ({model_name})"
+
+    def process(folder: Path) -> list[Path]:
+        found = scan_folder(folder)
+        if not found.cases:
+            raise CaseError(folder, "no DICOM image series among the received instances",
+                            "send image series (CT, MR, ...) to this node")
+        rel = Path(folder.parent.name) / folder.name
+        outs = []
+        for case in found.cases:
+            if case.error is not None:
+                raise case.error
+            img = load_case(case)
+            res = enhancer.enhance(img, opts)
+            res.image.meta["provenance"] = provenance(model_name, model_hash, enhancer.task, opts, res.info)
+            out = out_root / rel if case.id == folder.name else out_root / rel / case.id
+            reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
+            outs.append(save_scan(res.image, out, reference=reference, description=desc, replace=True))
+        return outs
+
+    return process
+
+
+def _device(name: str) -> str:
+    import torch
+
+    from medldm.io.errors import UsageError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device here; use --device cpu")
+    return name
+
+
+def build_listener(args: argparse.Namespace):
+    """The :class:`medldm.io.dimse.Listener` for these arguments (model loaded, nothing started)."""
+    from medldm.io.dimse import Listener, parse_peer
+    from medldm.io.errors import CaseError, UsageError
+    from medldm.models import load_model
+    from medldm.models.folder import model_hash
+    from medldm.pipelines.enhance import EnhanceOptions, Enhancer
+    from medldm.shipped import resolve_model
+
+    if args.idle <= 0:
+        raise UsageError("--idle must be > 0 seconds")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    if not 0 < args.port < 65536:
+        raise UsageError("--port must be in 1..65535")
+    if not 0 < len(args.aet.strip()) <= 16:
+        raise UsageError("--aet must be 1 to 16 characters")
+    forward = parse_peer(args.forward) if args.forward else None
+    try:
+        model = resolve_model(args.model)
+        device = _device(args.device)
+        enhancer = Enhancer(load_model(model), device=device)
+    except CaseError as e:
+        raise UsageError(e.line()) from None
+    given = {"steps": args.steps, "sampler": args.sampler, "seed": args.seed}
+    opts = EnhanceOptions(device=device, **{k: v for k, v in given.items() if v is not None})
+    out = Path(args.out)
+    spool = Path(args.spool) if args.spool else out / "spool"
+    name = args.model if not Path(args.model).is_dir() else model.name
+    process = make_processor(enhancer, opts, out / "derived", str(name), model_hash(model))
+    return Listener(spool, process, aet=args.aet.strip(), host=args.host, port=args.port, idle=args.idle,
+                    forward=forward)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    listener = build_listener(args)
+    if listener.forward is None:
+        logging.getLogger(__name__).warning("no --forward: derived series stay in %s", Path(args.out) / "derived")
+    try:
+        listener.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped: every received instance is in the spool; the next start processes what was not done",
+              flush=True)
+    return 0
