@@ -6,7 +6,7 @@ import sys
 from medldm.cli import COMMANDS, _join_negative_values, build_parser, main
 
 ALL_COMMANDS = ["info", "convert", "degrade", "evaluate", "baseline", "train", "enhance", "synthesize", "audit",
-                "models", "demo"]
+                "models", "demo", "listen"]
 
 
 def test_every_command_is_registered_and_has_help():

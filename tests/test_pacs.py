@@ -368,3 +368,27 @@ def test_listen_command_is_importable_and_parses(tmp_path):
     with pytest.raises(UsageError):
         parse_peer("nohost")
     assert os.environ.get("MEDLDM_DICOMWEB_TOKEN") is None
+
+
+def test_cli_info_and_convert_read_and_store_through_dicomweb(orthanc, dicomdir_tests, tmp_path, monkeypatch,
+                                                              capsys):
+    """`medldm info URL --json` and `medldm convert STUDY_URL BASE_URL` on the command line: the derived series
+    lands in the source's study, a re-run stores no duplicate, the server's source series is untouched."""
+    from medldm.cli import main
+
+    monkeypatch.setenv("MEDLDM_CACHE", str(tmp_path / "cache"))
+    src = dicomdir_tests / "98892003" / "MR700"
+    study, series = _uid(src, "StudyInstanceUID"), _uid(src, "SeriesInstanceUID")
+    url = f"{orthanc.base}/studies/{study}"
+    assert main(["info", url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert len(info) == 7 and all(e["shape"][2] == 1 for e in info)  # 7 oblique slices, 7 orientations: 7 stacks
+    before = orthanc.series(study)
+    assert before.get(series) == 7
+    assert main(["convert", url, orthanc.base, "--description", "cli test", "--quiet"]) == 0
+    after = orthanc.series(study)
+    new = set(after) - set(before)
+    assert after[series] == 7 and len(new) == 7 and all(after[n] == 1 for n in new)  # one derived series per stack
+    assert main(["convert", url, orthanc.base, "--description", "cli test", "--quiet"]) == 0  # re-run
+    assert orthanc.series(study) == after
+    assert main(["convert", str(src), str(tmp_path / "o"), "--query", "Modality=MR"]) == 2  # --query needs a URL

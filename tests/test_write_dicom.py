@@ -400,7 +400,12 @@ def test_derived_uids_are_deterministic_for_source_and_options(tmp_path, dicomdi
 
     a, b = uids("a", PROV), uids("b", dict(PROV))
     assert a == b and len(set(a[1])) == len(a[1])
-    assert a[0] == derived_series_uid(str(pydicom.dcmread(img.meta["source_files"][0]).SeriesInstanceUID), PROV)
+    src = [pydicom.dcmread(f, stop_before_pixels=True) for f in img.meta["source_files"]]
+    assert a[0] == derived_series_uid(str(src[0].SeriesInstanceUID), PROV, [d.SOPInstanceUID for d in src])
+    # one part of a source series (a stack, a part split at a gap) gets its own derived series
+    part = load_scan(img.meta["source_files"][:2])
+    p1 = save_dicom_series(part, tmp_path / "part", reference=part.meta["source_files"], provenance=PROV)
+    assert str(pydicom.dcmread(p1[0], stop_before_pixels=True).SeriesInstanceUID) != a[0]
     c = uids("c", {**PROV, "steps": 3})
     assert c[0] != a[0] and not set(c[1]) & set(a[1])
     assert uids("d", None)[0] != uids("e", None)[0]

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("medldm.cli.audit", "audit synthetic scans: memorization, diversity, realism (HTML report)"),
     "models": ("medldm.cli.models", "list shipped models"),
     "demo": ("medldm.cli.demo", "run the main job on shipped sample scans and write an HTML report"),
+    "listen": ("medldm.cli.listen", "DICOM node (C-STORE SCP): enhance each received series and send it on"),
 }
 
 

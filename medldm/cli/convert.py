@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from medldm.cli.common import add_deidentify_argument
+from medldm.cli.remote import add_remote_arguments
 from medldm.io.errors import UsageError
 from medldm.io.formats import is_nifti
 
@@ -43,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_deidentify_argument(p)
+    add_remote_arguments(p)
 
 
 
@@ -57,6 +59,7 @@ def _convert_one(case, out: Path, *, reference, volume: int | None, description:
     warns = print_case_warnings(case, img)
     if not is_nifti(out) and reference is None and img.meta.get("kind") == "dicom-series":
         reference = img.meta["source_files"]  # DICOM -> DICOM: derived series of the source
+    img.meta["provenance"] = {"task": "convert", "description": description}  # same derived UIDs on a re-run
     save_scan(img, out, reference=None if is_nifti(out) else reference, description=description,
               replace=overwrite, owned=resume.owned, deidentify=deidentify)
     resume.finish([out])
@@ -91,9 +94,15 @@ def run(args: argparse.Namespace) -> int:
         single_case,
         sweep_stale,
     )
+    from medldm.cli.remote import open_remote, store_remote_output
     from medldm.io.discover import output_path
+    from medldm.io.errors import CaseError
 
-    src, out = Path(args.input), Path(args.output)
+    try:
+        src, out, remote_in, remote_out = open_remote(args, "convert")
+    except CaseError as e:
+        print(f"medldm convert: error: {e.line()}", file=sys.stderr)
+        return 1
     if args.volume is not None and args.volume < 0:
         raise UsageError("--volume must be >= 0")
     if args.reference is not None:
@@ -105,10 +114,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--deidentify applies to DICOM output only (NIfTI output carries no DICOM identifiers)")
     check_in_out(src, out)
     check_out_writable(out)
-    found = find_inputs(src)
+    found = remote_in.found if remote_in else find_inputs(src)
     command = "medldm convert " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "medldm convert"
 
-    if single_case(src, out, found.cases):
+    if not remote_in and not remote_out and single_case(src, out, found.cases):
         if args.to == "nifti" and not is_nifti(out) or args.to == "dicom" and is_nifti(out):
             raise UsageError(f"--to {args.to} contradicts OUT {out}")
         check_single_out(out)
@@ -138,4 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
     status, _ = run_cases(found.cases, process, name=str, is_done=lambda c: resume(c).check(args.overwrite),
                           report_path=report, desc="convert", command=command, quiet=args.quiet)
+    if remote_out:  # STOW-RS the derived series (a series the server holds already is skipped)
+        s2, _ = store_remote_output(remote_out, [t for t in targets.values() if t.is_dir()], quiet=args.quiet)
+        status = max(status, s2)
     return status

@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="NIfTI file, DICOM file, or folder (searched recursively)")
     parser.add_argument("--json", action="store_true", help="print a JSON list (one entry per scan) on stdout")
+    parser.add_argument("--query", metavar="QIDO",
+                        help="with PATH http(s)://…/dicom-web: a QIDO-RS search, e.g. 'Modality=MR&StudyDate=20240101-' "
+                             "(docs/pacs.md)")
     parser.add_argument("--volume", type=int, default=None, metavar="K",
                         help="for 4D inputs (NIfTI, DICOM with echoes/time points): the volume to describe (0-based)")
 
@@ -100,12 +103,21 @@ def format_text(e: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from medldm.cli.common import run_cases
+    from medldm.cli.remote import is_remote, resolve_remote_input
     from medldm.io.discover import scan_folder
+    from medldm.io.errors import CaseError
     from medldm.io.reader import read_case  # numpy only: `medldm info` never imports torch or MONAI
 
     cases, skipped, notes = [], [], []
     for p in args.paths:
-        found = scan_folder(p)  # UsageError (exit 2) for a missing path
+        if is_remote(p):  # a DICOMweb study/series URL, or a QIDO search with --query: retrieved into the cache
+            try:
+                found = resolve_remote_input(p, args.query).found
+            except CaseError as e:  # the server could not be searched: nothing to describe
+                print(f"medldm info: error: {e.line()}", file=sys.stderr)
+                return 1
+        else:
+            found = scan_folder(p)  # UsageError (exit 2) for a missing path
         cases.extend(found.cases)
         skipped.extend(found.skipped)
         notes.extend(found.notes)

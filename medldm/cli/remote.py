@@ -108,3 +108,33 @@ def provenance(model_name: str, model_hash: str, task: str | None, opts, info: d
     prov["noise_level"] = get("noise_level") if get("noise_level") is not None else "estimated"
     prov.update(extra)
     return prov
+
+
+def add_remote_arguments(p) -> None:
+    """``--query`` for the commands whose ``-i`` may be a DICOMweb URL."""
+    p.add_argument("--query", metavar="QIDO",
+                   help="with IN http(s)://…/dicom-web: a QIDO-RS search, e.g. 'Modality=MR&StudyDate=20240101-' "
+                        "(docs/pacs.md)")
+
+
+def open_remote(args, command: str, *, inp: str = "input", outp: str = "output"):
+    """``-i URL`` / ``-o URL`` of a folder command: ``(src, out, remote_in, remote_out)``. ``src`` is the local
+    cache of the retrieved series (or IN), ``out`` the local staging folder of ``-o URL`` (or OUT). A failing
+    search raises :class:`~medldm.io.errors.CaseError` (the command prints it and exits 1: the server, not
+    the command line, is at fault)."""
+    from medldm.io.errors import UsageError
+
+    arg_in, arg_out = str(getattr(args, inp)), str(getattr(args, outp))
+    query = getattr(args, "query", None)
+    if query and not is_remote(arg_in):
+        raise UsageError("--query needs IN to be a DICOMweb URL (http(s)://HOST:PORT/dicom-web)")
+    remote_out = arg_out if is_remote(arg_out) else None
+    if remote_out:
+        if getattr(args, "to", None) == "nifti":
+            raise UsageError("-o URL stores DICOM series on the server: --to nifti does not apply")
+        if hasattr(args, "to"):
+            args.to = "dicom"
+    remote_in = resolve_remote_input(arg_in, query) if is_remote(arg_in) else None
+    src = remote_in.root if remote_in else Path(arg_in)
+    out = local_output(remote_out, command, (arg_in, query)) if remote_out else Path(arg_out)
+    return src, out, remote_in, remote_out

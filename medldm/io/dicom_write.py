@@ -324,11 +324,14 @@ def provenance_key(provenance: dict) -> str:
     return json.dumps(provenance, sort_keys=True, default=str, separators=(",", ":"))
 
 
-def derived_series_uid(source_series_uid: str, provenance: dict | str) -> str:
+def derived_series_uid(source_series_uid: str, provenance: dict | str, sources=()) -> str:
     """SeriesInstanceUID of the series derived from ``source_series_uid`` with these options (a provenance dict
-    or its key): always the same for the same pair, so a re-run is recognised (e.g. by a QIDO query)."""
+    or its key): always the same for the same pair, so a re-run is recognised (e.g. by a QIDO query).
+    ``sources``: the SOPInstanceUIDs the derived series was made from, when it is one part of its source
+    series (a stack of one orientation, a part split at a gap): each part then gets its own series."""
     key = provenance if isinstance(provenance, str) else provenance_key(provenance)
-    return str(derived_uid("derived-series", f"{source_series_uid}|{key}"))
+    part = "|" + ",".join(sorted(str(u) for u in sources)) if sources else ""
+    return str(derived_uid("derived-series", f"{source_series_uid}|{key}{part}"))
 
 
 def _derivation(description: str, prov: dict | None, source_series: str | None) -> str:
@@ -377,7 +380,8 @@ def _series_context(headers, grid, modality, description, vol, prov=None) -> dic
     if headers:
         ref = headers[0]
         if prov:
-            ctx["series_uid"] = derived_series_uid(str(ref.SeriesInstanceUID), prov)
+            ctx["series_uid"] = derived_series_uid(str(ref.SeriesInstanceUID), prov,
+                                                   [ds.get("SOPInstanceUID", "") for ds in headers])
             ctx["deterministic"] = True
         old = str(ref.get("SeriesDescription", "") or "").strip()
         ctx["series_description"] = _described(old, description)
