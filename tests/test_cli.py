@@ -5,7 +5,7 @@ import sys
 
 from medldm.cli import COMMANDS, _join_negative_values, build_parser, main
 
-ALL_COMMANDS = ["info", "convert", "degrade", "evaluate", "baseline", "train", "enhance", "synthesize", "audit",
+ALL_COMMANDS = ["info", "convert", "degrade", "evaluate", "baseline", "plan", "train", "enhance", "synthesize", "audit",
                 "models", "demo", "listen"]
 
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "degrade": ("medldm.cli.degrade", "make degraded copies (noise, low-dose CT, down-sampling, thick slices)"),
     "evaluate": ("medldm.cli.evaluate", "PSNR/SSIM/MS-SSIM of predictions against references, with an HTML report"),
     "baseline": ("medldm.cli.baseline", "classical denoising / super-resolution baselines"),
+    "plan": ("medldm.cli.plan", "plan a training config from a folder of scans (fingerprint, reasons); --check: integrity report"),
     "train": ("medldm.cli.train", "train a VAE and/or latent diffusion model from a YAML config"),
     "enhance": ("medldm.cli.enhance", "denoise or super-resolve scans with a trained model"),
     "synthesize": ("medldm.cli.synthesize", "generate synthetic scans"),

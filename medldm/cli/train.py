@@ -1,4 +1,4 @@
-"""``medldm train CONFIG.yaml -o OUT_DIR [--set key=value ...] [--resume]``."""
+"""``medldm train CONFIG.yaml -o OUT_DIR [--set key=value ...] [--resume] [--dry-run]``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set ldm_train.steps=2000 (value parsed as YAML; repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config, build the networks, load one batch, run one step per stage and print "
+                        "parameter counts, step time, peak memory and a wall-time estimate; writes nothing")
+    p.add_argument("--tiny", action="store_true",
+                   help="with --dry-run: batch 1, the smallest patch, 1 sampling step (a quick check that the config "
+                        "builds and runs; its times are not the run's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +33,19 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
     if args.print_config:
         print(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+        return 0
+    if args.dry_run:
+        from medldm.train.dry_run import dry_run, format_report
+
+        try:
+            fig = dry_run(cfg, args.out, tiny=args.tiny)
+        except ConfigError as e:
+            raise UsageError(str(e)) from e
+        except CaseError as e:
+            raise UsageError(e.line()) from e
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        print(format_report(fig, args.out))
         return 0
     from medldm.train import train
 
