@@ -97,6 +97,9 @@ def _models(names: tuple[str, ...]) -> dict[str, Path]:
 
 
 def _enhance(model: Path, img, seed: int):
+    """The demo's model run: ``medldm.shipped.enhance`` with the pipeline's defaults only (window, batch size,
+    sampler, steps), so ``medldm enhance -m NAME --seed SEED`` on the saved input gives the same output
+    (tests/test_inference_path.py)."""
     from medldm.shipped import enhance
 
     return enhance(model, img, seed=seed)

@@ -9,8 +9,10 @@ held-out demo scans once measured).
 
 ``resolve_model(name_or_path) -> Path`` turns what a user gives to ``-m`` (or ``medldm.load_model``) into a model
 folder: a model folder, a training run's folder (``RUN_DIR`` -> ``RUN_DIR/model``) or a shipped name; ``card(name)``
-reads a model's card (``medldm models``). Making the shipped folders (export from a training run, validation,
-held-out figures) is maintainer tooling: ``tools/shipped_models.py``.
+reads a model's card (``medldm models``); ``enhance(name_or_path, img, **options)`` runs an sr/denoise model on a
+MetaTensor, a thin call to the pipeline that ``medldm enhance`` and ``medldm demo`` run, with the same defaults.
+Making the shipped folders (export from a training run, validation, held-out figures) is maintainer tooling:
+``tools/shipped_models.py``.
 """
 
 from __future__ import annotations
@@ -99,16 +101,19 @@ def _model_folder(folder: Path) -> Path:
                     "or a shipped model name (see `medldm models`)")
 
 
-def enhance(model: str | Path, img, *, seed: int = 0, batch_size: int = 4):
-    """Run a shipped (or any) sr/denoise model on a scan (X, Y, Z) MetaTensor with the inference pipeline
-    (``medldm.pipelines.enhance``): its default sampler and steps, 2D slices processed in overlapping windows of
-    twice the training size (the networks' normalization layers saw training-sized images, not 1024 x 1024
-    slices). Returns the enhanced MetaTensor in the input's units (SR: on the x2 grid)."""
+def enhance(model: str | Path, img, **options):
+    """Enhance a scan (X, Y, Z) MetaTensor with an sr/denoise model: a shipped name, a model folder or a run folder.
+
+    A thin call to what ``medldm enhance`` and ``medldm demo`` run: ``Enhancer(...).enhance(img,
+    EnhanceOptions(**options))`` (``medldm.pipelines.enhance``), with the same defaults: the model's sampler and
+    steps, 2D slices and 3D volumes in overlapping latent windows of twice the training size, the pipeline's batch
+    size, seed 0; ``options`` are ``EnhanceOptions`` fields (``seed``, ``steps``, ``device`` ...). Returns the
+    enhanced MetaTensor in the input's units (SR: on the x2 grid)."""
     from medldm.models import load_model
     from medldm.pipelines.enhance import EnhanceOptions, Enhancer
 
-    enh = Enhancer(load_model(resolve_model(model)))
-    return enh.enhance(img, EnhanceOptions(seed=seed, batch_size=batch_size, window=enh.default_window)).image
+    opts = EnhanceOptions(**options)
+    return Enhancer(load_model(resolve_model(model)), device=opts.device).enhance(img, opts).image
 
 
 def card(name: str) -> dict:

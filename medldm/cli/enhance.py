@@ -6,12 +6,14 @@
 IN is a scan (NIfTI file, DICOM file or series folder) or a folder of cases (mixed is fine); OUT mirrors IN
 (NIfTI stays NIfTI, a DICOM series becomes a derived DICOM series of its source; ``--to`` changes the kind),
 geometry preserved (super-resolution: spacing scaled, physical extent kept), intensities back in the original
-units and dtype. ``--samples K`` > 1 writes the posterior mean and, beside it, ``<name>_std.nii.gz`` (per-voxel
-standard deviation, same grid); the run report warns where uncertainty is high. Each output gets a record
-``<output name>.medldm.json`` (input files; model path and hash of its weights and config; seed, steps, sampler,
-samples, noise level, axis, refine), written last: a rerun skips a case only when its record matches, and an
-output made with another model or options fails that case with one line (``--overwrite`` replaces only that
-output). One scan in: the run report is ``<OUT name>.medldm-enhance-report.json`` beside OUT.
+units and dtype. Options not given take the pipeline's defaults (``medldm.pipelines.enhance.EnhanceOptions``), the
+ones ``medldm.shipped.enhance`` and ``medldm demo`` use too: the model's sampler and steps, and 2D slices as well as
+3D volumes in overlapping latent windows of twice the training size. ``--samples K`` > 1 writes the posterior mean
+and, beside it, ``<name>_std.nii.gz`` (per-voxel standard deviation, same grid); the run report warns where
+uncertainty is high. Each output gets a record ``<output name>.medldm.json`` (input files; model path and hash of
+its weights and config; seed, steps, sampler, samples, noise level, axis, refine, latent window and overlap),
+written last: a rerun skips a case only when its record matches, and an output made with another model or options
+fails that case with one line (``--overwrite`` replaces only that output). One scan in: the run report is ``<OUT name>.medldm-enhance-report.json`` beside OUT.
 Under ``torchrun --nproc_per_node=K -m medldm enhance ...`` the cases are sharded over the K processes (GPU
 ``cuda:LOCAL_RANK`` each when available); every rank writes its outputs and ``*.rank<r>.json`` report and rank 0
 merges them into the run report. Exit status: 0 all done, 1 some failed, 2 usage error.
@@ -40,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=("ddim", "dpmpp_2m", "unipc", "euler_flow"), help="default: the model's")
     p.add_argument("--samples", type=int, default=1, metavar="K",
                    help="draw K samples: write their mean and a per-voxel std map (default 1)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="2D slices (or 3D windows) per batch")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="2D slices per batch, and latent windows per denoiser call (default: the pipeline's, 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
     p.add_argument("--noise-level", type=float, metavar="L",
@@ -56,6 +59,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(implied when WORLD_SIZE > 1); rank 0 merges the run reports")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_deidentify_argument(p)
+
+
+def enhance_options(args: argparse.Namespace, device: str):
+    """The pipeline's options for these arguments: what the user gave, the pipeline's defaults
+    (``EnhanceOptions``, as ``medldm.shipped.enhance`` and ``medldm demo`` use them) for the rest, among them the
+    window policy (2D and 3D: latent windows of twice the training size)."""
+    from medldm.pipelines.enhance import EnhanceOptions
+
+    given = {"steps": args.steps, "sampler": args.sampler, "samples": args.samples, "batch_size": args.batch_size,
+             "seed": args.seed, "noise_level": args.noise_level, "axis": args.axis, "refine": not args.no_refine}
+    return EnhanceOptions(device=device, **{k: v for k, v in given.items() if v is not None})
 
 
 def std_path(out: Path) -> Path:
@@ -75,7 +89,7 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--samples must be >= 1")
     if args.steps is not None and args.steps < 1:
         raise UsageError("--steps must be >= 1")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if args.noise_level is not None and not 0.0 <= args.noise_level <= 1.0:
         raise UsageError("--noise-level must be in [0, 1]")
@@ -143,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from medldm.io.discover import output_path
     from medldm.io.errors import CaseError
     from medldm.models import load_model
-    from medldm.pipelines.enhance import EnhanceOptions, Enhancer
+    from medldm.pipelines.enhance import Enhancer
 
     _check(args)
     src, out, model = Path(args.input), Path(args.output), Path(args.model)
@@ -158,9 +172,7 @@ def run(args: argparse.Namespace) -> int:
         enhancer = Enhancer(load_model(model), device=device)
     except CaseError as e:
         raise UsageError(e.line()) from None
-    opts = EnhanceOptions(steps=args.steps, sampler=args.sampler, samples=args.samples, batch_size=args.batch_size,
-                          device=device, seed=args.seed, noise_level=args.noise_level, axis=args.axis,
-                          refine=not args.no_refine)
+    opts = enhance_options(args, device)
     desc = f"medldm {enhancer.task} ({model.name})"
     found = find_inputs(src)
     command = shlex.join(["medldm", "enhance", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm enhance"
@@ -181,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
 
     options = {"model": str(model.resolve()), "model_hash": model_hash(model), "steps": args.steps,
                "sampler": args.sampler, "samples": args.samples, "seed": args.seed, "noise_level": args.noise_level,
-               "axis": args.axis, "refine": not args.no_refine}
+               "axis": args.axis, "refine": not args.no_refine,
+               "window": list(enhancer.window(opts)), "overlap": opts.overlap}  # the output depends on the tiling
 
     def resume(case) -> Resume:
         t = targets[case.id]

@@ -8,8 +8,10 @@
    high-resolution grid (sr: bilinear in-plane, or slice replication for ``thick``), space-to-depth onto the
    latent grid exactly as in training (``medldm.train.conditioning``); the noise level (denoise: estimated from
    the scan with a wavelet MAD estimator unless given; sr: the training's lowest noise-augmentation level);
-3. 2D models: slices along an axis, in batches; 3D models: the whole volume with latent windows blended at
-   every step (``medldm.pipelines.tiling``); K samples -> posterior mean and per-voxel std (``sample_many``);
+3. 2D models: slices along an axis, in batches; 3D models: the whole volume; both with the denoiser run on
+   overlapping latent windows (default ``Enhancer.default_window``: twice the training patch) blended at every
+   step, and tiled decoding (``medldm.pipelines.tiling``); K samples -> posterior mean and per-voxel std
+   (``sample_many``);
 4. decode, crop, back to scanner units; SR output grid from ``medldm.io.geometry.resized_affine``
    (physical extent kept).
 
@@ -56,8 +58,10 @@ class EnhanceOptions:
     seed: int = 0
     noise_level: float | None = None  # denoise: conditioning level in [0, 1] (default: estimated)
     axis: int | None = None  # 2D models: array axis to slice along (default: the training axis)
-    window: tuple[int, ...] | None = None  # latent window for tiling (default: 2 x training patch / f)
-    overlap: float = 0.5
+    # latent window of the tiled denoiser/decoder, 2D and 3D alike (default: the model's, ``Enhancer.default_window``
+    # = 2 x the training patch / f: the networks' normalization layers saw training-sized images)
+    window: tuple[int, ...] | None = None
+    overlap: float = 0.5  # of neighbouring denoiser windows (VAE decoder and refiner: 0.25)
     normalization: dict | None = None  # fixed intensity params (e.g. shared by the chunks of one volume)
     noise_offset: int = 0  # index of the first slice (2D) / latent slice along Z (3D) of this chunk
     refine: bool = True  # apply the model folder's pixel-space refiner (stage 3) when it has one
@@ -193,9 +197,7 @@ class Enhancer:
         lat_shape = (self.vae_latent_channels(), *(s // self.f for s in cond_items.shape[2:]))
         steps = opts.steps or self.dcfg.sampling_steps
         name = opts.sampler or self.dcfg.sampler
-        window = opts.window or (self.default_window if self.dims == 3 else None)
-        if window is not None:
-            window = tuple(_ceil(int(w), self.unet_down) for w in window)
+        window = self.window(opts)
 
         def model_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             def call(xw, cw):
@@ -228,6 +230,11 @@ class Enhancer:
 
         assert degraded is not None and self.refiner is not None
         return apply_refiner(self.refiner, decoded, degraded, self.refiner_base)
+
+    def window(self, opts: EnhanceOptions) -> tuple[int, ...]:
+        """The latent window used with ``opts``: ``opts.window`` or the model's default, rounded up to what the
+        denoiser's down-sampling needs."""
+        return tuple(_ceil(int(w), self.unet_down) for w in (opts.window or self.default_window))
 
     def vae_latent_channels(self) -> int:
         return int(self.denoiser.latent_channels)
@@ -283,6 +290,7 @@ class Enhancer:
             "steps": opts.steps or self.dcfg.sampling_steps, "sampler": opts.sampler or self.dcfg.sampler,
             "input_shape": list(in_shape), "output_shape": list(out_shape), "normalization": params,
             "refined": self.refiner is not None and opts.refine, "nonfinite_voxels": n_bad,
+            "window": list(self.window(opts)), "overlap": opts.overlap, "batch_size": int(opts.batch_size),
         }
         if n_bad:
             info["nonfinite_warning"] = (
