@@ -392,3 +392,22 @@ def test_cli_info_and_convert_read_and_store_through_dicomweb(orthanc, dicomdir_
     assert main(["convert", url, orthanc.base, "--description", "cli test", "--quiet"]) == 0  # re-run
     assert orthanc.series(study) == after
     assert main(["convert", str(src), str(tmp_path / "o"), "--query", "Modality=MR"]) == 2  # --query needs a URL
+
+
+def test_cli_enhance_study_url_to_the_server(orthanc, dicomdir_tests, tmp_path, monkeypatch):
+    """The issue's done-when: `medldm enhance -m mr-denoise-2d -i .../studies/UID -o .../dicom-web` puts derived
+    series into the same study; a re-run stores nothing new."""
+    from medldm.cli import main
+
+    monkeypatch.setenv("MEDLDM_CACHE", str(tmp_path / "cache"))
+    src = dicomdir_tests / "98892003" / "MR700"
+    study, series = _uid(src, "StudyInstanceUID"), _uid(src, "SeriesInstanceUID")
+    before = orthanc.series(study)
+    argv = ["enhance", "-m", "mr-denoise-2d", "-i", f"{orthanc.base}/studies/{study}", "-o", orthanc.base,
+            "--steps", "2", "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    after = orthanc.series(study)
+    new = set(after) - set(before)
+    assert after[series] == 7 and len(new) == 7  # one derived series per stack of the source, same study
+    assert main(argv) == 0
+    assert orthanc.series(study) == after

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from medldm.cli.common import add_deidentify_argument
+from medldm.cli.remote import add_remote_arguments
 from medldm.io.errors import UsageError
 from medldm.io.formats import is_nifti
 
@@ -59,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(implied when WORLD_SIZE > 1); rank 0 merges the run reports")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_deidentify_argument(p)
+    add_remote_arguments(p)
 
 
 def enhance_options(args: argparse.Namespace, device: str):
@@ -116,7 +118,8 @@ def _device(name: str, local_rank: int = 0) -> str:
     return name
 
 
-def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool, deidentify=False) -> dict:
+def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool, deidentify=False,
+             prov=None) -> dict:
     from medldm.cli.warn import print_case_warnings
     from medldm.io.reader import load_case
     from medldm.io.writer import save_scan
@@ -126,6 +129,8 @@ def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool
     res = enhancer.enhance(img, opts)
     if res.info.get("warning"):  # e.g. a scan outside the model's training domain
         warns += print_case_warnings(case, [res.info["warning"]])
+    if prov is not None:  # DerivationDescription, ContributingEquipmentSequence, deterministic derived UIDs
+        res.image.meta["provenance"] = prov(res.info)
     outputs = []
     reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
     written = save_scan(res.image, out, reference=None if is_nifti(out) else reference, description=desc,
@@ -160,8 +165,14 @@ def run(args: argparse.Namespace) -> int:
     from medldm.pipelines.enhance import Enhancer
 
     _check(args)
-    src, out, model = Path(args.input), Path(args.output), Path(args.model)
-    model = _resolve_model(model)
+    from medldm.cli.remote import open_remote, provenance, store_remote_output
+
+    model = _resolve_model(Path(args.model))
+    try:
+        src, out, remote_in, remote_out = open_remote(args, "enhance")
+    except CaseError as e:  # the server could not be searched: nothing processed
+        print(f"medldm enhance: error: {e.line()}", file=sys.stderr)
+        return 1
     if args.deidentify and (is_nifti(out) or args.to == "nifti"):
         raise UsageError("--deidentify applies to DICOM output only (NIfTI output carries no DICOM identifiers)")
     check_in_out(src, out)
@@ -174,9 +185,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(e.line()) from None
     opts = enhance_options(args, device)
     desc = f"medldm {enhancer.task} ({model.name})"
-    found = find_inputs(src)
+    found = remote_in.found if remote_in else find_inputs(src)
     command = shlex.join(["medldm", "enhance", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm enhance"
-    single = src.is_file() or (len(found.cases) == 1 and is_nifti(out))
+    single = not (remote_in or remote_out) and (src.is_file() or (len(found.cases) == 1 and is_nifti(out)))
     if single:
         if args.to and (args.to == "nifti") != is_nifti(out):
             raise UsageError(f"--to {args.to} contradicts OUT {out}")
@@ -206,13 +217,21 @@ def run(args: argparse.Namespace) -> int:
     shard = found.cases[rank::world]
     rank_report = report if world == 1 else report.with_name(f"{report.stem}.rank{rank}.json")
     deid = deidentifier(args)
+    name = args.model if not Path(args.model).is_dir() else model.name
+
+    def prov(info: dict) -> dict:
+        return provenance(name, options["model_hash"], enhancer.task, opts, info)
+
     status, results = run_cases(shard, lambda c: _process(c, targets[c.id], enhancer, opts, desc, resume(c),
-                                                          args.overwrite, deid),
+                                                          args.overwrite, deid, prov),
                                 name=str, is_done=lambda c: resume(c).check(args.overwrite),
                                 report_path=rank_report, desc="enhance", command=command,
                                 quiet=args.quiet or rank > 0)
     if world > 1:
         status = _merge_ranks(report, world, rank, status, command)
+    if remote_out and rank == 0:  # STOW-RS the derived series (a series the server holds already is skipped)
+        s2, _ = store_remote_output(remote_out, [t for t in targets.values() if t.is_dir()], quiet=args.quiet)
+        status = max(status, s2)
     return status
 
 
