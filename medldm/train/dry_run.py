@@ -250,7 +250,7 @@ def tiny_variant(cfg):
     c = copy.deepcopy(cfg)
     c.data.batch_size = 1
     side = c.factor * 2 ** len(c.unet.channels)  # the U-Net bottom keeps 2 latent voxels a side
-    c.data.patch_size = tuple(max(side, 8) for _ in c.data.patch_size)
+    c.data.patch_size = tuple(max(side, 32) for _ in c.data.patch_size)  # the refiner pools 4 times
     if c.data.resize_to is not None:
         c.data.resize_to = tuple(max(r, p) for r, p in zip(c.data.resize_to, c.data.patch_size, strict=True))
     c.diffusion.sampling_steps = 1
