@@ -384,7 +384,7 @@ def make_plan(fp: dict, task: str, *, gpu_memory: float | None = None, hours: fl
     if measure:
         for s in shares:
             key = "refine" if s == "refine" else f"{s}_train"
-            R[key] = (R.get(key, "") + "; " if s == "refine" else (R[key] + "; " if s == "vae" else "")) + (
+            R[key] = (R[key] + "; " if s == "vae" else "") + (
                 f"{steps[s]} steps x ~{meas['step_s_estimate'][s]:.3g} s = {steps[s] * meas['step_s_estimate'][s] / 3600:.1f} h")
     R["engine"] = f"--device {target}" + ("" if device in ("cpu", "cuda") else " (auto: what this machine has)")
     if refine:
