@@ -123,17 +123,13 @@ def run(args: argparse.Namespace) -> int:
         Resume,
         case_signature,
         case_source,
-        check_folder_out,
         check_in_out,
         check_out_writable,
-        check_single_out,
         find_inputs,
+        plan_outputs,
         run_cases,
         single_case,
-        single_report_path,
-        sweep_stale,
     )
-    from medldm.io.discover import output_path
 
     _check(args)
     src, out = Path(args.input), Path(args.output)
@@ -141,17 +137,8 @@ def run(args: argparse.Namespace) -> int:
     check_out_writable(out)
     found = find_inputs(src)
     command = shlex.join(["medldm", "baseline", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm baseline"
-    if single_case(src, out, found.cases):
-        if args.to and (args.to == "nifti") != is_nifti(out):
-            raise UsageError(f"--to {args.to} contradicts OUT {out}")
-        check_single_out(out)
-        targets = {found.cases[0].id: out}
-        report = single_report_path(out, "baseline")
-    else:
-        check_folder_out(found, out, quiet=args.quiet)
-        targets = {c.id: output_path(c, out, args.to) for c in found.cases}
-        report = out / REPORT_NAME
-    sweep_stale(out, targets.values())
+    targets, report = plan_outputs(found, out, args, "baseline", single=single_case(src, out, found.cases),
+                                   fmt=args.to, report_name=REPORT_NAME)
     options = _options(args)
 
     def resume(case) -> Resume:

@@ -313,3 +313,29 @@ def deidentifier(args):
     from medldm.io.deidentify import Deidentifier
 
     return Deidentifier()
+
+
+def plan_outputs(found, out: Path, args, command: str, *, single: bool, fmt=None, report_name: str,
+                 single_report: bool = True, single_record: Path | None = None) -> tuple[dict, Path | None]:
+    """Where each case's output goes: ``({case id: output path}, run report path or None)``.
+
+    ``single``: one scan in, OUT names the output itself (``--to`` must agree with OUT's kind; OUT must not be a
+    folder of user files); its run report goes beside OUT when ``single_report``. Otherwise OUT is a folder
+    mirroring IN (``fmt(case)`` or ``fmt``: the output kind, see :func:`medldm.io.discover.output_path`) with
+    ``OUT/<report_name>``. Stale temporaries of killed runs are swept from OUT and the targets' folders."""
+    from medldm.io.discover import output_path
+    from medldm.io.formats import is_nifti
+
+    if single:
+        to = getattr(args, "to", None)
+        if to and (to == "nifti") != is_nifti(out):
+            raise UsageError(f"--to {to} contradicts OUT {out}")
+        check_single_out(out, single_record)
+        targets = {found.cases[0].id: out}
+        report = single_report_path(out, command) if single_report else None
+    else:
+        check_folder_out(found, out, quiet=args.quiet)
+        targets = {c.id: output_path(c, out, fmt(c) if callable(fmt) else fmt) for c in found.cases}
+        report = out / report_name
+    sweep_stale(out, targets.values())
+    return targets, report

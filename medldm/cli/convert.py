@@ -84,18 +84,15 @@ def run(args: argparse.Namespace) -> int:
     from medldm.cli.common import (
         Resume,
         case_source,
-        check_folder_out,
         check_in_out,
         check_out_writable,
-        check_single_out,
         deidentifier,
         find_inputs,
+        plan_outputs,
         run_cases,
         single_case,
-        sweep_stale,
     )
     from medldm.cli.remote import open_remote, store_remote_output
-    from medldm.io.discover import output_path
     from medldm.io.errors import CaseError
 
     try:
@@ -117,22 +114,13 @@ def run(args: argparse.Namespace) -> int:
     found = remote_in.found if remote_in else find_inputs(src)
     command = "medldm convert " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "medldm convert"
 
-    if not remote_in and not remote_out and single_case(src, out, found.cases):
-        if args.to == "nifti" and not is_nifti(out) or args.to == "dicom" and is_nifti(out):
-            raise UsageError(f"--to {args.to} contradicts OUT {out}")
-        check_single_out(out)
-        targets = {found.cases[0].id: out}
-        report = None
-        reference = args.reference
-    else:
-        if args.reference is not None:
-            raise UsageError("--reference needs a single input scan; IN holds several cases")
-        check_folder_out(found, out, quiet=args.quiet)
-        targets = {c.id: output_path(c, out, args.to or ("dicom" if c.kind == "nifti" else "nifti"))
-                   for c in found.cases}
-        report = out / REPORT_NAME
-        reference = None
-    sweep_stale(out, targets.values())
+    single = not remote_in and not remote_out and single_case(src, out, found.cases)
+    if not single and args.reference is not None:
+        raise UsageError("--reference needs a single input scan; IN holds several cases")
+    reference = args.reference if single else None
+    targets, report = plan_outputs(found, out, args, "convert", single=single, report_name=REPORT_NAME,
+                                   fmt=lambda c: args.to or ("dicom" if c.kind == "nifti" else "nifti"),
+                                   single_report=False)
 
     deid = deidentifier(args)
 

@@ -148,17 +148,14 @@ def run(args: argparse.Namespace) -> int:
         Resume,
         case_signature,
         case_source,
-        check_folder_out,
         check_in_out,
         check_out_writable,
-        check_single_out,
         deidentifier,
         find_inputs,
+        plan_outputs,
         run_cases,
-        sweep_stale,
     )
     from medldm.data.degrade import check_level
-    from medldm.io.discover import output_path
 
     src, out = Path(args.input), Path(args.output)
     try:
@@ -187,15 +184,8 @@ def run(args: argparse.Namespace) -> int:
     single = src.is_file() or (len(found.cases) == 1 and (
         is_nifti(out) or found.cases[0].kind == "dicom-series"
         and all(p.parent == src for p in found.cases[0].paths)))
-    if single:
-        check_single_out(out, sidecar_path(out))
-        target = {found.cases[0].id: out}
-        report = None
-    else:
-        check_folder_out(found, out, quiet=args.quiet)
-        target = {c.id: output_path(c, out) for c in found.cases}
-        report = out / REPORT_NAME
-    sweep_stale(out, target.values())
+    target, report = plan_outputs(found, out, args, "degrade", single=single, report_name=REPORT_NAME,
+                                  single_report=False, single_record=sidecar_path(out))
 
     deid = deidentifier(args)
 

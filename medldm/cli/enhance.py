@@ -149,17 +149,13 @@ def run(args: argparse.Namespace) -> int:
         Resume,
         case_signature,
         case_source,
-        check_folder_out,
         check_in_out,
         check_out_writable,
-        check_single_out,
         deidentifier,
         find_inputs,
+        plan_outputs,
         run_cases,
-        single_report_path,
-        sweep_stale,
     )
-    from medldm.io.discover import output_path
     from medldm.io.errors import CaseError
     from medldm.models import load_model
     from medldm.pipelines.enhance import Enhancer
@@ -188,18 +184,7 @@ def run(args: argparse.Namespace) -> int:
     found = remote_in.found if remote_in else find_inputs(src)
     command = shlex.join(["medldm", "enhance", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm enhance"
     single = not (remote_in or remote_out) and (src.is_file() or (len(found.cases) == 1 and is_nifti(out)))
-    if single:
-        if args.to and (args.to == "nifti") != is_nifti(out):
-            raise UsageError(f"--to {args.to} contradicts OUT {out}")
-        check_single_out(out)
-        targets = {found.cases[0].id: out}
-        report = single_report_path(out, "enhance")
-    else:
-        check_folder_out(found, out, quiet=args.quiet)
-        targets = {c.id: output_path(c, out, args.to) for c in found.cases}
-        report = out / REPORT_NAME
-
-    sweep_stale(out, targets.values())
+    targets, report = plan_outputs(found, out, args, "enhance", single=single, fmt=args.to, report_name=REPORT_NAME)
     from medldm.models.folder import model_hash
 
     options = {"model": str(model.resolve()), "model_hash": model_hash(model), "steps": args.steps,
