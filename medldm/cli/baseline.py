@@ -119,35 +119,25 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import (
-        Resume,
-        case_signature,
-        case_source,
-        check_in_out,
-        check_out_writable,
-        find_inputs,
-        plan_outputs,
-        run_cases,
-        single_case,
-    )
+    from medldm.cli import common
 
     _check(args)
     src, out = Path(args.input), Path(args.output)
-    check_in_out(src, out)
-    check_out_writable(out)
-    found = find_inputs(src)
+    common.check_in_out(src, out)
+    common.check_out_writable(out)
+    found = common.find_inputs(src)
     command = shlex.join(["medldm", "baseline", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm baseline"
-    targets, report = plan_outputs(found, out, args, "baseline", single=single_case(src, out, found.cases),
+    targets, report = common.plan_outputs(found, out, args, "baseline", single=common.single_case(src, out, found.cases),
                                    fmt=args.to, report_name=REPORT_NAME)
     options = _options(args)
 
-    def resume(case) -> Resume:
+    def resume(case) -> common.Resume:
         t = targets[case.id]
         key = {"command": "baseline", "options": {**options, "output_kind": "nifti" if is_nifti(t) else "dicom"},
-               "inputs": case_signature(case)}
-        return Resume(t, key, source=case_source(case))
+               "inputs": common.case_signature(case)}
+        return common.Resume(t, key, source=common.case_source(case))
 
-    status, _ = run_cases(found.cases, lambda c: _process(c, targets[c.id], args, resume(c)), name=str,
+    status, _ = common.run_cases(found.cases, lambda c: _process(c, targets[c.id], args, resume(c)), name=str,
                           is_done=lambda c: resume(c).check(args.overwrite), report_path=report, desc="baseline",
                           command=command, quiet=args.quiet)
     return status

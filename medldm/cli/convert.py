@@ -81,17 +81,7 @@ def _key(case, out: Path, args: argparse.Namespace, reference) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import (
-        Resume,
-        case_source,
-        check_in_out,
-        check_out_writable,
-        deidentifier,
-        find_inputs,
-        plan_outputs,
-        run_cases,
-        single_case,
-    )
+    from medldm.cli import common
     from medldm.cli.remote import open_remote, store_remote_output
     from medldm.io.errors import CaseError
 
@@ -109,31 +99,31 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--reference applies to DICOM output only (OUT ends in .nii/.nii.gz)")
     if args.deidentify and (is_nifti(out) or args.to == "nifti"):
         raise UsageError("--deidentify applies to DICOM output only (NIfTI output carries no DICOM identifiers)")
-    check_in_out(src, out)
-    check_out_writable(out)
-    found = remote_in.found if remote_in else find_inputs(src)
+    common.check_in_out(src, out)
+    common.check_out_writable(out)
+    found = remote_in.found if remote_in else common.find_inputs(src)
     command = "medldm convert " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "medldm convert"
 
-    single = not remote_in and not remote_out and single_case(src, out, found.cases)
+    single = not remote_in and not remote_out and common.single_case(src, out, found.cases)
     if not single and args.reference is not None:
         raise UsageError("--reference needs a single input scan; IN holds several cases")
     reference = args.reference if single else None
-    targets, report = plan_outputs(found, out, args, "convert", single=single, report_name=REPORT_NAME,
+    targets, report = common.plan_outputs(found, out, args, "convert", single=single, report_name=REPORT_NAME,
                                    fmt=lambda c: args.to or ("dicom" if c.kind == "nifti" else "nifti"),
                                    single_report=False)
 
-    deid = deidentifier(args)
+    deid = common.deidentifier(args)
 
-    def resume(case) -> Resume:
+    def resume(case) -> common.Resume:
         t = targets[case.id]
-        return Resume(t, _key(case, t, args, reference), source=case_source(case))
+        return common.Resume(t, _key(case, t, args, reference), source=common.case_source(case))
 
     def process(case):
         return _convert_one(case, targets[case.id], reference=reference, volume=args.volume,
                             description=args.description, resume=resume(case), overwrite=args.overwrite,
                             deidentify=deid)
 
-    status, _ = run_cases(found.cases, process, name=str, is_done=lambda c: resume(c).check(args.overwrite),
+    status, _ = common.run_cases(found.cases, process, name=str, is_done=lambda c: resume(c).check(args.overwrite),
                           report_path=report, desc="convert", command=command, quiet=args.quiet)
     if remote_out:  # STOW-RS the derived series (a series the server holds already is skipped)
         s2, _ = store_remote_output(remote_out, [t for t in targets.values() if t.is_dir()], quiet=args.quiet)

@@ -144,17 +144,7 @@ def _degrade_one(case, out: Path, args: argparse.Namespace, seed: int, resume, d
 def run(args: argparse.Namespace) -> int:
     import secrets
 
-    from medldm.cli.common import (
-        Resume,
-        case_signature,
-        case_source,
-        check_in_out,
-        check_out_writable,
-        deidentifier,
-        find_inputs,
-        plan_outputs,
-        run_cases,
-    )
+    from medldm.cli import common
     from medldm.data.degrade import check_level
 
     src, out = Path(args.input), Path(args.output)
@@ -172,9 +162,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--full-dose-noise must be > 0 HU")
     if args.deidentify and is_nifti(out):
         raise UsageError("--deidentify applies to DICOM output only (NIfTI output carries no DICOM identifiers)")
-    check_in_out(src, out)
-    check_out_writable(out)
-    found = find_inputs(src)
+    common.check_in_out(src, out)
+    common.check_out_writable(out)
+    found = common.find_inputs(src)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     if args.seed is None and not args.quiet:
         print(f"degrade: --seed {seed} (pass it to reproduce this run)", file=sys.stderr)
@@ -184,16 +174,16 @@ def run(args: argparse.Namespace) -> int:
     single = src.is_file() or (len(found.cases) == 1 and (
         is_nifti(out) or found.cases[0].kind == "dicom-series"
         and all(p.parent == src for p in found.cases[0].paths)))
-    target, report = plan_outputs(found, out, args, "degrade", single=single, report_name=REPORT_NAME,
+    target, report = common.plan_outputs(found, out, args, "degrade", single=single, report_name=REPORT_NAME,
                                   single_report=False, single_record=sidecar_path(out))
 
-    deid = deidentifier(args)
+    deid = common.deidentifier(args)
 
-    def resume(case) -> Resume:
+    def resume(case) -> common.Resume:
         dest = target[case.id]
         key_opts = {**job, "deidentify": bool(args.deidentify)} if not is_nifti(dest) else job
-        return Resume(dest, {"command": "degrade", "options": key_opts, "inputs": case_signature(case)},
-                      record=sidecar_path(dest), source=case_source(case), nest=True)
+        return common.Resume(dest, {"command": "degrade", "options": key_opts, "inputs": common.case_signature(case)},
+                      record=sidecar_path(dest), source=common.case_source(case), nest=True)
 
     def process(case):
         return _degrade_one(case, target[case.id], args, seed, resume(case), deidentify=deid)
@@ -201,6 +191,6 @@ def run(args: argparse.Namespace) -> int:
     def is_done(case) -> bool:
         return resume(case).check(args.overwrite)
 
-    status, _ = run_cases(found.cases, process, name=str, is_done=is_done, report_path=report,
+    status, _ = common.run_cases(found.cases, process, name=str, is_done=is_done, report_path=report,
                           desc="degrade", command=command, quiet=args.quiet)
     return status

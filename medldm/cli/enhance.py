@@ -145,17 +145,7 @@ def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import (
-        Resume,
-        case_signature,
-        case_source,
-        check_in_out,
-        check_out_writable,
-        deidentifier,
-        find_inputs,
-        plan_outputs,
-        run_cases,
-    )
+    from medldm.cli import common
     from medldm.io.errors import CaseError
     from medldm.models import load_model
     from medldm.pipelines.enhance import Enhancer
@@ -171,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.deidentify and (is_nifti(out) or args.to == "nifti"):
         raise UsageError("--deidentify applies to DICOM output only (NIfTI output carries no DICOM identifiers)")
-    check_in_out(src, out)
-    check_out_writable(out)
+    common.check_in_out(src, out)
+    common.check_out_writable(out)
     rank, world, local_rank = _dist_setup(getattr(args, "distributed", False))
     device = _device(args.device, local_rank)
     try:
@@ -181,10 +171,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(e.line()) from None
     opts = enhance_options(args, device)
     desc = f"medldm {enhancer.task} ({model.name})"
-    found = remote_in.found if remote_in else find_inputs(src)
+    found = remote_in.found if remote_in else common.find_inputs(src)
     command = shlex.join(["medldm", "enhance", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm enhance"
     single = not (remote_in or remote_out) and (src.is_file() or (len(found.cases) == 1 and is_nifti(out)))
-    targets, report = plan_outputs(found, out, args, "enhance", single=single, fmt=args.to, report_name=REPORT_NAME)
+    targets, report = common.plan_outputs(found, out, args, "enhance", single=single, fmt=args.to, report_name=REPORT_NAME)
     from medldm.models.folder import model_hash
 
     options = {"model": str(model.resolve()), "model_hash": model_hash(model), "steps": args.steps,
@@ -192,22 +182,22 @@ def run(args: argparse.Namespace) -> int:
                "axis": args.axis, "refine": not args.no_refine,
                "window": list(enhancer.window(opts)), "overlap": opts.overlap}  # the output depends on the tiling
 
-    def resume(case) -> Resume:
+    def resume(case) -> common.Resume:
         t = targets[case.id]
         kind = {"output_kind": "nifti"} if is_nifti(t) else {"output_kind": "dicom", "deidentify": bool(args.deidentify)}
         key = {"command": "enhance", "options": {**options, **kind},
-               "inputs": case_signature(case)}
-        return Resume(t, key, extra=[std_path(t)] if args.samples > 1 else [], source=case_source(case))
+               "inputs": common.case_signature(case)}
+        return common.Resume(t, key, extra=[std_path(t)] if args.samples > 1 else [], source=common.case_source(case))
 
     shard = found.cases[rank::world]
     rank_report = report if world == 1 else report.with_name(f"{report.stem}.rank{rank}.json")
-    deid = deidentifier(args)
+    deid = common.deidentifier(args)
     name = args.model if not Path(args.model).is_dir() else model.name
 
     def prov(info: dict) -> dict:
         return provenance(name, options["model_hash"], enhancer.task, opts, info)
 
-    status, results = run_cases(shard, lambda c: _process(c, targets[c.id], enhancer, opts, desc, resume(c),
+    status, results = common.run_cases(shard, lambda c: _process(c, targets[c.id], enhancer, opts, desc, resume(c),
                                                           args.overwrite, deid, prov),
                                 name=str, is_done=lambda c: resume(c).check(args.overwrite),
                                 report_path=rank_report, desc="enhance", command=command,
