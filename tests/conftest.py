@@ -97,3 +97,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def held_out_crop(path, size: int, slices: int):
+    """A centre crop (size x size x slices) of a real held-out scan, scaled to [0, 1] (0.5-99.5th percentiles),
+    as the demo prepares its references."""
+    from medldm.data.intensity import fit_normalization, normalize
+    from medldm.demo import _center_crop
+    from medldm.io.reader import load_scan
+
+    img = _center_crop(load_scan(path), size, slices)
+    ref = normalize(img, fit_normalization(img, "MR", out_range=(0.0, 1.0)))
+    ref.meta["original_dtype"] = "float32"
+    return ref
+
+
+def psnr01(a, b) -> float:
+    """Mean 2D PSNR over the slices of two (X, Y, Z) images in [0, 1] (data_range 1)."""
+    import numpy as np
+    import torch
+
+    from medldm.metrics import psnr
+
+    a, b = torch.as_tensor(np.asarray(a), dtype=torch.float32), torch.as_tensor(np.asarray(b), dtype=torch.float32)
+    return float(psnr(a.permute(2, 0, 1)[:, None], b.permute(2, 0, 1)[:, None], data_range=1.0).mean())

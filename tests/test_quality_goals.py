@@ -10,27 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from conftest import held_out_crop, psnr01
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _held_out(path, size: int, slices: int):
-    from medldm.data.intensity import fit_normalization, normalize
-    from medldm.demo import _center_crop
-    from medldm.io.reader import load_scan
-
-    img = _center_crop(load_scan(path), size, slices)
-    ref = normalize(img, fit_normalization(img, "MR", out_range=(0.0, 1.0)))
-    ref.meta["original_dtype"] = "float32"
-    return ref
-
-
-def _psnr(a, b) -> float:
-    from medldm.metrics import psnr
-
-    a, b = torch.as_tensor(np.asarray(a), dtype=torch.float32), torch.as_tensor(np.asarray(b), dtype=torch.float32)
-    return float(psnr(a.permute(2, 0, 1)[:, None], b.permute(2, 0, 1)[:, None], data_range=1.0).mean())
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +23,11 @@ def denoise_scores(dipy_files):
     from medldm.eval.baselines import denoise
     from medldm.shipped import enhance
 
-    ref = _held_out(dipy_files / "S0_10slices.nii.gz", 80, 2)
+    ref = held_out_crop(dipy_files / "S0_10slices.nii.gz", 80, 2)
     noisy = gaussian_noise(ref, 0.05, 0)
     arr = np.asarray(noisy)
-    return {"noisy": _psnr(noisy, ref), "nlm": _psnr(denoise(arr, "nlm")[0], ref),
-            "bm3d": _psnr(denoise(arr, "bm3d")[0], ref), "model": _psnr(enhance("mr-denoise-2d", noisy, seed=0), ref)}
+    return {"noisy": psnr01(noisy, ref), "nlm": psnr01(denoise(arr, "nlm")[0], ref),
+            "bm3d": psnr01(denoise(arr, "bm3d")[0], ref), "model": psnr01(enhance("mr-denoise-2d", noisy, seed=0), ref)}
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +38,9 @@ def sr_scores(pydicom_data):
     from medldm.eval.baselines import upsample_scan
     from medldm.shipped import enhance
 
-    ref = _held_out(pydicom_data / "MR-SIEMENS-DICOM-WithOverlays.dcm", 128, 1)
+    ref = held_out_crop(pydicom_data / "MR-SIEMENS-DICOM-WithOverlays.dcm", 128, 1)
     low = downsample(ref, 2, method="gaussian")
-    return {"cubic": _psnr(upsample_scan(low, 2, "bspline"), ref), "model": _psnr(enhance("mr-sr2x-2d", low, seed=0), ref)}
+    return {"cubic": psnr01(upsample_scan(low, 2, "bspline"), ref), "model": psnr01(enhance("mr-sr2x-2d", low, seed=0), ref)}
 
 
 def test_denoiser_beats_the_noisy_input(denoise_scores):

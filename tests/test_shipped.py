@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import held_out_crop, psnr01
 
 import medldm
 from medldm.cli import main
@@ -20,25 +21,6 @@ def _require(name: str):
     if name not in installed_models():
         pytest.fail(f"shipped model {name} missing from medldm/assets/models (train + export it: docs/models.md)")
     return resolve_model(name)
-
-
-def _held_out(path, size: int, slices: int):
-    """A centre crop (size x size x slices) of a real held-out scan, scaled to [0, 1] (0.5-99.5th percentiles)."""
-    from medldm.data.intensity import fit_normalization, normalize
-    from medldm.demo import _center_crop
-    from medldm.io.reader import load_scan
-
-    img = _center_crop(load_scan(path), size, slices)
-    ref = normalize(img, fit_normalization(img, "MR", out_range=(0.0, 1.0)))
-    ref.meta["original_dtype"] = "float32"
-    return ref
-
-
-def _psnr(a, b) -> float:
-    from medldm.metrics import psnr
-
-    a, b = torch.as_tensor(np.asarray(a), dtype=torch.float32), torch.as_tensor(np.asarray(b), dtype=torch.float32)
-    return float(psnr(a.permute(2, 0, 1)[:, None], b.permute(2, 0, 1)[:, None], data_range=1.0).mean())
 
 
 def _enhance(name, img):
@@ -125,10 +107,10 @@ def test_models_load_by_name(name):
 def test_denoise_improves_held_out_scan(dipy_files):
     from medldm.data.degrade import gaussian_noise
 
-    ref = _held_out(dipy_files / "S0_10slices.nii.gz", 64, 2)
+    ref = held_out_crop(dipy_files / "S0_10slices.nii.gz", 64, 2)
     noisy = gaussian_noise(ref, 0.05, 0)
     out = _enhance("mr-denoise-2d", noisy)
-    before, after = _psnr(noisy, ref), _psnr(out, ref)
+    before, after = psnr01(noisy, ref), psnr01(out, ref)
     assert after > before + 2.0, (before, after)
 
 
@@ -136,11 +118,11 @@ def test_sr_improves_held_out_scan(pydicom_data):
     from medldm.data.degrade import downsample
     from medldm.eval.baselines import upsample_scan
 
-    ref = _held_out(pydicom_data / "MR-SIEMENS-DICOM-WithOverlays.dcm", 128, 1)
+    ref = held_out_crop(pydicom_data / "MR-SIEMENS-DICOM-WithOverlays.dcm", 128, 1)
     low = downsample(ref, 2, method="gaussian")
     out = _enhance("mr-sr2x-2d", low)
-    linear = _psnr(upsample_scan(low, 2, "linear"), ref)
-    after = _psnr(out, ref)
+    linear = psnr01(upsample_scan(low, 2, "linear"), ref)
+    after = psnr01(out, ref)
     assert after > linear + 0.5, (linear, after)
 
 
@@ -148,11 +130,11 @@ def test_enhance_by_name_keeps_geometry(dipy_files, pydicom_data):
     """Runs by name through the inference pipeline: denoise keeps the grid, SR doubles it (same extent)."""
     from medldm.data.degrade import downsample, gaussian_noise
 
-    ref = _held_out(dipy_files / "S0_10slices.nii.gz", 32, 1)
+    ref = held_out_crop(dipy_files / "S0_10slices.nii.gz", 32, 1)
     out = _enhance("mr-denoise-2d", gaussian_noise(ref, 0.05, 0))
     assert tuple(out.shape) == tuple(ref.shape) and np.isfinite(np.asarray(out)).all()
     np.testing.assert_allclose(np.asarray(out.affine), np.asarray(ref.affine), atol=1e-6)
-    ref = _held_out(pydicom_data / "MR-SIEMENS-DICOM-WithOverlays.dcm", 32, 1)
+    ref = held_out_crop(pydicom_data / "MR-SIEMENS-DICOM-WithOverlays.dcm", 32, 1)
     out = _enhance("mr-sr2x-2d", downsample(ref, 2, method="gaussian"))
     assert tuple(out.shape) == tuple(ref.shape) and np.isfinite(np.asarray(out)).all()
     np.testing.assert_allclose(np.asarray(out.affine), np.asarray(ref.affine), atol=1e-6)  # x2 grid, same extent

@@ -101,9 +101,8 @@ def _drop_duplicate_uids(frames: list[Frame], warns: list[str]) -> list[Frame]:
     return out
 
 
-def _select_volume(frames: list[Frame], d: np.ndarray, tol: float, volume: int | None, where: str,
-                   warns: list[str]) -> tuple[list[Frame], np.ndarray]:
-    """Handle several frames at one position: a 4D series (choose ``volume``) or an error."""
+def _position_groups(d: np.ndarray, tol: float) -> tuple[np.ndarray, list[list[int]]]:
+    """(order ascending along the normal, groups of frame indices at one position within ``tol`` mm)."""
     order = np.argsort(d, kind="stable")
     groups: list[list[int]] = []
     for idx in order:
@@ -111,6 +110,13 @@ def _select_volume(frames: list[Frame], d: np.ndarray, tol: float, volume: int |
             groups[-1].append(int(idx))
         else:
             groups.append([int(idx)])
+    return order, groups
+
+
+def _select_volume(frames: list[Frame], d: np.ndarray, tol: float, volume: int | None, where: str,
+                   warns: list[str]) -> tuple[list[Frame], np.ndarray]:
+    """Handle several frames at one position: a 4D series (choose ``volume``) or an error."""
+    order, groups = _position_groups(d, tol)
     counts = {len(g) for g in groups}
     if counts == {1}:
         if volume not in (None, 0):
@@ -214,14 +220,7 @@ def regular_runs(frames: Sequence[Frame], *, where: str) -> Runs:
     d = _positions(frames)
     if d is None or len(frames) < 2:
         return Runs([frames])
-    order = np.argsort(d, kind="stable")
-    tol = _position_tol(frames)
-    groups: list[list[int]] = []
-    for idx in order:
-        if groups and abs(d[idx] - d[groups[-1][0]]) <= tol:
-            groups[-1].append(int(idx))
-        else:
-            groups.append([int(idx)])
+    _, groups = _position_groups(d, _position_tol(frames))
     if len(groups) < 2:
         return Runs([frames])
     u = np.array([float(np.mean(d[g])) for g in groups])

@@ -26,21 +26,27 @@ class RunData:
         return (self.val, "") if self.val is not None and len(self.val) else (self.train, "train_")
 
 
-def build_data(cfg, out_dir: Path, *, quiet: bool = False) -> RunData:
-    """Collect, split (by scan), load/normalize (cached) and cut items for ``cfg`` (a TrainingConfig)."""
+def split_refs(cfg) -> tuple[list, list]:
+    """(training scans, validation scans) of ``cfg``: ``data.val`` when given (it must not repeat a training
+    scan), else a seeded split of ``data.train`` by scan (``data.val_fraction``)."""
     d = cfg.data
     if not d.train:
         raise ValueError("data.train is empty — list folders, list files or scans to train on")
     refs = collect_scans(d.train)
-    if d.val:
-        val_refs = collect_scans(d.val)
-        train_ids = {r.id for r in refs}
-        overlap = [r.id for r in val_refs if r.id in train_ids]
-        if overlap:
-            raise ValueError(f"data.val repeats training scans (e.g. {overlap[0]}): validation must be other scans")
-        train_refs = refs
-    else:
-        train_refs, val_refs = split_scans(refs, d.val_fraction, cfg.seed)
+    if not d.val:
+        return split_scans(refs, d.val_fraction, cfg.seed)
+    val_refs = collect_scans(d.val)
+    train_ids = {r.id for r in refs}
+    overlap = [r.id for r in val_refs if r.id in train_ids]
+    if overlap:
+        raise ValueError(f"data.val repeats training scans (e.g. {overlap[0]}): validation must be other scans")
+    return refs, val_refs
+
+
+def build_data(cfg, out_dir: Path, *, quiet: bool = False) -> RunData:
+    """Collect, split (by scan), load/normalize (cached) and cut items for ``cfg`` (a TrainingConfig)."""
+    d = cfg.data
+    train_refs, val_refs = split_refs(cfg)
     cache_dir = Path(d.cache_dir) if d.cache_dir else Path(out_dir) / "cache"
     kw = {"modality": d.modality, "ct_window": d.ct_window, "cache": d.cache, "cache_dir": cache_dir}
     vols = load_volumes(train_refs, **kw)

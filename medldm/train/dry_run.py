@@ -203,22 +203,11 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
 # ------------------------------------------------------------------------------------------ the dry run
 def _one_scan_data(cfg, max_scans: int = 1):
     """(train refs, val refs, RunData holding the items of the first ``max_scans`` readable training scans)."""
-    from medldm.data.datasets import ItemStore, collect_scans, load_volumes, make_items, split_scans
-    from medldm.train.data import RunData
+    from medldm.data.datasets import ItemStore, load_volumes, make_items
+    from medldm.train.data import RunData, split_refs
 
     d = cfg.data
-    if not d.train:
-        raise ValueError("data.train is empty — list folders, list files or scans to train on")
-    refs = collect_scans(d.train)
-    if d.val:
-        val_refs = collect_scans(d.val)
-        train_ids = {r.id for r in refs}
-        overlap = [r.id for r in val_refs if r.id in train_ids]
-        if overlap:
-            raise ValueError(f"data.val repeats training scans (e.g. {overlap[0]}): validation must be other scans")
-        train_refs = refs
-    else:
-        train_refs, val_refs = split_scans(refs, d.val_fraction, cfg.seed)
+    train_refs, val_refs = split_refs(cfg)
     kw = {"modality": d.modality, "ct_window": d.ct_window, "cache": "memory"}
     vols = []
     for r in train_refs:  # the first readable scans (load_volumes skips broken ones with a warning)
