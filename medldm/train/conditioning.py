@@ -1,4 +1,4 @@
-"""Training pairs and the image condition of the latent U-Net (SR and denoising).
+"""Training pairs and the image condition of the latent U-Net (SR, denoising, thick -> thin slices).
 
 **Pairs** are made on the fly from clean crops with seeded, batched torch degradations (CPU or GPU), in the
 model range [-1, 1] (width 2):
@@ -10,7 +10,12 @@ model range [-1, 1] (width 2):
   drawn from ``degrade.blur_range``, so the model does not learn one kernel) and back to the high-res grid
   (linear); ``thick`` (3D): average of ``scale`` slices along the last axis, replicated back;
   then a noise-augmentation ``s`` from ``degrade.noise_aug_range`` is added to the low-res condition
-  (Ho et al. 2021, cascaded diffusion) and ``s`` is a U-Net input.
+  (Ho et al. 2021, cascaded diffusion) and ``s`` is a U-Net input;
+* ``thinslice`` (2D, SMORE-style self-similarity): along ONE in-plane axis of the slice (drawn per sample, 0 or
+  1), thick slices of ``scale`` thin ones (``degrade.profile``: box = their mean; gaussian = FWHM ``scale``
+  pixels, centred on the same points), then Keys cubic interpolation back to the thin grid, exactly what
+  :mod:`medldm.pipelines.thinslice` does along Z at inference (thick slice ``k`` centred on thin index
+  ``k * scale + (scale - 1) / 2``, pixel-area convention); a noise augmentation as for ``sr``.
 
 **Condition** = the degraded image on the high-res grid, rearranged to the latent grid by space-to-depth
 (:func:`medldm.models.conditioning.space_to_depth`, shared with inference, so it lives below both).
@@ -21,6 +26,7 @@ folder's ``extra.json`` so inference feeds the same scale.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -96,6 +102,60 @@ def downsample_upsample(x: torch.Tensor, scale: int, kind: str = "downsample",
     return F.interpolate(low, size=x.shape[2:], mode=mode, align_corners=False)
 
 
+def thick_matrix(n: int, scale: int, profile: str = "box") -> torch.Tensor:
+    """(n // scale, n) float64 matrix: thin slices -> thick slices of ``scale`` thin ones (box: their mean;
+    gaussian: FWHM ``scale`` thin slices around the same centre ``k * scale + (scale - 1) / 2``, borders
+    replicated). ``n`` must be a multiple of ``scale``."""
+    import numpy as np
+
+    if n % scale:
+        raise ValueError(f"thick slices of {scale}: {n} thin slices is not a multiple of {scale}")
+    m = n // scale
+    w = np.zeros((m, n))
+    if profile == "box":
+        for k in range(m):
+            w[k, k * scale:(k + 1) * scale] = 1.0 / scale
+    elif profile == "gaussian":
+        sd = scale / (2.0 * math.sqrt(2.0 * math.log(2.0)))  # FWHM = scale thin slices
+        r = int(math.ceil(3.0 * sd + scale / 2.0))
+        for k in range(m):
+            c = k * scale + (scale - 1) / 2.0
+            for i in range(int(math.floor(c - r)), int(math.ceil(c + r)) + 1):
+                w[k, min(max(i, 0), n - 1)] += math.exp(-0.5 * ((i - c) / sd) ** 2)
+        w /= w.sum(axis=1, keepdims=True)
+    else:
+        raise ValueError(f"unknown slice profile {profile!r} (box or gaussian)")
+    return torch.from_numpy(w)
+
+
+def thin_matrix(m: int, scale: int) -> torch.Tensor:
+    """(m * scale, m) float64 matrix: Keys cubic convolution (a = -0.5, borders replicated) from ``m`` thick
+    slices to ``m * scale`` thin ones over the same extent: ``medldm.eval.baselines.cubic_convolution_resize``
+    (the 'bicubic' baseline), as a matrix."""
+    import numpy as np
+
+    from medldm.eval.baselines import cubic_convolution_resize
+
+    return torch.from_numpy(cubic_convolution_resize(np.eye(m), (m * scale, m)))
+
+
+@functools.lru_cache(maxsize=32)
+def _degrade_matrix(n: int, scale: int, profile: str) -> torch.Tensor:
+    return thin_matrix(n // scale, scale) @ thick_matrix(n, scale, profile)
+
+
+def thinslice_degrade(x: torch.Tensor, scale: int, profile: str, axes: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W) -> thick slices along axis ``axes[n]`` (0: H, 1: W) of each sample, interpolated back to
+    the thin grid (same shape). H and W must be multiples of ``scale``."""
+    h, w = x.shape[-2:]
+    mh = _degrade_matrix(h, scale, profile).to(x.device, x.dtype)
+    mw = mh if w == h else _degrade_matrix(w, scale, profile).to(x.device, x.dtype)
+    along_h = torch.einsum("ij,ncjw->nciw", mh, x)
+    along_w = torch.einsum("ij,nchj->nchi", mw, x)
+    pick = _bshape(axes.to(x.device), x).bool()
+    return torch.where(pick, along_w, along_h)
+
+
 def make_pair(clean: torch.Tensor, task: str, degrade, gen: torch.Generator,
               sigma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """clean (N, 1, *S) -> (degraded (N, 1, *S) on the same grid, noise level (N,) in [0, 1]).
@@ -119,6 +179,18 @@ def make_pair(clean: torch.Tensor, task: str, degrade, gen: torch.Generator,
         elif hi_b > 0:  # drawn only when configured, so configs without it keep their random stream
             blur = _levels(n, (lo_b, hi_b), gen, "cpu")
         low = downsample_upsample(clean, degrade.scale, degrade.kind, blur)
+        sigma = fixed if fixed is not None else _levels(n, rng_range, gen, clean.device)
+        top = float(degrade.noise_aug_range[1])
+        if top > 0:
+            low = add_noise(low, sigma, "gaussian", gen)
+        level = (sigma / top).clamp(0, 1) if top > 0 else torch.zeros_like(sigma)
+        return low, level
+    if task == "thinslice":
+        if fixed is not None:  # validation: alternate the axis, so both reformat directions are measured
+            axes = torch.arange(n) % 2
+        else:
+            axes = (torch.rand(n, generator=gen) < 0.5).long()
+        low = thinslice_degrade(clean, int(degrade.scale), getattr(degrade, "profile", "box"), axes)
         sigma = fixed if fixed is not None else _levels(n, rng_range, gen, clean.device)
         top = float(degrade.noise_aug_range[1])
         if top > 0:

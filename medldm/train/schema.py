@@ -71,13 +71,17 @@ class DegradeConfig:
 
     kind: Literal["gaussian", "rician", "downsample", "thick"] = doc_field(
         "gaussian", "gaussian/rician noise (denoise) or downsample/thick slices (sr)")
-    scale: int = doc_field(2, "sr: down-sampling factor (in-plane) or slice thickness factor (thick, 3D)")
+    scale: int = doc_field(2, "sr: down-sampling factor (in-plane) or slice thickness factor (thick, 3D); "
+                              "thinslice: thin slices per thick slice")
     level_range: tuple[float, float] = doc_field((0.02, 0.1), "denoise: noise sigma relative to the model range width")
     noise_aug_range: tuple[float, float] = doc_field((0.0, 0.1), "sr: noise-augmentation sigma added to the low-res "
                                                                   "condition; its level is a U-Net input")
     blur_range: tuple[float, float] = doc_field(
         (0.0, 0.0), "sr (downsample): Gaussian pre-blur sigma in high-res pixels, drawn per sample, before area "
         "down-sampling (0.5 at x2 is skimage's anti_aliasing=True): robustness to the scanner's / user's kernel")
+    profile: Literal["box", "gaussian"] = doc_field(
+        "box", "thinslice: slice profile of a thick slice: box (the mean of `scale` thin slices) or gaussian "
+        "(FWHM = `scale` thin slices, same centre)")
 
     def __post_init__(self) -> None:
         if self.scale < 1:
@@ -202,7 +206,8 @@ class TrainingConfig:
     """A training run: ``medldm train CONFIG.yaml -o OUT_DIR``."""
 
     stage: Literal["vae", "ldm", "both"] = doc_field("both", "which stage(s) to train")
-    task: Literal["synthesis", "sr", "denoise"] = doc_field("synthesis", "what the diffusion model learns")
+    task: Literal["synthesis", "sr", "denoise", "thinslice"] = doc_field(
+        "synthesis", "what the diffusion model learns (thinslice: 2D, thick -> thin slices along one in-plane axis)")
     spatial_dims: Literal[2, 3] = doc_field(2, "2 = slice models, 3 = volume models")
     seed: int = doc_field(0, "seed of everything: init, data order, augmentation, degradations, noise")
     vae_path: str | None = doc_field(None, "stage ldm: trained VAE model folder (default OUT_DIR/vae/model)")
@@ -258,8 +263,12 @@ class TrainingConfig:
             raise ConfigError(f"degrade.kind: task 'denoise' needs 'gaussian' or 'rician', got {deg.kind!r}")
         if self.task == "sr" and deg.kind == "thick" and nd != 3:
             raise ConfigError("degrade.kind: 'thick' slices need spatial_dims 3")
+        if self.task == "thinslice" and (deg.kind != "thick" or nd != 2 or deg.scale < 2):
+            raise ConfigError("task 'thinslice': needs degrade.kind 'thick', degrade.scale >= 2 and spatial_dims 2")
+        if self.task == "thinslice" and any(p % deg.scale for p in d.patch_size):
+            raise ConfigError(f"data.patch_size: task 'thinslice' needs multiples of degrade.scale ({deg.scale})")
         # Conditioning the U-Net needs follows from the task: it is derived, not typed by hand.
-        cond = self.in_channels * f ** nd if self.task in ("sr", "denoise") else 0
+        cond = self.in_channels * f ** nd if self.task in ("sr", "denoise", "thinslice") else 0
         if self.unet.cond_channels not in (0, cond):
             raise ConfigError(f"unet.cond_channels: derived from the task ({cond}); leave it out of the config")
         self.unet.cond_channels = cond
