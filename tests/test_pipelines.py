@@ -311,7 +311,8 @@ def test_enhance_shards_cases_over_torchrun_ranks(tmp_path, models, mr_nifti):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "-m", "medldm", "enhance", "-m", str(models["denoise2"]), "-i", str(src), "-o", str(out), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert (out / "medldm-enhance-report.json").exists(), r.stderr[-3000:]
     report = json.loads((out / "medldm-enhance-report.json").read_text())
     assert report["counts"] == {"done": 3, "skipped": 0, "failed": 1}
     assert sorted(c["case"] for c in report["cases"]) == ["a", "b", "broken", "c"]
