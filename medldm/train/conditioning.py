@@ -156,6 +156,17 @@ def thinslice_degrade(x: torch.Tensor, scale: int, profile: str, axes: torch.Ten
     return torch.where(pick, along_w, along_h)
 
 
+def _noise_augment(low: torch.Tensor, degrade, fixed, rng_range, gen: torch.Generator):
+    """Noise augmentation of the low-quality condition (sr, thinslice): Gaussian noise of a level drawn from
+    ``rng_range`` (or ``fixed``), returned as the U-Net's noise-level input in [0, 1] of ``noise_aug_range``."""
+    sigma = fixed if fixed is not None else _levels(low.shape[0], rng_range, gen, low.device)
+    top = float(degrade.noise_aug_range[1])
+    if top > 0:
+        low = add_noise(low, sigma, "gaussian", gen)
+    level = (sigma / top).clamp(0, 1) if top > 0 else torch.zeros_like(sigma)
+    return low, level
+
+
 def make_pair(clean: torch.Tensor, task: str, degrade, gen: torch.Generator,
               sigma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """clean (N, 1, *S) -> (degraded (N, 1, *S) on the same grid, noise level (N,) in [0, 1]).
@@ -179,24 +190,14 @@ def make_pair(clean: torch.Tensor, task: str, degrade, gen: torch.Generator,
         elif hi_b > 0:  # drawn only when configured, so configs without it keep their random stream
             blur = _levels(n, (lo_b, hi_b), gen, "cpu")
         low = downsample_upsample(clean, degrade.scale, degrade.kind, blur)
-        sigma = fixed if fixed is not None else _levels(n, rng_range, gen, clean.device)
-        top = float(degrade.noise_aug_range[1])
-        if top > 0:
-            low = add_noise(low, sigma, "gaussian", gen)
-        level = (sigma / top).clamp(0, 1) if top > 0 else torch.zeros_like(sigma)
-        return low, level
+        return _noise_augment(low, degrade, fixed, rng_range, gen)
     if task == "thinslice":
         if fixed is not None:  # validation: alternate the axis, so both reformat directions are measured
             axes = torch.arange(n) % 2
         else:
             axes = (torch.rand(n, generator=gen) < 0.5).long()
         low = thinslice_degrade(clean, int(degrade.scale), getattr(degrade, "profile", "box"), axes)
-        sigma = fixed if fixed is not None else _levels(n, rng_range, gen, clean.device)
-        top = float(degrade.noise_aug_range[1])
-        if top > 0:
-            low = add_noise(low, sigma, "gaussian", gen)
-        level = (sigma / top).clamp(0, 1) if top > 0 else torch.zeros_like(sigma)
-        return low, level
+        return _noise_augment(low, degrade, fixed, rng_range, gen)
     raise ValueError(f"task {task!r} has no degraded pair")
 
 
