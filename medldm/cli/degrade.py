@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import zlib
 from pathlib import Path
 
 from medldm.cli.common import add_deidentify_argument
 from medldm.io.errors import CaseError, UsageError
-from medldm.io.formats import is_nifti
+from medldm.io.formats import is_nifti, sibling_path
 
 REPORT_NAME = "medldm-degrade-report.json"
 KINDS = ("gaussian", "rician", "lowdose", "downsample", "thick")
@@ -75,13 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def sidecar_path(out: Path) -> Path:
     """``OUT/x.nii.gz`` -> ``OUT/x.degradation.json``; DICOM folder ``OUT/x`` -> ``OUT/x.degradation.json``."""
-    out = Path(os.path.abspath(out))
-    name = out.name
-    for suf in (".nii.gz", ".nii"):
-        if name.lower().endswith(suf):
-            name = name[: -len(suf)]
-            break
-    return out.with_name(f"{name}.degradation.json")
+    return sibling_path(out, ".degradation.json")
 
 
 def case_seed(seed: int, case_id: str) -> int:

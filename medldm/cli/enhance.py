@@ -30,7 +30,7 @@ from pathlib import Path
 from medldm.cli.common import add_deidentify_argument
 from medldm.cli.remote import add_remote_arguments
 from medldm.io.errors import UsageError
-from medldm.io.formats import is_nifti
+from medldm.io.formats import is_nifti, sibling_path
 
 REPORT_NAME = "medldm-enhance-report.json"
 
@@ -76,13 +76,7 @@ def enhance_options(args: argparse.Namespace, device: str):
 
 def std_path(out: Path) -> Path:
     """Where the uncertainty map of output ``out`` goes: ``<name>_std.nii.gz`` beside it."""
-    out = Path(os.path.abspath(out))
-    name = out.name
-    for ext in (".nii.gz", ".nii"):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return out.with_name(f"{name}_std.nii.gz")
+    return sibling_path(out, "_std.nii.gz")
 
 
 
