@@ -2,11 +2,16 @@
 
     medldm synthesize -m MODEL -n N -o OUT [--condition class=K|NAME] [--guidance W] [--seed S]
                       [--format nifti|dicom] [--steps N] [--sampler NAME] [--size X,Y[,Z]] [--spacing MM]
+                      [--mask LABELS.nii.gz]
 
 Writes ``OUT/synth_00000.nii.gz`` (or DICOM series folders ``OUT/synth_00000/``: fresh UIDs, no patient
 identifiers, "SYNTHETIC" in the series description) and ``OUT/synth_00000.json`` (model hash, resolved config,
 seed, condition, guidance, sampler). Case i uses seed S + i, so a rerun (resume) or a larger N reproduces the
 same scans. Exit status: 0 all done, 1 some failed, 2 usage error.
+
+``--mask`` (mask-conditioned models, ``condition: mask``): every scan follows that label map and lies on its grid
+(shape and affine); the map is copied beside each scan as ``OUT/synth_00000_labels.nii.gz``, so OUT holds
+image/label pairs for augmentation studies.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=("ddim", "dpmpp_2m", "unipc", "euler_flow"), help="default: the model's")
     p.add_argument("--size", metavar="X,Y[,Z]", help="image size (default: the training size)")
     p.add_argument("--spacing", type=float, default=1.0, metavar="MM", help="voxel size in mm (default 1)")
+    p.add_argument("--mask", metavar="LABELS.nii.gz",
+                   help="label map (NIfTI, values 0..K-1, 0 = background; one slice for 2D models) the images follow "
+                        "(mask-conditioned models); copied beside each scan as synth_NNNNN_labels.nii.gz")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
@@ -80,6 +88,9 @@ def _size(text: str | None) -> tuple[int, ...] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
     import medldm
     from medldm.cli.common import run_cases
     from medldm.cli.enhance import _device, _resolve_model
@@ -101,8 +112,13 @@ def run(args: argparse.Namespace) -> int:
         bundle = load_model(model)
         syn = Synthesizer(bundle, device=_device(args.device))
         label = syn.label_index(cond.get("class"))
+        mask, mask_affine, mask_info = _load_mask(args.mask, syn) if args.mask else (None, None, None)
     except (CaseError, ValueError) as e:
         raise UsageError(e.line() if isinstance(e, CaseError) else str(e)) from None
+    if mask is not None:
+        if args.size:
+            raise UsageError("--size and --mask: the label map sets the size; drop --size")
+        size = syn.mask_size(mask)
     # what sampling and decoding will allocate, checked before the first case: a usage error, not N failures
     w = float(syn.dcfg.guidance if args.guidance is None else args.guidance)
     try:
@@ -122,14 +138,20 @@ def run(args: argparse.Namespace) -> int:
                                            if label is not None and label < len(syn.class_names) else None},
         "guidance": used_w, "sampler": args.sampler or syn.dcfg.sampler,
         "steps": args.steps or syn.dcfg.sampling_steps, "shape": [*size, 1] if len(size) == 2 else list(size),
-        "spacing_mm": args.spacing, "format": args.format,
+        "spacing_mm": args.spacing, "format": args.format, "mask": mask_info,
     }
+    if mask is not None:
+        settings["shape"] = list(mask.shape) + ([1] if mask.ndim == 2 else [])
+        settings["spacing_mm"] = [float(v) for v in np.linalg.norm(mask_affine[:3, :3], axis=0)]
 
     def target(i: int) -> Path:
         return out / (f"synth_{i:05d}.nii.gz" if args.format == "nifti" else f"synth_{i:05d}")
 
     def record(i: int) -> Path:
         return out / f"synth_{i:05d}.json"
+
+    def label_file(i: int) -> Path:
+        return out / f"synth_{i:05d}_labels.nii.gz"
 
     def previous(i: int) -> dict | None:
         """The provenance record of an earlier run for scan i, None when there is none; a CaseError when OUT holds
@@ -170,18 +192,51 @@ def run(args: argparse.Namespace) -> int:
             tmp.write_text(json.dumps(prov, indent=2, default=str))
         try:
             img, _ = syn.generate(seed=seed, label=label, guidance=args.guidance, steps=args.steps,
-                                  sampler=args.sampler, size=size, spacing=args.spacing)
+                                  sampler=args.sampler, size=None if mask is not None else size,
+                                  spacing=args.spacing, mask=mask, affine=mask_affine)
         except ValueError as e:
             raise CaseError(f"synth_{i:05d}", str(e), "check --size / --condition") from None
         if args.format == "nifti":
             save_nifti(img, dest)
         else:
             save_scan(img, dest, reference=None, description=f"SYNTHETIC medldm {model.name} seed {seed}")
-        return {"outputs": [str(dest), str(rec)], "seed": seed}
+        outputs = [str(dest), str(rec)]
+        if mask is not None:  # the pair's label map: the same grid and affine as the image
+            from monai.data import MetaTensor
+
+            lab = mask[..., None] if mask.ndim == 2 else mask
+            meta = {"original_ndim": syn.dims, "original_dtype": "uint8" if syn.mask_classes <= 255 else "int16"}
+            save_nifti(MetaTensor(lab.float(), affine=torch.as_tensor(mask_affine), meta=meta), label_file(i),
+                       dtype=np.uint8 if syn.mask_classes <= 255 else np.int16)
+            outputs.append(str(label_file(i)))
+        return {"outputs": outputs, "seed": seed}
 
     status, _ = run_cases(range(args.num), process, name=lambda i: f"synth_{i:05d}", is_done=is_done,
                           report_path=report, desc="synthesize", command=command, quiet=args.quiet)
     return status
+
+
+def _load_mask(path: str, syn):
+    """``--mask`` -> (int64 label tensor of the model's dimensionality, its 4x4 RAS affine, provenance record)."""
+    import hashlib
+
+    import numpy as np
+
+    from medldm.io.reader import load_nifti
+
+    if not Path(path).is_file():
+        raise UsageError(f"--mask {path}: no such file")
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        raise UsageError(f"--mask {path}: give the label map as a NIfTI file (.nii or .nii.gz)")
+    data, affine, _ = load_nifti(path)
+    try:
+        mask = syn.mask_array(data)
+    except ValueError as e:
+        raise UsageError(f"--mask {path}: {e}") from None
+    digest = hashlib.sha256(mask.numpy().tobytes() + np.asarray(affine, np.float64).tobytes()).hexdigest()
+    counts = np.bincount(mask.numpy().ravel(), minlength=syn.mask_classes).tolist()
+    return mask, np.asarray(affine, np.float64), {"path": str(Path(path).resolve()), "sha256": digest,
+                                                  "shape": list(mask.shape), "voxels_per_label": counts}
 
 
 def _ours(file: Path, key: str) -> dict | None:

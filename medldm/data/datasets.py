@@ -255,6 +255,7 @@ class ItemStore:
         self.factor = int(factor)
         self.num_classes = num_classes
         self.class_from = class_from
+        self.masks: list[torch.Tensor] | None = None  # tissue label maps per item (condition: mask)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -283,6 +284,23 @@ class ItemStore:
         for i, c in zip(idx, corners, strict=True):
             sl = tuple(slice(a, a + p) for a, p in zip(c, self.patch, strict=True))
             out.append(self.items[int(i)].image[(slice(None), *sl)])
+        return torch.stack(out)
+
+    def derive_masks(self, classes: int) -> None:
+        """Tissue label maps of every item (``medldm.data.tissue.tissue_labels``: background + intensity clusters),
+        derived once, on the whole item, so crops of one item agree (mask-conditioned synthesis)."""
+        from medldm.data.tissue import tissue_labels
+
+        self.masks = [tissue_labels(it.image[0], classes) for it in self.items]
+
+    def mask_crop(self, idx: np.ndarray, corners: list[tuple[int, ...]]) -> torch.Tensor:
+        """(B, *patch) int64 label crops at the same places as :meth:`crop` (after :meth:`derive_masks`)."""
+        if getattr(self, "masks", None) is None:
+            raise ValueError("no label maps: call derive_masks first")
+        out = []
+        for i, c in zip(idx, corners, strict=True):
+            sl = tuple(slice(a, a + p) for a, p in zip(c, self.patch, strict=True))
+            out.append(self.masks[int(i)][sl])
         return torch.stack(out)
 
     def labels(self, idx: np.ndarray) -> torch.Tensor:

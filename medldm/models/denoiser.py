@@ -134,3 +134,14 @@ class LatentDenoiser(nn.Module):
 def build_denoiser(cfg: UNetConfig, spatial_dims: int, latent_channels: int) -> LatentDenoiser:
     """Build the latent denoiser for latents with ``latent_channels`` channels in ``spatial_dims`` D."""
     return LatentDenoiser(cfg, spatial_dims, latent_channels)
+
+
+def mask_condition(labels: torch.Tensor, classes: int, factor: int) -> torch.Tensor:
+    """The U-Net's image condition for a label map (mask-conditioned synthesis): (N, *S) int labels in
+    0..classes-1 -> one-hot -> space-to-depth onto the latent grid, (N, classes * f**d, *S / f), so every pixel's
+    label reaches the network (no pooling). Shared by training (``medldm.train.ldm_stage``) and inference
+    (``medldm.pipelines.synthesize``)."""
+    from medldm.data.tissue import one_hot
+    from medldm.models.conditioning import space_to_depth
+
+    return space_to_depth(one_hot(labels, classes), factor)

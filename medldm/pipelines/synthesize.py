@@ -1,9 +1,15 @@
 """Synthesis: a synthesis model folder -> synthetic scans in scanner-like units, with provenance.
 
-``Synthesizer(bundle).generate(seed=, label=, guidance=) -> MetaTensor (X, Y, Z)``. Geometry: the training
+``Synthesizer(bundle).generate(seed=, label=, guidance=, mask=) -> MetaTensor (X, Y, Z)``. Geometry: the training
 image size (``extra.resize_to`` or ``patch_size``; 2D models give (X, Y, 1) images) on an axis-aligned grid with
 ``spacing`` mm voxels. Intensities: model range -> CT Hounsfield units through the training CT window, otherwise
 through the normalization of the first training scan (MR has no absolute scale; recorded in the provenance).
+
+Mask-conditioned models (``extra.condition == "mask"``, trained with ``condition: mask``) take a label map
+(values 0..mask_classes-1, 0 = background): the image is generated on the label map's grid (its size, padded with
+background up to a multiple of the VAE factor and cropped back; its affine), the map one-hot and space-to-depth
+onto the latent grid as in training (:func:`medldm.models.denoiser.mask_condition`). Without a mask they sample
+unconditionally (the all-zero condition they were trained with, ``diffusion.cfg_dropout``).
 
 Sizes are checked before anything is allocated (``Synthesizer.check_size``): the output voxels against
 ``$MEDLDM_MAX_VOXELS`` (``medldm.io.limits``, as for scans read), and the estimated peak memory of sampling and
@@ -70,6 +76,40 @@ class Synthesizer:
         self.class_names = list(ex.get("class_names") or [])
         self.num_classes = int(self.denoiser.num_classes)
         self.intensity = _output_params(ex)
+        self.mask_classes = int(ex.get("mask_classes") or 0) if ex.get("condition") == "mask" else 0
+        want = self.mask_classes * self.f ** self.dims
+        if int(self.denoiser.cond_channels) != want:
+            raise CaseError(bundle.path, f"the denoiser takes a {self.denoiser.cond_channels}-channel image condition, "
+                                         f"extra.json describes {want} (condition {ex.get('condition')!r})",
+                            "export the model folder again with this medldm version")
+
+    def mask_array(self, mask) -> torch.Tensor:
+        """A label map (array (X, Y), (X, Y, 1) for 2D models, (X, Y, Z) for 3D) -> int64 tensor of the model's
+        dimensionality; ValueError naming what is wrong (not integer, values outside 0..mask_classes-1, shape)."""
+        if not self.mask_classes:
+            raise ValueError("this model is not mask-conditioned (train it with condition: mask): drop --mask")
+        a = np.asarray(mask.detach().cpu().numpy() if hasattr(mask, "detach") else mask, dtype=np.float64)
+        if self.dims == 2 and a.ndim == 3 and a.shape[2] == 1:
+            a = a[:, :, 0]
+        if a.ndim != self.dims:
+            raise ValueError(f"label map of shape {tuple(a.shape)}: a {self.dims}D model needs a {self.dims}D map"
+                             + (" (one slice)" if self.dims == 2 else ""))
+        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
+            raise ValueError("label map: values must be whole numbers (class indices)")
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= self.mask_classes:
+            raise ValueError(f"label map values {lo}..{hi}: this model knows labels 0..{self.mask_classes - 1} "
+                             "(0 = background)")
+        return torch.from_numpy(a.astype(np.int64))
+
+    @property
+    def multiple(self) -> int:
+        """What every side of a generated image must be a multiple of: VAE factor x U-Net down-sampling."""
+        return self.f * 2 ** (len(self.denoiser.cfg.channels) - 1)
+
+    def mask_size(self, mask: torch.Tensor) -> tuple[int, ...]:
+        """The generation size for a label map: its shape, each side rounded up to :attr:`multiple`."""
+        return tuple(-(-int(s) // self.multiple) * self.multiple for s in mask.shape)
 
     def label_index(self, value: str | int | None) -> int | None:
         """Class index from an index or a class name; None = unconditional (the null class)."""
@@ -90,8 +130,12 @@ class Synthesizer:
     def generate(
         self, *, seed: int = 0, label: int | None = None, guidance: float | None = None, steps: int | None = None,
         sampler: str | None = None, size: tuple[int, ...] | None = None, spacing: float = 1.0,
+        mask=None, affine: np.ndarray | None = None,
     ):
-        """One synthetic scan: MetaTensor (X, Y, Z) float32 holding values of the output dtype."""
+        """One synthetic scan: MetaTensor (X, Y, Z) float32 holding values of the output dtype.
+
+        ``mask`` (mask-conditioned models): label map (see :meth:`mask_array`); the output takes its shape and
+        ``affine`` (4x4, default: ``spacing`` mm voxels)."""
         from monai.data import MetaTensor
 
         from medldm.data.intensity import denormalize
@@ -101,7 +145,25 @@ class Synthesizer:
         w = float(self.dcfg.guidance if guidance is None else guidance)
         if label is None or self.num_classes == 0:
             w = 1.0  # unconditional: the null class alone, no guidance
+        labels_map = None
+        if mask is not None:
+            labels_map = self.mask_array(mask)
+            size = self.mask_size(labels_map)
         size = self.check_size(size, guidance=w)
+        cond = None
+        if self.mask_classes:
+            from medldm.models.denoiser import mask_condition
+
+            lat = (1, self.mask_classes * self.f ** self.dims, *(s // self.f for s in size))
+            if labels_map is None:
+                cond = torch.zeros(lat)  # no mask: the unconditional branch (condition dropout in training)
+            else:
+                pad = []
+                for s, t in zip(reversed(labels_map.shape), reversed(size), strict=True):
+                    pad += [0, t - s]
+                padded = torch.nn.functional.pad(labels_map, pad)  # background 0 up to the multiple
+                cond = mask_condition(padded[None], self.mask_classes, self.f)
+            cond = cond.to(self.device)
         g = torch.Generator().manual_seed(int(seed))
         shape = (1, int(self.denoiser.latent_channels), *(s // self.f for s in size))
         x_t = torch.randn(shape, generator=g).to(self.device)
@@ -111,7 +173,7 @@ class Synthesizer:
             if not (whole and 0 <= label <= self.num_classes):
                 raise ValueError(f"class label {label!r} is outside [0, {self.num_classes}] (last = null class)")
         labels = None if self.num_classes == 0 else torch.tensor([self.num_classes if label is None else label])
-        fn = make_model_fn(self.denoiser, self.schedule, class_labels=labels, guidance=w)
+        fn = make_model_fn(self.denoiser, self.schedule, cond=cond, class_labels=labels, guidance=w)
 
         def model_fn(x, t):
             with self._autocast():
@@ -120,16 +182,19 @@ class Synthesizer:
         z = sample(sampler or self.dcfg.sampler, model_fn, x_t, self.schedule, steps or self.dcfg.sampling_steps, generator=g)
         with self._autocast():
             img = self.vae.decode(z / self.bundle.scale_factor).float().cpu()[0, 0]
+        if labels_map is not None:
+            img = img[tuple(slice(0, s) for s in labels_map.shape)]
         if self.dims == 2:
             img = img[:, :, None]
         vals = torch.as_tensor(denormalize(img, self.intensity, to_original_dtype=True)).float()
-        affine = np.diag([spacing, spacing, spacing, 1.0])
+        affine = np.diag([spacing, spacing, spacing, 1.0]) if affine is None else np.asarray(affine, np.float64)
         meta: dict[str, Any] = {
             "kind": "synthetic", "modality": self.intensity.get("modality", "OT"),
             "original_dtype": self.intensity["original_dtype"], "original_ndim": self.dims,
-            "spacing": (spacing,) * 3, "warnings": [], "series_description": "SYNTHETIC",
+            "spacing": tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)), "warnings": [], "series_description": "SYNTHETIC",
         }
-        return MetaTensor(vals.contiguous(), affine=torch.as_tensor(affine), meta=meta), {"guidance": w, "label": label}
+        return MetaTensor(vals.contiguous(), affine=torch.as_tensor(affine), meta=meta), {
+            "guidance": w, "label": label, "mask": labels_map is not None}
 
     def check_size(self, size: tuple[int, ...] | None = None, *, guidance: float = 1.0) -> tuple[int, ...]:
         """``size`` (default: the training size) when it is valid and fits in memory, else ``SizeError`` saying
@@ -138,6 +203,10 @@ class Synthesizer:
         if len(size) != self.dims or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size) \
                 or any(s % self.f for s in size):
             raise _size_error(size, f"needs {self.dims} positive values, each a multiple of {self.f}, "
+                                    f"e.g. {','.join(map(str, self.size))}")
+        if any(s % self.multiple for s in size):  # the U-Net halves the latent grid at each level below the first
+            raise _size_error(size, f"each value must be a multiple of {self.multiple} (VAE factor {self.f} x the "
+                                    f"U-Net's {self.multiple // self.f} down-samplings), "
                                     f"e.g. {','.join(map(str, self.size))}")
         voxels = math.prod(size)
         from medldm.io.limits import max_voxels

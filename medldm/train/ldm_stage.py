@@ -3,6 +3,9 @@
 * The training items are encoded ONCE (``medldm.data.latent_cache``: posterior mu and sigma, saved tagged with
   the VAE hash); each step draws ``z = (mu + sigma * eps) * scale_factor`` on factor-aligned crops.
 * synthesis: unconditional or class-conditional (learned null class, label dropout ``diffusion.cfg_dropout``);
+  with ``condition: mask`` also on a tissue label map (``medldm.data.tissue``, derived once per item): one-hot,
+  space-to-depth onto the latent grid, concatenated to the noisy latent; replaced by zeros (no mask) with
+  probability ``diffusion.cfg_dropout``, so the same network also samples without a mask;
 * sr / denoise: the degraded image of the same crop, made on the fly (``medldm.train.conditioning``), goes to the
   U-Net by lossless space-to-depth onto the latent grid, and its noise level as a conditioning scalar.
 * Validation (held-out scans): diffusion loss on their latents; for sr/denoise also PSNR/SSIM of the enhanced
@@ -23,6 +26,7 @@ from medldm.data.datasets import step_rng
 from medldm.data.latent_cache import encode_items, load_cache, save_cache
 from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
 from medldm.models.conditioning import space_to_depth
+from medldm.models.denoiser import mask_condition
 from medldm.train.conditioning import make_pair, noise_level_max
 from medldm.train.data import RunData, center_batch
 from medldm.train.distributed import barrier
@@ -65,6 +69,11 @@ class LDMStage:
         self.f = cfg.factor
         self.patch_lat = tuple(p // self.f for p in cfg.data.patch_size)
         self.cache = self._latents(model_hash(vae_dir), Path(out_dir) / self.name / "latents.safetensors")
+        self.mask_classes = int(cfg.data.mask_classes) if cfg.condition == "mask" else 0
+        if self.mask_classes:
+            for store in (data.train, data.val):
+                if store is not None:
+                    store.derive_masks(self.mask_classes)
         torch.manual_seed(cfg.seed)
         run_cfg = dataclasses.replace(cfg.unet, use_flash_attention=cfg.unet.use_flash_attention or rt.flash_attention)
         self.denoiser = build_denoiser(run_cfg, cfg.spatial_dims, cfg.vae.latent_channels)
@@ -113,6 +122,11 @@ class LDMStage:
         out = {"z": z, "seed": int(rng.integers(0, 2**62))}
         if self.cfg.unet.num_classes:
             out["labels"] = store.labels(idx)
+        if self.mask_classes:
+            cond = mask_condition(store.mask_crop(idx, corners), self.mask_classes, self.f)
+            drop = torch.rand(len(idx), generator=gen) < self.cfg.diffusion.cfg_dropout
+            cond[drop] = 0.0  # no mask: the unconditional branch
+            out["cond"] = cond
         if self.cfg.task != "synthesis":
             cond, level, _ = self._conditioning(store.crop(idx, corners), gen)
             out["cond"] = cond
@@ -178,11 +192,13 @@ class LDMStage:
         from medldm.metrics import psnr, ssim
 
         store, prefix = self.data.val_or_train()
-        x, labels, _ = center_batch(store, self.tcfg.val_max_items)
+        x, labels, idx = center_batch(store, self.tcfg.val_max_items)
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
         net = self._eval_net()
         z = self._encode(x)
         cond, level, degraded = self._conditioning(x, gen, val_sigma(self.cfg))
+        if self.mask_classes:
+            _, cond = self._center_masks(store, idx)
         cond = None if cond is None else self.rt.to(cond)
         level = None if level is None else level.to(self.rt.device)
         lab = labels.to(self.rt.device) if self.cfg.unet.num_classes else None
@@ -199,10 +215,26 @@ class LDMStage:
         self.metrics = m
         return m
 
+    def _center_masks(self, store, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(label maps (n, *patch), their condition on the device) of the centre crops ``center_batch`` takes of
+        items ``idx``."""
+        import numpy as np
+
+        corners = [tuple(((s - p) // 2) // store.factor * store.factor
+                         for s, p in zip(store.items[i].image.shape[1:], store.patch, strict=True)) for i in idx]
+        lab = store.mask_crop(np.asarray(idx), corners)
+        return lab, self.rt.to(mask_condition(lab, self.mask_classes, self.f))
+
     @torch.no_grad()
     def images(self, step: int, path: Path) -> None:
         net = self._eval_net()
         store, _ = self.data.val_or_train()
+        if self.mask_classes:  # rows: real slice, its label map (scaled to [-1, 1]), sample following the map
+            x, _, idx = center_batch(store, 8)
+            lab, cond = self._center_masks(store, idx)
+            lab = lab.float()[:, None] * (2.0 / (self.mask_classes - 1)) - 1
+            save_grid([x, lab, self._decode(self.sample(net, len(x), cond, seed=self.cfg.seed + 2))], path)
+            return
         if self.cfg.task == "synthesis":
             n = 8
             labels = (torch.arange(n) % self.cfg.unet.num_classes).to(self.rt.device) if self.cfg.unet.num_classes else None
@@ -220,7 +252,10 @@ class LDMStage:
         ex = {k: v for k, v in self.vae_extra.items() if k not in ("stage", "val_metrics")}
         ex.update({
             "stage": "ldm", "task": cfg.task, "scale_factor": self.scale, "factor": self.f,
-            "condition": "space_to_depth" if cfg.task != "synthesis" else None,
+            "condition": "space_to_depth" if cfg.task != "synthesis" else ("mask" if self.mask_classes else None),
+            "mask_classes": self.mask_classes or None,
+            "mask_method": ("medldm.data.tissue.tissue_labels: background + 1D k-means intensity clusters of the "
+                            "normalized slice, darkest first") if self.mask_classes else None,
             "degrade": to_mapping(cfg.degrade) if cfg.task != "synthesis" else None,
             "noise_level_max": noise_level_max(cfg.task, cfg.degrade) if cfg.task != "synthesis" else None,
             "class_from": cfg.data.class_from,

@@ -40,6 +40,8 @@ class DataConfig:
     min_foreground: float = doc_field(0.05, "2D: skip slices with less than this fraction of voxels above the background")
     class_from: Literal["none", "source", "slice_position"] = doc_field(
         "none", "class label for synthesis: index of the train entry, or slice position bin (num_classes bins)")
+    mask_classes: int = doc_field(4, "condition mask: label classes of the tissue maps medldm derives per slice/volume "
+                                     "(0 = background, 1.. = intensity clusters, darkest first; medldm.data.tissue)")
     batch_size: int = doc_field(8, "samples per optimiser step per process (before gradient accumulation)")
     num_workers: int = doc_field(0, "DataLoader worker processes (0 = in the training process)")
     cache: Literal["memory", "disk"] = doc_field("memory", "MONAI CacheDataset (memory) or PersistentDataset (disk): scans are parsed once")
@@ -208,6 +210,9 @@ class TrainingConfig:
     stage: Literal["vae", "ldm", "both"] = doc_field("both", "which stage(s) to train")
     task: Literal["synthesis", "sr", "denoise", "thinslice"] = doc_field(
         "synthesis", "what the diffusion model learns (thinslice: 2D, thick -> thin slices along one in-plane axis)")
+    condition: Literal["none", "mask"] = doc_field(
+        "none", "task synthesis: 'mask' = the image follows a tissue label map (one-hot, space-to-depth onto the "
+        "latent grid, concatenated to the U-Net input; dropped with probability diffusion.cfg_dropout)")
     spatial_dims: Literal[2, 3] = doc_field(2, "2 = slice models, 3 = volume models")
     seed: int = doc_field(0, "seed of everything: init, data order, augmentation, degradations, noise")
     vae_path: str | None = doc_field(None, "stage ldm: trained VAE model folder (default OUT_DIR/vae/model)")
@@ -269,6 +274,12 @@ class TrainingConfig:
             raise ConfigError(f"data.patch_size: task 'thinslice' needs multiples of degrade.scale ({deg.scale})")
         # Conditioning the U-Net needs follows from the task: it is derived, not typed by hand.
         cond = self.in_channels * f ** nd if self.task in ("sr", "denoise", "thinslice") else 0
+        if self.condition == "mask":
+            if self.task != "synthesis":
+                raise ConfigError(f"condition: 'mask' is for task 'synthesis', got task {self.task!r}")
+            if d.mask_classes < 2:
+                raise ConfigError(f"data.mask_classes: needs >= 2 (background + a tissue), got {d.mask_classes}")
+            cond = d.mask_classes * f ** nd
         if self.unet.cond_channels not in (0, cond):
             raise ConfigError(f"unet.cond_channels: derived from the task ({cond}); leave it out of the config")
         self.unet.cond_channels = cond
