@@ -44,6 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permutations", type=int, default=200, metavar="P",
                    help="label permutations for the realism p-value (default 200; 0 = binomial test only)")
     p.add_argument("--max-panels", type=int, default=24, metavar="N", help="flagged pair panels in the HTML (default 24)")
+    p.add_argument("--utility", action="store_true",
+                   help="also train a small tissue segmenter on the training scans with and without the synthetic "
+                        "image/label pairs (synthesize --mask) and compare them on --holdout (Dice, 95%% CI)")
+    p.add_argument("--labels", metavar="DIR",
+                   help="--utility: label maps of the real scans (DIR/<scan name> or DIR/<stem>_labels.nii.gz); "
+                        "default: tissue classes medldm derives by intensity clustering")
+    p.add_argument("--utility-steps", type=int, default=300, metavar="N",
+                   help="--utility: optimiser steps of each segmenter (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled pairs / folds / permutations (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
@@ -76,6 +84,10 @@ def _check(args: argparse.Namespace) -> None:
     for flag in ("ssim_floor", "ncc_floor"):
         if not -1 <= getattr(args, flag) <= 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be in [-1, 1]")
+    if args.utility_steps < 1:
+        raise UsageError("--utility-steps must be >= 1")
+    if args.labels and not args.utility:
+        raise UsageError("--labels goes with --utility")
     if args.max_pairs < 1 or args.permutations < 0 or args.max_panels < 0:
         raise UsageError("--max-pairs must be >= 1, --permutations and --max-panels >= 0")
 
@@ -91,10 +103,12 @@ def run(args: argparse.Namespace) -> int:
                        quantile=args.quantile, ssim_floor=args.ssim_floor, ncc_floor=args.ncc_floor,
                        max_pairs=args.max_pairs, permutations=args.permutations, seed=args.seed,
                        modality=args.modality, ct_window=_window(args.ct_window), max_panels=args.max_panels,
-                       quiet=args.quiet)
+                       utility=args.utility, labels=args.labels, utility_steps=args.utility_steps, quiet=args.quiet)
     parts = ["medldm", "audit", f"--synthetic={args.synthetic}", f"--train={args.train}"]
     if args.holdout:
         parts.append(f"--holdout={args.holdout}")
+    if args.utility:
+        parts += ["--utility"] + ([f"--labels={args.labels}"] if args.labels else [])
     parts += ["-o", str(args.output)]
     status, _ = run_audit(args.synthetic, args.train, args.output, holdout_dir=args.holdout, options=opt,
                           command=shlex.join(parts))

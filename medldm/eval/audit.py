@@ -27,6 +27,7 @@ from medldm.eval.audit_load import Sample, case_modality, prepare, resolve_modal
 from medldm.eval.audit_match import Match, aligned_pair, nearest_neighbours
 from medldm.eval.audit_report import write_outputs, write_pair_png
 from medldm.eval.audit_stats import diversity, two_sample_test
+from medldm.eval.audit_utility import is_label_file
 from medldm.io.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class AuditOptions:
     ct_window: str | tuple[float, float] = "full"
     max_panels: int = 24  # flagged pair panels in the HTML (all flagged pairs are in the tables)
     context_panels: int = 3  # closest unflagged pairs shown for comparison
+    utility: bool = False  # train a segmenter with/without the synthetic pairs (audit_utility)
+    labels: str | None = None  # label maps of the real scans (default: derived tissue classes)
+    utility_steps: int = 300
     quiet: bool = False
 
 
@@ -110,7 +114,8 @@ def _load_all(folders: dict[str, Path], out_dir: Path, opt: AuditOptions,
         if not found.cases:
             raise UsageError(f"--{role} {folder}: no NIfTI file or DICOM series found"
                              + (f" ({found.skipped[0]})" if found.skipped else ""))
-        items += [(role, c) for c in found.cases]
+        # the label maps of synthetic image/label pairs (synthesize --mask) are not scans
+        items += [(role, c) for c in found.cases if not (c.paths and is_label_file(Path(c.paths[0])))]
     mods, mod_note = resolve_modalities({f"{r}/{c.id}": case_modality(c) for r, c in items}, opt.modality)
     loaded: dict[str, list[Sample]] = {r: [] for r in folders}
 
@@ -154,6 +159,10 @@ def run_audit(synthetic_dir: str | Path, train_dir: str | Path, out_dir: str | P
     for role, f in folders.items():
         if not f.exists():
             raise UsageError(f"--{role} {f}: no such file or folder")
+    if opt.utility and holdout_dir is None:
+        raise UsageError("--utility needs --holdout: real scans of other subjects to evaluate the segmenters on")
+    if opt.labels is not None and not Path(opt.labels).is_dir():
+        raise UsageError(f"--labels {opt.labels}: no such folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     status, loaded, failed, mod_note = _load_all(folders, out_dir, opt, command)
     syn, train, hold = loaded["synthetic"], loaded["train"], loaded.get("holdout", [])
@@ -193,6 +202,7 @@ def run_audit(synthetic_dir: str | Path, train_dir: str | Path, out_dir: str | P
                      + ": the memorization thresholds are absolute (SSIM "
                      f"> {opt.ssim_floor:g} or NCC > {opt.ncc_floor:g}), not calibrated on real held-out scans.")
     flagged = [r for r in rows_syn if r["flagged"]]
+    utility = _utility(folders, opt) if opt.utility else None
     audit = {
         "counts": {"synthetic": len(syn), "train": len(train), "holdout": len(hold), "failed": len(failed)},
         "grid": [grid] * nd, "dims": nd, "options": {k: (list(v) if isinstance(v, tuple) else v)
@@ -206,7 +216,7 @@ def run_audit(synthetic_dir: str | Path, train_dir: str | Path, out_dir: str | P
             "holdout_median_ncc": float(np.median(hn)) if hn else None,
             "holdout_fraction_flagged": (sum(r["flagged"] for r in rows_hold) / len(rows_hold)) if rows_hold else None,
         },
-        "diversity": div, "realism": realism, "notes": notes, "failed": failed,
+        "diversity": div, "realism": realism, "utility": utility, "notes": notes, "failed": failed,
         "synthetic": rows_syn, "holdout": rows_hold,
     }
     panels = _panels(out_dir, syn, train, m_syn, rows_syn, shift, opt)
@@ -219,6 +229,37 @@ def run_audit(synthetic_dir: str | Path, train_dir: str | Path, out_dir: str | P
                  f"(training {div['train']['mean'] if div['train']['mean'] is not None else float('nan'):.3f}); "
                  f"realism accuracy {realism.get('accuracy', float('nan')):.3f}; report: {out_dir / 'audit.html'}")
     return status, audit
+
+
+def _utility(folders: dict[str, Path], opt: AuditOptions) -> dict:
+    """The utility test (:mod:`audit_utility`) on the audit's folders: synthetic pairs, real train, held-out."""
+    from medldm.eval.audit_utility import UtilityOptions, load_slices, utility_test
+    from medldm.io.errors import CaseError
+
+    uopt = UtilityOptions(steps=opt.utility_steps, seed=opt.seed)
+    try:
+        from medldm.eval.audit_utility import LABEL_SUFFIX
+        from medldm.io.reader import load_nifti
+
+        maps = sorted(folders["synthetic"].rglob(f"*{LABEL_SUFFIX}.nii*"))
+        if not maps:
+            raise UsageError(f"--utility: no image/label pairs in {folders['synthetic']} (*{LABEL_SUFFIX}.nii.gz "
+                             "beside each scan: make them with medldm synthesize --mask)")
+        classes = max(2, max(int(np.rint(load_nifti(m)[0]).max()) for m in maps) + 1)  # 0..K-1 in the pairs
+        syn = load_slices(folders["synthetic"], labels_dir=None, classes=classes, opt=uopt, paired=True)
+        real = load_slices(folders["train"], labels_dir=opt.labels, classes=classes, opt=uopt)
+        hold = load_slices(folders["holdout"], labels_dir=opt.labels, classes=classes, opt=uopt)
+    except CaseError as e:
+        raise UsageError(f"--utility: {e.line()}") from None
+    out = utility_test(real, syn, hold, classes, uopt)
+    out["real_labels"] = f"label maps in {opt.labels}" if opt.labels else \
+        "derived by medldm.data.tissue.tissue_labels (intensity clusters)"
+    if not opt.quiet:
+        d = out["difference"]
+        log.info(f"audit utility: held-out Dice real {out['real']['mean_dice']:.4f}, real + synthetic "
+                 f"{out['real_plus_synthetic']['mean_dice']:.4f} (difference {d['mean']:+.4f}, 95% CI "
+                 f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}), synthetic only {out['synthetic_only']['mean_dice']:.4f}")
+    return out
 
 
 def _panels(out_dir: Path, syn: list[Sample], train: list[Sample], matches: list[Match], rows: list[dict],

@@ -98,6 +98,25 @@ def _figure(p: dict) -> str:
     return f"<figure><img src='{escape(p['png'])}' alt='{escape(r['id'])}'><figcaption>{cap}</figcaption></figure>"
 
 
+def _utility_html(u: dict | None) -> list[str]:
+    """The utility section (``medldm audit --utility``): did the synthetic pairs help a segmenter?"""
+    if not u:
+        return []
+    d, t = u["difference"], u["tstr_vs_real"]
+    rows = [["real only", u["real"]["n_train_slices"], u["real"]["mean_dice"], ""],
+            ["real + synthetic", u["real_plus_synthetic"]["n_train_slices"], u["real_plus_synthetic"]["mean_dice"],
+             f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"],
+            ["synthetic only (TSTR)", u["synthetic_only"]["n_train_slices"], u["synthetic_only"]["mean_dice"],
+             f"{t['mean']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]"]]
+    cap = (f"Tissue segmentation ({u['classes'] - 1} classes + background, {u['settings']['network']}, "
+           f"{u['settings']['steps']} steps each, seed {u['settings']['seed']}) evaluated on "
+           f"{u['n_holdout_slices']} held-out real slices of {u['n_holdout_subjects']} scan(s): mean Dice; "
+           f"difference to 'real only' with a 95 % bootstrap interval over {d['resampled']}.")
+    return ["<h2>Utility: did the synthetic pairs help?</h2>",
+            _table(escape(cap), ["trained on", "training slices", "held-out mean Dice", "difference [95% CI]"], rows),
+            f"<p><b>Verdict: {escape(u['verdict'])}.</b> Limits: {escape(u['limits'])}.</p>"]
+
+
 def build_html(audit: dict, panels: list[dict], command: str = "") -> str:
     """audit.html as a string (self-contained except the PNGs in ``pairs/``)."""
     mem, thr = audit["memorization"], audit["memorization"]["thresholds"]
@@ -116,6 +135,10 @@ def build_html(audit: dict, panels: list[dict], command: str = "") -> str:
         ["realism: permutation p-value", real.get("p_permutation")],
         ["failed cases", len(audit["failed"])],
     ]
+    if audit.get("utility"):
+        u = audit["utility"]["difference"]
+        summary.insert(-1, ["utility: Dice (real + synthetic) - (real), 95% CI",
+                            f"{u['mean']:+.4f} [{u['ci95'][0]:+.4f}, {u['ci95'][1]:+.4f}]"])
     thr_rows = [["SSIM", thr["ssim"], thr["ssim_floor"], thr.get("holdout_ssim_quantile"), thr["source"]],
                 ["NCC", thr["ncc"], thr["ncc_floor"], thr.get("holdout_ncc_quantile"), thr["source"]]]
     parts = [
@@ -145,6 +168,7 @@ def build_html(audit: dict, panels: list[dict], command: str = "") -> str:
                         "N copies of one image give 1).", ["set", "images", "pairs", "metric", "mean", "std", "median"],
                         [[k, v["n_images"], v["n_pairs"], v["metric"], v["mean"], v["std"], v["median"]]
                          for k, v in div.items()]))
+    parts += _utility_html(audit.get("utility"))
     parts.append("<h2>Realism (classifier two-sample test)</h2>")
     if real.get("skipped"):
         parts.append(f"<p>Skipped: {escape(real['skipped'])}.</p>")
