@@ -1,0 +1,121 @@
+"""Issue 13's goals for the shipped ``mr-synth-2d``, measured on the model as shipped. Each unmet goal is an
+``xfail(strict=True)`` test whose reason holds the measured figure: when a retrained model meets a goal, its test
+passes, strict xfail turns that into a failure, and the marker must go (the goal is then tracked as met).
+
+Measures (16 samples, seeds 0-15, the model's own sampler and steps; about 5 s on one CPU core):
+
+* smallest side of a sample (goal >= 128);
+* most similar pair: the largest SSIM between two of the 16 samples, each normalized and resampled to the
+  audit's comparison grid (``medldm.eval.audit_load.prepare``, 64 x 64, data range 1; goal < 0.9);
+* classifier two-sample test of ``medldm audit`` (``medldm.eval.audit_stats.two_sample_test``: logistic
+  regression on 36 image statistics, 5-fold cross-validation) between the samples and held-out real MR slices
+  the model never saw: the axial slices of dipy's ``aniso_vox.nii.gz`` with >= 25 % foreground (12), pydicom's
+  ``MR_small.dcm`` and dipy's ``t1_coronal_slice.npy`` (goal accuracy <= 0.75; 0.5 = indistinguishable).
+  The issue's 1.00 was a leave-one-out classifier on thumbnails and histograms; this is the audit's test.
+* conditioning on slice position with classifier-free guidance (goal: a class-conditional model).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+N_SAMPLES = 16
+
+
+def _pkg(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{name} not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="module")
+def synth():
+    from medldm.models import load_model
+    from medldm.pipelines.synthesize import Synthesizer
+    from medldm.shipped import resolve_model
+
+    return Synthesizer(load_model(resolve_model("mr-synth-2d")))
+
+
+@pytest.fixture(scope="module")
+def samples(synth) -> torch.Tensor:
+    """(16, 1, 64, 64) samples on the audit's comparison grid, in [0, 1]."""
+    from medldm.eval.audit_load import prepare
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = []
+        for s in range(N_SAMPLES):
+            img, _ = synth.generate(seed=s)
+            out.append(prepare(img, role="synthetic", case_id=str(s), source=str(s), modality="MR", grid=64).image)
+    finally:
+        torch.set_num_threads(threads)
+    return torch.from_numpy(np.stack(out))[:, None]
+
+
+def _heldout_real() -> torch.Tensor:
+    import nibabel as nib
+    import pydicom
+
+    from medldm.eval.audit_load import prepare
+
+    dipy = _pkg("dipy") / "data" / "files"
+    vol = np.asarray(nib.load(str(dipy / "aniso_vox.nii.gz")).dataobj, dtype=np.float32)
+    slices = [vol[:, :, z] for z in range(vol.shape[2]) if (vol[:, :, z] > 0.1 * vol[:, :, z].max()).mean() >= 0.25]
+    slices.append(pydicom.dcmread(_pkg("pydicom") / "data" / "test_files" / "MR_small.dcm").pixel_array.T)
+    slices.append(np.load(dipy / "t1_coronal_slice.npy"))
+    return torch.from_numpy(np.stack([
+        prepare(np.asarray(s, np.float32)[:, :, None], role="holdout", case_id=str(i), source=str(i), modality="MR",
+                grid=64).image for i, s in enumerate(slices)]))[:, None]
+
+
+def _most_similar_pair(x: torch.Tensor) -> float:
+    from medldm.metrics import ssim
+
+    i, j = np.triu_indices(len(x), k=1)
+    return float(ssim(x[i], x[j], data_range=1.0).max())
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 goal 1: mr-synth-2d makes 64 x 64 slices (smallest side 64 < 128)")
+def test_smallest_side_at_least_128(synth):
+    assert min(synth.size) >= 128, synth.size
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 goal 1: most similar pair of 16 samples has SSIM 0.94 (goal < 0.9)")
+def test_no_near_duplicate_pairs(samples):
+    best = _most_similar_pair(samples)
+    assert best < 0.9, f"most similar pair SSIM {best:.3f}"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 goal 1: classifier two-sample test vs 14 held-out real MR slices "
+                                       "0.96 accuracy (95% CI 0.82-0.99; goal <= 0.75)")
+def test_two_sample_test_against_heldout_real(samples):
+    from medldm.eval.audit_stats import two_sample_test
+
+    res = two_sample_test(_heldout_real(), samples, permutations=0)
+    assert res["accuracy"] <= 0.75, res["accuracy"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 goal 1: mr-synth-2d is unconditional (unet.num_classes 0), not "
+                                       "conditioned on slice position with classifier-free guidance")
+def test_conditioned_on_slice_position_with_cfg(synth):
+    assert synth.num_classes >= 4 and synth.bundle.extra.get("class_from") == "slice_position"
+
+
+def test_measures_are_what_the_reasons_say(synth, samples):
+    """The figures in the xfail reasons, re-measured, so a stale reason is noticed (the model is deterministic
+    for fixed seeds; tolerances cover CPU arithmetic)."""
+    from medldm.eval.audit_stats import two_sample_test
+
+    assert min(synth.size) == 64
+    assert _most_similar_pair(samples) == pytest.approx(0.94, abs=0.02)
+    real = _heldout_real()
+    assert len(real) == 14
+    assert two_sample_test(real, samples, permutations=0)["accuracy"] >= 0.85
