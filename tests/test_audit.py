@@ -341,6 +341,7 @@ def test_audit_cli_utility_report(mni152, tmp_path):
     assert rc == 0
     audit = json.loads((out / "audit.json").read_text())
     assert audit["counts"]["synthetic"] == 4  # the label maps are not synthetic scans
+    assert audit["realism"]["feature_frechet"]["distance"] >= 0
     u = audit["utility"]
     assert u["classes"] == 4 and u["real"]["n_train_slices"] == 2 and u["n_holdout_slices"] == 3
     assert u["real_plus_synthetic"]["n_train_slices"] == 6 and "derived" in u["real_labels"]
@@ -361,3 +362,19 @@ def test_audit_utility_needs_holdout_and_pairs(mni152, tmp_path, capsys):
     rc = main(["audit", "--synthetic", str(tmp_path / "syn"), "--train", str(tmp_path / "train"), "--holdout",
                str(tmp_path / "hold"), "-o", str(tmp_path / "r2"), "--utility", "--permutations", "0", "--quiet"])
     assert rc == 2 and "no image/label pairs" in capsys.readouterr().err
+
+
+def test_feature_frechet_distance_orders_sets_by_realism(volumes):
+    """Offline realism distance (Fréchet on the 36 audit statistics): other MNI slices are closer to MNI slices
+    than the same slices blurred, which are closer than pure noise; the real-halves reference is reported."""
+    from medldm.eval.audit_stats import feature_distance
+
+    real = _mni_slices(volumes, list(range(40, 150, 6)))
+    other = _mni_slices(volumes, list(range(43, 150, 6)))
+    blurred = torch.nn.functional.avg_pool2d(other, 5, stride=1, padding=2)
+    noise = torch.rand(other.shape, generator=torch.Generator().manual_seed(0))
+    d = [feature_distance(real, x)["distance"] for x in (other, blurred, noise)]
+    assert d[0] < d[1] < d[2], d
+    ref = feature_distance(real, other)
+    assert ref["real_halves_reference"] > 0 and ref["n_real"] == len(real)
+    assert "skipped" in feature_distance(real[:3], other)

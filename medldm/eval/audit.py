@@ -26,7 +26,7 @@ import torch
 from medldm.eval.audit_load import Sample, case_modality, prepare, resolve_modalities, stack
 from medldm.eval.audit_match import Match, aligned_pair, nearest_neighbours
 from medldm.eval.audit_report import write_outputs, write_pair_png
-from medldm.eval.audit_stats import diversity, two_sample_test
+from medldm.eval.audit_stats import diversity, feature_distance, two_sample_test
 from medldm.eval.audit_utility import is_label_file
 from medldm.io.errors import UsageError
 
@@ -188,6 +188,7 @@ def run_audit(synthetic_dir: str | Path, train_dir: str | Path, out_dir: str | P
     real_set = torch.cat([xt, xh]) if hold else xt
     realism = two_sample_test(real_set, xs, folds=opt.folds, permutations=opt.permutations, seed=opt.seed)
     realism["real_set"] = "training + held-out" if hold else "training"
+    realism["feature_frechet"] = feature_distance(real_set, xs, seed=opt.seed)
     notes = [
         f"{len(syn)} synthetic, {len(train)} training, {len(hold)} held-out {nd}D images compared on a "
         f"{'×'.join([str(grid)] * nd)} grid (each axis resampled; physical spacing ignored), canonical RAS axis order.",

@@ -98,6 +98,12 @@ def _figure(p: dict) -> str:
     return f"<figure><img src='{escape(p['png'])}' alt='{escape(r['id'])}'><figcaption>{cap}</figcaption></figure>"
 
 
+def _fd(fd: dict) -> str:
+    if not fd or fd.get("skipped"):
+        return "skipped" + (f" ({fd['skipped']})" if fd.get("skipped") else "")
+    return f"{fd['distance']:.3f} (reference {fd['real_halves_reference']:.3f})"
+
+
 def _utility_html(u: dict | None) -> list[str]:
     """The utility section (``medldm audit --utility``): did the synthetic pairs help a segmenter?"""
     if not u:
@@ -133,6 +139,8 @@ def build_html(audit: dict, panels: list[dict], command: str = "") -> str:
         [f"mean pairwise {div['train']['metric'].split(' (')[0]} — training", div["train"]["mean"]],
         ["realism: classifier accuracy (0.5 = indistinguishable)", real.get("accuracy")],
         ["realism: permutation p-value", real.get("p_permutation")],
+        ["realism: feature Fréchet distance (real halves: reference)",
+         _fd(real.get("feature_frechet") or {})],
         ["failed cases", len(audit["failed"])],
     ]
     if audit.get("utility"):
