@@ -146,6 +146,13 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
         degraded, lev = make_pair(clean.float(), cfg.task, cfg.degrade, gen)
         cond = rt.to(space_to_depth(degraded, f))
         level = lev.to(rt.device) if cfg.unet.noise_level_cond else None
+    elif getattr(cfg, "condition", None) == "mask":  # tissue label maps of the batch, as the LDM stage derives them
+        from medldm.data.tissue import tissue_labels
+        from medldm.models.denoiser import mask_condition
+
+        classes = int(cfg.data.mask_classes)
+        maps = torch.stack([tissue_labels(c[0], classes) for c in clean.float().cpu()])
+        cond = rt.to(mask_condition(maps, classes, f))
     with torch.no_grad(), rt.autocast():
         mu, sigma = net_vae.encode(x)
         z = (mu + sigma * torch.randn_like(sigma)).float()
