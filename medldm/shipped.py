@@ -46,6 +46,9 @@ SHIPPED: dict[str, ShippedModel] = {m.name: m for m in [
     ShippedModel("mr-sr2x-2d", "sr", "MR super-resolution x2 in-plane, 2D slice by slice (output grid: twice the "
                  "in-plane matrix, same physical extent)", "configs/shipped/mr_sr2x_2d.yaml"),
     ShippedModel("mr-synth-2d", "synthesis", "MR slice synthesis, unconditional, 64 x 64", "configs/shipped/mr_synth_2d.yaml"),
+    ShippedModel("mr-thinslice-4x", "thinslice", "MR thick -> thin slices, x4 through-plane (box slice profile; "
+                 "output grid: 4 x the slices, same physical extent; 2D model on the sagittal and coronal "
+                 "reformats, fused)", "configs/shipped/mr_thinslice_4x.yaml"),
 ]}
 
 

@@ -204,7 +204,8 @@ def _goal_met() -> bool:
 
 
 @pytest.mark.xfail(not _goal_met(), strict=True,
-                   reason="issue 12 goal: mr-thinslice-4x >= cubic along z + 1.5 dB on held-out scans (not met yet)")
+                   reason="issue 12 goal: mr-thinslice-4x >= cubic along z + 1.5 dB on held-out scans; measured +0.82 dB "
+                          "(31.34 vs bicubic 30.52 dB, 4 held-out scans, data_range 1): not met")
 def test_goal_thinslice_beats_cubic_by_1_5_db():
     h = _heldout()
     assert h["methods"]["mr-thinslice-4x"]["psnr"] >= h["methods"]["bicubic"]["psnr"] + GOAL_DB
