@@ -232,3 +232,45 @@ def test_dicom_series_thick_to_thin_derived_series(tiny_model, tmp_path):
     np.testing.assert_allclose(np.asarray(thin.affine, dtype=np.float64),
                                thin_affine(np.asarray(thick.affine, dtype=np.float64), (24, 20, 5), 4), atol=1e-4)
     assert float(np.asarray(thin.affine)[2, 3]) == pytest.approx(20.0 - 1.5 * 0.8, abs=1e-4)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: with two on a loaded 2-core machine this test took 65 s instead of 1.5 s."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_shipped_model_beats_cubic_on_a_held_out_volume(one_thread):
+    """mr-thinslice-4x on dipy's test_piesno (used by no shipped model), X made Z, both reformats fused: better
+    than the cubic baseline along Z (measured 28.58 vs 28.37 dB on this crop, data_range 1)."""
+    from monai.data import MetaTensor
+
+    from medldm.data.datasets import resolve_path
+    from medldm.data.intensity import fit_normalization, normalize
+    from medldm.eval.baselines import upsample_scan
+    from medldm.models import load_model
+    from medldm.shipped import installed_models, resolve_model
+
+    if "mr-thinslice-4x" not in installed_models():
+        pytest.skip("mr-thinslice-4x is not installed")
+    try:
+        path = resolve_path("pkg://dipy/data/files/test_piesno.nii.gz")
+    except Exception:  # noqa: BLE001
+        pytest.skip("dipy is not installed")
+    from medldm.io.reader import load_scan
+
+    arr = np.asarray(load_scan(path).numpy(), np.float32).transpose(1, 2, 0)[:, :, 24:72]
+    vol = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr)), affine=torch.eye(4, dtype=torch.float64))
+    ref = normalize(vol, fit_normalization(vol, "MR", out_range=(0.0, 1.0)))
+    thick = thick_slices(ref, 4)
+    res = ThinSliceEnhancer(load_model(resolve_model("mr-thinslice-4x"))).enhance(thick)
+    assert res.info["axes"] == [0, 1]
+
+    def psnr(a) -> float:
+        return float(10 * np.log10(1.0 / np.mean((np.asarray(a, np.float64) - np.asarray(ref, np.float64)) ** 2)))
+
+    cubic = psnr(upsample_scan(thick, 4, "bicubic", "through"))
+    assert psnr(res.image) > cubic + 0.1, (cubic, psnr(res.image))
