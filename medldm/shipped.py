@@ -113,10 +113,10 @@ def enhance(model: str | Path, img, **options):
     size, seed 0; ``options`` are ``EnhanceOptions`` fields (``seed``, ``steps``, ``device`` ...). Returns the
     enhanced MetaTensor in the input's units (SR: on the x2 grid)."""
     from medldm.models import load_model
-    from medldm.pipelines.enhance import EnhanceOptions, Enhancer
+    from medldm.pipelines.enhance import EnhanceOptions, make_enhancer
 
     opts = EnhanceOptions(**options)
-    return Enhancer(load_model(resolve_model(model)), device=opts.device).enhance(img, opts).image
+    return make_enhancer(load_model(resolve_model(model)), device=opts.device).enhance(img, opts).image
 
 
 def card(name: str) -> dict:

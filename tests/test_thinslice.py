@@ -274,3 +274,32 @@ def test_shipped_model_beats_cubic_on_a_held_out_volume(one_thread):
 
     cubic = psnr(upsample_scan(thick, 4, "bicubic", "through"))
     assert psnr(res.image) > cubic + 0.1, (cubic, psnr(res.image))
+
+
+def test_cli_enhance_dispatches_thinslice_models(tiny_model, tmp_path, one_thread):
+    """`medldm enhance -m <thinslice model> -i thick/ -o thin/` on a folder with a NIfTI and a DICOM series: 4x the
+    slices, the thin grid's affine, finite values; a scan with the wrong slice ratio fails with one line."""
+    from monai.data import MetaTensor
+
+    from medldm.cli import main
+    from medldm.io.reader import load_scan
+    from medldm.io.writer import save_scan
+
+    a = np.diag([0.8, 0.8, 3.2, 1.0])
+    a[:3, 3] = [-10.0, 5.0, 20.0]
+    x = (torch.rand(24, 20, 5, generator=torch.Generator().manual_seed(1)) * 500).round()
+    src = tmp_path / "thick"
+    save_scan(MetaTensor(x, affine=torch.as_tensor(a), meta={"original_dtype": "int16"}), src / "ser")
+    save_scan(MetaTensor(x, affine=torch.as_tensor(a), meta={"original_dtype": "int16"}), src / "vol.nii.gz")
+    b = a.copy()
+    b[2, 2] = 2.0  # 2.5x the pixel: not this model's ratio
+    save_scan(MetaTensor(x, affine=torch.as_tensor(b), meta={"original_dtype": "int16"}), src / "odd.nii.gz")
+    assert main(["enhance", "-m", str(tiny_model), "-i", str(src), "-o", str(tmp_path / "thin"), "--device", "cpu",
+                 "--quiet"]) == 1
+    for name in ("ser", "vol.nii.gz"):
+        out = load_scan(tmp_path / "thin" / name)
+        assert tuple(out.shape) == (24, 20, 20) and np.isfinite(np.asarray(out)).all()
+        np.testing.assert_allclose(np.asarray(out.affine, dtype=np.float64), thin_affine(a, (24, 20, 5), 4), atol=1e-4)
+    assert not (tmp_path / "thin" / "odd.nii.gz").exists()
+    report = json.loads((tmp_path / "thin" / "medldm-enhance-report.json").read_text())
+    assert report["counts"] == {"done": 2, "skipped": 0, "failed": 1}

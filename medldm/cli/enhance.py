@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from medldm.cli import common
     from medldm.io.errors import CaseError
     from medldm.models import load_model
-    from medldm.pipelines.enhance import Enhancer
+    from medldm.pipelines.enhance import make_enhancer
 
     _check(args)
     from medldm.cli.remote import open_remote, provenance, store_remote_output
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     rank, world, local_rank = _dist_setup(getattr(args, "distributed", False))
     device = _device(args.device, local_rank)
     try:
-        enhancer = Enhancer(load_model(model), device=device)
+        enhancer = make_enhancer(load_model(model), device=device)
     except CaseError as e:
         raise UsageError(e.line()) from None
     opts = enhance_options(args, device)

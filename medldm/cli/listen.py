@@ -89,7 +89,7 @@ def build_listener(args: argparse.Namespace):
     from medldm.io.errors import CaseError, UsageError
     from medldm.models import load_model
     from medldm.models.folder import model_hash
-    from medldm.pipelines.enhance import EnhanceOptions, Enhancer
+    from medldm.pipelines.enhance import EnhanceOptions, make_enhancer
     from medldm.shipped import resolve_model
 
     if args.idle <= 0:
@@ -104,7 +104,7 @@ def build_listener(args: argparse.Namespace):
     try:
         model = resolve_model(args.model)
         device = _device(args.device)
-        enhancer = Enhancer(load_model(model), device=device)
+        enhancer = make_enhancer(load_model(model), device=device)
     except CaseError as e:
         raise UsageError(e.line()) from None
     given = {"steps": args.steps, "sampler": args.sampler, "seed": args.seed}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -340,14 +339,15 @@ class Enhancer:
         return contextlib.nullcontext()
 
 
-def _load_refiner(path, device: torch.device):
-    """The model folder's stage-3 refiner (``refiner.safetensors``), or None."""
-    if path is None or not (Path(path) / "refiner.safetensors").is_file():
-        return None
-    from medldm.models.folder import load_refiner
+def make_enhancer(bundle, device: str = "cpu"):
+    """The enhancer of a loaded model folder, by its task: :class:`medldm.pipelines.thinslice.ThinSliceEnhancer`
+    for ``thinslice`` models, else :class:`Enhancer`. What ``medldm enhance``, ``medldm listen`` and
+    ``medldm.shipped.enhance`` build, so every entry point runs a model the same way."""
+    if (bundle.extra or {}).get("task") == "thinslice":
+        from medldm.pipelines.thinslice import ThinSliceEnhancer
 
-    net = load_refiner(path)
-    return None if net is None else net.to(device)
+        return ThinSliceEnhancer(bundle, device=device)
+    return Enhancer(bundle, device=device)
 
 
 def estimate_noise(x: torch.Tensor, axis: int = 2, max_slices: int = 16, exclude: np.ndarray | None = None) -> float:

@@ -56,7 +56,7 @@ def thin_affine(affine: np.ndarray, shape: tuple[int, ...], factor: int) -> np.n
 def interpolate_z(vol: np.ndarray, factor: int) -> np.ndarray:
     """Keys cubic convolution (a = -0.5) along Z to ``factor`` x the slices, pixel-area alignment, borders
     replicated (float32): exactly the training degradation's interpolation and the ``bicubic`` baseline."""
-    from medldm.eval.baselines import cubic_convolution_resize
+    from medldm.data.resample import cubic_convolution_resize
 
     return np.asarray(cubic_convolution_resize(vol, thin_shape(vol.shape, factor)), dtype=np.float32)
 

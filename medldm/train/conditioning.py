@@ -134,7 +134,7 @@ def thin_matrix(m: int, scale: int) -> torch.Tensor:
     (the 'bicubic' baseline), as a matrix."""
     import numpy as np
 
-    from medldm.eval.baselines import cubic_convolution_resize
+    from medldm.data.resample import cubic_convolution_resize
 
     return torch.from_numpy(cubic_convolution_resize(np.eye(m), (m * scale, m)))
 
