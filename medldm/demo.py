@@ -220,7 +220,8 @@ def run_synthesis(out: Path, n: int, seed: int) -> dict | None:
     syn = Synthesizer(load_model(models[SYNTH_MODEL]))
     tiles = []
     for i in range(n):
-        img, _ = syn.generate(seed=seed + i)
+        # class-conditional models (mr-synth-2d: slice position bins) cycle through their classes
+        img, _ = syn.generate(seed=seed + i, label=i % syn.num_classes if syn.num_classes else None)
         _save(img, out / "synth" / f"sample_{i:02d}.nii.gz")
         plane = np.asarray(img[:, :, 0], dtype=np.float64)
         lo, hi = np.percentile(plane, [0.5, 99.5])
@@ -233,6 +234,7 @@ def run_synthesis(out: Path, n: int, seed: int) -> dict | None:
 
     path = save_png(Image.fromarray(panel), out / "synth" / "samples.png")
     return {"model": SYNTH_MODEL, "file": path.relative_to(out).as_posix(), "n": n, "steps": syn.dcfg.sampling_steps,
+            "classes": int(syn.num_classes),
             "size": list(syn.size), "seconds": time.perf_counter() - t0}
 
 
@@ -269,7 +271,9 @@ def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path]
     if synth is not None:
         parts.append(f"<h2>Synthesis: {synth['n']} samples of {escape(synth['model'])}</h2>"
                      f"<figure><img src='{escape(synth['file'])}' alt='synthetic MR slices'><figcaption>"
-                     f"Unconditional samples, {synth['size'][0]} x {synth['size'][1]}, seeds 0..{synth['n'] - 1}, "
+                     + (f"Samples of slice-position classes 0..{synth['classes'] - 1} in turn (sample i: class i mod "
+                        f"{synth['classes']}), " if synth.get("classes") else "Unconditional samples, ")
+                     + f"{synth['size'][0]} x {synth['size'][1]}, seeds 0..{synth['n'] - 1}, "
                      f"{synth['steps']} sampler steps, {synth['seconds']:.1f} s; each shown between its own "
                      "0.5-99.5th percentiles. Files: <code>synth/sample_*.nii.gz</code>.</figcaption></figure>")
     parts.append(PAGE_END)

@@ -45,7 +45,8 @@ SHIPPED: dict[str, ShippedModel] = {m.name: m for m in [
                  "estimated per scan)", "configs/shipped/mr_denoise_2d.yaml"),
     ShippedModel("mr-sr2x-2d", "sr", "MR super-resolution x2 in-plane, 2D slice by slice (output grid: twice the "
                  "in-plane matrix, same physical extent)", "configs/shipped/mr_sr2x_2d.yaml"),
-    ShippedModel("mr-synth-2d", "synthesis", "MR slice synthesis, unconditional, 64 x 64", "configs/shipped/mr_synth_2d.yaml"),
+    ShippedModel("mr-synth-2d", "synthesis", "MR slice synthesis, 128 x 128, conditioned on slice position "
+                 "(4 bins along the head axis, classifier-free guidance)", "configs/shipped/mr_synth_2d.yaml"),
     ShippedModel("mr-thinslice-4x", "thinslice", "MR thick -> thin slices, x4 through-plane (box slice profile; "
                  "output grid: 4 x the slices, same physical extent; 2D model on the sagittal and coronal "
                  "reformats, fused)", "configs/shipped/mr_thinslice_4x.yaml"),
@@ -113,7 +114,8 @@ def enhance(model: str | Path, img, **options):
     size, seed 0; ``options`` are ``EnhanceOptions`` fields (``seed``, ``steps``, ``device`` ...). Returns the
     enhanced MetaTensor in the input's units (SR: on the x2 grid)."""
     from medldm.models import load_model
-    from medldm.pipelines.enhance import EnhanceOptions, make_enhancer
+    from medldm.pipelines.enhance import EnhanceOptions
+    from medldm.pipelines.factory import make_enhancer
 
     opts = EnhanceOptions(**options)
     return make_enhancer(load_model(resolve_model(model)), device=opts.device).enhance(img, opts).image

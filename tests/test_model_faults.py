@@ -280,7 +280,7 @@ def no_generate(monkeypatch):
     (["--spacing", "0"], "--spacing 0: must be a positive"),
     (["--spacing", "nan"], "--spacing nan"),
     (["--size", "0,0"], "--size 0,0: every value must be >= 1"),
-    (["--size", "64,64,64"], "--size 64,64,64: needs 2 positive values, each a multiple of 4, e.g. 64,64"),
+    (["--size", "64,64,64"], "--size 64,64,64: needs 2 positive values, each a multiple of 4, e.g. 128,128"),
     (["--size", "66,64"], "multiple of 4"),
     (["--steps", "0"], "--steps must be >= 1"),
 ])

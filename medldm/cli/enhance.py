@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from medldm.cli import common
     from medldm.io.errors import CaseError
     from medldm.models import load_model
-    from medldm.pipelines.enhance import make_enhancer
+    from medldm.pipelines.factory import make_enhancer
 
     _check(args)
     from medldm.cli.remote import open_remote, provenance, store_remote_output

@@ -89,7 +89,8 @@ def build_listener(args: argparse.Namespace):
     from medldm.io.errors import CaseError, UsageError
     from medldm.models import load_model
     from medldm.models.folder import model_hash
-    from medldm.pipelines.enhance import EnhanceOptions, make_enhancer
+    from medldm.pipelines.enhance import EnhanceOptions
+    from medldm.pipelines.factory import make_enhancer
     from medldm.shipped import resolve_model
 
     if args.idle <= 0:

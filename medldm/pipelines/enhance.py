@@ -339,17 +339,6 @@ class Enhancer:
         return contextlib.nullcontext()
 
 
-def make_enhancer(bundle, device: str = "cpu"):
-    """The enhancer of a loaded model folder, by its task: :class:`medldm.pipelines.thinslice.ThinSliceEnhancer`
-    for ``thinslice`` models, else :class:`Enhancer`. What ``medldm enhance``, ``medldm listen`` and
-    ``medldm.shipped.enhance`` build, so every entry point runs a model the same way."""
-    if (bundle.extra or {}).get("task") == "thinslice":
-        from medldm.pipelines.thinslice import ThinSliceEnhancer
-
-        return ThinSliceEnhancer(bundle, device=device)
-    return Enhancer(bundle, device=device)
-
-
 def estimate_noise(x: torch.Tensor, axis: int = 2, max_slices: int = 16, exclude: np.ndarray | None = None) -> float:
     """Gaussian noise std of a volume (X, Y, Z): median of skimage's wavelet estimator over up to
     ``max_slices`` slices along ``axis`` (Donoho & Johnstone 1994). Slices touching ``exclude`` (e.g. the

@@ -201,14 +201,3 @@ class ThinSliceEnhancer:
         if warnings:
             info["warning"] = "; ".join(warnings)
         return EnhanceResult(image=image, std=std_img, info=info)
-
-
-def enhance_thinslice(model, img, **options):
-    """Thick -> thin slices of a MetaTensor (X, Y, Z) with a thinslice model: a shipped name, a model folder or a
-    run folder (``medldm.shipped.resolve_model``); ``options`` are ``EnhanceOptions`` fields. Returns the image."""
-    from medldm.models import load_model
-    from medldm.pipelines.enhance import EnhanceOptions
-    from medldm.shipped import resolve_model
-
-    opts = EnhanceOptions(**options)
-    return ThinSliceEnhancer(load_model(resolve_model(model)), device=opts.device).enhance(img, opts).image
