@@ -141,9 +141,13 @@ def test_dry_run_every_config(config, tmp_path, monkeypatch, dipy_files, capsys)
     # the shipped configs also train on runs/shipped_data (made by tools/prepare_shipped_data.py): a stand-in
     (tmp_path / "runs" / "shipped_data").mkdir(parents=True)
     shutil.copy(dipy_files / "aniso_vox.nii.gz", tmp_path / "runs" / "shipped_data" / "scan.nii.gz")
+    cfg = yaml.safe_load((ROOT / config).read_text())
+    for entry in [*cfg.get("data", {}).get("train", []), *cfg.get("data", {}).get("val", [])]:
+        if entry.startswith("runs/shipped_data/") and entry.endswith(".nii.gz"):  # files the config names
+            shutil.copy(dipy_files / "aniso_vox.nii.gz", tmp_path / entry)
     monkeypatch.chdir(tmp_path)
     args = ["train", str(ROOT / config), "-o", str(tmp_path / "RUN"), "--dry-run", "--tiny"]
-    vae_path = yaml.safe_load((ROOT / config).read_text()).get("vae_path")
+    vae_path = cfg.get("vae_path")
     if vae_path:  # stage ldm on a trained VAE: the repository's, else a freshly built one (same cost per step)
         args += ["--set", f"vae_path={ROOT / vae_path if (ROOT / vae_path).is_dir() else 'null'}"]
     if "3d" in config:  # keep the 3D checks cheap on the CPU: the VAE stage (the full-resolution network) only
