@@ -55,7 +55,7 @@ def run(args) -> int:
                       f"  validation ({val}): {_fmt_val(c)}"]
             held = _fmt_heldout(name, c)
             if held:
-                lines.append(f"  held-out demo scans: {held}")
+                lines.append(f"  held-out scans: {held}")
         lines.append(f"  use: medldm {'synthesize' if m.task == 'synthesis' else 'enhance'} -m {name} ...")
         print("\n".join(lines) + "\n")
     return 0
