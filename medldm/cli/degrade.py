@@ -164,9 +164,7 @@ def run(args: argparse.Namespace) -> int:
     job = _job(args, seed)
     command = "medldm degrade " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "medldm degrade"
 
-    single = src.is_file() or (len(found.cases) == 1 and (
-        is_nifti(out) or found.cases[0].kind == "dicom-series"
-        and all(p.parent == src for p in found.cases[0].paths)))
+    single = common.single_case(src, out, found.cases)
     target, report = common.plan_outputs(found, out, args, "degrade", single=single, report_name=REPORT_NAME,
                                   single_report=False, single_record=sidecar_path(out))
 
