@@ -24,9 +24,6 @@ from medldm.io.limits import max_voxels
 
 CODECS_HINT = "install the decoders: pip install 'medldm[dicom-codecs]'"
 
-#: Largest image medldm allocates for one DICOM object or one stacked series (voxels; 2**30 voxels are
-#: 4 GiB as float32). Headers claiming more are refused before anything is allocated.
-
 # Modalities / SOP classes that hold no image to process (reason shown in `skipped`).
 NON_IMAGE_MODALITIES = {
     "SR": "structured report",
