@@ -40,13 +40,17 @@ def _finish(data: np.ndarray, affine: np.ndarray, meta: dict) -> tuple[np.ndarra
     return np.ascontiguousarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64), meta
 
 
-def _to_metatensor(data: np.ndarray, affine: np.ndarray, meta: dict):
-    """Wrap ``data`` (X, Y, Z) float32 as a MetaTensor with MONAI-compatible meta keys."""
+def _metatensor(data: np.ndarray, affine: np.ndarray, meta: dict):
+    """Wrap what :func:`_finish` returns as a MetaTensor."""
     import torch
     from monai.data import MetaTensor
 
-    data, affine, meta = _finish(data, affine, meta)
     return MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(affine), meta=meta)
+
+
+def _to_metatensor(data: np.ndarray, affine: np.ndarray, meta: dict):
+    """Wrap ``data`` (X, Y, Z) float32 as a MetaTensor with MONAI-compatible meta keys."""
+    return _metatensor(*_finish(data, affine, meta))
 
 
 # ---------------------------------------------------------------- NIfTI
@@ -376,13 +380,4 @@ def load_case(case, *, volume: int | None = None, as_numpy: bool = False):
     without importing torch (raises the case's discovery error if it has one)."""
     if as_numpy:
         return ScanArray(*read_case(case, volume=volume))
-    return _load_case_metatensor(case, volume=volume)
-
-
-def _load_case_metatensor(case, *, volume: int | None = None):
-    """Load a :class:`medldm.io.discover.Case` as a MetaTensor (raises its discovery error if it has one)."""
-    import torch
-    from monai.data import MetaTensor
-
-    data, affine, meta = read_case(case, volume=volume)
-    return MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(affine), meta=meta)
+    return _metatensor(*read_case(case, volume=volume))
