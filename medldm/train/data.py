@@ -65,12 +65,13 @@ def build_data(cfg, out_dir: Path, *, quiet: bool = False) -> RunData:
 def center_batch(store: ItemStore, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(n, 1, *patch) centre crops of ``n`` items spread over ``store`` (validation), their labels, indices."""
     idx = store.spread(n)
-    corners = []
-    for i in idx:
-        shape = store.items[i].image.shape[1:]
-        corners.append(tuple(((s - p) // 2) // store.factor * store.factor
-                             for s, p in zip(shape, store.patch, strict=True)))
     import numpy as np
 
     arr = np.asarray(idx)
-    return store.crop(arr, corners), store.labels(arr), idx
+    return store.crop(arr, center_corners(store, idx)), store.labels(arr), idx
+
+
+def center_corners(store: ItemStore, idx: list[int]) -> list[tuple[int, ...]]:
+    """Corners (factor-aligned) of the centre crops of items ``idx`` (:func:`center_batch`'s crops)."""
+    return [tuple(((s - p) // 2) // store.factor * store.factor
+                  for s, p in zip(store.items[i].image.shape[1:], store.patch, strict=True)) for i in idx]

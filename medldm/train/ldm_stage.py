@@ -28,7 +28,7 @@ from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
 from medldm.models.conditioning import space_to_depth
 from medldm.models.denoiser import mask_condition
 from medldm.train.conditioning import make_pair, noise_level_max
-from medldm.train.data import RunData, center_batch
+from medldm.train.data import RunData, center_batch, center_corners
 from medldm.train.distributed import barrier
 from medldm.train.engine import Runtime, adamw, prepare
 from medldm.train.logging import save_grid
@@ -220,9 +220,7 @@ class LDMStage:
         items ``idx``."""
         import numpy as np
 
-        corners = [tuple(((s - p) // 2) // store.factor * store.factor
-                         for s, p in zip(store.items[i].image.shape[1:], store.patch, strict=True)) for i in idx]
-        lab = store.mask_crop(np.asarray(idx), corners)
+        lab = store.mask_crop(np.asarray(idx), center_corners(store, idx))
         return lab, self.rt.to(mask_condition(lab, self.mask_classes, self.f))
 
     @torch.no_grad()
