@@ -141,12 +141,13 @@ class VAEStage:
         return r
 
     @torch.no_grad()
-    def validate(self, step: int) -> dict[str, float]:
+    def validate(self, step: int, net: torch.nn.Module | None = None) -> dict[str, float]:
+        """Validation PSNR / SSIM / L1 of ``net`` (default: the exported VAE)."""
         from medldm.metrics import psnr, ssim
 
         store, prefix = self.data.val_or_train()
         x, _, _ = center_batch(store, self.tcfg.val_max_items)
-        net = self.export_net()
+        net = self.export_net() if net is None else net.eval()
         r = torch.cat([self.reconstruct(x[i:i + 8], net) for i in range(0, len(x), 8)])
         self.vae.train()
         self.metrics = {f"{prefix}psnr": float(psnr(r, x, data_range=DATA_RANGE).mean()),
@@ -160,10 +161,10 @@ class VAEStage:
         save_grid([x, self.reconstruct(x)], path)
 
     @torch.no_grad()
-    def compute_scale_factor(self, n_batches: int = 8) -> float:
-        """1 / std of sampled latents of the exported VAE over training crops (Rombach et al. 2022, sec. 4.3 /
-        appendix G)."""
-        net = self.export_net()
+    def compute_scale_factor(self, n_batches: int = 8, net: torch.nn.Module | None = None) -> float:
+        """1 / std of sampled latents of ``net`` (default: the exported VAE) over training crops (Rombach et al.
+        2022, sec. 4.3 / appendix G)."""
+        net = self.export_net() if net is None else net.eval()
         zs = []
         for b in range(n_batches):
             rng = step_rng(self.cfg.seed, 10**9 + b)
@@ -197,9 +198,9 @@ class VAEStage:
         from medldm.models import save_model_folder
 
         net = self.export_net()  # the averaged VAE when EMA is on
-        self.compute_scale_factor()  # on the same weights
+        self.compute_scale_factor(net=net)  # on the same weights (one EMA copy, not one per call)
         if not self.metrics:  # validation ran on these weights at the last step (engine); else run it now
-            self.validate(self.tcfg.steps)
+            self.validate(self.tcfg.steps, net)
         save_model_folder(path, config=self.config, modules={"vae": net}, extra=self.extra())
         self.vae.train()
 
