@@ -285,9 +285,7 @@ def read_safetensors_header(file: str | os.PathLike) -> dict[str, tuple[str, tup
             ok = False
         if not ok:
             raise ValueError(f"tensor {name!r}: malformed header entry")
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = _numel(shape)
         if end > data_bytes:
             raise ValueError(f"tensor {name!r} lies beyond the end of the file (truncated: {size} bytes)")
         if end - begin != numel * _DTYPE_BYTES[dtype]:
