@@ -280,11 +280,12 @@ class ItemStore:
 
     def crop(self, idx: np.ndarray, corners: list[tuple[int, ...]]) -> torch.Tensor:
         """(B, 1, *patch) crops."""
-        out = []
-        for i, c in zip(idx, corners, strict=True):
-            sl = tuple(slice(a, a + p) for a, p in zip(c, self.patch, strict=True))
-            out.append(self.items[int(i)].image[(slice(None), *sl)])
-        return torch.stack(out)
+        return torch.stack([self.items[int(i)].image[(slice(None), *self._window(c))]
+                            for i, c in zip(idx, corners, strict=True)])
+
+    def _window(self, corner: tuple[int, ...]) -> tuple[slice, ...]:
+        """The spatial slices of the patch at ``corner``."""
+        return tuple(slice(a, a + p) for a, p in zip(corner, self.patch, strict=True))
 
     def derive_masks(self, classes: int) -> None:
         """Tissue label maps of every item (``medldm.data.tissue.tissue_labels``: background + intensity clusters),
@@ -295,13 +296,9 @@ class ItemStore:
 
     def mask_crop(self, idx: np.ndarray, corners: list[tuple[int, ...]]) -> torch.Tensor:
         """(B, *patch) int64 label crops at the same places as :meth:`crop` (after :meth:`derive_masks`)."""
-        if getattr(self, "masks", None) is None:
+        if self.masks is None:
             raise ValueError("no label maps: call derive_masks first")
-        out = []
-        for i, c in zip(idx, corners, strict=True):
-            sl = tuple(slice(a, a + p) for a, p in zip(c, self.patch, strict=True))
-            out.append(self.masks[int(i)][sl])
-        return torch.stack(out)
+        return torch.stack([self.masks[int(i)][self._window(c)] for i, c in zip(idx, corners, strict=True)])
 
     def labels(self, idx: np.ndarray) -> torch.Tensor:
         """Class labels (B,) of items ``idx``, each in [0, num_classes - 1]: checked here, on the host, where they
