@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                                    fmt=args.to, report_name=REPORT_NAME)
     options = _options(args)
 
+    @common.once_per_case
     def resume(case) -> common.Resume:
         t = targets[case.id]
         key = {"command": "baseline", "options": {**options, "output_kind": "nifti" if is_nifti(t) else "dicom"},

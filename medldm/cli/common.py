@@ -282,6 +282,19 @@ class Resume:
         return self.record
 
 
+def once_per_case(make):
+    """``make(case)`` built once per case (by ``case.id``): ``is_done`` and ``process`` share one :class:`Resume`,
+    so its key (the inputs' stat) is computed once."""
+    made: dict = {}
+
+    def get(case):
+        if case.id not in made:
+            made[case.id] = make(case)
+        return made[case.id]
+
+    return get
+
+
 def check_folder_out(found, out: Path, *, quiet: bool = False) -> None:
     """Folder mode (IN holds several cases): OUT must be a folder; print what discovery skipped or split."""
     from medldm.io.formats import is_nifti

@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     deid = common.deidentifier(args)
 
+    @common.once_per_case
     def resume(case) -> common.Resume:
         t = targets[case.id]
         return common.Resume(t, _key(case, t, args, reference), source=common.case_source(case))

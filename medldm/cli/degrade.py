@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
     deid = common.deidentifier(args)
 
+    @common.once_per_case
     def resume(case) -> common.Resume:
         dest = target[case.id]
         key_opts = {**job, "deidentify": bool(args.deidentify)} if not is_nifti(dest) else job

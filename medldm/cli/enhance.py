@@ -176,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
                "axis": args.axis, "refine": not args.no_refine,
                "window": list(enhancer.window(opts)), "overlap": opts.overlap}  # the output depends on the tiling
 
+    @common.once_per_case
     def resume(case) -> common.Resume:
         t = targets[case.id]
         kind = {"output_kind": "nifti"} if is_nifti(t) else {"output_kind": "dicom", "deidentify": bool(args.deidentify)}
