@@ -168,9 +168,9 @@ def _metrics(cid: str, name: str, pred_t: torch.Tensor, ref_t: torch.Tensor, mas
                  if bool(b.any())]
         why = " and ".join(parts)
         zero = torch.zeros((), dtype=pred_t.dtype)
-        vol, vnotes = volume_metrics(torch.where(bad, zero, pred_t), torch.where(bad, zero, ref_t), mask_t, opts.conv)
-        sl, snotes = slice_metrics(torch.where(bad, zero, pred_t), torch.where(bad, zero, ref_t), mask_t, opts.conv,
-                                   opts.axis)
+        pred0, ref0 = torch.where(bad, zero, pred_t), torch.where(bad, zero, ref_t)
+        vol, vnotes = volume_metrics(pred0, ref0, mask_t, opts.conv)
+        sl, snotes = slice_metrics(pred0, ref0, mask_t, opts.conv, opts.axis)
         hit = bad.movedim(opts.axis, 0).flatten(1).any(dim=1).numpy()
         for m in METRICS:
             vol[m] = math.nan
@@ -198,9 +198,9 @@ def excluded_values(rows: list[dict], methods: list[str], nan_reasons: dict) -> 
     out: dict = {}
     for m in methods:
         out[m] = {}
+        vol = [r for r in rows if r["method"] == m and r["level"] == "volume"]
+        sli = [r for r in rows if r["method"] == m and r["level"] == "slice"]
         for k in METRICS:
-            vol = [r for r in rows if r["method"] == m and r["level"] == "volume"]
-            sli = [r for r in rows if r["method"] == m and r["level"] == "slice"]
             reasons = {}
             for r in vol:
                 if isinstance(r[k], float) and math.isnan(r[k]):
