@@ -175,12 +175,12 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
                       "memory_how": mem["how"], "latent_shape": list(z.shape)}
     if "refine" in stages and degraded is not None:
         from medldm.diffusion import make_model_fn, sample, start_noise
-        from medldm.models.refiner import RefinerSpec, apply_refiner, build_from_spec
+        from medldm.models.refiner import apply_refiner, build_from_spec
         from medldm.train.ldm_stage import stage_sampler
+        from medldm.train.refine_stage import refiner_spec_of
 
         denoiser.eval().requires_grad_(False)
-        spec = RefinerSpec(spatial_dims=cfg.spatial_dims, features=tuple(cfg.refine.features), norm=cfg.refine.norm,
-                           base=cfg.refine.base)
+        spec = refiner_spec_of(cfg)
         torch.manual_seed(cfg.seed)
         refiner = build_from_spec(spec)
         rwrapped = prepare(refiner, rt, ddp=False)

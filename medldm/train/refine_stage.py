@@ -37,6 +37,12 @@ from medldm.train.ldm_stage import stage_sampler, val_sigma
 from medldm.train.logging import save_grid
 
 
+def refiner_spec_of(cfg) -> RefinerSpec:
+    """The refiner a training config describes: its ``refine`` section (and ``spatial_dims``) is the one source."""
+    return RefinerSpec(spatial_dims=cfg.spatial_dims, features=tuple(cfg.refine.features), norm=cfg.refine.norm,
+                       base=cfg.refine.base)
+
+
 class RefineStage:
     name = "refine"
 
@@ -57,8 +63,7 @@ class RefineStage:
         self.augment = Augmenter(cfg.augment, cfg.spatial_dims) if self.tcfg.augment else None
         torch.manual_seed(cfg.seed)
         # the refine section is the one source of the refiner's settings; the model folder stores them (extra())
-        self.spec = RefinerSpec(spatial_dims=cfg.spatial_dims, features=tuple(self.tcfg.features),
-                                norm=self.tcfg.norm, base=self.tcfg.base)
+        self.spec = refiner_spec_of(cfg)
         self.refiner = build_from_spec(self.spec)
         self.modules = {"refiner": self.refiner}
         self.wrapped = {"refiner": prepare(self.refiner, rt)}
