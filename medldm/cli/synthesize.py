@@ -121,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
         size = syn.mask_size(mask)
     # what sampling and decoding will allocate, checked before the first case: a usage error, not N failures
     w = float(syn.dcfg.guidance if args.guidance is None else args.guidance)
+    used_w = 1.0 if label is None or syn.num_classes == 0 else w
     try:
-        size = syn.check_size(size, guidance=1.0 if label is None or syn.num_classes == 0 else w)
+        size = syn.check_size(size, guidance=used_w)
     except SizeError as e:
         what = f"--size {args.size}" if args.size else f"the model's size {','.join(map(str, syn.size))}"
         raise UsageError(f"{what}: {e.reason}" if e.reason else str(e)) from None
@@ -132,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
     if report.exists() and _ours(report, "cases") is None:
         raise UsageError(f"{report} exists and was not written by medldm synthesize: move it away or choose "
                          "another OUT (synthesize never replaces files it did not write)")
-    used_w = 1.0 if label is None or syn.num_classes == 0 else w
     settings = {  # what the scans depend on: a resumed run must match them
         "model_hash": mhash, "condition": {"class": label, "class_name": syn.class_names[label]
                                            if label is not None and label < len(syn.class_names) else None},
