@@ -149,6 +149,31 @@ def test_tiny_3d_sr_trains(tmp_path, dipy_files):
     assert bundle.denoiser.cond_channels == 2 ** 3 and bundle.extra["degrade"]["kind"] == "thick"
 
 
+def test_blind_denoiser_with_noise_map_trains_and_enhances(tmp_path, dipy_files):
+    """degrade.rician_fraction + refine.noise_map (the shipped mr-denoise-2d's recipe) train end to end; the
+    model folder records the third refiner input and the Enhancer feeds it the (estimated or given) level."""
+    from conftest import held_out_crop
+
+    from medldm.config import ConfigError
+    from medldm.pipelines.enhance import EnhanceOptions, Enhancer
+
+    refine = ["refine.enabled=true", "refine.steps=10", "refine.ckpt_every=10", "refine.log_every=5",
+              "refine.noise_map=true", "degrade.rician_fraction=0.5"]
+    train(load_config(CONFIGS / "denoise_2d_tiny.yaml", [*FAST, *refine]), tmp_path)
+    bundle = load_model(tmp_path / "model")
+    assert bundle.refiner_spec.noise_map and bundle.extra["refiner"]["inputs"][-1] == "noise_level"
+    assert next(bundle.refiner.parameters()).shape[1] == 3  # first conv: [decoded, degraded, level]
+    img = held_out_crop(dipy_files / "S0_10slices.nii.gz", 32, 2)
+    enh = Enhancer(bundle)
+    a = enh.enhance(img, EnhanceOptions(steps=2, noise_level=0.1)).image
+    b = enh.enhance(img, EnhanceOptions(steps=2, noise_level=0.9)).image
+    auto = enh.enhance(img, EnhanceOptions(steps=2))
+    assert a.shape == img.shape and bool(torch.isfinite(auto.image).all()) and 0 < auto.info["noise_level"] < 1
+    assert float((a - b).abs().mean()) > 0
+    with pytest.raises(ConfigError, match="noise_map"):
+        load_config(CONFIGS / "sr_2d_tiny.yaml", ["refine.noise_map=true"])
+
+
 def test_existing_run_needs_resume(trained):
     out = trained("denoise_2d_tiny")
     from medldm.config import ConfigError

@@ -75,6 +75,56 @@ def test_degradations_hit_their_levels():
     assert torch.allclose(fixed, torch.full((3,), 0.5))
 
 
+def test_blind_denoise_pairs_mix_gaussian_and_rician():
+    """degrade.rician_fraction: that share of the samples gets Rician noise (on a zero-intensity image its
+    magnitude has a Rayleigh mean s * sqrt(pi / 2) > 0, Gaussian noise a zero mean); validation (fixed sigma)
+    uses degrade.kind only."""
+    from medldm.train.schema import DegradeConfig
+
+    clean = -torch.ones(64, 1, 32, 32)  # model range [-1, 1]: intensity 0
+    means = {}
+    for frac in (0.0, 0.5, 1.0):
+        d = DegradeConfig(kind="gaussian", level_range=(0.05, 0.05), rician_fraction=frac)
+        y, level = make_pair(clean, "denoise", d, torch.Generator().manual_seed(0))
+        assert torch.allclose(level, torch.ones(64))
+        means[frac] = ((y + 1) / 2).mean(dim=(1, 2, 3))  # per-sample mean intensity in [0, 1] units
+    rayleigh = 0.05 * (np.pi / 2) ** 0.5
+    assert float(means[0.0].abs().max()) < 0.005
+    assert float((means[1.0] - rayleigh).abs().max()) < 0.005
+    rician = means[0.5] > rayleigh / 2
+    assert 16 <= int(rician.sum()) <= 48  # about half of the 64 samples
+    fixed, _ = make_pair(clean, "denoise", DegradeConfig(kind="gaussian", rician_fraction=1.0),
+                         torch.Generator().manual_seed(0), 0.05)
+    assert float(((fixed + 1) / 2).mean()) == pytest.approx(0.0, abs=0.002)
+    with pytest.raises(ValueError, match="rician_fraction"):
+        DegradeConfig(rician_fraction=1.5)
+
+
+def test_refiner_noise_map_is_a_third_input():
+    """A refiner built with the noise map (RefinerSpec inputs [decoded, degraded, noise_level]) has 3 input
+    channels and its output depends on the level; a refiner without it refuses a level."""
+    from medldm.models.refiner import RefinerSpec, apply_refiner, build_from_spec
+
+    spec = RefinerSpec(spatial_dims=2, features=(4, 4, 8, 8, 16, 4), norm="none", base="degraded",
+                       inputs=("decoded", "degraded", "noise_level"))
+    assert spec.noise_map and RefinerSpec(**{**spec.to_extra(), "inputs": ("decoded", "degraded"),
+                                             "features": spec.features}).noise_map is False
+    torch.manual_seed(0)
+    net = build_from_spec(spec).eval()
+    d, y = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        lo = apply_refiner(net, d, y, "degraded", 0.1)
+        hi = apply_refiner(net, d, y, "degraded", torch.tensor([0.9, 0.9]))
+        per = apply_refiner(net, d, y, "degraded", torch.tensor([0.1, 0.9]))
+    assert float((lo - hi).abs().mean()) > 1e-5
+    assert torch.allclose(per[0], lo[0]) and torch.allclose(per[1], hi[1])  # one level per sample
+    two = build_from_spec(RefinerSpec(spatial_dims=2, features=spec.features, norm="none", base="degraded"))
+    with pytest.raises(RuntimeError):
+        apply_refiner(two, d, y, "degraded", 0.1)
+    with pytest.raises(ValueError, match="inputs"):
+        RefinerSpec(spatial_dims=2, features=spec.features, norm="none", base="degraded", inputs=("degraded",))
+
+
 def test_sr_pre_blur_reproduces_skimage_anti_aliasing(dipy_files):
     """Pre-blur 0.5 px + area down-sampling == skimage.transform.resize(anti_aliasing=True) at x2 (the demo's and
     the issue's low-res kernel); blur sigmas are drawn per sample, sigma 0 leaves a sample unchanged."""

@@ -1,9 +1,10 @@
 """Stage-3 refiner: a pixel-space network that gets past the VAE's reconstruction ceiling (sr / denoise).
 
 A small MONAI ``BasicUNet`` at full resolution that sees both the decoded diffusion output ``d`` and the degraded
-input ``y`` and predicts a residual:
+input ``y`` (and, for denoisers trained with ``refine.noise_map``, a constant map of the noise level ``s`` the
+U-Net is given, FFDNet-style) and predicts a residual:
 
-    x_hat = base + refiner([d, y]),   base = y (``degraded``) or d (``decoded``)
+    x_hat = base + refiner([d, y(, s)]),   base = y (``degraded``) or d (``decoded``)
 
 It is part of the model (``ModelBundle.refiner``, loaded by :func:`medldm.models.folder.load_model` with the same
 shape checks as the VAE and the denoiser; ``medldm.models.folder.load_refiner`` for the refiner alone); its
@@ -33,6 +34,8 @@ LEGACY_SPEC: dict[str, str] = {"norm": "instance", "base": "decoded"}
 #: keys of ``extra.json["refiner"]`` that older medldm versions wrote and nothing reads (``apply``: a dotted import
 #: path of ``apply_refiner``); ignored on load, no longer written
 IGNORED_KEYS = ("apply",)
+#: the network inputs a refiner may have, in channel order
+INPUTS = (("decoded", "degraded"), ("decoded", "degraded", "noise_level"))
 #: widest BasicUNet level a model folder may ask for
 MAX_FEATURES = 1024
 
@@ -45,16 +48,21 @@ class RefinerSpec:
     features: tuple[int, int, int, int, int, int]  # MONAI BasicUNet features
     norm: Literal["none", "instance", "batch"]
     base: Literal["degraded", "decoded"]
-    inputs: tuple[str, ...] = ("decoded", "degraded")  # channel order of the network input (informative)
+    inputs: tuple[str, ...] = ("decoded", "degraded")  # channel order of the network input
     residual: bool = True  # the output is added to ``base`` (informative; always true)
+
+    @property
+    def noise_map(self) -> bool:
+        """True when the network's third input is the constant noise-level map (``refine.noise_map``)."""
+        return "noise_level" in self.inputs
 
     def __post_init__(self) -> None:
         bad = [f for f in self.features if not 1 <= f <= MAX_FEATURES]
         if bad:
             raise ValueError(f"refiner.features = {list(self.features)}: every entry must be in 1..{MAX_FEATURES}")
-        if tuple(self.inputs) != ("decoded", "degraded") or not self.residual:
+        if tuple(self.inputs) not in INPUTS or not self.residual:
             raise ValueError(f"refiner inputs {list(self.inputs)} / residual {self.residual}: medldm applies a "
-                             "residual refiner to [decoded, degraded] only")
+                             "residual refiner to [decoded, degraded] or [decoded, degraded, noise_level] only")
 
     def to_extra(self) -> dict[str, Any]:
         """The ``extra.json["refiner"]`` entry (YAML/JSON-safe)."""
@@ -77,28 +85,36 @@ def refiner_spec(extra: dict[str, Any]) -> RefinerSpec | None:
     return from_mapping(RefinerSpec, data, prefix="refiner")
 
 
-def build_refiner(spatial_dims: int, features, norm: str) -> nn.Module:
-    """MONAI BasicUNet: (N, 2, *S) [decoded, degraded] -> (N, 1, *S) residual."""
+def build_refiner(spatial_dims: int, features, norm: str, in_channels: int = 2) -> nn.Module:
+    """MONAI BasicUNet: (N, in_channels, *S) [decoded, degraded(, noise level)] -> (N, 1, *S) residual."""
     from monai.networks.nets import BasicUNet
 
     if norm not in NORMS:
         raise ValueError(f"refiner norm {norm!r}: expected one of {', '.join(NORMS)}")
-    return BasicUNet(spatial_dims=spatial_dims, in_channels=2, out_channels=1, features=tuple(features),
+    return BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1, features=tuple(features),
                      norm=NORMS[norm])
 
 
 def build_from_spec(spec: RefinerSpec) -> nn.Module:
     """The (untrained) network a :class:`RefinerSpec` describes."""
-    return build_refiner(spec.spatial_dims, spec.features, spec.norm)
+    return build_refiner(spec.spatial_dims, spec.features, spec.norm, len(spec.inputs))
 
 
-def apply_refiner(refiner: nn.Module, decoded: torch.Tensor, degraded: torch.Tensor, base: str) -> torch.Tensor:
-    """decoded, degraded (N, 1, *S) in the model range -> refined (N, 1, *S) = base + refiner([d, y]).
+def apply_refiner(refiner: nn.Module, decoded: torch.Tensor, degraded: torch.Tensor, base: str,
+                  noise_level: torch.Tensor | float | None = None) -> torch.Tensor:
+    """decoded, degraded (N, 1, *S) in the model range -> refined (N, 1, *S) = base + refiner([d, y(, s)]).
 
-    ``base`` is the model's (``ModelBundle.refiner_base``; in training ``refine.base``): 'degraded' or 'decoded'."""
+    ``base`` is the model's (``ModelBundle.refiner_base``; in training ``refine.base``): 'degraded' or 'decoded'.
+    ``noise_level`` (a float or (N,) in [0, 1], the level the U-Net is given) is passed to refiners trained with
+    a noise map (``RefinerSpec.noise_map``) as a constant third channel, and must be None for the others."""
     if base not in BASES:
         raise ValueError(f"refiner base {base!r}: expected one of {', '.join(BASES)}")
     degraded = degraded.to(decoded.dtype)
-    res = refiner(torch.cat([decoded, degraded], dim=1)).to(decoded.dtype)
+    parts = [decoded, degraded]
+    if noise_level is not None:
+        lev = torch.as_tensor(noise_level, dtype=decoded.dtype, device=decoded.device).reshape(-1)
+        lev = lev.expand(decoded.shape[0]) if lev.numel() == 1 else lev
+        parts.append(lev.view(-1, *([1] * (decoded.ndim - 1))).expand_as(decoded))
+    res = refiner(torch.cat(parts, dim=1)).to(decoded.dtype)
     return (degraded if base == "degraded" else decoded) + res
 

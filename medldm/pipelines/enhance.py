@@ -24,6 +24,7 @@ constant scan is returned unchanged (with a warning) without running the model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,8 @@ class Enhancer:
         self.slice_axis = int(ex.get("slice_axis", 2))
         self.refiner = bundle.refiner  # checked and loaded with the model folder, on self.device with the bundle
         self.refiner_base = bundle.refiner_base
+        # refiners trained with a noise map get the U-Net's (estimated) noise level as a third input
+        self.refiner_noise_map = bundle.refiner is not None and bundle.refiner_spec.noise_map
         self.unet_down = 2 ** (len(self.denoiser.cfg.channels) - 1)  # latent sizes must be multiples of this
         self.align = self.f * self.unet_down  # image sizes are padded to multiples of this
         # ... and to at least this: the refiner (MONAI BasicUNet) pools 4 times, so a 1-pixel-wide image padded
@@ -219,16 +222,18 @@ class Enhancer:
                 img = tiled_decode(self.vae.decode, z / self.scale, window).float()
                 if self.refiner is not None and opts.refine:
                     img_window = None if window is None else tuple(w * self.f for w in window)
-                    img = tiled_call(self._refine, img, cond_items.to(self.device), img_window, 0.25).float()
+                    refine = functools.partial(self._refine, level=level)
+                    img = tiled_call(refine, img, cond_items.to(self.device), img_window, 0.25).float()
             return img.cpu()
 
         return sample_many(max(int(opts.samples), 1), draw)
 
-    def _refine(self, decoded: torch.Tensor, degraded: torch.Tensor | None) -> torch.Tensor:
+    def _refine(self, decoded: torch.Tensor, degraded: torch.Tensor | None, level: float | None = None) -> torch.Tensor:
         from medldm.models.refiner import apply_refiner
 
         assert degraded is not None and self.refiner is not None
-        return apply_refiner(self.refiner, decoded, degraded, self.refiner_base)
+        lev = (0.0 if level is None else level) if self.refiner_noise_map else None
+        return apply_refiner(self.refiner, decoded, degraded, self.refiner_base, lev)
 
     def window(self, opts: EnhanceOptions) -> tuple[int, ...]:
         """The latent window used with ``opts``: ``opts.window`` or the model's default, rounded up to what the

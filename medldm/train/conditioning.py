@@ -179,7 +179,12 @@ def make_pair(clean: torch.Tensor, task: str, degrade, gen: torch.Generator,
     fixed = None if sigma is None else torch.full((n,), float(sigma), device=clean.device)
     if task == "denoise":
         sigma = fixed if fixed is not None else _levels(n, rng_range, gen, clean.device)
-        y = add_noise(clean, sigma, degrade.kind, gen)
+        frac = float(getattr(degrade, "rician_fraction", 0.0))
+        if fixed is None and frac > 0:  # blind to the noise model: Rician for a drawn share of the samples
+            rician = _bshape(torch.rand(n, generator=gen) < frac, clean).to(clean.device)
+            y = torch.where(rician, add_noise(clean, sigma, "rician", gen), add_noise(clean, sigma, degrade.kind, gen))
+        else:
+            y = add_noise(clean, sigma, degrade.kind, gen)
         top = max(float(degrade.level_range[1]), 1e-8)
         return y, (sigma / top).clamp(0, 1)
     if task == "sr":

@@ -197,7 +197,7 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
                                 cfg.diffusion.sampling_steps, generator=g)
                     decoded = net_vae.decode(zz).float()
             with rt.autocast():
-                pred = apply_refiner(rwrapped, decoded, deg, spec.base).float()
+                pred = apply_refiner(rwrapped, decoded, deg, spec.base, level if spec.noise_map else None).float()
                 loss = (pred - x.float()).abs().mean()
             _optim_step(loss, opt, cfg.refine.grad_clip)
 

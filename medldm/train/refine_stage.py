@@ -5,7 +5,9 @@ minimum-error estimate that PSNR rewards. The refiner is a small MONAI ``BasicUN
 default without normalization layers, so its output does not depend on the image size) that sees both the
 decoded diffusion output ``d`` and the degraded input ``y``:
 
-    x_hat = base + refiner([d, y]),   base = y (``refine.base: degraded``, default) or d (``decoded``)
+    x_hat = base + refiner([d, y(, s)]),   base = y (``refine.base: degraded``, default) or d (``decoded``)
+
+where ``s`` is a constant map of the U-Net's noise level when ``refine.noise_map`` is on (denoise, FFDNet-style).
 
 The network, its loading and ``apply_refiner`` are part of the model (:mod:`medldm.models.refiner`,
 ``ModelBundle.refiner``); this module trains it.
@@ -39,8 +41,9 @@ from medldm.train.logging import save_grid
 
 def refiner_spec_of(cfg) -> RefinerSpec:
     """The refiner a training config describes: its ``refine`` section (and ``spatial_dims``) is the one source."""
+    inputs = ("decoded", "degraded", "noise_level") if cfg.refine.noise_map else ("decoded", "degraded")
     return RefinerSpec(spatial_dims=cfg.spatial_dims, features=tuple(cfg.refine.features), norm=cfg.refine.norm,
-                       base=cfg.refine.base)
+                       base=cfg.refine.base, inputs=inputs)
 
 
 class RefineStage:
@@ -111,7 +114,8 @@ class RefineStage:
 
     def losses(self, b: dict, step: int) -> dict[str, torch.Tensor]:
         decoded = self.diffuse(b["degraded"], b["level"], b["seed"])
-        out = apply_refiner(self.wrapped["refiner"], decoded, b["degraded"], self.spec.base).float()
+        out = apply_refiner(self.wrapped["refiner"], decoded, b["degraded"], self.spec.base,
+                            self._level(b["level"])).float()
         loss = (out - b["clean"].float()).abs().mean()
         return {"loss": loss, "decoded_l1": (decoded - b["clean"].float()).abs().mean().detach()}
 
@@ -123,8 +127,13 @@ class RefineStage:
         degraded, level = make_pair(x, self.cfg.task, self.cfg.degrade, gen, val_sigma(self.cfg))
         dec = self.diffuse(degraded, level, self.cfg.seed + 1)
         with self.rt.autocast():
-            ref = apply_refiner(self._eval_net(), dec, self.rt.to(degraded), self.spec.base).float()
+            ref = apply_refiner(self._eval_net(), dec, self.rt.to(degraded), self.spec.base,
+                                self._level(level)).float()
         return degraded, dec.cpu(), ref.cpu()
+
+    def _level(self, level: torch.Tensor) -> torch.Tensor | None:
+        """The refiner's noise-level input (the U-Net's level), or None for refiners without a noise map."""
+        return level.to(self.rt.device) if self.spec.noise_map else None
 
     def _eval_net(self) -> nn.Module:
         net = copy.deepcopy(self.refiner)

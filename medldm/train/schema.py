@@ -81,6 +81,9 @@ class DegradeConfig:
     blur_range: tuple[float, float] = doc_field(
         (0.0, 0.0), "sr (downsample): Gaussian pre-blur sigma in high-res pixels, drawn per sample, before area "
         "down-sampling (0.5 at x2 is skimage's anti_aliasing=True): robustness to the scanner's / user's kernel")
+    rician_fraction: float = doc_field(
+        0.0, "denoise: fraction of training samples given Rician (magnitude MR) instead of `kind`'s noise, drawn per "
+        "sample, so one model is blind to the noise model; validation uses `kind`")
     profile: Literal["box", "gaussian"] = doc_field(
         "box", "thinslice: slice profile of a thick slice: box (the mean of `scale` thin slices) or gaussian "
         "(FWHM = `scale` thin slices, same centre)")
@@ -88,6 +91,8 @@ class DegradeConfig:
     def __post_init__(self) -> None:
         if self.scale < 1:
             raise ValueError(f"degrade.scale: must be >= 1, got {self.scale}")
+        if not 0.0 <= self.rician_fraction <= 1.0:
+            raise ValueError(f"degrade.rician_fraction: must be in [0, 1], got {self.rician_fraction}")
 
 
 @dataclass
@@ -184,6 +189,9 @@ class RefineConfig(StageTrainConfig):
     norm: Literal["none", "instance", "batch"] = doc_field(
         "none", "normalization layers of the refiner ('none': its output does not depend on the image size)")
     augment: bool = doc_field(True, "apply the config's augment section to the clean training crops")
+    noise_map: bool = doc_field(
+        False, "denoise: give the refiner the noise level (the U-Net's, estimated per scan at inference) as a "
+        "constant third input channel (FFDNet-style); needs unet.noise_level_cond")
 
 
 @dataclass
@@ -290,6 +298,10 @@ class TrainingConfig:
         if d.class_from == "source" and self.unet.num_classes != len(d.train):
             raise ConfigError(f"unet.num_classes: class_from 'source' gives one class per data.train entry "
                               f"({len(d.train)}), got {self.unet.num_classes}")
+        if self.refine.noise_map and (self.task != "denoise" or not self.unet.noise_level_cond):
+            raise ConfigError("refine.noise_map: is for task 'denoise' with unet.noise_level_cond: true")
+        if deg.rician_fraction > 0 and self.task != "denoise":
+            raise ConfigError("degrade.rician_fraction: is for task 'denoise'")
         if self.refine.enabled and self.task == "synthesis":
             raise ConfigError("refine.enabled: the refiner is for tasks 'sr' and 'denoise'")
 
