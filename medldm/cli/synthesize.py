@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--num", type=int, required=True, metavar="N", help="number of scans")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--condition", action="append", default=[], metavar="KEY=VALUE",
-                   help="class=K (index) or class=NAME (class-conditional models)")
+                   help="class=K (index) or class=NAME (class-conditional models); or contrast=NAME and/or "
+                        "position=B (slice-position bin, 0 = first along the slice axis) for models trained with "
+                        "contrast / slice-position classes (`medldm models` lists the class names)")
     p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance weight (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of scan 0; scan i uses seed + i (default 0)")
     p.add_argument("--format", choices=("nifti", "dicom"), default="nifti", help="output kind (default nifti)")
@@ -54,9 +56,11 @@ def _conditions(items: list[str]) -> dict[str, str]:
         if "=" not in it:
             raise UsageError(f"--condition {it!r}: expected KEY=VALUE, e.g. class=1")
         k, v = it.split("=", 1)
-        if k.strip() != "class":
-            raise UsageError(f"--condition {k!r}: unknown key; supported: class")
+        if k.strip() not in ("class", "contrast", "position"):
+            raise UsageError(f"--condition {k!r}: unknown key; supported: class, contrast, position")
         out[k.strip()] = v.strip()
+    if "class" in out and ({"contrast", "position"} & set(out)):
+        raise UsageError("--condition: give class=... or contrast=/position=..., not both")
     return out
 
 
@@ -111,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         bundle = load_model(model)
         syn = Synthesizer(bundle, device=_device(args.device))
-        label = syn.label_index(cond.get("class"))
+        label = syn.label_index(cond.get("class") or syn.class_name_for(cond.get("contrast"), cond.get("position")))
         mask, mask_affine, mask_info = _load_mask(args.mask, syn) if args.mask else (None, None, None)
     except (CaseError, ValueError) as e:
         raise UsageError(e.line() if isinstance(e, CaseError) else str(e)) from None

@@ -249,8 +249,12 @@ class ItemStore:
     """Items plus seeded, factor-aligned random crops."""
 
     def __init__(self, items: list[Item], patch: Sequence[int], factor: int, num_classes: int = 0,
-                 class_from: str = "none"):
+                 class_from: str = "none", contrast_of: Sequence[int] = (), n_contrasts: int = 1):
         self.items = items
+        # class_from 'contrast_position': contrast index of each source (its data.train / data.val entry);
+        # class = contrast * position_bins + position bin
+        self.contrast_of = list(contrast_of)
+        self.position_bins = max(num_classes // max(n_contrasts, 1), 1)
         self.patch = tuple(int(p) for p in patch)
         self.factor = int(factor)
         self.num_classes = num_classes
@@ -266,6 +270,9 @@ class ItemStore:
             return it.source
         if self.class_from == "slice_position":
             return min(self.num_classes - 1, int(it.position * self.num_classes))
+        if self.class_from == "contrast_position":
+            b = self.position_bins
+            return self.contrast_of[it.source] * b + min(b - 1, int(it.position * b))
         return 0
 
     def draw(self, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, list[tuple[int, ...]]]:

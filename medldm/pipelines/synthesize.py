@@ -111,6 +111,19 @@ class Synthesizer:
         """The generation size for a label map: its shape, each side rounded up to :attr:`multiple`."""
         return tuple(-(-int(s) // self.multiple) * self.multiple for s in mask.shape)
 
+    def class_name_for(self, contrast: str | None = None, position: str | int | None = None) -> str | None:
+        """The class name of a contrast and/or slice-position bin (models trained with class_from
+        'contrast_position': ``T1/position-2``; 'slice_position': ``position-2``); None when neither is given."""
+        if contrast is None and position is None:
+            return None
+        known = set(self.class_names)
+        if contrast is not None and position is None:
+            raise ValueError(f"contrast={contrast}: give position=B too (classes: {', '.join(self.class_names)})")
+        name = f"position-{position}" if contrast is None else f"{contrast}/position-{position}"
+        if name not in known:
+            raise ValueError(f"no class {name!r} in this model; classes: {', '.join(self.class_names) or 'none'}")
+        return name
+
     def label_index(self, value: str | int | None) -> int | None:
         """Class index from an index or a class name; None = unconditional (the null class)."""
         if value is None:

@@ -53,9 +53,13 @@ def build_data(cfg, out_dir: Path, *, quiet: bool = False) -> RunData:
     val_vols = load_volumes(val_refs, **kw) if val_refs else []
     items_kw = {"spatial_dims": cfg.spatial_dims, "slice_axis": d.slice_axis, "patch": d.patch_size,
                 "factor": cfg.factor, "resize_to": d.resize_to, "min_foreground": d.min_foreground}
-    train = ItemStore(make_items(vols, **items_kw), d.patch_size, cfg.factor, cfg.unet.num_classes, d.class_from)
-    val = (ItemStore(make_items(val_vols, **items_kw), d.patch_size, cfg.factor, cfg.unet.num_classes, d.class_from)
-           if val_vols else None)
+    classes = {"num_classes": cfg.unet.num_classes, "class_from": d.class_from,
+               "n_contrasts": max(len(d.contrast_names), 1)}
+    train = ItemStore(make_items(vols, **items_kw), d.patch_size, cfg.factor, contrast_of=d.contrast_of(False),
+                      **classes)
+    # validation split from data.train (no data.val): its sources are data.train indices
+    val = (ItemStore(make_items(val_vols, **items_kw), d.patch_size, cfg.factor,
+                     contrast_of=d.contrast_of(bool(d.val)), **classes) if val_vols else None)
     if not quiet:
         log.info("data: %d training scans -> %d items; %d validation scans%s", len(vols), len(train), len(val_vols),
                  f" -> {len(val)} items" if val is not None else " (validating on training items)")

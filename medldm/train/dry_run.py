@@ -228,7 +228,8 @@ def _one_scan_data(cfg, max_scans: int = 1):
         raise ValueError("data.train: no readable training scan")
     items = make_items(vols, spatial_dims=cfg.spatial_dims, slice_axis=d.slice_axis, patch=d.patch_size,
                        factor=cfg.factor, resize_to=d.resize_to, min_foreground=d.min_foreground)
-    store = ItemStore(items, d.patch_size, cfg.factor, cfg.unet.num_classes, d.class_from)
+    store = ItemStore(items, d.patch_size, cfg.factor, cfg.unet.num_classes, d.class_from,
+                      contrast_of=d.contrast_of(False), n_contrasts=max(len(d.contrast_names), 1))
     return train_refs, val_refs, RunData(store, None, [v["id"] for v in vols], [], [v["norm"] for v in vols])
 
 

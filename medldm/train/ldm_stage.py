@@ -257,7 +257,7 @@ class LDMStage:
             "degrade": to_mapping(cfg.degrade) if cfg.task != "synthesis" else None,
             "noise_level_max": noise_level_max(cfg.task, cfg.degrade) if cfg.task != "synthesis" else None,
             "class_from": cfg.data.class_from,
-            "class_names": list(cfg.data.train) if cfg.data.class_from == "source" else None,
+            "class_names": cfg.data.class_names(cfg.unet.num_classes),
             "vae_val_metrics": self.vae_extra.get("val_metrics", {}),
             "val_metrics": self.metrics,
             "train_scans": self.data.train_scans, "val_scans": self.data.val_scans,

@@ -38,8 +38,13 @@ class DataConfig:
     resize_to: tuple[int, ...] | None = doc_field(None, "resize each slice/volume (padded to square first) to this size; "
                                                       "null = native resolution with random crops")
     min_foreground: float = doc_field(0.05, "2D: skip slices with less than this fraction of voxels above the background")
-    class_from: Literal["none", "source", "slice_position"] = doc_field(
-        "none", "class label for synthesis: index of the train entry, or slice position bin (num_classes bins)")
+    class_from: Literal["none", "source", "slice_position", "contrast_position"] = doc_field(
+        "none", "class label for synthesis: index of the train entry; slice position bin (num_classes bins); or "
+        "contrast x slice position (data.contrasts; num_classes = distinct contrasts x position bins)")
+    contrasts: list[str] = doc_field([], "class_from contrast_position: the contrast/sequence of each data.train "
+                                         "entry, in order (e.g. T1, EPI); entries of one name share a class")
+    val_contrasts: list[str] = doc_field([], "class_from contrast_position: the same for each data.val entry "
+                                             "(names from data.contrasts)")
     mask_classes: int = doc_field(4, "condition mask: label classes of the tissue maps medldm derives per slice/volume "
                                      "(0 = background, 1.. = intensity clusters, darkest first; medldm.data.tissue)")
     batch_size: int = doc_field(8, "samples per optimiser step per process (before gradient accumulation)")
@@ -52,7 +57,40 @@ class DataConfig:
             raise ValueError(f"data.batch_size: must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.class_from == "contrast_position":
+            if len(self.contrasts) != len(self.train):
+                raise ValueError(f"data.contrasts: class_from 'contrast_position' needs one contrast name per "
+                                 f"data.train entry ({len(self.train)}), got {len(self.contrasts)}")
+            if self.val and len(self.val_contrasts) != len(self.val):
+                raise ValueError(f"data.val_contrasts: needs one contrast name per data.val entry ({len(self.val)}), "
+                                 f"got {len(self.val_contrasts)}")
+            unknown = sorted(set(self.val_contrasts) - set(self.contrasts))
+            if unknown:
+                raise ValueError(f"data.val_contrasts: {unknown[0]!r} is not a training contrast "
+                                 f"({', '.join(self.contrast_names)})")
+        elif self.contrasts or self.val_contrasts:
+            raise ValueError("data.contrasts / data.val_contrasts: only for class_from 'contrast_position'")
 
+    @property
+    def contrast_names(self) -> list[str]:
+        """The distinct contrasts of ``contrasts`` in first-seen order (the contrast part of the class index)."""
+        return list(dict.fromkeys(self.contrasts))
+
+    def contrast_of(self, val: bool) -> list[int]:
+        """Contrast index of each data.train (``val``: data.val) entry; [] without contrast classes."""
+        names = self.val_contrasts if val else self.contrasts
+        return [self.contrast_names.index(c) for c in names]
+
+    def class_names(self, num_classes: int) -> list[str] | None:
+        """Names of the synthesis classes (stored in the model folder for ``--condition class=NAME``)."""
+        if self.class_from == "source":
+            return list(self.train)
+        if self.class_from == "slice_position":
+            return [f"position-{b}" for b in range(num_classes)]
+        if self.class_from == "contrast_position":
+            bins = num_classes // max(len(self.contrast_names), 1)
+            return [f"{c}/position-{b}" for c in self.contrast_names for b in range(bins)]
+        return None
 
 @dataclass
 class AugmentConfig:
@@ -295,6 +333,10 @@ class TrainingConfig:
             raise ConfigError("unet.num_classes: class conditioning is for task 'synthesis'")
         if self.task == "synthesis" and (d.class_from != "none") != (self.unet.num_classes > 0):
             raise ConfigError("data.class_from and unet.num_classes go together: set both (or neither)")
+        if d.class_from == "contrast_position" and (self.unet.num_classes % len(d.contrast_names)
+                                                    or self.unet.num_classes < len(d.contrast_names)):
+            raise ConfigError(f"unet.num_classes: class_from 'contrast_position' needs a multiple of the "
+                              f"{len(d.contrast_names)} contrasts (contrasts x position bins), got {self.unet.num_classes}")
         if d.class_from == "source" and self.unet.num_classes != len(d.train):
             raise ConfigError(f"unet.num_classes: class_from 'source' gives one class per data.train entry "
                               f"({len(d.train)}), got {self.unet.num_classes}")
