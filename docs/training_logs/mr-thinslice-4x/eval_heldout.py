@@ -7,10 +7,11 @@ a stack of 53 mm-apart slices), so the axis thinned is a real high-resolution in
 is reformatted to (X, S, Y) (array axes permuted, affine columns with them: the same voxels in the same world
 positions), so its Y axis becomes Z, and only the (X, Z) reformat is usable; piesno is reformatted to (Y, Z, X)
 (X becomes Z), so both reformats run and are fused, as on a real thick-slice volume. Then the issue's protocol,
-with the demo's conventions:
+with the demo's conventions (``medldm demo`` runs the same references, degradation, baselines and metrics for its
+"Thick -> thin slices x4" table, with the default model variant):
 
-1. reference: scaled to [0, 1] by its own 0.5-99.5th percentiles (``medldm.demo``), Z cropped (centred) to a
-   multiple of 4;
+1. reference: ``medldm.demo.prepare_thinslice_references`` (the reformats above, Z cropped (centred) to a
+   multiple of 4, scaled to [0, 1] by its own 0.5-99.5th percentiles);
 2. ``medldm degrade --kind thick --level 4 --axis 2`` (box profile: the mean of 4 slices);
 3. ``medldm baseline --task sr --scale 4 --axis through`` with ``bicubic`` (Keys cubic convolution, the "cubic
    along z"), ``bspline`` and ``linear``;
@@ -37,8 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FACTOR = 4
-PIESNO = "dipy-piesno"  # a 3D held-out scan (96 x 96 x 14 at 1 mm) where both reformats are used and fused
+from medldm.demo import THIN_FACTOR as FACTOR
 
 
 def _cli(*args: str) -> float:
@@ -48,33 +48,14 @@ def _cli(*args: str) -> float:
 
 
 def prepare(out: Path, names: tuple[str, ...]) -> dict[str, Path]:
-    from medldm.data.datasets import resolve_path
-    from medldm.data.intensity import fit_normalization, normalize
-    from medldm.demo import DEMO_SAMPLES
-    from medldm.io.nifti import save_nifti
+    """Step 1 of the protocol: ``medldm.demo.prepare_thinslice_references`` (the one copy, shared with
+    ``medldm demo``), written to OUT/ref."""
+    from medldm.demo import prepare_thinslice_references
     from medldm.io.reader import load_scan
-    from medldm.samples import sample_path
 
-    scans = {n: (sample_path(n), (0, 2, 1)) for n in DEMO_SAMPLES}  # (X, S, Y): Y becomes Z
-    scans[PIESNO] = (resolve_path("pkg://dipy/data/files/test_piesno.nii.gz"), (1, 2, 0))  # (Y, Z, X): X becomes Z
-    refs = {}
-    for name in names or tuple(scans):
-        path, perm = scans[name]
-        img = load_scan(path)
-        arr = np.asarray(img.numpy(), dtype=np.float32).transpose(*perm)
-        aff = np.asarray(img.affine, dtype=np.float64)[:, [*perm, 3]]
-        n = arr.shape[2] - arr.shape[2] % FACTOR
-        o = (arr.shape[2] - n) // 2
-        arr = arr[:, :, o:o + n]
-        aff[:3, 3] = aff[:3, :3] @ np.array([0.0, 0.0, o]) + aff[:3, 3]
-        from monai.data import MetaTensor
-
-        vol = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr)), affine=torch.as_tensor(aff))
-        params = fit_normalization(vol, "MR", out_range=(0.0, 1.0))
-        ref = normalize(vol, params)
-        ref.meta["original_dtype"] = "float32"
-        refs[name] = save_nifti(ref, out / "ref" / f"{name}.nii.gz", dtype="float32")
-        print(f"{name}: reference {tuple(ref.shape)}")
+    refs = prepare_thinslice_references(out / "ref", names=names)
+    for name, path in refs.items():
+        print(f"{name}: reference {tuple(load_scan(path).shape)}")
     return refs
 
 
