@@ -208,13 +208,14 @@ def test_no_seams_3d_halves_and_tiles(models, dipy_files):
 
 
 def test_noise_estimate_on_real_slices(dipy_files):
-    from medldm.pipelines import estimate_noise
+    """The denoiser's noise input: medldm.data.noise with the Enhancer's settings (16 slices, 8 px sides)."""
+    from medldm.data.noise import estimate_noise_sigma
 
     vol = torch.from_numpy(np.asarray(nib.load(dipy_files / "S0_10slices.nii.gz").dataobj, dtype=np.float32)[..., 0])
     vol = vol / vol.max() * 2 - 1
-    base = estimate_noise(vol)
+    base = estimate_noise_sigma(vol, max_slices=16, min_side=8)
     noisy = vol + 0.1 * torch.randn(vol.shape, generator=torch.Generator().manual_seed(0))
-    est = estimate_noise(noisy)
+    est = estimate_noise_sigma(noisy, max_slices=16, min_side=8)
     assert abs(np.sqrt(max(est**2 - base**2, 0)) - 0.1) < 0.015
 
 

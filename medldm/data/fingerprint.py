@@ -7,7 +7,7 @@ parallel (``concurrent.futures``), and records per scan:
 * modality (DICOM ``Modality``; NIfTI: ``CT`` when the intensities look like Hounsfield units), shape, spacing,
   orientation (axis codes) and anisotropy (largest / smallest spacing);
 * intensity percentiles of all finite voxels and of the foreground (voxels above the minimum);
-* estimated noise (``skimage.restoration.estimate_sigma``, the wavelet MAD estimator, median over a few slices)
+* estimated noise (:func:`medldm.data.noise.estimate_noise_sigma`, the wavelet MAD estimator, median over 5 slices)
   in scanner units and relative to the 0.5-99.5 percentile range;
 * the reader's integrity warnings (gaps / splits, non-finite voxels, ...), a constant-volume flag;
 * a pixel hash (sha256 of shape + float32 voxels) that finds duplicates;
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medldm.data.noise import estimate_noise_sigma
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +95,6 @@ def _stat_sample(a: np.ndarray) -> np.ndarray:
     return flat.astype(np.float64, copy=False)
 
 
-def estimate_noise(data: np.ndarray, n_slices: int = 5) -> float:
-    """Noise standard deviation (scanner units): median of ``estimate_sigma`` over up to ``n_slices`` non-constant
-    slices spread along the last axis (2D slices: the in-plane noise, unaffected by slice thickness)."""
-    from skimage.restoration import estimate_sigma
-
-    if min(data.shape[:2]) < 4:
-        return 0.0
-    z = data.shape[2]
-    ks = sorted({int(round(k)) for k in np.linspace(z * 0.2, z * 0.8 - 1, n_slices)} if z > 1 else {0})
-    est = []
-    for k in ks:
-        sl = np.nan_to_num(data[:, :, min(max(k, 0), z - 1)].astype(np.float64))
-        if np.ptp(sl) > 0:
-            est.append(float(estimate_sigma(sl, channel_axis=None)))
-    return float(np.median(est)) if est else 0.0
-
-
 def _looks_like_ct(p: dict[str, float], lo: float, hi: float) -> bool:
     """HU-like intensities: air around -1000 and tissue/bone above 0."""
     return lo <= -900.0 and p["1.0"] <= -500.0 and hi >= 100.0
@@ -138,7 +123,8 @@ def scan_record(case, data_root: Path) -> dict[str, Any]:
     shape = [int(s) for s in data.shape]
     used = [s for s, n in zip(spacing, shape, strict=True) if n > 1] or spacing
     rng = (pct.get("99.5", hi) - pct.get("0.5", lo)) if finite else 0.0
-    sigma = estimate_noise(data) if finite and hi > lo else 0.0
+    # median over 5 non-constant slices of the central 60 % (in-plane noise, unaffected by slice thickness)
+    sigma = estimate_noise_sigma(data, max_slices=5, span=(0.2, 0.8), min_side=4) if finite and hi > lo else 0.0
     h = hashlib.sha256(repr(shape).encode())
     h.update(np.ascontiguousarray(data, dtype=np.float32).tobytes())
     subject, subject_from = subject_of(case, data_root)

@@ -14,7 +14,7 @@ inverted afterwards), so the NLM/BM3D parameters below are scale-free:
 * ``nlm``: ``skimage.restoration.denoise_nl_means(patch_size=5, patch_distance=6,
   fast_mode=True, sigma=σ, h=0.8·σ)`` — the starting point scikit-image's documentation recommends
   for ``fast_mode=True`` when ``sigma`` is given. σ = noise standard deviation (see
-  :func:`estimate_noise_sigma`) unless given.
+  :func:`medldm.data.noise.estimate_noise_sigma`: median over the non-constant slices) unless given.
 * ``bm3d``: ``bm3d.bm3d(slice, sigma_psd=σ)`` per slice (2D only) from the optional ``bm3d``
   package (``pip install 'medldm[bm3d]'``).
 
@@ -30,6 +30,7 @@ import math
 
 import numpy as np
 
+from medldm.data.noise import estimate_noise_sigma  # noqa: F401 (re-exported: medldm.eval)
 from medldm.data.resample import KEYS_A, cubic_convolution_resize, keys_kernel  # noqa: F401 (re-exported)
 
 DENOISE_METHODS = ("gaussian", "nlm", "bm3d")
@@ -49,30 +50,6 @@ def _normalize(vol: np.ndarray) -> tuple[np.ndarray, float, float]:
     lo, hi = float(np.min(vol)), float(np.max(vol))
     scale = hi - lo if hi > lo else 1.0
     return (vol.astype(np.float64) - lo) / scale, lo, scale
-
-
-def estimate_noise_sigma(vol: np.ndarray, dims: int = 2, exclude: np.ndarray | None = None) -> float:
-    """Noise standard deviation of ``vol`` (X, Y, Z), same units as ``vol``.
-
-    ``skimage.restoration.estimate_sigma`` (wavelet MAD estimator of Donoho & Johnstone): with
-    ``dims=2`` the median of the per-slice estimates over non-constant slices, with ``dims=3`` one
-    estimate on the whole volume. Slices touching ``exclude`` (e.g. filled-in NaN voxels) are left out
-    of the 2D median unless every slice touches it (the 3D estimate, a median itself, keeps them).
-    Images narrower than 2 voxels in-plane have no wavelet detail: 0.
-    """
-    from skimage.restoration import estimate_sigma
-
-    vol = np.asarray(vol, dtype=np.float64)
-    if min(vol.shape[:2]) < 2:
-        return 0.0
-    if dims == 3 and vol.shape[2] > 1:
-        return float(estimate_sigma(vol, channel_axis=None))
-    ks = [k for k in range(vol.shape[2]) if np.ptp(vol[:, :, k]) > 0]
-    if exclude is not None:
-        clean = [k for k in ks if not exclude[:, :, k].any()]
-        ks = clean or ks
-    est = [float(estimate_sigma(vol[:, :, k], channel_axis=None)) for k in ks]
-    return float(np.median(est)) if est else 0.0
 
 
 def _per_slice(fn, vol: np.ndarray) -> np.ndarray:
@@ -131,7 +108,7 @@ def denoise(
             if dims == 3:
                 raise ValueError("bm3d runs slice by slice only: use dims=2")
             bm3d = require_bm3d()
-        sig_n = sigma / scale if sigma is not None else estimate_noise_sigma(x, dims, exclude=bad)
+        sig_n = sigma / scale if sigma is not None else estimate_noise_sigma(x, dims=dims, exclude=bad)
         info["noise_sigma"] = sig_n * scale
         info["noise_sigma_source"] = "given" if sigma is not None else "estimate_sigma"
         if sig_n <= 0:

@@ -7,7 +7,7 @@
 2. the condition image on the output grid: the scan itself (denoise) or the scan interpolated to the
    high-resolution grid (sr: bilinear in-plane, or slice replication for ``thick``), space-to-depth onto the
    latent grid exactly as in training (``medldm.train.conditioning``); the noise level (denoise: estimated from
-   the scan with a wavelet MAD estimator unless given; sr: the training's lowest noise-augmentation level);
+   the scan with the wavelet MAD estimator of ``medldm.data.noise`` unless given; sr: the training's lowest noise-augmentation level);
 3. 2D models: slices along an axis, in batches; 3D models: the whole volume; both with the denoiser run on
    overlapping latent windows (default ``Enhancer.default_window``: twice the training patch) blended at every
    step, and tiled decoding (``medldm.pipelines.tiling``); K samples -> posterior mean and per-voxel std
@@ -187,7 +187,10 @@ class Enhancer:
         if self.task == "sr":
             lo = float((self.degrade.get("noise_aug_range") or [0.0, 0.0])[0])
             return lo / self.level_max if self.level_max > 0 else 0.0
-        sigma = estimate_noise(x, axis, exclude=bad)  # std in model units (range width 2)
+        from medldm.data.noise import estimate_noise_sigma
+
+        # std in model units (range width 2): median over up to 16 non-constant slices
+        sigma = estimate_noise_sigma(x, axis=axis, max_slices=16, min_side=8, exclude=bad)
         return float(min(max(sigma / 2.0 / max(self.level_max, 1e-8), 0.0), 1.0))
 
     def _sample_items(self, cond_items: torch.Tensor, keys: list[int], level: float | None, opts: EnhanceOptions):
@@ -342,22 +345,6 @@ class Enhancer:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-
-def estimate_noise(x: torch.Tensor, axis: int = 2, max_slices: int = 16, exclude: np.ndarray | None = None) -> float:
-    """Gaussian noise std of a volume (X, Y, Z): median of skimage's wavelet estimator over up to
-    ``max_slices`` slices along ``axis`` (Donoho & Johnstone 1994). Slices touching ``exclude`` (e.g. the
-    filled-in non-finite voxels) are left out unless every slice touches it."""
-    from skimage.restoration import estimate_sigma
-
-    vol = torch.movedim(x, axis, 0).numpy()
-    cand = np.arange(vol.shape[0])
-    if exclude is not None and exclude.any():
-        clean = cand[~np.moveaxis(np.asarray(exclude, bool), axis, 0).reshape(vol.shape[0], -1).any(axis=1)]
-        cand = clean if clean.size else cand
-    idx = cand[np.linspace(0, cand.size - 1, min(max_slices, cand.size)).round().astype(int)]
-    vals = [float(estimate_sigma(vol[i])) for i in idx if min(vol[i].shape) >= 8]
-    return float(np.median(vals)) if vals else 0.0
 
 
 def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
