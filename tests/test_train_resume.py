@@ -89,6 +89,19 @@ def test_resume_refuses_a_different_config(tmp_path, dipy_files):
     changed = load_config(CONFIG, [*SETS, "stage=vae", "vae_train.steps=2", "data.batch_size=4"])
     with pytest.raises(ConfigError, match="differs from the run's config.yaml in data"):
         train(changed, tmp_path, resume=True)
+    # thread count / display may change (another machine); a key the schema gained since (absent from the
+    # run's config.yaml) counts as its default, which the run used
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["data"].pop("contrasts") == []
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    same = load_config(CONFIG, [*SETS, "stage=vae", "vae_train.steps=3", "engine.num_threads=1",
+                                "engine.progress=false"])
+    train(same, tmp_path, resume=True)
+    with pytest.raises(ConfigError, match="in engine"):
+        train(load_config(CONFIG, [*SETS, "stage=vae", "vae_train.steps=3", "engine.precision=bf16"]), tmp_path,
+              resume=True)
 
 
 def test_worker_processes_do_not_change_the_run(tmp_path, dipy_files):

@@ -13,6 +13,11 @@ from medldm.io.atomic import atomic_file
 log = logging.getLogger(__name__)
 
 
+#: engine keys that change speed or display only (a CPU computes the same with any thread count): a resumed run may
+#: change them, e.g. on a machine with another number of cores
+RESUME_FREE_ENGINE_KEYS = ("num_threads", "progress", "tensorboard")
+
+
 def _check_resume(cfg: Any, out: Path, resume: bool) -> None:
     saved = out / "config.yaml"
     started = any((out / s / "checkpoint").exists() for s in ("vae", "ldm"))
@@ -20,10 +25,20 @@ def _check_resume(cfg: Any, out: Path, resume: bool) -> None:
         raise ConfigError(f"{out}: holds an earlier run — add --resume to continue it, or choose another -o folder")
     if resume and saved.is_file():
         old, new = read_yaml(saved), to_mapping(cfg)
+        try:  # keys added to the schema since the run started take their defaults, as they did in that run
+            from medldm.train.schema import load_config
+
+            old = to_mapping(load_config(saved))
+        except (ConfigError, ValueError):
+            pass  # compared as written
+        for m in (old, new):  # how fast the machine runs it, not what it computes: free to change on resume
+            if isinstance(m.get("engine"), dict):
+                m["engine"] = {k: v for k, v in m["engine"].items() if k not in RESUME_FREE_ENGINE_KEYS}
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ("vae_train", "ldm_train", "refine"))
         if diff:
             raise ConfigError(f"{out}: --resume with a config that differs from the run's config.yaml in "
-                              f"{', '.join(diff)} — resume with the same config (only vae_train, ldm_train and refine may change)")
+                              f"{', '.join(diff)} — resume with the same config (only vae_train, ldm_train, refine and "
+                              f"engine.{', engine.'.join(RESUME_FREE_ENGINE_KEYS)} may change)")
 
 
 def train(cfg: Any, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None) -> dict:
