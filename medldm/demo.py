@@ -244,7 +244,7 @@ def run_sr(out: Path, refs: dict[str, Path], seed: int = 0) -> Task:
     return task
 
 
-def run_thinslice(out: Path, refs: dict[str, Path], seed: int = 0) -> Task:
+def run_thinslice(out: Path, refs: dict[str, Path], seed: int = 0, *, quick: bool = False) -> Task:
     """Thick -> thin slices x4 on the references of :func:`prepare_thinslice_references` (OUT/thin/ref): thick
     slices of ``THIN_FACTOR`` along Z (box profile, ``medldm degrade --kind thick --level 4 --axis 2``), the
     interpolation baselines along Z (``medldm baseline --task sr --scale 4 --axis through``) and the shipped
@@ -256,16 +256,19 @@ def run_thinslice(out: Path, refs: dict[str, Path], seed: int = 0) -> Task:
     note = (f"Thick slices: each thick slice is the mean of {THIN_FACTOR} adjacent thin slices along Z (box slice "
             f"profile; <code>medldm degrade --kind thick --level {THIN_FACTOR} --axis 2</code>), so the input has "
             f"1/{THIN_FACTOR} of the slices over the same extent, and each method returns the thin grid. The "
-            "held-out scans are 2D slices (or slices 53 mm apart), so a real high-resolution in-plane axis is made "
+            "demo's scans are 2D slices (or slices 53 mm apart), so a real high-resolution in-plane axis is made "
             "Z by reformatting: each scan (X, Y, S) is stored as (X, S, Y) (array axes permuted with the affine: "
-            f"the same voxels at the same world positions); {PIESNO} (dipy's test_piesno.nii.gz, 96 x 96 x 14 at "
-            "1 mm, used by no shipped model) as (Y, Z, X). Z is cropped (centred) to a multiple of "
+            "the same voxels at the same world positions)"
+            + (f"; {PIESNO} (dipy's test_piesno.nii.gz, 96 x 96 x 14 at 1 mm, used by no shipped model) as "
+               "(Y, Z, X)" if PIESNO in refs else "")
+            + f". Z is cropped (centred) to a multiple of "
             f"{THIN_FACTOR} before the scaling to [0, 1]. Baselines interpolate along Z "
             f"(<code>medldm baseline --task sr --scale {THIN_FACTOR} --axis through</code>; bicubic = Keys cubic "
             "convolution, the &quot;cubic along z&quot;); the model runs on the reformats in which Z is in-plane. "
             f"PSNR / SSIM per 2D slice along array axis {THIN_EVAL_AXIS} of the reformatted volume, i.e. in the "
             "original image planes (<code>medldm evaluate --axis 1</code>); protocol of "
-            "docs/training_logs/mr-thinslice-4x/eval_heldout.py.")
+            "docs/training_logs/mr-thinslice-4x/eval_heldout.py"
+            + (" (here --quick: centre crops of at most 96 x 2 x 96 of the reformatted scans)." if quick else "."))
     task = Task("thin", f"Thick -> thin slices x{THIN_FACTOR} (box profile, through-plane)", THIN_BASELINES[0],
                 axis=THIN_EVAL_AXIS, note=note)
     root = out / task.name
@@ -559,7 +562,8 @@ def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path]
         for p in panels:
             parts.append(f"<figure><img src='{task.name}/report/{escape(p['file'])}' alt='{escape(p['case'])}'>"
                          f"<figcaption>{escape(p['case'])}, slice {p['slice']} along array axis {task.axis}: "
-                         f"reference | {escape(' | '.join(task.methods))} | |difference| (0–{p['dmax']:g})"
+                         f"reference | {escape(' | '.join(task.methods))} | |method − reference| of each "
+                         f"(0–{p['dmax']:g})"
                          "</figcaption></figure>")
     if synth is not None:
         parts.append(_synthesis_html(synth))
@@ -587,7 +591,7 @@ def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seed: int = 0
     tasks = []
     for run, refs_dir in ((lambda: run_denoise(out, refs, seed), out / "ref"),
                           (lambda: run_sr(out, refs, seed), out / "ref"),
-                          (lambda: run_thinslice(out, thin_refs, seed), out / "thin" / "ref")):
+                          (lambda: run_thinslice(out, thin_refs, seed, quick=quick), out / "thin" / "ref")):
         task = run()
         tasks.append((task, evaluate_task(out, task, refs_dir)))
     synth = run_synthesis(out, n=4 if quick else 8, seed=seed)

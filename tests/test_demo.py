@@ -98,6 +98,10 @@ def _check_thin_row(out: Path, page: str) -> None:
     assert {r["axis"] for r in slices} == {"1"}
     for m in ("linear", "bicubic", "bspline", "mr-thinslice-4x"):  # one row each in the report's table
         assert f"<tr><td>{m}</td>" in page
+    # the report says what was done: box profile, reformatted scans, the axis evaluated
+    for said in ("the mean of 4 adjacent thin slices along Z (box slice profile", "stored as (X, S, Y)",
+                 "dipy-piesno (dipy's test_piesno.nii.gz", "per 2D slice along array axis 1", "--quick: centre crops"):
+        assert said in page, said
     means = _slice_means(thin / "report" / "metrics.csv")
     assert means["bicubic"] > means["linear"] and np.isfinite(means["mr-thinslice-4x"])
     for ref_path in sorted((thin / "ref").glob("*.nii.gz")):
