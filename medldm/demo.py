@@ -520,7 +520,7 @@ def _mask_html(mask: dict) -> str:
     return (f"<h2>Mask -&gt; image: {mask['n']} images of {escape(mask['model'])} from one label map</h2>"
             f"<figure><img src='{escape(mask['file'])}' alt='tissue label map, synthetic images, real slice'>"
             f"<figcaption>Left to right: the tissue label map medldm derives from slice {mask['slice']} of the "
-            f"held-out {src} (normalized as training data, padded to a square and resized to {mask['size'][0]} x "
+            f"{'held-out ' if mask['scan'] in DEMO_SAMPLES else ''}{src} (normalized as training data, padded to a square and resized to {mask['size'][0]} x "
             f"{mask['size'][1]}, then background + {mask['classes'] - 1} intensity clusters, darkest first: "
             f"medldm.data.tissue; shown as gray levels 0..{mask['classes'] - 1}) | {mask['n']} images generated "
             f"from it (seeds {mask['seed']}..{last}, {mask['steps']} {escape(mask['sampler'])} steps, "
