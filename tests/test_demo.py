@@ -71,6 +71,7 @@ def test_quick_demo_end_to_end(tmp_path, mni152):  # mni152: skips when the data
     # the methods do what they should on the real held-out scans
     den = _slice_means(out / "denoise" / "report" / "metrics.csv")
     assert den["nlm"] > den["noisy"] + 1.0
+    assert den["bm3d"] > den["noisy"] + 1.0  # bm3d is in the test extra, so the demo's optional baseline ran
     sr = _slice_means(out / "sr" / "report" / "metrics.csv")
     assert sr["bicubic"] > sr["nearest"] and sr["bspline"] > sr["linear"]
     # the shipped models ran through the inference pipeline and were evaluated beside the baselines (their

@@ -22,6 +22,7 @@ def _cli_matches_demo(tmp_path, monkeypatch, task: str, model: str, scan, shape)
     """Run the demo's ``task`` (models only) on ``scan``, then ``medldm enhance -m model`` on the input the demo
     saved; assert identical outputs and return the CLI's run-report params and the two timings."""
     monkeypatch.setattr(demo, "DENOISE_BASELINES", ())  # the shipped model only: the baselines are not under test
+    monkeypatch.setattr(demo, "OPTIONAL_DENOISE_BASELINES", ())
     monkeypatch.setattr(demo, "SR_BASELINES", ())
     out = tmp_path / "demo"
     refs = demo.prepare_references(out, quick=False, scans={"scan": scan})
