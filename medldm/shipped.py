@@ -47,6 +47,9 @@ SHIPPED: dict[str, ShippedModel] = {m.name: m for m in [
                  "in-plane matrix, same physical extent)", "configs/shipped/mr_sr2x_2d.yaml"),
     ShippedModel("mr-synth-2d", "synthesis", "MR slice synthesis, 128 x 128, conditioned on slice position "
                  "(4 bins along the head axis, classifier-free guidance)", "configs/shipped/mr_synth_2d.yaml"),
+    ShippedModel("mr-synth-mask-2d", "synthesis", "MR slice synthesis, 128 x 128, following a tissue label map "
+                 "(background + 3 intensity classes): image/label pairs with `medldm synthesize --mask`",
+                 "configs/shipped/mr_synth_mask_2d.yaml"),
     ShippedModel("mr-thinslice-4x", "thinslice", "MR thick -> thin slices, x4 through-plane (box slice profile; "
                  "output grid: 4 x the slices, same physical extent; 2D model on the sagittal and coronal "
                  "reformats, fused)", "configs/shipped/mr_thinslice_4x.yaml"),

@@ -37,6 +37,9 @@ def export(run_dir: str | Path, name: str, *, wall_s: float, hardware: str, stag
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     meta = SHIPPED[name]
     dest = meta.path
+    vae_card: dict = {}  # read before the folder is replaced below (a model re-exported on its own VAE)
+    if cfg.get("stage") == "ldm" and cfg.get("vae_path") and (Path(cfg["vae_path"]) / CARD_FILE).is_file():
+        vae_card = json.loads((Path(cfg["vae_path"]) / CARD_FILE).read_text())
     with atomic_dir(dest) as tmp:
         for f in SHIPPED_FILES:
             if (src / f).is_file():
@@ -56,10 +59,13 @@ def export(run_dir: str | Path, name: str, *, wall_s: float, hardware: str, stag
     if "refine" not in stages:
         cfg["refine"] = {"enabled": False}
     stage_dirs = {s: run / s for s in stages}
-    if cfg.get("stage") == "ldm" and cfg.get("vae_path"):  # the VAE came from another run: record its steps
-        vae_run = Path(cfg["vae_path"]).parents[1]
-        cfg["vae_train"] = yaml.safe_load((vae_run / "config.yaml").read_text())["vae_train"]
-        stage_dirs["vae"] = vae_run / "vae"
+    if cfg.get("stage") == "ldm" and cfg.get("vae_path"):  # the VAE came from elsewhere: record where and its steps
+        if vae_card:  # a shipped model folder: its card has the VAE's steps and validation
+            cfg["vae_train"] = {"steps": (vae_card.get("steps") or {}).get("vae")}
+        else:  # RUN/vae/model of another training run
+            vae_run = Path(cfg["vae_path"]).parents[1]
+            cfg["vae_train"] = yaml.safe_load((vae_run / "config.yaml").read_text())["vae_train"]
+            stage_dirs["vae"] = vae_run / "vae"
     card_data = {
         "name": name, "task": meta.task, "description": meta.description,
         "command": f"medldm train {meta.config} -o runs/{name}",
@@ -70,6 +76,13 @@ def export(run_dir: str | Path, name: str, *, wall_s: float, hardware: str, stag
         "wall_s": float(wall_s), "hardware": hardware,
         "validation": {s: _last_row(d / "val_log.csv") for s, d in stage_dirs.items() if (d / "val_log.csv").is_file()},
     }
+    if vae_card:
+        whose = (f"the previous version of {name}'s" if vae_card.get("name") == name
+                 else f"shared with {vae_card.get('name')}")
+        card_data["vae"] = (f"{whose} (vae_path: {cfg['vae_path']}; {card_data['steps']['vae']} steps): not "
+                            "retrained here")
+        if "vae" in (vae_card.get("validation") or {}):
+            card_data["validation"] = {"vae": vae_card["validation"]["vae"], **card_data["validation"]}
     with atomic_file(dest / CARD_FILE) as tmp_card:
         tmp_card.write_text(json.dumps(card_data, indent=2))
     dest.chmod(0o755)
@@ -97,7 +110,7 @@ def record_heldout(demo_out: str | Path) -> dict[str, dict]:
     out = Path(demo_out)
     recorded = {}
     for name, meta in installed_models().items():
-        task_dir = {"denoise": "denoise", "sr": "sr"}.get(meta.task)
+        task_dir = {"denoise": "denoise", "sr": "sr", "thinslice": "thin"}.get(meta.task)
         if task_dir is None:
             continue
         acc: dict[str, dict[str, list[tuple[float, float]]]] = {}
