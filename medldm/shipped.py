@@ -45,8 +45,9 @@ SHIPPED: dict[str, ShippedModel] = {m.name: m for m in [
                  "estimated per scan)", "configs/shipped/mr_denoise_2d.yaml"),
     ShippedModel("mr-sr2x-2d", "sr", "MR super-resolution x2 in-plane, 2D slice by slice (output grid: twice the "
                  "in-plane matrix, same physical extent)", "configs/shipped/mr_sr2x_2d.yaml"),
-    ShippedModel("mr-synth-2d", "synthesis", "MR slice synthesis, 128 x 128, conditioned on slice position "
-                 "(4 bins along the head axis, classifier-free guidance)", "configs/shipped/mr_synth_2d.yaml"),
+    ShippedModel("mr-synth-2d", "synthesis", "MR slice synthesis, 128 x 128, conditioned on contrast (T1w, T2w) x "
+                 "slice position (4 bins along the slice axis; classes T1w/position-0 .. T2w/position-3), "
+                 "classifier-free guidance", "configs/shipped/mr_synth_2d.yaml"),
     ShippedModel("mr-synth-mask-2d", "synthesis", "MR slice synthesis, 128 x 128, following a tissue label map "
                  "(background + 3 intensity classes): image/label pairs with `medldm synthesize --mask`",
                  "configs/shipped/mr_synth_mask_2d.yaml"),
