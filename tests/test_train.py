@@ -174,6 +174,29 @@ def test_blind_denoiser_with_noise_map_trains_and_enhances(tmp_path, dipy_files)
         load_config(CONFIGS / "sr_2d_tiny.yaml", ["refine.noise_map=true"])
 
 
+def test_refiner_ablation_without_the_diffusion_channel(tmp_path, dipy_files):
+    """refine.diffusion_channel: false trains the refiner on [degraded, degraded] (the ablation that measures what
+    latent diffusion adds); the folder records it and the Enhancer applies it the same way, so its output does not
+    depend on the diffusion sample (another seed, other sampler steps: the same image)."""
+    from conftest import held_out_crop
+
+    from medldm.pipelines.enhance import EnhanceOptions, Enhancer
+
+    refine = ["refine.enabled=true", "refine.steps=5", "refine.ckpt_every=5", "refine.log_every=5",
+              "refine.diffusion_channel=false"]
+    train(load_config(CONFIGS / "denoise_2d_tiny.yaml", [*FAST, *refine]), tmp_path)
+    bundle = load_model(tmp_path / "model")
+    assert bundle.extra["refiner"]["inputs"][:2] == ["degraded", "degraded"]
+    assert not bundle.refiner_spec.uses_diffusion
+    img = held_out_crop(dipy_files / "S0_10slices.nii.gz", 32, 1)
+    enh = Enhancer(bundle)
+    a = enh.enhance(img, EnhanceOptions(steps=2, seed=0, noise_level=0.3)).image
+    b = enh.enhance(img, EnhanceOptions(steps=3, seed=5, noise_level=0.3)).image
+    assert torch.equal(a.as_tensor(), b.as_tensor())
+    plain = enh.enhance(img, EnhanceOptions(steps=2, seed=0, noise_level=0.3, refine=False)).image
+    assert not torch.equal(a.as_tensor(), plain.as_tensor())
+
+
 def test_existing_run_needs_resume(trained):
     out = trained("denoise_2d_tiny")
     from medldm.config import ConfigError

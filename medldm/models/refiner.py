@@ -35,7 +35,10 @@ LEGACY_SPEC: dict[str, str] = {"norm": "instance", "base": "decoded"}
 #: path of ``apply_refiner``); ignored on load, no longer written
 IGNORED_KEYS = ("apply",)
 #: the network inputs a refiner may have, in channel order
-INPUTS = (("decoded", "degraded"), ("decoded", "degraded", "noise_level"))
+#: ("degraded", "degraded", ...): the ablation trained with ``refine.diffusion_channel: false`` (the refiner sees the
+#: degraded input where the diffusion output would be; it measures what latent diffusion adds)
+INPUTS = (("decoded", "degraded"), ("decoded", "degraded", "noise_level"),
+          ("degraded", "degraded"), ("degraded", "degraded", "noise_level"))
 #: widest BasicUNet level a model folder may ask for
 MAX_FEATURES = 1024
 
@@ -52,6 +55,11 @@ class RefinerSpec:
     residual: bool = True  # the output is added to ``base`` (informative; always true)
 
     @property
+    def uses_diffusion(self) -> bool:
+        """False for the ablation trained without the diffusion channel (its first input is the degraded image)."""
+        return self.inputs[0] == "decoded"
+
+    @property
     def noise_map(self) -> bool:
         """True when the network's third input is the constant noise-level map (``refine.noise_map``)."""
         return "noise_level" in self.inputs
@@ -62,7 +70,7 @@ class RefinerSpec:
             raise ValueError(f"refiner.features = {list(self.features)}: every entry must be in 1..{MAX_FEATURES}")
         if tuple(self.inputs) not in INPUTS or not self.residual:
             raise ValueError(f"refiner inputs {list(self.inputs)} / residual {self.residual}: medldm applies a "
-                             "residual refiner to [decoded, degraded] or [decoded, degraded, noise_level] only")
+                             "residual refiner to [decoded or degraded, degraded(, noise_level)] only")
 
     def to_extra(self) -> dict[str, Any]:
         """The ``extra.json["refiner"]`` entry (YAML/JSON-safe)."""

@@ -107,6 +107,8 @@ class Enhancer:
         self.refiner_base = bundle.refiner_base
         # refiners trained with a noise map get the U-Net's (estimated) noise level as a third input
         self.refiner_noise_map = bundle.refiner is not None and bundle.refiner_spec.noise_map
+        # the ablation trained without the diffusion channel sees the degraded input in its place
+        self.refiner_uses_diffusion = bundle.refiner is None or bundle.refiner_spec.uses_diffusion
         self.unet_down = 2 ** (len(self.denoiser.cfg.channels) - 1)  # latent sizes must be multiples of this
         self.align = self.f * self.unet_down  # image sizes are padded to multiples of this
         # ... and to at least this: the refiner (MONAI BasicUNet) pools 4 times, so a 1-pixel-wide image padded
@@ -236,7 +238,8 @@ class Enhancer:
 
         assert degraded is not None and self.refiner is not None
         lev = (0.0 if level is None else level) if self.refiner_noise_map else None
-        return apply_refiner(self.refiner, decoded, degraded, self.refiner_base, lev)
+        first = decoded if self.refiner_uses_diffusion else degraded
+        return apply_refiner(self.refiner, first, degraded, self.refiner_base, lev)
 
     def window(self, opts: EnhanceOptions) -> tuple[int, ...]:
         """The latent window used with ``opts``: ``opts.window`` or the model's default, rounded up to what the

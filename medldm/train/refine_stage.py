@@ -41,7 +41,8 @@ from medldm.train.logging import save_grid
 
 def refiner_spec_of(cfg) -> RefinerSpec:
     """The refiner a training config describes: its ``refine`` section (and ``spatial_dims``) is the one source."""
-    inputs = ("decoded", "degraded", "noise_level") if cfg.refine.noise_map else ("decoded", "degraded")
+    first = "decoded" if cfg.refine.diffusion_channel else "degraded"  # degraded: the no-diffusion ablation
+    inputs = (first, "degraded", "noise_level") if cfg.refine.noise_map else (first, "degraded")
     return RefinerSpec(spatial_dims=cfg.spatial_dims, features=tuple(cfg.refine.features), norm=cfg.refine.norm,
                        base=cfg.refine.base, inputs=inputs)
 
@@ -113,7 +114,7 @@ class RefineStage:
             return self.vae.decode(z / self.scale).float()
 
     def losses(self, b: dict, step: int) -> dict[str, torch.Tensor]:
-        decoded = self.diffuse(b["degraded"], b["level"], b["seed"])
+        decoded = self.diffuse(b["degraded"], b["level"], b["seed"]) if self.spec.uses_diffusion else b["degraded"]
         out = apply_refiner(self.wrapped["refiner"], decoded, b["degraded"], self.spec.base,
                             self._level(b["level"])).float()
         loss = (out - b["clean"].float()).abs().mean()
@@ -126,8 +127,9 @@ class RefineStage:
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
         degraded, level = make_pair(x, self.cfg.task, self.cfg.degrade, gen, val_sigma(self.cfg))
         dec = self.diffuse(degraded, level, self.cfg.seed + 1)
+        first = dec if self.spec.uses_diffusion else self.rt.to(degraded)
         with self.rt.autocast():
-            ref = apply_refiner(self._eval_net(), dec, self.rt.to(degraded), self.spec.base,
+            ref = apply_refiner(self._eval_net(), first, self.rt.to(degraded), self.spec.base,
                                 self._level(level)).float()
         return degraded, dec.cpu(), ref.cpu()
 

@@ -227,6 +227,9 @@ class RefineConfig(StageTrainConfig):
     norm: Literal["none", "instance", "batch"] = doc_field(
         "none", "normalization layers of the refiner ('none': its output does not depend on the image size)")
     augment: bool = doc_field(True, "apply the config's augment section to the clean training crops")
+    diffusion_channel: bool = doc_field(
+        True, "false = ablation: the refiner sees the degraded input where the diffusion output would be (no "
+        "sampling in training), to measure what the latent diffusion model adds; the model folder records it")
     noise_map: bool = doc_field(
         False, "denoise: give the refiner the noise level (the U-Net's, estimated per scan at inference) as a "
         "constant third input channel (FFDNet-style); needs unet.noise_level_cond")
