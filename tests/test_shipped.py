@@ -158,6 +158,9 @@ def test_models_command_lists_them(capsys):
     for name, m in SHIPPED.items():
         assert name in text and f"[{m.task}]" in text
     assert " MB " in text and "training data:" in text
+    # synthesis models say how to condition them: class names from the folder, or the label map they take
+    assert "--condition class=NAME  (classes: T1w/position-0," in text
+    assert "synthesize -m mr-synth-mask-2d --mask LABELS.nii.gz" in text and "values 0..3" in text
     assert main(["models", "--json"]) == 0
     cards = json.loads(capsys.readouterr().out)
     assert set(cards) == set(SHIPPED) and all(c["installed"] for c in cards.values())

@@ -30,6 +30,26 @@ def _fmt_heldout(name: str, c: dict) -> str | None:
             f"(`{h['command']}`; {others} dB)")
 
 
+def _usage(name: str, m) -> str:
+    """How to call a shipped model; synthesis models: their class names or the label map they take
+    (from the folder's extra.json, read as JSON: no torch)."""
+    if m.task != "synthesis":
+        return f"medldm enhance -m {name} -i IN -o OUT"
+    try:
+        extra = json.loads((m.path / "extra.json").read_text())
+    except (OSError, ValueError):
+        extra = {}
+    if extra.get("condition") == "mask":
+        k = int(extra.get("mask_classes") or 0)
+        return (f"medldm synthesize -m {name} --mask LABELS.nii.gz -n N -o OUT  (label map values 0..{k - 1}, "
+                "0 = background; image/label pairs)")
+    names = extra.get("class_names") or []
+    if names:
+        return (f"medldm synthesize -m {name} -n N -o OUT --condition class=NAME  (classes: {', '.join(names)}; "
+                "or contrast=/position=)")
+    return f"medldm synthesize -m {name} -n N -o OUT"
+
+
 def run(args) -> int:
     from medldm.shipped import SHIPPED, card, folder_bytes, installed_models
 
@@ -56,6 +76,6 @@ def run(args) -> int:
             held = _fmt_heldout(name, c)
             if held:
                 lines.append(f"  held-out scans: {held}")
-        lines.append(f"  use: medldm {'synthesize' if m.task == 'synthesis' else 'enhance'} -m {name} ...")
+        lines.append(f"  use: {_usage(name, m)}")
         print("\n".join(lines) + "\n")
     return 0
