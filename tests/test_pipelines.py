@@ -348,3 +348,27 @@ def test_refiner_of_the_model_folder_is_applied(tmp_path, models, mr_nifti):
     assert torch.equal(off.image.as_tensor(), plain.image.as_tensor())
     assert (on.image.as_tensor() - off.image.as_tensor()).abs().mean() > 1.0
     assert on.image.shape == img.shape
+
+
+def test_denoise_normalization_is_insensitive_to_zero_mean_noise(models, dipy_files):
+    """Training normalizes clean scans and adds noise after; a percentile fit on a scan with zero-mean noise puts
+    lo ~2.6 sigma below the clean level. The Enhancer moves lo back by 2.576 sigma (estimated) for scans with
+    values below -sigma, and leaves magnitude (Rician, non-negative) scans as fitted."""
+    from conftest import held_out_crop
+
+    from medldm.data.degrade import gaussian_noise, rician_noise
+    from medldm.data.intensity import fit_normalization
+    from medldm.pipelines import EnhanceOptions, Enhancer
+
+    enh = Enhancer(load_model(models["denoise2"]))
+    ref = held_out_crop(dipy_files / "S0_10slices.nii.gz", 96, 4)
+    clean = fit_normalization(ref, "MR", foreground=True)["lo"]
+    g = gaussian_noise(ref, 0.05, 0)
+    pg = enh._fit_normalization(g, np.asarray(g), np.zeros(g.shape, bool))
+    assert pg["lo_fit"] < clean - 0.08  # the plain fit: about 2.3-2.6 sigma below
+    assert abs(pg["lo"] - clean) < 0.4 * abs(pg["lo_fit"] - clean)  # measured: 0.034 vs 0.107
+    r = rician_noise(ref.clamp(min=0), 0.05, 0)  # a magnitude image
+    pr = enh._fit_normalization(r, np.asarray(r), np.zeros(r.shape, bool))
+    assert "lo_shift" not in pr and pr == fit_normalization(r, enh.modality, foreground=True)
+    res = enh.enhance(g, EnhanceOptions(steps=1))
+    assert res.info["normalization"]["lo"] == pytest.approx(pg["lo"])
