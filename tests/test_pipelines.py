@@ -372,3 +372,13 @@ def test_denoise_normalization_is_insensitive_to_zero_mean_noise(models, dipy_fi
     assert "lo_shift" not in pr and pr == fit_normalization(r, enh.modality, foreground=True)
     res = enh.enhance(g, EnhanceOptions(steps=1))
     assert res.info["normalization"]["lo"] == pytest.approx(pg["lo"])
+    # the level of a magnitude scan comes from the background's Rayleigh mode when that reads higher than the
+    # wavelet estimate (which reads ~0.75 x sigma on Rician noise)
+    from medldm.data.intensity import normalize
+    from medldm.data.noise import estimate_noise_sigma, rayleigh_background_sigma
+
+    x = torch.as_tensor(normalize(np.asarray(r, np.float32), pr)).float()
+    wavelet = estimate_noise_sigma(x, max_slices=16, min_side=8) / 2 / enh.level_max
+    got = enh.enhance(r, EnhanceOptions(steps=1)).info["noise_level"]
+    rayleigh = rayleigh_background_sigma(np.asarray(r)) / (pr["hi"] - pr["lo"]) / enh.level_max
+    assert got == pytest.approx(min(max(wavelet, rayleigh), 1.0)) and rayleigh > wavelet

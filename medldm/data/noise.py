@@ -6,8 +6,9 @@ the median over the chosen slices: robust to the anatomy (the finest diagonal wa
 a few odd slices. For magnitude MR (Rician noise) it reads LOW where much of the slice is background: there the
 noise is Rayleigh-distributed with a std of 0.655 sigma. Measured on dipy's S0_10slices brain (73 % background,
 tests/test_noise_estimate.py): Rician sigma 2 / 5 / 10 % of the range -> estimates 1.7 / 3.8 / 7.1 % (Gaussian:
-2.3 / 5.3 / 10.2 %). The denoiser is trained with the true sigma of either kind, so on Rician scans it is told
-about 0.75 x the level; `medldm enhance --noise-level` overrides the estimate. Slices are chosen as follows:
+2.3 / 5.3 / 10.2 %). So for magnitude scans the Enhancer also reads the background's Rayleigh mode
+(:func:`rayleigh_background_sigma`) and takes the larger of the two; `medldm enhance --noise-level` overrides
+both. Slices are chosen as follows:
 
 * along ``axis``, within ``span`` (a fraction range of the slices, e.g. (0.2, 0.8) to stay clear of the often
   empty ends of a head volume);
@@ -48,3 +49,28 @@ def estimate_noise_sigma(vol, *, axis: int = 2, max_slices: int | None = None, s
         ks = [ks[i] for i in np.linspace(0, len(ks) - 1, max_slices).round().astype(int)]
     est = [float(estimate_sigma(arr[:, :, k], channel_axis=None)) for k in ks]
     return float(np.median(est)) if est else 0.0
+
+
+def rayleigh_background_sigma(vol, *, min_voxels: int = 1000) -> float:
+    """Noise sigma of a magnitude (Rician) image from its background: there the magnitude of complex Gaussian
+    noise is Rayleigh-distributed, and the mode of a Rayleigh distribution is sigma. Background = voxels below
+    max(10 % of the 99.5th percentile, 5 x the wavelet estimate); the mode is the peak of their lightly smoothed
+    histogram (200 bins). Returns 0.0 for images with negative values (not magnitude data), for fewer than
+    ``min_voxels`` background voxels, and when the peak is at zero (a zero-filled background: no noise to read).
+
+    Measured on the demo's held-out brain, abdomen and shoulder with Rician noise of 2 / 5 / 10 % of the range:
+    0.021-0.023 / 0.053-0.056 / 0.109-0.119 (the wavelet estimate: 0.016-0.020 / 0.038-0.042 / 0.072-0.077)."""
+    from scipy.ndimage import gaussian_filter1d
+
+    arr = vol.detach().cpu().numpy() if hasattr(vol, "detach") else vol
+    a = np.asarray(arr, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    if a.size == 0 or a.min() < 0:
+        return 0.0
+    thr = max(0.1 * float(np.percentile(a, 99.5)), 5.0 * estimate_noise_sigma(np.asarray(arr, dtype=np.float64)))
+    bg = a[a < thr]
+    if bg.size < min_voxels or float(bg.max()) <= 0:
+        return 0.0
+    h, edges = np.histogram(bg, bins=200, range=(0.0, float(bg.max())))
+    k = int(np.argmax(gaussian_filter1d(h.astype(np.float64), 2)))
+    return 0.0 if k == 0 else float(0.5 * (edges[k] + edges[k + 1]))

@@ -150,7 +150,7 @@ class Enhancer:
                     f"{'on the finer grid ' if tuple(out_shape) != tuple(arr.shape) else ''}without running the model")
             res.info["warning"] = "; ".join(w for w in (note, res.info.get("warning")) if w)
             return res
-        level = self._noise_level(x, axis, opts, bad)
+        level = self._noise_level(x, axis, opts, bad, arr, params)
         if self.dims == 2:
             mean, std = self._run_2d(cond_img, axis, level, opts)
         else:
@@ -202,8 +202,8 @@ class Enhancer:
             params = {**params, "lo": lo + 2.576 * sigma, "lo_fit": lo, "lo_shift": "zero-mean noise: +2.576 sigma"}
         return params
 
-    def _noise_level(self, x: torch.Tensor, axis: int, opts: EnhanceOptions,
-                     bad: np.ndarray | None = None) -> float | None:
+    def _noise_level(self, x: torch.Tensor, axis: int, opts: EnhanceOptions, bad: np.ndarray | None = None,
+                     arr: np.ndarray | None = None, params: dict | None = None) -> float | None:
         """Noise-level input in [0, 1], or None for models without that input."""
         if not self.denoiser.noise_level_cond:
             return None
@@ -216,6 +216,14 @@ class Enhancer:
 
         # std in model units (range width 2): median over up to 16 non-constant slices
         sigma = estimate_noise_sigma(x, axis=axis, max_slices=16, min_side=8, exclude=bad)
+        if arr is not None and params is not None and params.get("method") == "percentile":
+            # magnitude (Rician) scans: the wavelet estimate reads ~0.75 x sigma there (medldm.data.noise); the
+            # background's Rayleigh mode reads sigma. Never lower than the wavelet estimate; 0 when not magnitude
+            from medldm.data.noise import rayleigh_background_sigma
+
+            finite = arr if bad is None or not bad.any() else arr[~bad]
+            unit = 2.0 / max(float(params["hi"]) - float(params["lo"]), 1e-12)
+            sigma = max(sigma, rayleigh_background_sigma(finite) * unit)
         return float(min(max(sigma / 2.0 / max(self.level_max, 1e-8), 0.0), 1.0))
 
     def _sample_items(self, cond_items: torch.Tensor, keys: list[int], level: float | None, opts: EnhanceOptions):
