@@ -56,7 +56,6 @@ def main() -> int:
     from medldm.eval.baselines import denoise_scan
     from medldm.io.reader import load_scan
     from medldm.models import load_model
-    from medldm.models.refiner import apply_refiner
     from medldm.pipelines.enhance import EnhanceOptions, Enhancer
     from medldm.shipped import resolve_model
 
@@ -64,10 +63,7 @@ def main() -> int:
     refs = {n: load_scan(p) for n, p in prepare_references(out, quick=False).items()}
     enh = Enhancer(load_model(resolve_model(args.model)))
     level_max = enh.level_max
-
-    def no_diffusion(decoded, degraded, level=None):
-        lev = (0.0 if level is None else level) if enh.refiner_noise_map else None
-        return apply_refiner(enh.refiner, degraded, degraded, enh.refiner_base, lev)
+    uses_diffusion = enh.refiner_uses_diffusion
 
     rows = []
     for kind in args.kinds:
@@ -91,13 +87,12 @@ def main() -> int:
                         pred = np.sqrt(np.maximum(denoise(y**2, "nlm")[0].astype(np.float64) - 2 * s2, 0.0))
                     else:
                         opts = EnhanceOptions(noise_level=level / level_max if method == "model-oracle-level" else None)
-                        saved = enh._refine
-                        if method == "refiner-no-diffusion":
-                            enh._refine = no_diffusion
+                        # the ablation: the refiner sees the noisy input where the diffusion output would be
+                        enh.refiner_uses_diffusion = uses_diffusion and method != "refiner-no-diffusion"
                         try:
                             res = enh.enhance(noisy, opts)
                         finally:
-                            enh._refine = saved
+                            enh.refiner_uses_diffusion = uses_diffusion
                         pred = res.image
                         if method == "model":
                             row["estimated_level"] = res.info["noise_level"] * level_max

@@ -63,7 +63,6 @@ def run_model(model: str, out: Path, names: list[str], only: tuple[str, ...] = (
     from medldm.io.nifti import save_nifti
     from medldm.io.reader import load_scan
     from medldm.models import load_model
-    from medldm.models.refiner import apply_refiner
     from medldm.pipelines.enhance import EnhanceOptions
     from medldm.pipelines.thinslice import ThinSliceEnhancer
     from medldm.shipped import resolve_model
@@ -73,17 +72,14 @@ def run_model(model: str, out: Path, names: list[str], only: tuple[str, ...] = (
     enh = ThinSliceEnhancer(load_model(resolve_model(model)))
     times["load"] = time.perf_counter() - t0
 
-    def no_diffusion(decoded, degraded):  # the refiner sees the interpolated input in place of the LDM output
-        return apply_refiner(enh.inner.refiner, degraded, degraded, enh.inner.refiner_base)
-
     variants = {"ldm+refiner": EnhanceOptions(), "ldm-only": EnhanceOptions(refine=False),
                 "refiner-no-diffusion": EnhanceOptions()}
     for variant, opts in variants.items():
         if only and variant not in only:
             continue
-        saved = enh.inner._refine
-        if variant == "refiner-no-diffusion":
-            enh.inner._refine = no_diffusion
+        saved = enh.inner.refiner_uses_diffusion
+        # the ablation: the refiner sees the interpolated input in place of the LDM output
+        enh.inner.refiner_uses_diffusion = saved and variant != "refiner-no-diffusion"
         t0 = time.perf_counter()
         for name in names:
             img = load_scan(out / "thick" / f"{name}.nii.gz")
@@ -92,7 +88,7 @@ def run_model(model: str, out: Path, names: list[str], only: tuple[str, ...] = (
             save_nifti(res.image, out / variant / f"{name}.nii.gz", dtype="float32")
             print(f"{variant} {name}: {tuple(img.shape)} -> {tuple(res.image.shape)}, axes {res.info.get('axes')}")
         times[variant] = time.perf_counter() - t0
-        enh.inner._refine = saved
+        enh.inner.refiner_uses_diffusion = saved
     return times
 
 
