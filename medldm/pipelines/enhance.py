@@ -192,12 +192,13 @@ class Enhancer:
         from medldm.data.intensity import fit_normalization
 
         params = fit_normalization(img, self.modality, window=self.ct_window, foreground=True)
-        if self.task != "denoise" or params.get("method") != "percentile":
+        lo, hi = float(params.get("lo", 0.0)), float(params.get("hi", 0.0))
+        # lo < -sigma needs lo < 0: magnitude scans (never negative) skip the noise estimate
+        if self.task != "denoise" or params.get("method") != "percentile" or lo >= 0:
             return params
         from medldm.data.noise import estimate_noise_sigma
 
         sigma = estimate_noise_sigma(arr, axis=self.slice_axis, max_slices=16, min_side=8, exclude=bad)
-        lo, hi = float(params["lo"]), float(params["hi"])
         if sigma > 0 and lo < -sigma and lo + 2.576 * sigma < hi:
             params = {**params, "lo": lo + 2.576 * sigma, "lo_fit": lo, "lo_shift": "zero-mean noise: +2.576 sigma"}
         return params
