@@ -43,6 +43,16 @@ def split_refs(cfg) -> tuple[list, list]:
     return refs, val_refs
 
 
+def item_store(cfg, vols: list[dict], *, from_val: bool = False) -> ItemStore:
+    """The training items of loaded volumes (slices or volumes, fitted to the patch) with their class labels;
+    ``from_val``: the volumes are data.val entries (their contrasts come from data.val_contrasts)."""
+    d = cfg.data
+    items = make_items(vols, spatial_dims=cfg.spatial_dims, slice_axis=d.slice_axis, patch=d.patch_size,
+                       factor=cfg.factor, resize_to=d.resize_to, min_foreground=d.min_foreground)
+    return ItemStore(items, d.patch_size, cfg.factor, cfg.unet.num_classes, d.class_from,
+                     contrast_of=d.contrast_of(from_val), n_contrasts=max(len(d.contrast_names), 1))
+
+
 def build_data(cfg, out_dir: Path, *, quiet: bool = False) -> RunData:
     """Collect, split (by scan), load/normalize (cached) and cut items for ``cfg`` (a TrainingConfig)."""
     d = cfg.data
@@ -51,15 +61,9 @@ def build_data(cfg, out_dir: Path, *, quiet: bool = False) -> RunData:
     kw = {"modality": d.modality, "ct_window": d.ct_window, "cache": d.cache, "cache_dir": cache_dir}
     vols = load_volumes(train_refs, **kw)
     val_vols = load_volumes(val_refs, **kw) if val_refs else []
-    items_kw = {"spatial_dims": cfg.spatial_dims, "slice_axis": d.slice_axis, "patch": d.patch_size,
-                "factor": cfg.factor, "resize_to": d.resize_to, "min_foreground": d.min_foreground}
-    classes = {"num_classes": cfg.unet.num_classes, "class_from": d.class_from,
-               "n_contrasts": max(len(d.contrast_names), 1)}
-    train = ItemStore(make_items(vols, **items_kw), d.patch_size, cfg.factor, contrast_of=d.contrast_of(False),
-                      **classes)
+    train = item_store(cfg, vols)
     # validation split from data.train (no data.val): its sources are data.train indices
-    val = (ItemStore(make_items(val_vols, **items_kw), d.patch_size, cfg.factor,
-                     contrast_of=d.contrast_of(bool(d.val)), **classes) if val_vols else None)
+    val = item_store(cfg, val_vols, from_val=bool(d.val)) if val_vols else None
     if not quiet:
         log.info("data: %d training scans -> %d items; %d validation scans%s", len(vols), len(train), len(val_vols),
                  f" -> {len(val)} items" if val is not None else " (validating on training items)")

@@ -210,8 +210,8 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
 # ------------------------------------------------------------------------------------------ the dry run
 def _one_scan_data(cfg, max_scans: int = 1):
     """(train refs, val refs, RunData holding the items of the first ``max_scans`` readable training scans)."""
-    from medldm.data.datasets import ItemStore, load_volumes, make_items
-    from medldm.train.data import RunData, split_refs
+    from medldm.data.datasets import load_volumes
+    from medldm.train.data import RunData, item_store, split_refs
 
     d = cfg.data
     train_refs, val_refs = split_refs(cfg)
@@ -226,10 +226,7 @@ def _one_scan_data(cfg, max_scans: int = 1):
             break
     if not vols:
         raise ValueError("data.train: no readable training scan")
-    items = make_items(vols, spatial_dims=cfg.spatial_dims, slice_axis=d.slice_axis, patch=d.patch_size,
-                       factor=cfg.factor, resize_to=d.resize_to, min_foreground=d.min_foreground)
-    store = ItemStore(items, d.patch_size, cfg.factor, cfg.unet.num_classes, d.class_from,
-                      contrast_of=d.contrast_of(False), n_contrasts=max(len(d.contrast_names), 1))
+    store = item_store(cfg, vols)
     return train_refs, val_refs, RunData(store, None, [v["id"] for v in vols], [], [v["norm"] for v in vols])
 
 
