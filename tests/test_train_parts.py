@@ -47,6 +47,26 @@ def test_items_and_aligned_crops_on_a_real_scan(dipy_files):
     assert len(vol3) == 1 and vol3[0].image.shape == (1, 128, 128, 16)  # z padded from 10 to the patch
 
 
+def test_reformat_adds_the_other_planes_of_isotropic_volumes_only():
+    from medldm.train.schema import DataConfig
+
+    g = torch.Generator().manual_seed(0)
+    iso = {"image": torch.rand(40, 36, 32, generator=g), "id": "iso", "source": 0, "spacing": [1.0, 1.1, 1.0]}
+    thick = {"image": torch.rand(40, 36, 32, generator=g), "id": "thick", "source": 1, "spacing": [1.0, 1.0, 3.0]}
+    flat = {"image": torch.rand(40, 36, 8, generator=g), "id": "flat", "source": 2, "spacing": [1.0, 1.0, 1.0]}
+    kw = {"spatial_dims": 2, "slice_axis": 2, "patch": (32, 32), "factor": 4}
+    plain = make_items([iso, thick, flat], **kw)
+    items = make_items([iso, thick, flat], **kw, reformat=True)
+    n = {k: sum(it.scan == k for it in items) for k in ("iso", "thick", "flat")}
+    # iso: 32 axial + 40 planes along axis 0 + 36 along axis 1; thick (1 x 3 mm planes) and flat (8 px planes,
+    # narrower than the patch) keep their axial slices only
+    assert n == {"iso": 32 + 40 + 36, "thick": 32, "flat": 8} and len(plain) == 32 + 32 + 8
+    along0 = [it for it in items if it.scan == "iso"][32 + 5]  # the 6th plane along axis 0 is img[5]
+    assert torch.equal(along0.image[0], iso["image"][5]) and along0.image.shape == (1, 36, 32)
+    with pytest.raises(ValueError, match="reformat"):
+        DataConfig(train=["a"], reformat=True, class_from="slice_position")
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 8, 12), (2, 1, 8, 4, 12)])
 def test_space_to_depth_is_lossless(shape):
     x = torch.randn(shape)

@@ -216,24 +216,51 @@ def _fit(x: torch.Tensor, patch: Sequence[int], factor: int, resize_to: Sequence
     return _pad_to(x, target, bg).contiguous()
 
 
+#: data.reformat: a plane along another axis is used when its two pixel spacings differ by at most this ratio
+REFORMAT_MAX_ANISOTROPY = 1.25
+
+
+def reformat_axes(shape: Sequence[int], spacing: Sequence[float], slice_axis: int, patch: Sequence[int]) -> list[int]:
+    """The axes other than ``slice_axis`` whose planes have near-square pixels (spacing ratio <=
+    :data:`REFORMAT_MAX_ANISOTROPY`) and are at least a patch on each side (so no plane is mostly padding)."""
+    out = []
+    for a in range(3):
+        if a == slice_axis:
+            continue
+        rest = [i for i in range(3) if i != a]
+        sp = [float(spacing[i]) for i in rest]
+        square = min(sp) > 0 and max(sp) / min(sp) <= REFORMAT_MAX_ANISOTROPY
+        if square and all(int(shape[i]) >= int(p) for i, p in zip(rest, patch, strict=True)):
+            out.append(a)
+    return out
+
+
 def make_items(vols: list[dict], *, spatial_dims: int, slice_axis: int, patch: Sequence[int], factor: int,
-               resize_to: Sequence[int] | None = None, min_foreground: float = 0.0) -> list[Item]:
-    """2D: slices along ``slice_axis`` with enough foreground; 3D: whole volumes. Each (1, *S) padded/resized."""
+               resize_to: Sequence[int] | None = None, min_foreground: float = 0.0,
+               reformat: bool = False) -> list[Item]:
+    """2D: slices along ``slice_axis`` with enough foreground; 3D: whole volumes. Each (1, *S) padded/resized.
+
+    ``reformat`` (2D, ``data.reformat``): also the planes along the other two axes of volumes whose pixels in that
+    plane are near-square (:func:`reformat_axes`; the volume's ``spacing``), for orientation variety."""
     items: list[Item] = []
     for v in vols:
         img = v["image"]
         if spatial_dims == 3:
             items.append(Item(_fit(img[None], patch, factor, resize_to), v["id"], v["source"]))
             continue
-        vol = torch.movedim(img, slice_axis, -1)
-        n = vol.shape[-1]
-        bg = float(vol.min())
-        thr = bg + 0.05 * (float(vol.max()) - bg)
-        for k in range(n):
-            sl = vol[..., k]
-            if min_foreground > 0 and float((sl > thr).float().mean()) < min_foreground:
-                continue
-            items.append(Item(_fit(sl[None], patch, factor, resize_to), v["id"], v["source"], (k + 0.5) / n))
+        axes = [slice_axis]
+        if reformat and img.ndim == 3:
+            axes += reformat_axes(img.shape, v.get("spacing", (1.0, 1.0, 1.0)), slice_axis, patch)
+        for ax in axes:
+            vol = torch.movedim(img, ax, -1)
+            n = vol.shape[-1]
+            bg = float(vol.min())
+            thr = bg + 0.05 * (float(vol.max()) - bg)
+            for k in range(n):
+                sl = vol[..., k]
+                if min_foreground > 0 and float((sl > thr).float().mean()) < min_foreground:
+                    continue
+                items.append(Item(_fit(sl[None], patch, factor, resize_to), v["id"], v["source"], (k + 0.5) / n))
     if not items:
         raise CaseError("data", "no slices with enough foreground", "lower data.min_foreground")
     return items

@@ -45,10 +45,12 @@ def split_refs(cfg) -> tuple[list, list]:
 
 def item_store(cfg, vols: list[dict], *, from_val: bool = False) -> ItemStore:
     """The training items of loaded volumes (slices or volumes, fitted to the patch) with their class labels;
-    ``from_val``: the volumes are data.val entries (their contrasts come from data.val_contrasts)."""
+    ``from_val``: the volumes are data.val entries (their contrasts come from data.val_contrasts; no reformatted
+    planes, so validation figures compare across runs with and without ``data.reformat``)."""
     d = cfg.data
     items = make_items(vols, spatial_dims=cfg.spatial_dims, slice_axis=d.slice_axis, patch=d.patch_size,
-                       factor=cfg.factor, resize_to=d.resize_to, min_foreground=d.min_foreground)
+                       factor=cfg.factor, resize_to=d.resize_to, min_foreground=d.min_foreground,
+                       reformat=d.reformat and not from_val)
     return ItemStore(items, d.patch_size, cfg.factor, cfg.unet.num_classes, d.class_from,
                      contrast_of=d.contrast_of(from_val), n_contrasts=max(len(d.contrast_names), 1))
 

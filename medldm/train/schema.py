@@ -34,6 +34,9 @@ class DataConfig:
     modality: Literal["auto", "CT", "MR"] = doc_field("auto", "normalization: CT = HU window, MR = percentiles; auto = from the scan")
     ct_window: str = doc_field("full", "CT window name for normalization (medldm.data.intensity.CT_WINDOWS)")
     slice_axis: Literal[0, 1, 2] = doc_field(2, "2D models: array axis the slices are taken along")
+    reformat: bool = doc_field(False, "2D models: also train on the planes along the other two axes of volumes whose "
+                                      "pixels in that plane are near-square (spacing ratio <= 1.25) and at least a "
+                                      "patch wide: all three orientations of isotropic volumes")
     patch_size: tuple[int, ...] = doc_field((64, 64), "training crop in pixels (2 or 3 values); a multiple of the VAE factor")
     resize_to: tuple[int, ...] | None = doc_field(None, "resize each slice/volume (padded to square first) to this size; "
                                                       "null = native resolution with random crops")
@@ -68,7 +71,10 @@ class DataConfig:
             if unknown:
                 raise ValueError(f"data.val_contrasts: {unknown[0]!r} is not a training contrast "
                                  f"({', '.join(self.contrast_names)})")
-        elif self.contrasts or self.val_contrasts:
+        if self.reformat and self.class_from in ("slice_position", "contrast_position"):
+            raise ValueError(f"data.reformat: slice positions of reformatted planes are not comparable; it cannot "
+                             f"be combined with class_from {self.class_from!r}")
+        if (self.contrasts or self.val_contrasts) and self.class_from != "contrast_position":
             raise ValueError("data.contrasts / data.val_contrasts: only for class_from 'contrast_position'")
 
     @property
