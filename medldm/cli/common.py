@@ -282,6 +282,18 @@ class Resume:
         return self.record
 
 
+def resolve_device(name: str, local_rank: int = 0) -> str:
+    """``--device`` of enhance / listen / synthesize: 'auto' = this process's GPU (``cuda:LOCAL_RANK``) when
+    there is one, else the CPU; a CUDA device asked for on a machine without one is a usage error."""
+    import torch
+
+    if name == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device here; use --device cpu")
+    return name
+
+
 def once_per_case(make):
     """``make(case)`` built once per case (by ``case.id``): ``is_done`` and ``process`` share one :class:`Resume`,
     so its key (the inputs' stat) is computed once."""

@@ -102,16 +102,6 @@ def _resolve_model(model: Path) -> Path:
         raise UsageError(e.line()) from None
 
 
-def _device(name: str, local_rank: int = 0) -> str:
-    import torch
-
-    if name == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device here; use --device cpu")
-    return name
-
-
 def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool, deidentify=False,
              prov=None) -> dict:
     from medldm.cli.warn import print_case_warnings
@@ -158,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     common.check_in_out(src, out)
     common.check_out_writable(out)
     rank, world, local_rank = _dist_setup(getattr(args, "distributed", False))
-    device = _device(args.device, local_rank)
+    device = common.resolve_device(args.device, local_rank)
     try:
         enhancer = make_enhancer(load_model(model), device=device)
     except CaseError as e:

@@ -71,20 +71,9 @@ def make_processor(enhancer, opts, out_root: str | Path, model_name: str, model_
     return process
 
 
-def _device(name: str) -> str:
-    import torch
-
-    from medldm.io.errors import UsageError
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device here; use --device cpu")
-    return name
-
-
 def build_listener(args: argparse.Namespace):
     """The :class:`medldm.io.dimse.Listener` for these arguments (model loaded, nothing started)."""
+    from medldm.cli.common import resolve_device
     from medldm.io.dimse import Listener, parse_peer
     from medldm.io.errors import CaseError, UsageError
     from medldm.models import load_model
@@ -104,7 +93,7 @@ def build_listener(args: argparse.Namespace):
     forward = parse_peer(args.forward) if args.forward else None
     try:
         model = resolve_model(args.model)
-        device = _device(args.device)
+        device = resolve_device(args.device)
         enhancer = make_enhancer(load_model(model), device=device)
     except CaseError as e:
         raise UsageError(e.line()) from None

@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import medldm
-    from medldm.cli.common import run_cases
-    from medldm.cli.enhance import _device, _resolve_model
+    from medldm.cli.common import resolve_device, run_cases
+    from medldm.cli.enhance import _resolve_model
     from medldm.io.atomic import atomic_file
     from medldm.io.errors import CaseError
     from medldm.io.nifti import save_nifti
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     size = _size(args.size)
     try:
         bundle = load_model(model)
-        syn = Synthesizer(bundle, device=_device(args.device))
+        syn = Synthesizer(bundle, device=resolve_device(args.device))
         label = syn.label_index(cond.get("class") or syn.class_name_for(cond.get("contrast"), cond.get("position")))
         mask, mask_affine, mask_info = _load_mask(args.mask, syn) if args.mask else (None, None, None)
     except (CaseError, ValueError) as e:
