@@ -21,6 +21,8 @@ import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from medldm.io.caseloop import case_source
+
 # messages of library warnings that say nothing about the user's data or results (regular expressions,
 # matched at the start of the message, as ``warnings.filterwarnings`` does)
 HARMLESS = (
@@ -57,20 +59,6 @@ def _emit(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-def _source_of(case: object) -> str:
-    if isinstance(case, (str, Path)):
-        return str(case)
-    src = getattr(case, "source", "") or ""
-    if src:
-        return str(src)
-    paths = list(getattr(case, "paths", None) or [])
-    if len(paths) == 1:
-        return str(paths[0])
-    if paths:
-        return str(Path(paths[0]).parent)
-    return str(getattr(case, "id", case))
-
-
 def print_case_warnings(case: object, found: object) -> list[str]:
     """Print the warnings of one loaded case as ``WARNING <input file>: <text>`` on stderr; return the lines.
 
@@ -80,7 +68,7 @@ def print_case_warnings(case: object, found: object) -> list[str]:
     """
     meta = getattr(found, "meta", found)
     items = meta.get("warnings", []) if isinstance(meta, Mapping) else list(found or [])  # type: ignore[arg-type]
-    source = _source_of(case)
+    source = case_source(case)
     lines = []
     for w in items:
         text = one_line(w)

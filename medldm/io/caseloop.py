@@ -53,8 +53,19 @@ def case_inputs(case) -> list[str]:
 
 
 def case_source(case) -> str:
-    """What error lines name: the case's input file or series folder."""
-    return str(getattr(case, "source", "") or (getattr(case, "paths", None) or [case])[0])
+    """What error and warning lines name: the case's input file or series folder (its ``source``; else its one
+    file, or the folder of its files; a plain path as given)."""
+    if isinstance(case, (str, Path)):
+        return str(case)
+    src = getattr(case, "source", "") or ""
+    if src:
+        return str(src)
+    paths = list(getattr(case, "paths", None) or [])
+    if len(paths) == 1:
+        return str(paths[0])
+    if paths:
+        return str(Path(paths[0]).parent)
+    return str(getattr(case, "id", case))
 
 
 WRITE_ERRORS = {
