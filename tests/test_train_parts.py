@@ -67,6 +67,42 @@ def test_reformat_adds_the_other_planes_of_isotropic_volumes_only():
         DataConfig(train=["a"], reformat=True, class_from="slice_position")
 
 
+@pytest.mark.parametrize("upsample", ["linear", "cubic"])
+def test_sr_condition_is_the_same_in_training_and_inference(upsample):
+    """degrade.upsample: the training pair's low-res input on the high-res grid (area down-sampling, then
+    bilinear / bicubic) equals what the Enhancer makes of the low-res scan, slice by slice along any axis."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from medldm.pipelines.enhance import Enhancer
+
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(3, 1, 24, 16, generator=g)  # 3 slices
+    train = downsample_upsample(clean, 2, "downsample", upsample=upsample)[:, 0]  # (3, 24, 16)
+    low = F.avg_pool2d(clean, 2)[:, 0]  # the scan a user has: (3, 12, 8)
+    stub = SimpleNamespace(task="sr", dims=2, degrade={"kind": "downsample", "scale": 2, "upsample": upsample})
+    for axis in (0, 2):
+        vol = low if axis == 0 else low.permute(1, 2, 0)  # slices along `axis`
+        cond, shape = Enhancer._condition_image(stub, vol, axis, seed=0)
+        got = cond if axis == 0 else cond.permute(2, 0, 1)
+        assert tuple(shape) == tuple(cond.shape) and torch.allclose(got, train, atol=1e-6)
+    assert not torch.allclose(downsample_upsample(clean, 2, upsample="cubic"), downsample_upsample(clean, 2))
+
+
+def test_cubic_upsampling_is_for_2d_sr_only():
+    from medldm.config import ConfigError
+    from medldm.train.schema import load_config
+
+    cfg = {"task": "sr", "spatial_dims": 2, "data": {"train": ["a"], "patch_size": [32, 32]},
+           "degrade": {"kind": "downsample", "upsample": "cubic"}}
+    assert load_config(cfg).degrade.upsample == "cubic"
+    with pytest.raises(ConfigError, match="upsample"):
+        load_config({**cfg, "spatial_dims": 3, "data": {"train": ["a"], "patch_size": [32, 32, 32]}})
+    with pytest.raises(ConfigError, match="upsample"):
+        load_config({**cfg, "task": "denoise", "degrade": {"kind": "gaussian", "upsample": "cubic"}})
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 8, 12), (2, 1, 8, 4, 12)])
 def test_space_to_depth_is_lossless(shape):
     x = torch.randn(shape)

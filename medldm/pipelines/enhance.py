@@ -5,7 +5,8 @@
 1. intensities -> model range [-1, 1] with the training recipe (``medldm.data.intensity``: CT window /
    foreground percentiles), recorded so the output goes back to the same units and dtype;
 2. the condition image on the output grid: the scan itself (denoise) or the scan interpolated to the
-   high-resolution grid (sr: bilinear in-plane, or slice replication for ``thick``), space-to-depth onto the
+   high-resolution grid (sr: bilinear or, for models trained with ``degrade.upsample: cubic``, bicubic
+   in-plane; slice replication for ``thick``), space-to-depth onto the
    latent grid exactly as in training (``medldm.train.conditioning``); the noise level (denoise: estimated from
    the scan with the wavelet MAD estimator of ``medldm.data.noise`` unless given; sr: the training's lowest noise-augmentation level);
 3. 2D models: slices along an axis, in batches; 3D models: the whole volume; both with the denoiser run on
@@ -172,7 +173,12 @@ class Enhancer:
             inplane = [a for a in range(3) if a != axis] if self.dims == 2 else [0, 1]
             for a in inplane:
                 shape[a] *= s
-            up = F.interpolate(x[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
+            if self.degrade.get("upsample", "linear") == "cubic":  # 2D models: bicubic slice by slice
+                sl = torch.movedim(x, axis, 0)[:, None]
+                size = tuple(int(sl.shape[d]) * s for d in (2, 3))
+                up = torch.movedim(F.interpolate(sl, size=size, mode="bicubic", align_corners=False)[:, 0], 0, axis)
+            else:  # folders without the key were trained with linear
+                up = F.interpolate(x[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
         sigma = float((self.degrade.get("noise_aug_range") or [0.0, 0.0])[0])
         if sigma > 0:  # the training condition always carried at least this noise augmentation
             g = torch.Generator().manual_seed(seed + 7)

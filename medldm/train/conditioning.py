@@ -81,11 +81,16 @@ def gaussian_blur_inplane(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
+#: ``degrade.upsample`` -> torch interpolation mode, by number of spatial dims (cubic: 2D only)
+UPSAMPLE_MODES = {("linear", 2): "bilinear", ("linear", 3): "trilinear", ("cubic", 2): "bicubic"}
+
+
 def downsample_upsample(x: torch.Tensor, scale: int, kind: str = "downsample",
-                        blur: torch.Tensor | None = None) -> torch.Tensor:
+                        blur: torch.Tensor | None = None, upsample: str = "linear") -> torch.Tensor:
     """Low-res version of ``x`` (N, C, *S) on the same grid: anti-aliased area down-sampling in-plane by
-    ``scale`` (kind 'downsample'; optionally after an in-plane Gaussian pre-blur of std ``blur[n]`` pixels) or
-    ``scale``-slice averaging along the last axis (kind 'thick')."""
+    ``scale`` (kind 'downsample'; optionally after an in-plane Gaussian pre-blur of std ``blur[n]`` pixels),
+    back on the grid by ``upsample`` interpolation (linear / cubic), or ``scale``-slice averaging along the last
+    axis (kind 'thick')."""
     if scale <= 1:
         return x
     d = x.ndim - 2
@@ -98,8 +103,7 @@ def downsample_upsample(x: torch.Tensor, scale: int, kind: str = "downsample",
     k = (scale, scale) + ((1,) if d == 3 else ())
     pool = F.avg_pool2d if d == 2 else F.avg_pool3d
     low = pool(x, kernel_size=k, stride=k)
-    mode = "bilinear" if d == 2 else "trilinear"
-    return F.interpolate(low, size=x.shape[2:], mode=mode, align_corners=False)
+    return F.interpolate(low, size=x.shape[2:], mode=UPSAMPLE_MODES[(upsample, d)], align_corners=False)
 
 
 def thick_matrix(n: int, scale: int, profile: str = "box") -> torch.Tensor:
@@ -194,7 +198,7 @@ def make_pair(clean: torch.Tensor, task: str, degrade, gen: torch.Generator,
             blur = torch.full((n,), max(0.0, (degrade.scale - 1) / 2.0))
         elif hi_b > 0:  # drawn only when configured, so configs without it keep their random stream
             blur = _levels(n, (lo_b, hi_b), gen, "cpu")
-        low = downsample_upsample(clean, degrade.scale, degrade.kind, blur)
+        low = downsample_upsample(clean, degrade.scale, degrade.kind, blur, getattr(degrade, "upsample", "linear"))
         return _noise_augment(low, degrade, fixed, rng_range, gen)
     if task == "thinslice":
         if fixed is not None:  # validation: alternate the axis, so both reformat directions are measured

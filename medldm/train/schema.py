@@ -128,6 +128,9 @@ class DegradeConfig:
     rician_fraction: float = doc_field(
         0.0, "denoise: fraction of training samples given Rician (magnitude MR) instead of `kind`'s noise, drawn per "
         "sample, so one model is blind to the noise model; validation uses `kind`")
+    upsample: Literal["linear", "cubic"] = doc_field(
+        "linear", "sr (downsample): how the low-res input is put on the output grid for the U-Net's condition and "
+        "the refiner's base: linear, or cubic (Keys bicubic, a = -0.75; 2D models only); the model folder records it")
     profile: Literal["box", "gaussian"] = doc_field(
         "box", "thinslice: slice profile of a thick slice: box (the mean of `scale` thin slices) or gaussian "
         "(FWHM = `scale` thin slices, same centre)")
@@ -321,6 +324,9 @@ class TrainingConfig:
             raise ConfigError(f"degrade.kind: task 'sr' needs 'downsample' or 'thick', got {deg.kind!r}")
         if self.task == "denoise" and deg.kind not in ("gaussian", "rician"):
             raise ConfigError(f"degrade.kind: task 'denoise' needs 'gaussian' or 'rician', got {deg.kind!r}")
+        if deg.upsample == "cubic" and (self.task != "sr" or deg.kind != "downsample" or nd != 2):
+            raise ConfigError("degrade.upsample: 'cubic' is for task 'sr' with degrade.kind 'downsample' and "
+                              "spatial_dims 2 (torch has no tricubic interpolation)")
         if self.task == "sr" and deg.kind == "thick" and nd != 3:
             raise ConfigError("degrade.kind: 'thick' slices need spatial_dims 3")
         if self.task == "thinslice" and (deg.kind != "thick" or nd != 2 or deg.scale < 2):
