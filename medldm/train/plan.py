@@ -297,8 +297,10 @@ def make_plan(fp: dict, task: str, *, gpu_memory: float | None = None, hours: fl
                         f"; the scans' own noise is ~{100 * noise:.1f} % of their 0.5-99.5 % range "
                         f"(skimage estimate_sigma), so training levels span {100 * lo:.1f}-{100 * hi:.1f} %")
     elif task == "sr":
-        deg = {"kind": "downsample", "scale": 2, "blur_range": [0.0, 0.5]}
-        R["degrade"] = "sr: x2 in-plane down-sampling with a random pre-blur (robust to the scanner's kernel)"
+        deg = {"kind": "downsample", "scale": 2, "blur_range": [0.0, 0.5], **({"upsample": "cubic"} if nd == 2 else {})}
+        R["degrade"] = ("sr: x2 in-plane down-sampling with a random pre-blur (robust to the scanner's kernel)"
+                        + ("; the low-res input on the grid by bicubic interpolation (a better start for the refiner "
+                           "than bilinear: mr-sr2x-2d's held-out figures, docs/models.md)" if nd == 2 else ""))
     elif task == "thinslice":
         deg = {"kind": "thick", "scale": 4}
         R["degrade"] = "thinslice: thick slices of 4 thin ones (e.g. 1 mm -> 4 mm, typical clinical thickness)"
