@@ -174,7 +174,7 @@ def test_blind_denoiser_with_noise_map_trains_and_enhances(tmp_path, dipy_files)
         load_config(CONFIGS / "sr_2d_tiny.yaml", ["refine.noise_map=true"])
 
 
-def test_refiner_ablation_without_the_diffusion_channel(tmp_path, dipy_files):
+def test_refiner_ablation_without_the_diffusion_channel(tmp_path, dipy_files, monkeypatch):
     """refine.diffusion_channel: false trains the refiner on [degraded, degraded] (the ablation that measures what
     latent diffusion adds); the folder records it and the Enhancer applies it the same way, so its output does not
     depend on the diffusion sample (another seed, other sampler steps: the same image)."""
@@ -195,6 +195,12 @@ def test_refiner_ablation_without_the_diffusion_channel(tmp_path, dipy_files):
     assert torch.equal(a.as_tensor(), b.as_tensor())
     plain = enh.enhance(img, EnhanceOptions(steps=2, seed=0, noise_level=0.3, refine=False)).image
     assert not torch.equal(a.as_tensor(), plain.as_tensor())
+    # with the refiner on, nothing is sampled or decoded for it; K samples are one deterministic output, std 0
+    import medldm.pipelines.enhance as E
+
+    monkeypatch.setattr(E, "sample", lambda *a, **k: pytest.fail("sampled for a refiner that never sees a sample"))
+    c = enh.enhance(img, EnhanceOptions(steps=2, seed=0, noise_level=0.3, samples=3))
+    assert torch.equal(c.image.as_tensor(), a.as_tensor()) and float(c.std.abs().max()) == 0.0
 
 
 def test_existing_run_needs_resume(trained):

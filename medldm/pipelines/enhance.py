@@ -252,6 +252,14 @@ class Enhancer:
 
             return tiled_call(call, xt, cond, window, opts.overlap, sw_batch_size=max(opts.batch_size, 1))
 
+        refine = functools.partial(self._refine, level=level)
+        img_window = None if window is None else tuple(w * self.f for w in window)
+        if self.refiner is not None and opts.refine and not self.refiner_uses_diffusion:
+            # a refiner trained without the diffusion channel never sees a sample: nothing to draw or decode
+            with self._autocast():
+                out = tiled_call(refine, cond_items.to(self.device), cond_items.to(self.device), img_window, 0.25)
+            return out.float().cpu(), torch.zeros(out.shape)
+
         def draw(i: int) -> torch.Tensor:
             if self.dims == 2:
                 noise = torch.stack([_noise(lat_shape, opts.seed, i, k) for k in keys])
@@ -264,8 +272,6 @@ class Enhancer:
             with self._autocast():
                 img = tiled_decode(self.vae.decode, z / self.scale, window).float()
                 if self.refiner is not None and opts.refine:
-                    img_window = None if window is None else tuple(w * self.f for w in window)
-                    refine = functools.partial(self._refine, level=level)
                     img = tiled_call(refine, img, cond_items.to(self.device), img_window, 0.25).float()
             return img.cpu()
 
