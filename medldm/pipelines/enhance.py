@@ -255,7 +255,8 @@ class Enhancer:
         refine = functools.partial(self._refine, level=level)
         img_window = None if window is None else tuple(w * self.f for w in window)
         if self.refiner is not None and opts.refine and not self.refiner_uses_diffusion:
-            # a refiner trained without the diffusion channel never sees a sample: nothing to draw or decode
+            # a refiner trained without the diffusion channel never sees a sample: nothing to draw or decode; it
+            # gets the degraded input in the diffusion output's place (its training inputs)
             with self._autocast():
                 out = tiled_call(refine, cond_items.to(self.device), cond_items.to(self.device), img_window, 0.25)
             return out.float().cpu(), torch.zeros(out.shape)
@@ -282,8 +283,7 @@ class Enhancer:
 
         assert degraded is not None and self.refiner is not None
         lev = (0.0 if level is None else level) if self.refiner_noise_map else None
-        first = decoded if self.refiner_uses_diffusion else degraded
-        return apply_refiner(self.refiner, first, degraded, self.refiner_base, lev)
+        return apply_refiner(self.refiner, decoded, degraded, self.refiner_base, lev)
 
     def window(self, opts: EnhanceOptions) -> tuple[int, ...]:
         """The latent window used with ``opts``: ``opts.window`` or the model's default, rounded up to what the
