@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from medldm.cli import main
-from medldm.data.fingerprint import fingerprint
-from medldm.train.plan import make_plan
+from medldm.plan.decisions import make_plan
+from medldm.plan.fingerprint import fingerprint
 from medldm.train.schema import load_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -103,10 +103,11 @@ def test_decisions_follow_the_data(tmp_path, mni_vol, pydicom_files, dicomdir_te
     big = make_plan(fp_thick, "denoise", device="cuda", gpu_memory=24.0, measure=False).config["data"]
     small = make_plan(fp_thick, "denoise", device="cuda", gpu_memory=1.5, measure=False).config["data"]
     assert np.prod(small["patch_size"]) * small["batch_size"] < np.prod(big["patch_size"]) * big["batch_size"]
-    # thinslice is 3D sr with thick-slice pairs, and a valid config
+    # thinslice has one meaning: the schema's 2D task thinslice (thick -> thin along an in-plane axis), as shipped
     p_ts = make_plan(fingerprint([iso.parent], cache=None), "thinslice", **kw)
-    load_config(p_ts.config)
-    assert p_ts.config["task"] == "sr" and p_ts.config["degrade"]["kind"] == "thick"
+    cfg_ts = load_config(p_ts.config)
+    assert cfg_ts.task == "thinslice" and cfg_ts.spatial_dims == 2 and cfg_ts.degrade.kind == "thick"
+    assert cfg_ts.refine.enabled and all(p % cfg_ts.degrade.scale == 0 for p in cfg_ts.data.patch_size)
 
 
 def test_check_exit_codes(tmp_path, export, mni_vol, capsys):

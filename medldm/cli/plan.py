@@ -16,7 +16,7 @@ import sys
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", nargs="+", help="folders (walked recursively) or scans; with --check also a training YAML")
     p.add_argument("--task", choices=["denoise", "sr", "thinslice", "synthesis"], default="denoise",
-                   help="what the model will learn (thinslice = sr from thick slices, 3D)")
+                   help="what the model will learn (thinslice: 2D thick -> thin slices, as mr-thinslice-4x)")
     p.add_argument("-o", "--out", help="plan: PLAN.yaml (default plan.yaml); --check: report base name "
                                        "(default dataset_check -> dataset_check.html + .json)")
     p.add_argument("--val", nargs="+", default=None, help="validation folders of OTHER subjects (default: split by subject)")
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _fp(paths: list[str], args) -> dict:
     from medldm.data.datasets import resolve_path
-    from medldm.data.fingerprint import default_cache, fingerprint
+    from medldm.plan.fingerprint import default_cache, fingerprint
 
     cache = None if (args.cache or "").lower() == "none" else (args.cache or default_cache())
     say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
@@ -69,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
     val_fp = _fp(val, args) if val else None
     say = (lambda s: None) if args.quiet else print
     if args.check:
-        from medldm.eval.dataset_check import check, write_report
+        from medldm.plan.check import check, write_report
 
         if patch is None and fp["scans"]:
-            from medldm.train.plan import make_plan
+            from medldm.plan.decisions import make_plan
 
             try:
                 pl = make_plan(fp, args.task, gpu_memory=args.gpu_memory, device=args.device, measure=False)
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
             f"; report {hpath} (+ {jpath.name})")
         return 1 if rep["blocking"] else 0
     from medldm import __version__
-    from medldm.train.plan import make_plan, write_plan
+    from medldm.plan.decisions import make_plan
+    from medldm.plan.write import write_plan
 
     out = Path(args.out or "plan.yaml")
     if out.suffix not in (".yaml", ".yml"):

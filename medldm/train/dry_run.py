@@ -11,7 +11,7 @@ time (steps x step time x gradient accumulation; validation, latent encoding and
 Nothing is written: no model, no checkpoint, and OUT is not created. The LDM and refiner steps run on the
 freshly built (untrained) VAE / U-Net: the cost of a step does not depend on the weights.
 
-:func:`measure_stages` is the part :mod:`medldm.train.plan` reuses on a synthetic batch.
+:func:`measure_stages` is the part :mod:`medldm.plan.memory` reuses on a synthetic batch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Dataset integrity (``medldm plan DATA --check``): the fingerprint (:mod:`medldm.data.fingerprint`) as a list
+"""Dataset integrity (``medldm plan DATA --check``): the fingerprint (:mod:`medldm.plan.fingerprint`) as a list
 of problems that would hurt training, written as JSON + a self-contained HTML page.
 
 Each problem has a ``severity``: ``block`` (training cannot work as intended: no readable scan, an empty or
