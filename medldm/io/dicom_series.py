@@ -182,21 +182,30 @@ def describe_gap(g: dict) -> str:
             f"{'s' * (m != 1)} of {g['step_mm']:.4g} mm missing")
 
 
-def _check_regular(u: np.ndarray, names: list[str], where: str) -> tuple[float, float]:
-    """``(median step, max deviation)`` of a gap-free run of sorted positions; CaseError when a slice
-    lies more than :data:`GRID_REFUSE_FRAC` of the step off the regular grid the affine would describe."""
+def fit_grid(u: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Least-squares regular grid through sorted positions ``u`` (position against index): ``(first position,
+    step, residuals)``. Scanners round positions (a GE series steps 6.958-7.071 mm around a 7.0 mm grid), so the
+    grid is fitted to all slices rather than built from the first slice and the median step, which drifts."""
+    k = np.arange(u.size, dtype=np.float64)
+    step, first = np.polyfit(k, u.astype(np.float64), 1)
+    return float(first), float(step), u - (first + step * k)
+
+
+def _check_regular(u: np.ndarray, names: list[str], where: str) -> tuple[float, float, float]:
+    """``(first grid position, step, max |residual|)`` of the least-squares grid of a gap-free run of sorted
+    positions; CaseError when a slice lies more than :data:`GRID_REFUSE_FRAC` of the step off that grid."""
     steps = np.diff(u)
-    med = float(np.median(steps))
-    off = np.abs(u - (u[0] + med * np.arange(u.size)))
+    first, step, res = fit_grid(u)
+    off = np.abs(res)
     dev = float(off.max())
-    if dev > max(GRID_REFUSE_FRAC * med, 0.01):
+    if dev > max(GRID_REFUSE_FRAC * step, 0.01):
         k = int(off.argmax())
         raise CaseError(where, f"slice positions are not on a regular grid: steps {steps.min():.4g}-{steps.max():.4g} mm "
-                               f"(median {med:.4g}), the slice at {u[k]:.2f} mm ({names[k]}) lies {dev:.3g} mm "
-                               f"({100 * dev / med:.0f}% of the step) off the grid",
+                               f"(least-squares step {step:.4g}), the slice at {u[k]:.2f} mm ({names[k]}) lies "
+                               f"{dev:.3g} mm ({100 * dev / step:.0f}% of the step) off the grid",
                         "medldm never moves a slice: check the series is complete and unmodified, or resample it "
                         "to a regular grid with another tool (e.g. dcm2niix) and give medldm that NIfTI file")
-    return med, dev
+    return first, step, dev
 
 
 @dataclass
@@ -241,9 +250,9 @@ def regular_runs(frames: Sequence[Frame], *, where: str) -> Runs:
     return Runs(runs, gaps, base)
 
 
-def _spacing_report(d: np.ndarray, warns: list[str], integ: dict, where: str, names: list[str]) -> float:
-    """Check steps along the normal; returns the step (mm) used for the affine. A gap or a slice off
-    the regular grid raises :class:`CaseError` (never stacked at a wrong position)."""
+def _spacing_report(d: np.ndarray, warns: list[str], integ: dict, where: str, names: list[str]) -> tuple[float, float]:
+    """Check steps along the normal; returns ``(first grid position, step)`` (mm) of the least-squares grid the
+    affine describes. A gap or a slice off that grid raises :class:`CaseError` (never stacked at a wrong position)."""
     steps = np.diff(d)
     base = regular_step(d)
     gaps = _gap_lines(d, names, base)
@@ -253,17 +262,15 @@ def _spacing_report(d: np.ndarray, warns: list[str], integ: dict, where: str, na
                                + ": the images do not form one regular volume",
                         "medldm never stacks across a gap; give the folder to scan_folder() / `medldm info`, "
                         "which splits the series into regular parts (..._part-1, ...)")
-    med, dev = _check_regular(d, names, where)
-    tol = max(SPACING_REL_TOL * med, 0.01)
-    integ["slice_spacing_mm"] = med
+    first, step, dev = _check_regular(d, names, where)
+    integ["slice_spacing_mm"] = step
     integ["max_grid_deviation_mm"] = dev
     integ["gaps"] = []
-    uneven = np.abs(steps - med) > tol
-    integ["uniform_spacing"] = not bool(uneven.any())
-    if uneven.any():
-        warns.append(f"non-uniform slice spacing: steps {steps.min():.4g}-{steps.max():.4g} mm (median "
-                     f"{med:.4g}); max deviation from a regular grid {dev:.3g} mm")
-    return med
+    integ["uniform_spacing"] = dev <= max(SPACING_REL_TOL * step, 0.01)
+    if not integ["uniform_spacing"]:
+        warns.append(f"non-uniform slice spacing: steps {steps.min():.4g}-{steps.max():.4g} mm (least-squares step "
+                     f"{step:.4g}); max deviation from that regular grid {dev:.3g} mm")
+    return first, step
 
 
 def stack(frames: Sequence[Frame], *, where: str, volume: int | None = None) -> Stacked:
@@ -303,18 +310,22 @@ def stack(frames: Sequence[Frame], *, where: str, volume: int | None = None) -> 
     col = g0.col_cos if g0.col_cos is not None else np.array([0.0, 1.0, 0.0])
     normal = np.cross(row, col)
     origin = g0.position if g0.position is not None else np.zeros(3)
+    origin_shift = np.zeros(3)
     if g0.row_cos is None or g0.position is None:
         warns.append("no patient geometry (ImagePositionPatient/ImageOrientationPatient): "
                      "affine is a scaled identity")
 
     if d is not None and len(frames) > 1:
-        med = _spacing_report(d, warns, integ, where, [_name(f.source) for f in frames])
+        first, med = _spacing_report(d, warns, integ, where, [_name(f.source) for f in frames])
         p0, p1 = frames[0].geom.position, frames[-1].geom.position
         span = p1 - p0
         u = span / np.linalg.norm(span)
         tilt = float(np.degrees(np.arccos(np.clip(abs(u @ normal), 0.0, 1.0))))
         integ["tilt_deg"] = tilt
         step = u * (med / float(u @ normal))
+        # the grid's first slice: the fitted position along the slice direction (the first slice's own position for
+        # a regular series; within the residuals of it for positions rounded by the scanner)
+        origin_shift = u * ((first - d[0]) / float(u @ normal))
         if tilt > TILT_WARN_DEG:
             warns.append(f"gantry tilt / sheared grid: slices are offset in-plane, {tilt:.2f} deg off the "
                          "normal; the affine is sheared (built from the actual positions)")
@@ -346,5 +357,5 @@ def stack(frames: Sequence[Frame], *, where: str, volume: int | None = None) -> 
         data[k] = v
     data = np.ascontiguousarray(data.transpose(2, 1, 0))
     odt = exact_dtype_from_stats(lo, hi, integral, np.result_type(*dtypes), rescaled)
-    aff = lps_to_ras(affine_lps(row, col, step, g0.spacing, origin))
+    aff = lps_to_ras(affine_lps(row, col, step, g0.spacing, origin + origin_shift))
     return Stacked(data, aff, odt, warns, integ, [f.source for f in frames])
