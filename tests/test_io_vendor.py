@@ -4,6 +4,7 @@ validation series, licences beside them)."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import shutil
 import subprocess
@@ -14,7 +15,11 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import require_tool
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 
+from medldm.cli import main
 from medldm.io.errors import CaseError
 from medldm.io.reader import load_scan
 
@@ -110,3 +115,48 @@ def test_slice_far_off_the_grid_is_still_refused(tmp_path):
         ds.save_as(d / f.name)
     with pytest.raises(CaseError, match="not on a regular grid"):
         load_scan(sorted(d.glob("*.dcm")))
+
+
+def with_command_set(src: Path, dst: Path) -> None:
+    """Copy a DICOM file inserting Command Set elements (group 0000) after the file meta, as some DIMSE nodes store
+    received instances (pydicom refuses to write them, so the bytes are spliced in)."""
+    ds = pydicom.dcmread(src)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    raw = buf.getvalue()
+    meta_end = 144 + int.from_bytes(raw[140:144], "little")  # preamble, DICM, (0002,0000) and the group length
+    cmd = Dataset()
+    cmd.add_new(0x00000002, "UI", str(ds.SOPClassUID))  # AffectedSOPClassUID
+    cmd.add_new(0x00000100, "US", 1)  # CommandField: C-STORE-RQ
+    cmd.add_new(0x00000110, "US", 7)  # MessageID
+    cmd.add_new(0x00000700, "US", 0)  # Priority
+    cmd.add_new(0x00000800, "US", 0x0101)  # CommandDataSetType
+    cmd.add_new(0x00001000, "UI", str(ds.SOPInstanceUID))  # AffectedSOPInstanceUID
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = ds.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    write_dataset(fp, cmd)
+    dst.write_bytes(raw[:meta_end] + fp.getvalue() + raw[meta_end:])
+
+
+def command_set_series(tmp_path: Path) -> Path:
+    d = tmp_path / "with_group_0000"
+    d.mkdir()
+    for f in ge_volume_files():
+        with_command_set(f, d / f.name)
+    return d
+
+
+def test_group_0000_is_dropped_on_read_and_the_derived_series_is_written(tmp_path):
+    """Issue 20.2 (disk): instances carrying Command Set elements are read, enhanced and written back as a derived
+    series (before: 'Command Set elements (0000,eeee) are not allowed when using dcmwrite()' after the model ran)."""
+    src = command_set_series(tmp_path)
+    assert any(e.tag.group == 0 for e in pydicom.dcmread(next(src.iterdir())))  # the input really carries them
+    out = tmp_path / "out"
+    assert main(["enhance", "-m", "mr-denoise-2d", "-i", str(src), "-o", str(out), "--to", "dicom", "--steps", "1",
+                 "--quiet"]) == 0
+    files = sorted((out / src.name).glob("*.dcm"))
+    assert len(files) == 15
+    for f in files:
+        ds = pydicom.dcmread(f)
+        assert not any(e.tag.group == 0 for e in ds) and "DERIVED" in list(ds.ImageType)

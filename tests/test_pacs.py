@@ -411,3 +411,21 @@ def test_cli_enhance_study_url_to_the_server(orthanc, dicomdir_tests, tmp_path, 
     assert after[series] == 7 and len(new) == 7  # one derived series per stack of the source, same study
     assert main(argv) == 0
     assert orthanc.series(study) == after
+
+
+def test_instances_with_group_0000_go_through_dicomweb(orthanc, tmp_path, monkeypatch):
+    """Issue 20.2 (PACS): instances stored with Command Set elements (group 0000) — Orthanc keeps and returns them
+    over WADO-RS — are retrieved, enhanced and stored back (before: ValueError 'Command Set elements (0000,eeee)
+    are not allowed when using dcmwrite()' on the retrieval)."""
+    from test_io_vendor import command_set_series
+
+    from medldm.cli import main
+
+    src = command_set_series(tmp_path)
+    orthanc.upload(src)
+    study, series = _uid(src, "StudyInstanceUID"), _uid(src, "SeriesInstanceUID")
+    monkeypatch.setenv("MEDLDM_CACHE", str(tmp_path / "cache"))
+    assert main(["enhance", "-m", "mr-denoise-2d", "-i", f"{orthanc.base}/studies/{study}/series/{series}",
+                 "-o", orthanc.base, "--steps", "1", "--device", "cpu", "--quiet"]) == 0
+    after = orthanc.series(study)
+    assert after[series] == 15 and len(after) == 2 and sorted(after.values()) == [15, 15]

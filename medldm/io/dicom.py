@@ -98,7 +98,7 @@ def read_header(path: str | Path, *, strict: bool = False) -> Dataset | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, defer_size=1024, force=not magic)
+            ds = drop_command_set(pydicom.dcmread(path, defer_size=1024, force=not magic))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         if magic or strict:
             raise CaseError(path, f"cannot read the DICOM header ({type(e).__name__}: {e})",
@@ -167,13 +167,22 @@ def n_frames(ds: Dataset) -> int:
         return 1
 
 
+def drop_command_set(ds: Dataset) -> Dataset:
+    """Remove Command Set elements (group 0000) from ``ds`` in place and return it. They belong to DIMSE messages,
+    not to stored objects, but some DIMSE nodes store them in files (and a PACS returns them over WADO); pydicom
+    refuses to write a dataset holding them. Every dataset medldm reads goes through here."""
+    for tag in [e.tag for e in ds if e.tag.group == 0]:
+        del ds[tag]
+    return ds
+
+
 def load_full(path: str | Path) -> Dataset:
     """Read a whole file (pixel data included); errors become :class:`CaseError`."""
     check_regular(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, force=not _is_dicom_file(Path(path)))
+            return drop_command_set(pydicom.dcmread(path, force=not _is_dicom_file(Path(path))))
     except Exception as e:
         raise CaseError(path, f"cannot read the DICOM file ({type(e).__name__}: {e})",
                         "the file is damaged or incomplete; copy it again from the source") from e

@@ -58,12 +58,12 @@ def is_free_text(keyword: str) -> bool:
 
 def clean_reference(ref: Dataset) -> Dataset:
     """A fresh copy of ``ref`` (no pixels, no file meta) without :data:`REMOVED_KEYWORDS`, free-text
-    comments (:func:`is_free_text`), private tags, group lengths, curves (50xx) and overlays (60xx).
+    comments (:func:`is_free_text`), private tags, Command Set elements (group 0000), group lengths, curves (50xx) and overlays (60xx).
     ``ref`` is not modified."""
     out = Dataset()
     for elem in ref:
         g, e = elem.tag.group, elem.tag.element
-        if elem.tag.is_private or e == 0 or 0x5000 <= g <= 0x50FF or 0x6000 <= g <= 0x60FF:
+        if elem.tag.is_private or g == 0 or e == 0 or 0x5000 <= g <= 0x50FF or 0x6000 <= g <= 0x60FF:
             continue
         if elem.keyword in REMOVED_KEYWORDS or g == 0xFFFA or is_free_text(elem.keyword):
             continue

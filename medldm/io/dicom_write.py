@@ -31,6 +31,7 @@ from pydicom.valuerep import DSfloat
 
 from medldm import __version__
 from medldm.io.atomic import atomic_dir
+from medldm.io.dicom import drop_command_set
 from medldm.io.dicom_headers import add_software, clean_reference, new_series_header, now, patient_orientation
 from medldm.io.dicom_pixels import Encoding, choose_encoding
 from medldm.io.dicom_uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, derived_uid, new_uid
@@ -121,7 +122,7 @@ def load_reference(reference: str | os.PathLike | Sequence, where: object) -> li
     headers = []
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, force=not strict)
+            ds = drop_command_set(pydicom.dcmread(f, stop_before_pixels=True, force=not strict))
         except Exception as e:  # a folder may hold non-DICOM files
             if strict:
                 raise CaseError(f, f"cannot read reference DICOM file ({e})", "check --reference") from e

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from medldm.io.dicom import drop_command_set
 from medldm.io.errors import CaseError, UsageError
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ class DicomWeb:
                 n = 0
                 for ds in self.client.iter_series(info.study, info.series,
                                                   media_types=(("application/dicom", "*"),)):
-                    ds.save_as(tmp / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+                    drop_command_set(ds).save_as(tmp / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
                     n += 1
                 return n
 
@@ -289,7 +290,7 @@ class DicomWeb:
             if folder.is_dir() else []
         if not files:
             raise CaseError(folder, "no DICOM files to store", "store derived DICOM series folders only")
-        heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        heads = [drop_command_set(pydicom.dcmread(f, stop_before_pixels=True)) for f in files]
         series = {str(h.SeriesInstanceUID) for h in heads}
         if len(series) != 1:
             raise CaseError(folder, f"holds {len(series)} series", "store one series folder at a time")
@@ -298,7 +299,7 @@ class DicomWeb:
         if have is not None and have >= len(files):
             log.info("%s: series %s is on %s already (%d instances): not stored again", folder, uid, self, have)
             return {"series": uid, "study": study, "stored": 0, "skipped": True}
-        datasets = [pydicom.dcmread(f) for f in files]
+        datasets = [drop_command_set(pydicom.dcmread(f)) for f in files]
         resp = self._call("STOW-RS of the derived series",
                           lambda: self.client.store_instances(datasets, study_instance_uid=study), where=folder)
         failed = list(resp.get("FailedSOPSequence", []) if resp is not None else [])

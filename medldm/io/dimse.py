@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from medldm.io.dicom import drop_command_set
 from medldm.io.errors import CaseError, UsageError
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def send_series(files, peer: Peer, *, calling_aet: str = "MEDLDM", retries: int 
     files = [Path(f) for f in files]
     if not files:
         return 0
-    datasets = [pydicom.dcmread(f) for f in files]
+    datasets = [drop_command_set(pydicom.dcmread(f)) for f in files]
     where = where or files[0].parent
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
