@@ -160,3 +160,21 @@ def test_group_0000_is_dropped_on_read_and_the_derived_series_is_written(tmp_pat
     for f in files:
         ds = pydicom.dcmread(f)
         assert not any(e.tag.group == 0 for e in ds) and "DERIVED" in list(ds.ImageType)
+
+
+@pytest.mark.parametrize("iop", [[0, 0, 0, 0, 0, 0], [1, 0, 0, 1, 0, 0]], ids=["all-zero", "not-perpendicular"])
+def test_degenerate_orientation_is_refused(tmp_path, iop, capsys):
+    """Issue 20.11: an all-zero (or non-perpendicular) ImageOrientationPatient is refused with one line, never put
+    on a made-up identity grid (before: exit 0, 5 mm identity grid, the source's FrameOfReferenceUID kept)."""
+    d = tmp_path / "series"
+    d.mkdir()
+    for f in ge_volume_files():
+        ds = pydicom.dcmread(f)
+        ds.ImageOrientationPatient = iop
+        ds.save_as(d / f.name)
+    with pytest.raises(CaseError, match="ImageOrientationPatient .* the slice orientation is unknown"):
+        load_scan(sorted(d.glob("*.dcm")))
+    assert main(["convert", str(d), str(tmp_path / "out.nii.gz")]) == 1
+    err = capsys.readouterr().err
+    assert "ImageOrientationPatient" in err and "export the series again" in err
+    assert not (tmp_path / "out.nii.gz").exists()

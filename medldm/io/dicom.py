@@ -433,18 +433,40 @@ def thickness(ds: Dataset) -> float | None:
     return None
 
 
+#: |row . col| above this: the two direction cosines are not perpendicular (a damaged ImageOrientationPatient)
+ORTHO_TOL = 1e-2
+
+
+def orientation(value, where) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Unit row and column direction cosines from an ImageOrientationPatient value; ``(None, None)`` when it is
+    absent (an image without patient geometry). A value that is present but cannot describe an orientation (all
+    zero, not six numbers, a zero-length or non-perpendicular pair) raises :class:`CaseError`: the slices' real
+    directions are unknown, and a made-up grid would put every voxel at a wrong position."""
+    if value is None or (not isinstance(value, str) and len(value) == 0) or value == "":
+        return None, None
+    iop = _floats(value, 6)
+    bad = None
+    if iop is None:
+        bad = "is not six finite numbers"
+    elif np.linalg.norm(iop[:3]) < 1e-3 or np.linalg.norm(iop[3:]) < 1e-3:
+        bad = "holds a zero-length direction (all zero?)"
+    else:
+        row, col = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+        if abs(float(row @ col)) > ORTHO_TOL:
+            bad = f"has row and column directions that are not perpendicular (cosine {float(row @ col):.3g})"
+    if bad:
+        raise CaseError(where, f"ImageOrientationPatient {list(value) if not isinstance(value, str) else value} "
+                               f"{bad}: the slice orientation is unknown",
+                        "the header is damaged; export the series again from the scanner or PACS (medldm does "
+                        "not guess an orientation)")
+    return row, col
+
+
 def slice_geometry(ds: Dataset) -> SliceGeom:
     """Geometry of a single-frame image header (ImagePositionPatient/ImageOrientationPatient)."""
     spacing, warn = pixel_spacing(ds)
     pos = _floats(ds.get("ImagePositionPatient", None) or [], 3)
-    iop = _floats(ds.get("ImageOrientationPatient", None) or [], 6)
-    row = col = None
-    if iop is not None:
-        row, col = iop[:3], iop[3:]
-        if np.linalg.norm(row) < 1e-3 or np.linalg.norm(col) < 1e-3:
-            row = col = None
-        else:
-            row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    row, col = orientation(ds.get("ImageOrientationPatient", None), getattr(ds, "filename", None) or "")
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         warn.append("MONOCHROME1: low values are meant to display white; values kept as stored")
     return SliceGeom(pos, row, col, spacing, thickness(ds), warn)

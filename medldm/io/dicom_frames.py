@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 from medldm.io.dicom import (
     SliceGeom,
     _floats,
+    orientation,
     check_pixel_size,
     decode_pixels,
     n_frames,
@@ -114,11 +115,9 @@ def multi_frame(path: str | Path, ds: Dataset) -> list[Frame]:
         else:
             spacing, th = top.spacing, top.thickness
             warns = list(top.warnings)
-        iop = _floats(po.get("ImageOrientationPatient", None) or [], 6) if po is not None else None
-        row = col = None
-        if iop is not None:
-            row, col = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
-        elif top.row_cos is not None:
+        row, col = orientation(po.get("ImageOrientationPatient", None), f"{path}#frame{k + 1}") \
+            if po is not None else (None, None)
+        if row is None and top.row_cos is not None:
             row, col = top.row_cos, top.col_cos
         pos = _floats(pp.get("ImagePositionPatient", None) or [], 3) if pp is not None else None
         if pos is None and top.position is not None and row is not None:
