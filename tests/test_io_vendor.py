@@ -178,3 +178,30 @@ def test_degenerate_orientation_is_refused(tmp_path, iop, capsys):
     err = capsys.readouterr().err
     assert "ImageOrientationPatient" in err and "export the series again" in err
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_qform_sform_disagreement_is_warned(tmp_path, dipy_files, capsys):
+    """Issue 20.12: a NIfTI whose qform is the sform's left/right mirror: a warning names the one used (the sform,
+    as nibabel and FSL), the data lands on the sform's grid, and the output header agrees with itself."""
+    src = nib.load(str(dipy_files / "aniso_vox.nii.gz"))
+    aff = src.affine.copy()
+    mirror = np.diag([-1.0, 1, 1, 1]) @ aff
+    img = nib.Nifti1Image(np.asarray(src.dataobj), aff)
+    img.set_sform(aff, code=1)
+    img.set_qform(mirror, code=1)
+    p = tmp_path / "disagree.nii.gz"
+    nib.save(img, str(p))
+    scan = load_scan(p)
+    warn = [w for w in scan.meta["warnings"] if "qform and sform disagree" in w]
+    assert len(warn) == 1 and "the sform is used" in warn[0]
+    np.testing.assert_allclose(scan.affine.numpy(), aff, atol=1e-6)
+    assert main(["info", str(p)]) == 0
+    assert "qform and sform disagree" in capsys.readouterr().out
+    out = tmp_path / "out.nii.gz"
+    assert main(["convert", str(p), str(out)]) == 0
+    o = nib.load(str(out))
+    np.testing.assert_allclose(o.get_qform(), o.get_sform(), atol=1e-4)
+    np.testing.assert_allclose(o.get_sform(), aff, atol=1e-4)
+    # an agreeing header: no such warning
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj), aff), str(tmp_path / "ok.nii.gz"))
+    assert not any("disagree" in w for w in load_scan(tmp_path / "ok.nii.gz").meta["warnings"])

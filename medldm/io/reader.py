@@ -119,6 +119,17 @@ def _raw_pixdim(path: Path, header_class) -> np.ndarray | None:
         return None
 
 
+#: qform and sform further apart than this (mm, at a corner voxel centre) are reported
+QFORM_SFORM_TOL_MM = 0.01
+
+
+def _corner_distance(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Largest distance (mm) between the positions two affines give the corner voxel centres of ``shape``."""
+    shape = tuple(shape) + (1,) * (3 - len(shape))
+    idx = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    return float(np.linalg.norm((idx @ a.T - idx @ b.T)[:, :3], axis=1).max())
+
+
 def _nifti_affine(path: Path, img, ndim: int, warns: list[str]) -> np.ndarray:
     """nibabel's pick (sform, else qform, else pixdim) checked: a NaN/singular sform falls back to a valid
     qform (warning); zero pixdim used by the qform/pixdim affine is warned about (nibabel assumes 1 mm);
@@ -146,6 +157,12 @@ def _nifti_affine(path: Path, img, ndim: int, warns: list[str]) -> np.ndarray:
                         "fix the header's sform/qform (e.g. with nibabel) or export the scan again")
     if problems:
         warns.append(f"{'; '.join(problems)}: the {name} is used instead")
+    if name == "sform" and len(candidates) == 2 and not affine_problem(candidates[1][1]):
+        far = _corner_distance(candidates[0][1], candidates[1][1], img.shape[:3])
+        if far > QFORM_SFORM_TOL_MM:
+            warns.append(f"the header's qform and sform disagree by up to {far:.3g} mm at the image corners (codes "
+                         f"sform {scode}, qform {qcode}; e.g. a left/right mirror): the sform is used, as nibabel and "
+                         "FSL do, and outputs carry it in both — check which one your other tools use")
     if name != "sform":
         raw = _raw_pixdim(path, type(hdr))
         if raw is not None:
