@@ -228,9 +228,8 @@ class Enhancer:
             # background's Rayleigh mode reads sigma. Never lower than the wavelet estimate; 0 when not magnitude
             from medldm.data.noise import rayleigh_background_sigma
 
-            finite = arr if bad is None or not bad.any() else arr[~bad]
             unit = 2.0 / max(float(params["hi"]) - float(params["lo"]), 1e-12)
-            sigma = max(sigma, rayleigh_background_sigma(finite) * unit)
+            sigma = max(sigma, rayleigh_background_sigma(arr, exclude=bad) * unit)
         return float(min(max(sigma / 2.0 / max(self.level_max, 1e-8), 0.0), 1.0))
 
     def _sample_items(self, cond_items: torch.Tensor, keys: list[int], level: float | None, opts: EnhanceOptions):
