@@ -205,3 +205,20 @@ def test_qform_sform_disagreement_is_warned(tmp_path, dipy_files, capsys):
     # an agreeing header: no such warning
     nib.save(nib.Nifti1Image(np.asarray(src.dataobj), aff), str(tmp_path / "ok.nii.gz"))
     assert not any("disagree" in w for w in load_scan(tmp_path / "ok.nii.gz").meta["warnings"])
+
+
+@pytest.mark.parametrize("value", ["5.0", "5.5", " 7 ", ""])
+def test_series_number_as_scanners_write_it(tmp_path, value):
+    """Issue 20.15: a SeriesNumber of "5.0" or "5.5" (or padded, or empty) never fails the DICOM output after the
+    model ran (before: "5.5" gave "unexpected error ValueError" once the model had run). No whole number -> 1000."""
+    d = tmp_path / "series"
+    d.mkdir()
+    for f in ge_volume_files()[:4]:
+        ds = pydicom.dcmread(f)
+        ds["SeriesNumber"].value = value
+        ds.save_as(d / f.name)
+    out = tmp_path / "out"
+    assert main(["enhance", "-m", "mr-denoise-2d", "-i", str(d), "-o", str(out), "--to", "dicom", "--steps", "1",
+                 "--quiet"]) == 0
+    sn = {int(pydicom.dcmread(f, stop_before_pixels=True).SeriesNumber) for f in (out / "series").glob("*.dcm")}
+    assert sn == {1000 + {"5.0": 5, "5.5": 0, " 7 ": 7, "": 0}[value]}

@@ -150,6 +150,18 @@ def load_reference(reference: str | os.PathLike | Sequence, where: object) -> li
     return headers
 
 
+def header_int(value, default: int = 0) -> int:
+    """An IS value as written by real scanners ("5", "5.0", " 12 ", empty, a list) as an int; ``default`` when it
+    holds no whole number. Writers read such numbers from the source, so a "5.0" never fails a run."""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
+    try:
+        f = float(str(value).strip()) if value is not None and str(value).strip() else None
+    except ValueError:
+        return default
+    return int(f) if f is not None and np.isfinite(f) and f == int(f) else default
+
+
 def _sort_key(ds: Dataset) -> tuple[float, int]:
     """Position along the slice's own normal (then InstanceNumber): the order the reader uses."""
     try:
@@ -157,7 +169,7 @@ def _sort_key(ds: Dataset) -> tuple[float, int]:
         d = float(np.dot(np.asarray(ds.ImagePositionPatient, float), np.cross(o[:3], o[3:])))
     except (AttributeError, TypeError, ValueError):
         d = 0.0
-    return d, int(ds.get("InstanceNumber", 0) or 0)
+    return d, header_int(ds.get("InstanceNumber", 0))
 
 
 def _nearest(headers: list[Dataset], grid: Grid, nz: int) -> tuple[list[int], list[list[int]]]:
@@ -386,7 +398,7 @@ def _series_context(headers, grid, modality, description, vol, prov=None) -> dic
             ctx["deterministic"] = True
         old = str(ref.get("SeriesDescription", "") or "").strip()
         ctx["series_description"] = _described(old, description)
-        ctx["series_number"] = int(ref.get("SeriesNumber", 0) or 0) + 1000
+        ctx["series_number"] = header_int(ref.get("SeriesNumber", 0)) + 1000
         frame = str(ref.get("FrameOfReferenceUID", "") or "")
         if not frame or frame == str(ref.get("StudyInstanceUID", "")):  # missing or invalid in the source
             frame = derived_uid("frame-of-reference", frame or str(ref.get("SeriesInstanceUID", "")))
