@@ -112,6 +112,37 @@ def test_section_that_is_not_a_mapping_and_bad_extra(tmp_path, capsys, no_networ
     assert "resize_to = [100000, -1]" in _usage_error(capsys, ["synthesize", "-m", str(m), "-n", "1", "-o", "o"])
 
 
+@pytest.mark.parametrize("file, key, near", [("config.yaml", "frobnicate", None), ("config.yaml", "tsak", "task"),
+                                           ("extra.json", "scale_facter", "scale_factor")])
+def test_unknown_top_level_keys_are_usage_errors(tmp_path, capsys, no_networks, file, key, near):
+    """Issue 20.14: an unknown top-level key in config.yaml / extra.json (before: accepted silently) is a usage
+    error naming the file, the key and the nearest valid key, for enhance and synthesize alike."""
+    for name, argv in (("mr-synth-2d", ["synthesize", "-n", "1", "-o", str(tmp_path / "o")]),
+                       ("mr-denoise-2d", ["enhance", "-i", str(tmp_path / "none.nii.gz"), "-o", str(tmp_path / "e")])):
+        m = _copy(tmp_path / name, name)
+        if file == "config.yaml":
+            _edit(m, lambda c: c.__setitem__(key, 3))
+        else:
+            ex = json.loads((m / "extra.json").read_text())
+            (m / "extra.json").write_text(json.dumps({**ex, key: 1.0}))
+        (tmp_path / "none.nii.gz").write_bytes(b"")
+        err = _usage_error(capsys, [argv[0], "-m", str(m), *argv[1:]])
+        assert f"{m / file}: unknown key {key!r}" in err
+        assert (f"did you mean {near!r}" in err) if near else "did you mean" not in err
+
+
+def test_known_keys_are_the_training_config_sections():
+    """The model folder's list of config.yaml keys is the training config's sections (models/ cannot import train/)."""
+    import dataclasses
+
+    from medldm.models.folder import CONFIG_KEYS, EXTRA_KEYS
+    from medldm.train.schema import TrainingConfig
+
+    assert CONFIG_KEYS == {f.name for f in dataclasses.fields(TrainingConfig)}
+    for name in ("mr-denoise-2d", "mr-sr2x-2d", "mr-thinslice-4x", "mr-synth-2d", "mr-synth-mask-2d"):
+        assert set(json.loads((resolve_model(name) / "extra.json").read_text())) <= EXTRA_KEYS
+
+
 def test_diffusion_section_bounds(tmp_path, capsys, no_networks):
     m = _edit(_copy(tmp_path, "mr-synth-2d"), lambda c: c["diffusion"].__setitem__("num_train_timesteps", 10**12))
     assert "diffusion.num_train_timesteps" in _usage_error(capsys, ["synthesize", "-m", str(m), "-n", "1", "-o", "o"])

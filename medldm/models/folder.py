@@ -36,6 +36,15 @@ CONFIG_FILE = "config.yaml"
 EXTRA_FILE = "extra.json"
 _HINT = "point -m at a folder written by `medldm train`"
 _FIX = "the model folder is damaged or was edited: copy it again, or point -m at a folder written by `medldm train`"
+#: top-level keys of a model folder's config.yaml: the training config's sections (pinned to
+#: ``medldm.train.schema.TrainingConfig`` by tests/test_model_faults.py; models/ cannot import train/)
+CONFIG_KEYS = frozenset({"stage", "task", "spatial_dims", "seed", "vae_path", "data", "augment", "degrade",
+                         "condition", "vae", "unet", "diffusion", "vae_train", "ldm_train", "refine", "engine"})
+#: keys the training stages write into extra.json (medldm.train.{vae,ldm,refine}_stage)
+EXTRA_KEYS = frozenset({"stage", "task", "spatial_dims", "factor", "scale_factor", "normalization", "patch_size",
+                        "slice_axis", "resize_to", "train_scans", "val_scans", "val_metrics", "metric_range",
+                        "vae_val_metrics", "refine_val_metrics", "condition", "mask_classes", "mask_method",
+                        "degrade", "noise_level_max", "class_from", "class_names", "refiner"})
 _REFINER_FIX = "the model folder is damaged: copy it again"
 
 MAX_PARAMS_ENV = "MEDLDM_MAX_PARAMS"
@@ -135,6 +144,8 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
         raise CaseError(path, f"not a model folder (no {CONFIG_FILE})", _HINT)
     config = _read_mapping(cfg_file, yaml.safe_load, "YAML")
     extra = _read_mapping(path / EXTRA_FILE, json.loads, "JSON") if (path / EXTRA_FILE).is_file() else {}
+    _check_keys(cfg_file, config, CONFIG_KEYS)
+    _check_keys(path / EXTRA_FILE, extra, EXTRA_KEYS)
     sections = model_sections(config)
     for name, sec in sections.items():
         if sec is not None and not isinstance(sec, dict):
@@ -369,6 +380,16 @@ def _count_nodes(obj: Any, limit: int) -> int:
         elif isinstance(o, list):
             stack.extend(o)
     return count
+
+
+def _check_keys(file: Path, mapping: dict[str, Any], known: frozenset[str]) -> None:
+    """Every top-level key is one medldm writes (a typo such as ``tsak`` is an error naming the nearest key)."""
+    import difflib
+
+    for key in mapping:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), sorted(known), n=1)
+            raise CaseError(file, f"unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""), _FIX)
 
 
 def _check_extra(file: Path, extra: dict[str, Any]) -> None:
