@@ -74,6 +74,38 @@ def fill_nonfinite(x: Any, mask: np.ndarray | None = None) -> np.ndarray:
     return a[tuple(idx)]
 
 
+#: the lowest value a CT holds: air (lower stored values are padding outside the field of view)
+CT_AIR_HU = -1024.0
+
+
+def physical_floor(modality: str | None, input_min: float) -> float | None:
+    """The lowest value an enhanced image may hold, from the input's modality and its smallest finite value:
+
+    * CT (Hounsfield units): -1024 HU (air), or the input's minimum when it stores lower values (padding);
+    * anything else whose input has no negative value (a magnitude MR image, a PET or an X-ray): 0;
+    * anything else with negative values (MR phase, real-valued or already filtered data): no floor (None).
+
+    Models and filters overshoot below it near edges and in dark background (a denoised magnitude MR had 40-50 %
+    of its voxels below 0 without it); every enhancer and baseline clamps its output with :func:`clamp_physical`."""
+    if str(modality or "").upper() == "CT":
+        return min(CT_AIR_HU, float(input_min))
+    return 0.0 if float(input_min) >= 0 else None
+
+
+def clamp_physical(out, modality: str | None, input_min: float):
+    """``out`` (tensor or array; NaN stays NaN) clamped from below to :func:`physical_floor`; returns
+    ``(clamped, floor, number of voxels raised)``."""
+    floor = physical_floor(modality, input_min)
+    if floor is None:
+        return out, None, 0
+    low = out < floor  # False for NaN
+    n = int(low.sum())
+    if n:
+        out = out.clone() if hasattr(out, "clone") else np.array(out, copy=True)
+        out[low] = floor
+    return out, floor, n
+
+
 def fit_normalization(
     img: Any,
     modality: str | None = None,

@@ -206,6 +206,20 @@ def _note_nonfinite(out, n_bad: int, what: str) -> None:
                                 f"for the {what}, NaN in the output"]
 
 
+def _clamped(arr: np.ndarray, img, info: dict) -> np.ndarray:
+    """The filter's output clamped to the input modality's physical range, as every enhancer's
+    (:func:`medldm.data.intensity.clamp_physical`: magnitude images >= 0, CT >= -1024 HU)."""
+    from medldm.data.intensity import clamp_physical
+
+    src = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, dtype=np.float64)
+    finite = src[np.isfinite(src)]
+    if not finite.size:
+        return arr
+    modality = (getattr(img, "meta", None) or {}).get("modality")
+    out, info["floor"], info["clamped_voxels"] = clamp_physical(arr, modality, float(finite.min()))
+    return out
+
+
 def denoise_scan(img, method: str, **kwargs):
     """:func:`denoise` on a MetaTensor (X, Y, Z); returns ``(MetaTensor, info)`` on the same grid.
     An image without finite voxels raises :class:`~medldm.io.errors.CaseError`."""
@@ -218,7 +232,7 @@ def denoise_scan(img, method: str, **kwargs):
         raise _scan_error(img, e) from None
     from medldm.data.degrade import like_image
 
-    out = like_image(arr, img)
+    out = like_image(_clamped(arr, img, info), img)
     _note_nonfinite(out, info["nonfinite_voxels"], "filter")
     return out, info
 
@@ -238,7 +252,7 @@ def upsample_scan(img, scale: float, method: str, axis: str = "inplane"):
     aff = resized_affine(np.asarray(img.affine, dtype=np.float64), src.shape, arr.shape)
     from medldm.data.degrade import like_image
 
-    out = like_image(arr, img, aff)
+    out = like_image(_clamped(arr, img, {}), img, aff)
     n_bad = int(src.size - np.count_nonzero(np.isfinite(src)))
     _note_nonfinite(out, n_bad, "interpolation")
     if hasattr(out, "meta"):

@@ -145,7 +145,8 @@ class Enhancer:
         # fixed normalization, still runs the model: chunking must not change results)
         if opts.normalization is None and float(finite.min()) == float(finite.max()):
             mean = torch.full(out_shape, float(x.reshape(-1)[int(np.flatnonzero(~bad.reshape(-1))[0])]))
-            res = self._to_scanner(img, params, mean, torch.zeros(out_shape), out_shape, None, opts, bad)
+            res = self._to_scanner(img, params, mean, torch.zeros(out_shape), out_shape, None, opts, bad,
+                                   float(finite.min()))
             res.info["constant"] = True
             note = (f"constant scan (every finite voxel is {float(finite[0]):g}): returned unchanged "
                     f"{'on the finer grid ' if tuple(out_shape) != tuple(arr.shape) else ''}without running the model")
@@ -156,7 +157,7 @@ class Enhancer:
             mean, std = self._run_2d(cond_img, axis, level, opts)
         else:
             mean, std = self._run_3d(cond_img, level, opts)
-        return self._to_scanner(img, params, mean, std, out_shape, level, opts, bad)
+        return self._to_scanner(img, params, mean, std, out_shape, level, opts, bad, float(finite.min()))
 
     # ------------------------------------------------------------------ steps
     def _condition_image(self, x: torch.Tensor, axis: int, seed: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -314,16 +315,19 @@ class Enhancer:
         return m[sl], s[sl]
 
     def _to_scanner(self, img, params: dict, mean, std, out_shape, level, opts: EnhanceOptions,
-                    bad: np.ndarray | None = None) -> EnhanceResult:
+                    bad: np.ndarray | None = None, input_min: float | None = None) -> EnhanceResult:
         from monai.data import MetaTensor
 
-        from medldm.data.intensity import denormalize
+        from medldm.data.intensity import clamp_physical, denormalize
 
         affine = np.asarray(img.affine, dtype=np.float64)
         in_shape = tuple(img.shape)
         if tuple(out_shape) != in_shape:
             affine = resized_affine(affine, in_shape, tuple(out_shape))
         out = torch.as_tensor(denormalize(mean, params, to_original_dtype=True)).float()
+        floor, n_low = None, 0
+        if input_min is not None:  # never below the modality's physical range (magnitude MR >= 0, CT >= -1024 HU)
+            out, floor, n_low = clamp_physical(out, params.get("modality"), input_min)
         n_bad = int(bad.sum()) if bad is not None else 0
         bad_out = None
         if n_bad:  # NaN again where the input was not finite (nearest neighbour onto a finer output grid)
@@ -344,6 +348,7 @@ class Enhancer:
             "input_shape": list(in_shape), "output_shape": list(out_shape), "normalization": params,
             "refined": self.refiner is not None and opts.refine, "nonfinite_voxels": n_bad,
             "window": list(self.window(opts)), "overlap": opts.overlap, "batch_size": int(opts.batch_size),
+            "floor": floor, "clamped_voxels": n_low,
         }
         if n_bad:
             info["nonfinite_warning"] = (

@@ -121,7 +121,7 @@ class ThinSliceEnhancer:
         """img: MetaTensor (X, Y, Z), thick slices, scanner units -> EnhanceResult on (X, Y, factor Z)."""
         from monai.data import MetaTensor
 
-        from medldm.data.intensity import denormalize, fill_nonfinite, fit_normalization, normalize
+        from medldm.data.intensity import clamp_physical, denormalize, fill_nonfinite, fit_normalization, normalize
         from medldm.pipelines.enhance import EnhanceOptions, EnhanceResult
 
         opts = opts or EnhanceOptions()
@@ -181,6 +181,8 @@ class ThinSliceEnhancer:
                         warnings.append(w)
         # back to the input's dtype (integers rounded and clipped), as the Enhancer does
         out = torch.as_tensor(denormalize(normalize(fused, params_f), params, to_original_dtype=True)).float()
+        # never below the modality's physical range (the cubic interpolation along Z overshoots too)
+        out, info["floor"], info["clamped_voxels"] = clamp_physical(out, params.get("modality"), float(finite.min()))
         if n_bad:
             bad_out = torch.from_numpy(resize_mask_nearest(bad, out_shape))
             out = out.clone()
