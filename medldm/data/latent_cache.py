@@ -7,6 +7,8 @@ The cache is saved as one safetensors file tagged with the VAE's hash, so a resu
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +42,21 @@ class LatentCache:
         return torch.stack(mus), torch.stack(sigs)
 
 
+#: voxels per VAE encoder call when caching (2**24: 256 slices of 256 x 256, or one 256 x 256 x 256 volume); the
+#: encoder's activations are ~channels x voxels, so 16 whole 3D volumes in one call would exhaust a GPU
+ENCODE_VOXEL_BUDGET = 2**24
+
+
+def encode_batch(shape: tuple[int, ...], batch_size: int, voxel_budget: int = ENCODE_VOXEL_BUDGET) -> int:
+    """Images of ``shape`` per encoder call: at most ``batch_size`` and ``voxel_budget`` voxels, at least one."""
+    return max(1, min(batch_size, voxel_budget // max(1, math.prod(shape))))
+
+
 @torch.no_grad()
 def encode_items(vae: torch.nn.Module, images: list[torch.Tensor], device: torch.device,
-                 autocast=None, batch_size: int = 16) -> LatentCache:
-    """Encode (1, *S) images (grouped by shape into batches) -> posterior mu and sigma per image."""
+                 autocast=None, batch_size: int = 16, voxel_budget: int = ENCODE_VOXEL_BUDGET) -> LatentCache:
+    """Encode (1, *S) images (grouped by shape into batches of at most ``batch_size`` images and ``voxel_budget``
+    voxels, :func:`encode_batch`) -> posterior mu and sigma per image."""
     import contextlib
 
     vae.eval()
@@ -52,9 +65,10 @@ def encode_items(vae: torch.nn.Module, images: list[torch.Tensor], device: torch
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):
         by_shape.setdefault(tuple(im.shape), []).append(i)
-    for _, ids in sorted(by_shape.items()):
-        for k in range(0, len(ids), batch_size):
-            chunk = ids[k:k + batch_size]
+    for shape, ids in sorted(by_shape.items()):
+        n = encode_batch(shape, batch_size, voxel_budget)
+        for k in range(0, len(ids), n):
+            chunk = ids[k:k + n]
             x = torch.stack([images[i] for i in chunk]).to(device)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 m, s = vae.encode(x)

@@ -38,13 +38,18 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`rng_state`. The generator states are CPU ByteTensors whatever device they were loaded to
+    (``torch.set_rng_state`` and ``torch.cuda.set_rng_state`` take nothing else); CUDA states are restored for the
+    devices that exist here (a run resumed on fewer GPUs restores the first ones; on a CPU machine none)."""
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(("MT19937", n["key"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for i, s in enumerate(list(state["cuda"])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
 
 
 def save_checkpoint(path: str | Path, *, config: dict, modules: dict[str, nn.Module], extra: dict,
@@ -77,7 +82,9 @@ def load_checkpoint(path: str | Path, *, modules: dict[str, nn.Module], ema: dic
         from medldm.models.ema import _unwrap
 
         _unwrap(m).load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(map_location)))
-    state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+    # the trainer state stays on the CPU: RNG states must be CPU tensors, and each optimizer's load_state_dict
+    # moves its moments to its parameters' device
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     for name, e in (ema or {}).items():
         shadow = load_file(str(path / f"{name}_ema.safetensors"), device=str(map_location))
         e.load_state_dict({"decay": state["ema"][name]["decay"], "num_updates": state["ema"][name]["num_updates"],

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -82,11 +83,43 @@ class Runtime:
         return x
 
 
+def _grad_params(o: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in o.param_groups for p in g["params"] if p.grad is not None]
+
+
+def unscale_and_check(optimizers, scaler, grad_clip: float, finite: torch.Tensor) -> torch.Tensor:
+    """Unscale (fp16) and clip the gradients of ``optimizers`` (each with gradients); returns ``finite`` and-ed with
+    the finiteness of their norms (fp16: the GradScaler skips overflowing steps itself, so only the loss counts)."""
+    for o in optimizers:
+        if scaler is not None:
+            scaler.unscale_(o)
+        params = _grad_params(o)
+        if grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        elif scaler is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        else:
+            continue
+        if scaler is None:
+            finite = finite & torch.isfinite(norm).to(finite.device)
+    return finite
+
+
+def deterministic_cublas() -> None:
+    """cuBLAS is deterministic only with a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when its handle is created,
+    i.e. at the first matrix product on the GPU): set it (unless the user did) before anything runs on CUDA.
+    ``torch.use_deterministic_algorithms(True, warn_only=True)`` then warns (instead of failing) about the ops
+    that have no deterministic CUDA kernel (docs/training.md lists them)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def make_runtime(ecfg) -> Runtime:
     """Resolve ``engine`` config switches against the hardware (GPU features are CPU no-ops)."""
     if ecfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("engine.device is 'cuda' but no CUDA GPU is available — use engine.device=auto or cpu")
     cuda = ecfg.device == "cuda" or (ecfg.device == "auto" and torch.cuda.is_available())
+    if cuda and ecfg.deterministic:
+        deterministic_cublas()
     info = init_distributed("cuda" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(info.local_rank)
@@ -242,28 +275,17 @@ def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = Fal
                 v = v.detach().double() / tcfg.grad_accum
                 step_sums[k] = step_sums[k] + v if k in step_sums else v
             imgs_since += int(stage.batch_size(batch)) * rt.dist.world_size
-        finite = torch.isfinite(step_sums["loss"])
-        for o in stage.optimizers.values():
-            if scaler is not None:
-                scaler.unscale_(o)
-            params = [p for g in o.param_groups for p in g["params"] if p.grad is not None]
-            if not params:
-                continue
-            if tcfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-            elif scaler is None:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            else:
-                continue
-            if scaler is None:  # fp16: the GradScaler skips overflowing steps itself
-                finite = finite & torch.isfinite(norm).to(finite.device)
+        # optimizers without gradients this step (the discriminator before adv_start) take no part: the GradScaler
+        # raises "No inf checks were recorded" for an optimizer it unscaled nothing of
+        active = [o for o in stage.optimizers.values() if _grad_params(o)]
+        finite = unscale_and_check(active, scaler, tcfg.grad_clip, torch.isfinite(step_sums["loss"]))
         finite = all_finite(finite, rt.dist)  # every rank takes the same decision
         if bool(finite):  # the step's one host read
             consecutive = 0
             for k, v in step_sums.items():
                 acc[k] = acc[k] + v if k in acc else v
             n_acc += 1
-            for o in stage.optimizers.values():
+            for o in active:
                 if scaler is not None:
                     scaler.step(o)
                 else:

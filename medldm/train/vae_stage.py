@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from monai.losses import SSIMLoss
 
 from medldm.config import to_mapping
 from medldm.data.augment import Augmenter
@@ -67,6 +68,9 @@ class VAEStage:
             from medldm.models import EMA
 
             self.ema = {"vae": EMA(self.vae, self.tcfg.ema_decay)}
+        # differentiable fp32 SSIM (MONAI's SSIMLoss = 1 - SSIM): medldm.metrics.ssim is a no-grad metric
+        self.ssim_loss = SSIMLoss(spatial_dims=cfg.spatial_dims, data_range=DATA_RANGE) \
+            if self.tcfg.ssim_weight > 0 else None
         self.augment = Augmenter(cfg.augment, cfg.spatial_dims)
         self.config = to_mapping(cfg)
         self.metrics: dict[str, float] = {}
@@ -93,10 +97,9 @@ class VAEStage:
         xf = x.float()
         out = {"l1": (recon - xf).abs().mean(), "kl": kl_loss(mu, sigma)}
         total = out["l1"] + t.kl_weight * out["kl"]
-        if t.ssim_weight > 0:
-            from medldm.metrics import ssim
-
-            out["ssim"] = 1.0 - ssim(recon, xf, data_range=DATA_RANGE).mean()
+        if self.ssim_loss is not None:
+            with torch.autocast(device_type=recon.device.type, enabled=False):  # fp32 whatever the run's precision
+                out["ssim"] = self.ssim_loss(recon.float(), xf)
             total = total + t.ssim_weight * out["ssim"]
         if t.grad_weight > 0:
             out["grad"] = gradient_l1(recon, xf)
