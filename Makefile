@@ -27,7 +27,7 @@ test: install
 lint: install
 	$(BIN)/ruff check medldm tests tools
 
-# Every CUDA path in one command (GPU machines only, never CI): prints one JSON summary; exit 2 without CUDA.
+# Every CUDA path in one command (GPU machines only, never CI): one JSON line per part + a summary; exit 2 without CUDA.
 gpu-check: install
 	$(BIN)/python tools/gpu_check.py
 .PHONY: gpu-check

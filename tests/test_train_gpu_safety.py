@@ -230,10 +230,47 @@ def test_gpu_check_without_cuda_exits_2(monkeypatch, capsys):
 
 def test_gpu_check_dist_part_on_cpu(capsys):
     """Smoke test of the script's logic (its gloo twin of the NCCL part, a few seconds); the full check never runs
-    in the tests."""
+    in the tests. One JSON line per part, then the summary."""
     import json
 
-    rc = _gpu_check().main(["--device", "cpu", "--quick", "--skip", "train,enhance,bench_metrics,bench_train"])
-    summary = json.loads(capsys.readouterr().out)
-    assert rc == 0 and summary["ok"] and summary["dist"]["backend"] == "gloo"
-    assert summary["dist"]["fit"]["nonfinite"] == [0, 1, 0]
+    rc = _gpu_check().main(["--device", "cpu", "--quick", "--skip",
+                            "resume,vae_bf16,latent_cache,train,enhance,bench_metrics,bench_train"])
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    parts = {ln["part"]: ln for ln in lines if "part" in ln}
+    assert rc == 0 and lines[-1]["summary"] and lines[-1]["ok"]
+    assert parts["dist"]["status"] == "passed" and parts["dist"]["backend"] == "gloo"
+    assert parts["dist"]["fit"]["nonfinite"] == [0, 1, 0]
+    assert parts["torchrun"]["status"] == "skipped" and "needs 2" in parts["torchrun"]["reason"]
+    assert parts["resume"]["status"] == "skipped" and "resume" in lines[-1]["skipped"]
+
+
+def test_gpu_check_reports_as_it_goes_and_skipped_is_not_failed():
+    """Issue 24.7: a line per part as it finishes (a run cut short still reports what finished), a part that does
+    not fit the budget is 'skipped' (exit 0), a part that raises is 'failed' (exit 1), the others still run."""
+    import json
+
+    gc = _gpu_check()
+    now = [0.0]
+    lines: list[dict] = []
+
+    def step(seconds, fail=False):
+        def fn():
+            assert not any(ln.get("summary") for ln in lines)  # earlier lines are out before this part runs
+            now[0] += seconds
+            if fail:
+                raise RuntimeError("boom")
+            return {"figure": seconds}
+        return fn
+
+    parts = [gc.Part("a", step(5), 1), gc.Part("b", step(3), 50), gc.Part("c", step(1), 1),
+             gc.Part("d", step(1), 1, lambda: "one GPU")]
+    summary = gc.run_parts(parts, 20, lambda ln: lines.append(json.loads(ln)), clock=lambda: now[0])
+    assert [ln.get("part") for ln in lines] == ["a", "b", "c", "d", None]
+    assert [ln.get("status") for ln in lines[:4]] == ["passed", "skipped", "passed", "skipped"]
+    assert "budget" in lines[1]["reason"] and lines[0]["figure"] == 5
+    assert summary["ok"] and summary["skipped"] == ["b", "d"] and lines[-1] == summary
+    lines.clear()
+    summary = gc.run_parts([gc.Part("x", step(1, fail=True)), gc.Part("y", step(1))], 20,
+                           lambda ln: lines.append(json.loads(ln)), clock=lambda: now[0])
+    assert not summary["ok"] and summary["failed"] == ["x"] and summary["passed"] == ["y"]
+    assert "RuntimeError: boom" in lines[0]["error"]

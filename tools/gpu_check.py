@@ -1,22 +1,31 @@
-"""One command that runs every CUDA path of medldm and prints one JSON summary (stdout; progress on stderr).
+"""One command that runs every CUDA path of medldm, printing one JSON line per part as it finishes (stdout, flushed:
+a run cut short still reports what finished) and a last summary line; progress on stderr.
 
-    python tools/gpu_check.py                   # on a GPU machine (make gpu-check); about 5-10 minutes
+    python tools/gpu_check.py                   # on a GPU machine (make gpu-check); within --budget (570 s)
     python tools/gpu_check.py --device cpu --quick   # the script's own logic on CPU (a minute or two)
 
-Parts (each reports ``ok``, ``seconds`` and ``error``; one failing part does not stop the others):
+Each part reports ``status``: ``passed``, ``failed`` (with ``error``) or ``skipped`` (with ``reason``: not enough
+of ``--budget`` left for it, ``--skip``, or nothing to run it on, e.g. one GPU for the two-rank part). One failing
+part does not stop the others. In order of importance (the first ones finish first):
 
-* ``train``: every ``configs/*_tiny.yaml`` trains ``--steps`` (20) steps per stage with bf16 autocast,
-  channels-last and ``torch.compile`` (sr_2d_tiny also trains its refiner): final losses, non-finite steps,
-  validation metrics, peak GPU memory.
-* ``dist``: a 1-process NCCL group (gloo on CPU) from a FileStore: ``collective_device``, ``mean_across``,
-  ``check_in_sync``, ``all_finite``, ``barrier``, and the engine's ``fit`` on a DDP-wrapped conv net with grad
-  accumulation (``no_sync``) and one injected NaN step (skipped: weights unchanged, ``nonfinite`` logged).
-* ``enhance``: ``medldm enhance`` (the CLI, in this process) on a synthetic 512x512x300 CT-like volume with a 3D
-  model (denoise_3d_tiny trained above) and a 2D model (shipped ``mr-denoise-2d``): seconds, peak GPU memory.
-* ``bench_metrics`` / ``bench_train``: the GPU parts of ``tools/bench_metrics.py`` and ``tools/bench_train.py``
-  (subprocesses, their output kept).
+* ``resume``: a VAE stage with everything the tiny configs leave off (SSIM loss, patch adversarial loss from step 2,
+  ``grad_accum`` 2, VAE EMA, 2 DataLoader workers with ``pin_memory``) in fp16 (GradScaler, the discriminator idle
+  before ``adv_start``) and ``engine.deterministic``: trained uninterrupted, and again stopped after its first
+  checkpoint and resumed from that checkpoint on the same device; the two runs' logged losses are compared.
+* ``vae_bf16``: the same stage in bf16 (autocast) with ``torch.compile``.
+* ``devices``: ``--device cuda`` mapped per rank (``cuda:{LOCAL_RANK % n}``), set current.
+* ``latent_cache``: the latent cache encodes 3D volumes within its voxel budget (encoder calls, peak memory).
+* ``dist``: a 1-process NCCL group (gloo on CPU): the collectives and the engine's ``fit`` on a DDP-wrapped conv
+  net with grad accumulation (``no_sync``) and one injected NaN step (skipped: weights unchanged, logged).
+* ``torchrun``: ``torchrun --nproc_per_node=2 -m medldm train`` on a tiny config (skipped with one GPU).
+* ``train:<config>``: every ``configs/*_tiny.yaml`` trains ``--steps`` (20) steps per stage with bf16 autocast,
+  channels-last and ``torch.compile``: final losses, non-finite steps, peak GPU memory.
+* ``enhance:3d`` / ``enhance:2d``: ``medldm enhance`` on a synthetic 512x512x300 CT-like volume with a 3D model
+  (denoise_3d_tiny trained above) and the shipped ``mr-denoise-2d``: seconds, peak GPU memory.
+* ``bench_metrics`` / ``bench_train``: the GPU parts of ``tools/bench_metrics.py`` and ``tools/bench_train.py``.
 
-Exit status: 0 all parts ok, 1 some part failed, 2 no CUDA device (unless ``--device cpu``). Never part of CI.
+Exit status: 0 no part failed (skipped parts are not failures), 1 some part failed, 2 no CUDA device (unless
+``--device cpu``). Never part of CI.
 """
 
 from __future__ import annotations
@@ -42,20 +51,42 @@ def log(msg: str) -> None:
     print(f"[gpu_check] {msg}", file=sys.stderr, flush=True)
 
 
-def part(fn):
-    """Run one part: its dict plus ok / seconds / error (traceback tail on stderr)."""
+class Part:
+    """One check: ``fn()`` returns a dict of figures (raises on failure); ``min_seconds``: what it needs of the
+    budget (skipped when less is left); ``skip_reason()``: a reason it cannot run here, or None."""
 
-    def run(*a, **kw) -> dict:
-        t0 = time.perf_counter()
-        try:
-            out = {"ok": True, **(fn(*a, **kw) or {})}
-        except Exception as e:  # noqa: BLE001 - every failure goes into the summary
-            traceback.print_exc(file=sys.stderr)
-            out = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
-        out["seconds"] = round(time.perf_counter() - t0, 2)
-        return out
+    def __init__(self, name: str, fn, min_seconds: float = 0.0, skip_reason=None):
+        self.name, self.fn, self.min_seconds, self.skip_reason = name, fn, min_seconds, skip_reason or (lambda: None)
 
-    return run
+
+def run_parts(parts: list[Part], budget: float, emit=None, clock=time.perf_counter) -> dict:
+    """Run ``parts`` in order within ``budget`` seconds; ``emit(line)`` gets one JSON line per part as it finishes
+    (default: print to stdout, flushed) and the summary line last. Returns the summary."""
+    emit = emit or (lambda line: print(line, flush=True))
+    t0 = clock()
+    status: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": []}
+    for p in parts:
+        left = budget - (clock() - t0)
+        reason = p.skip_reason()
+        rec: dict = {"part": p.name}
+        if reason is None and left < p.min_seconds:
+            reason = f"{left:.0f} s of the {budget:.0f} s budget left, the part needs about {p.min_seconds:.0f} s"
+        if reason is not None:
+            rec.update(status="skipped", reason=reason, seconds=0.0)
+        else:
+            log(p.name)
+            t = clock()
+            try:
+                rec.update(status="passed", **(p.fn() or {}))
+            except Exception as e:  # noqa: BLE001 - every failure goes into its line
+                traceback.print_exc(file=sys.stderr)
+                rec.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+            rec["seconds"] = round(clock() - t, 2)
+        status[rec["status"]].append(p.name)
+        emit(json.dumps(rec, default=str))
+    summary = {"summary": True, **status, "ok": not status["failed"], "seconds": round(clock() - t0, 1)}
+    emit(json.dumps(summary))
+    return summary
 
 
 def _peak_reset(cuda: bool) -> None:
@@ -110,6 +141,122 @@ def train_config(name: str, out: Path, args) -> dict:
         if not all(r.get("loss") == r.get("loss") for r in rows):
             raise RuntimeError(f"{stage}: NaN loss in the log")
     return res
+
+
+# ------------------------------------------------------------------------------------------------ what the tiny configs leave off
+def vae_full_config(args, precision: str, steps: int, compile_: bool):
+    """A VAE stage with SSIM, the adversarial loss from step 2, grad_accum 2, EMA, DataLoader workers + pin_memory."""
+    from medldm.train.schema import load_config
+
+    every = max(steps // 2, 1)
+    sets = ["stage=vae", f"vae_train.steps={steps}", f"vae_train.ckpt_every={every}", "vae_train.log_every=1",
+            "vae_train.val_every=0", "vae_train.image_every=0", "vae_train.ssim_weight=0.1", "vae_train.adv_weight=0.01",
+            "vae_train.adv_start=2", "vae_train.grad_accum=2", "vae_train.ema_decay=0.9", "data.num_workers=2",
+            f"engine.device={args.device}", f"engine.precision={precision}", f"engine.compile={str(compile_).lower()}",
+            f"engine.deterministic={str(args.device == 'cuda').lower()}", "engine.progress=false",
+            "engine.tensorboard=false", f"engine.num_threads={0 if args.device == 'cuda' else args.threads}"]
+    return load_config(ROOT / "configs" / "synthesis_2d_tiny.yaml", sets)
+
+
+def resume_check(tmp: Path, args, precision: str) -> dict:
+    """Uninterrupted run vs the same run stopped after its first checkpoint and resumed on the same device."""
+    from medldm.train import train
+    from medldm.train.logging import read_log
+
+    cuda = args.device == "cuda"
+    steps = 4 if args.quick else 8
+    if precision == "fp16" and not cuda:
+        precision = "bf16"  # fp16 needs CUDA; on CPU the script checks its own logic
+    cfg = vae_full_config(args, precision, steps, compile_=False)
+    _peak_reset(cuda)
+    train(cfg, tmp / "ref")
+    train(cfg, tmp / "cut", stop_after=steps // 2)
+    if (tmp / "cut" / "vae" / "model").exists():
+        raise RuntimeError("the stopped run finished: nothing to resume")
+    train(cfg, tmp / "cut", resume=True)
+    a, b = read_log(tmp / "ref" / "vae" / "train_log.csv"), read_log(tmp / "cut" / "vae" / "train_log.csv")
+    if [r["step"] for r in a] != [r["step"] for r in b]:
+        raise RuntimeError(f"resumed steps {[r['step'] for r in b]} != {[r['step'] for r in a]}")
+    keys = [k for k in ("loss", "l1", "ssim", "adv_g", "adv_d") if k in a[-1]]
+    diff = max(abs(float(x[k]) - float(y[k])) for x, y in zip(a, b, strict=True) for k in keys if k in x and k in y)
+    for k in ("ssim", "adv_g", "adv_d"):
+        if k not in a[-1]:
+            raise RuntimeError(f"the {k} loss term is not in the log")
+    return {"precision": precision, "steps": steps, "stopped_at": steps // 2, "terms": keys,
+            "max_loss_difference_after_resume": diff, "bitwise_equal": diff == 0.0,
+            "nonfinite_steps": int(sum(r.get("nonfinite", 0) for r in b)), "peak_mem_gib": _peak_gib(cuda)}
+
+
+def vae_bf16_check(tmp: Path, args) -> dict:
+    from medldm.train import train
+    from medldm.train.logging import read_log
+
+    cuda = args.device == "cuda"
+    steps = 4 if args.quick else 8
+    _peak_reset(cuda)
+    train(vae_full_config(args, "bf16", steps, compile_=args.compile), tmp / "bf16")
+    rows = read_log(tmp / "bf16" / "vae" / "train_log.csv")
+    if not all(r.get("loss") == r.get("loss") for r in rows):
+        raise RuntimeError("NaN loss in the log")
+    return {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "compile": args.compile,
+            "peak_mem_gib": _peak_gib(cuda)}
+
+
+def devices_check(args) -> dict:
+    import torch
+
+    from medldm.cli.common import resolve_device
+
+    if args.device != "cuda":
+        return {"mapped": {"auto": resolve_device("cpu")}}
+    n = torch.cuda.device_count()
+    mapped = {f"cuda@rank{r}": resolve_device("cuda", r) for r in range(max(2, n))}
+    for r, dev in enumerate(mapped.values()):
+        if dev != f"cuda:{r % n}":
+            raise RuntimeError(f"rank {r} mapped to {dev}")
+    if torch.cuda.current_device() != (max(2, n) - 1) % n:
+        raise RuntimeError("resolve_device did not make the device current")
+    return {"devices": n, "mapped": mapped}
+
+
+def latent_cache_check(args) -> dict:
+    import torch
+
+    from medldm.data.latent_cache import encode_batch, encode_items
+    from medldm.models import build_vae
+    from medldm.models.config import VAEConfig
+
+    cuda = args.device == "cuda"
+    dev = torch.device(args.device)
+    side = 32 if args.quick else 160
+    vae = build_vae(VAEConfig(spatial_dims=3, channels=(16, 32, 32), attention_levels=(False, False, False),
+                              latent_channels=4, num_res_blocks=1, norm_num_groups=8)).to(dev)
+    calls = []
+    real = vae.encode
+
+    def counted(x):
+        calls.append(int(x.shape[0]))
+        return real(x)
+
+    vae.encode = counted
+    items = [torch.rand(1, side, side, side) * 2 - 1 for _ in range(6)]
+    _peak_reset(cuda)
+    encode_items(vae, items, dev, None, batch_size=16)
+    want = encode_batch((1, side, side, side), 16)
+    if max(calls) > want:
+        raise RuntimeError(f"encoder calls of {calls} volumes, budget allows {want}")
+    return {"volume": [side] * 3, "encoder_calls": calls, "peak_mem_gib": _peak_gib(cuda)}
+
+
+def torchrun_check(tmp: Path, args) -> dict:
+    cfg = ROOT / "configs" / "denoise_2d_tiny.yaml"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medldm",
+           "train", str(cfg), "-o", str(tmp / "ddp"), "--set", "vae_train.steps=4", "ldm_train.steps=4",
+           "refine.steps=4", "engine.progress=false", "engine.tensorboard=false"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"exit {res.returncode}: {res.stderr[-1500:]}")
+    return {"command": " ".join(cmd[2:]), "model": (tmp / "ddp" / "ldm" / "model").is_dir()}
 
 
 # ------------------------------------------------------------------------------------------------ NCCL / gloo
@@ -286,15 +433,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="tiny sizes (2 steps, a 64x64x12 volume, short benchmarks): checks this script itself")
     ap.add_argument("--steps", type=int, default=0, help="training steps per stage (default 20; --quick 2)")
     ap.add_argument("--configs", default="", help="comma-separated tiny config names (default: configs/*_tiny.yaml)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: train,dist,enhance,bench_metrics,"
-                                              "bench_train")
+    ap.add_argument("--skip", default="", help="comma-separated parts (or prefixes, e.g. train) to skip")
     ap.add_argument("--enhance-steps", type=int, default=0, help="sampler steps for enhance (default 20; --quick 2)")
     ap.add_argument("--volume", default="", help="enhance volume shape XxYxZ (default 512x512x300; --quick 64x64x12)")
     ap.add_argument("--batch-size", type=int, default=32, help="enhance --batch-size")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile in training (default: on for cuda, off for cpu)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu)")
-    ap.add_argument("--budget", type=float, default=570.0, help="seconds; benchmarks get what is left")
+    ap.add_argument("--budget", type=float, default=570.0, help="seconds for all parts (those that do not fit are "
+                                                                 "skipped, in order)")
     ap.add_argument("--keep", type=Path, help="keep the run folders here (default: a temporary folder)")
     args = ap.parse_args(argv)
 
@@ -313,63 +460,59 @@ def main(argv: list[str] | None = None) -> int:
     shape = tuple(int(v) for v in (args.volume or ("64x64x12" if args.quick else "512x512x300")).split("x"))
     if not cuda:
         torch.set_num_threads(args.threads)
-    skip = {s for s in args.skip.split(",") if s}
+    skip = [s for s in args.skip.split(",") if s]
     names = [n for n in args.configs.split(",") if n] or sorted(p.stem for p in (ROOT / "configs").glob("*_tiny.yaml"))
-    t_start = time.perf_counter()
-    summary: dict = {
-        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({args.threads} threads)",
-        "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "quick": args.quick,
-        "compile": args.compile, "precision": "bf16", "channels_last": cuda,
-    }
+    print(json.dumps({"device": torch.cuda.get_device_name(0) if cuda else f"CPU ({args.threads} threads)",
+                      "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "quick": args.quick,
+                      "budget_s": args.budget, "gpus": torch.cuda.device_count() if cuda else 0}), flush=True)
     tmp_ctx = contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(prefix="gpu_check_")
     with tmp_ctx as tmp_s:
         tmp = Path(tmp_s)
         tmp.mkdir(parents=True, exist_ok=True)
-        if "dist" not in skip:
-            log(f"dist: 1-process {'NCCL' if cuda else 'gloo'} group")
-            (tmp / "dist").mkdir(exist_ok=True)
-            summary["dist"] = part(dist_check)(tmp / "dist", args)
-        if "train" not in skip:
-            summary["train"] = {}
-            for name in names:
-                log(f"train {name}: {args.steps} steps per stage")
-                summary["train"][name] = part(train_config)(name, tmp / "runs" / name, args)
-        if "enhance" not in skip:
-            src = tmp / "ct.nii"
-            log(f"enhance: synthetic CT {shape}")
-            summary["enhance"] = {"volume": list(shape)}
-            made = part(lambda: {"path": str(ct_volume(src, shape))})()
-            if not made["ok"]:
-                summary["enhance"]["volume_error"] = made["error"]
-            model3d = tmp / "runs" / "denoise_3d_tiny" / "model"
-            cases = {"3d": str(model3d), "2d": "mr-denoise-2d"}
-            for key, model in cases.items():
-                if key == "3d" and not (model3d / "config.yaml").is_file():
-                    summary["enhance"][key] = {"ok": False, "error": "no denoise_3d_tiny model (train part skipped "
-                                                                     "or failed)", "seconds": 0.0}
-                    continue
-                log(f"enhance {key}: {model}")
-                summary["enhance"][key] = part(enhance_case)(model, src, tmp / f"out_{key}.nii", args, enh_steps)
+
+        def sub(name: str) -> Path:
+            (tmp / name).mkdir(parents=True, exist_ok=True)
+            return tmp / name
+
+        src = tmp / "ct.nii"
+        model3d = tmp / "runs" / "denoise_3d_tiny" / "model"
+
+        def enhance(key: str, model) -> dict:
+            if not src.exists():
+                ct_volume(src, shape)
+            return enhance_case(str(model), src, tmp / f"out_{key}.nii", args, enh_steps)
+
+        def two() -> str | None:
+            n = torch.cuda.device_count() if cuda else 0
+            return None if n >= 2 else f"{n} GPU(s): the two-rank run needs 2"
+
+        parts = [
+            Part("resume", lambda: resume_check(sub("resume"), args, "fp16"), 60),
+            Part("vae_bf16", lambda: vae_bf16_check(sub("bf16"), args), 40),
+            Part("devices", lambda: devices_check(args), 1),
+            Part("latent_cache", lambda: latent_cache_check(args), 10),
+            Part("dist", lambda: dist_check(sub("dist"), args), 20),
+            Part("torchrun", lambda: torchrun_check(sub("torchrun"), args), 90, two),
+            *[Part(f"train:{n}", lambda n=n: train_config(n, tmp / "runs" / n, args), 30) for n in names],
+            Part("enhance:3d", lambda: enhance("3d", model3d), 30,
+                 lambda: None if (model3d / "config.yaml").is_file() else "no denoise_3d_tiny model (its train part "
+                                                                          "was skipped or failed)"),
+            Part("enhance:2d", lambda: enhance("2d", "mr-denoise-2d"), 30),
+        ]
+        t_start = time.perf_counter()
         left = lambda: args.budget - (time.perf_counter() - t_start)  # noqa: E731
-        if "bench_metrics" not in skip:
-            log("bench_metrics")
-            cmd = ["tools/bench_metrics.py", "--device", args.device, "--skimage-n", "0"]
-            cmd += ["--repeats", "1", "--size", "64", "--batch", "4", "--cuda-batch", "8", "--vol", "32",
-                    "--vol-batch", "1"] if args.quick else ["--repeats", "3"]
-            summary["bench_metrics"] = part(bench)(cmd, left())
-        if "bench_train" not in skip:
-            log("bench_train")
-            jp = tmp / "bench_train.json"
-            cmd = ["tools/bench_train.py", "--json", str(jp)]
-            cmd += ["--case", "unet2d", "--steps", "1", "--warmup", "1", "--repeats", "1", "--threads",
-                    str(args.threads)] if args.quick else ["--steps", "20", "--warmup", "5", "--repeats", "2"]
-            summary["bench_train"] = part(bench)(cmd, left(), jp)
-    parts = [v for k, v in summary.items() if isinstance(v, dict) and "ok" in v]
-    parts += list(summary.get("train", {}).values())
-    parts += [v for k, v in summary.get("enhance", {}).items() if isinstance(v, dict)]
-    summary["ok"] = bool(parts) and all(p["ok"] for p in parts)
-    summary["seconds"] = round(time.perf_counter() - t_start, 1)
-    print(json.dumps(summary, indent=2, default=str))
+        bm = ["tools/bench_metrics.py", "--device", args.device, "--skimage-n", "0"]
+        bm += ["--repeats", "1", "--size", "64", "--batch", "4", "--cuda-batch", "8", "--vol", "32",
+               "--vol-batch", "1"] if args.quick else ["--repeats", "3"]
+        jp = tmp / "bench_train.json"
+        bt = ["tools/bench_train.py", "--json", str(jp)]
+        bt += ["--case", "unet2d", "--steps", "1", "--warmup", "1", "--repeats", "1", "--threads",
+               str(args.threads)] if args.quick else ["--steps", "20", "--warmup", "5", "--repeats", "2"]
+        parts += [Part("bench_metrics", lambda: bench(bm, left()), 20), Part("bench_train", lambda: bench(bt, left(), jp), 20)]
+        for p in parts:
+            if any(p.name == s or p.name.startswith(s + ":") for s in skip):
+                p.skip_reason = lambda: "--skip"
+        summary = run_parts(parts, args.budget)
     return 0 if summary["ok"] else 1
 
 
