@@ -78,7 +78,8 @@ def test_4d_volume_selection(tmp_path):
     assert main(["convert", src, str(tmp_path / "v1.nii.gz"), "--volume", "1", "--quiet"]) == 0
     full = np.asarray(nib.load(src).dataobj)
     assert np.array_equal(np.asarray(nib.load(tmp_path / "v1.nii.gz").dataobj), full[..., 1])
-    assert main(["convert", src, str(tmp_path / "none.nii.gz"), "--quiet"]) == 1  # 4D without --volume
+    assert main(["convert", src, str(tmp_path / "all.nii.gz"), "--quiet"]) == 0  # 4D without --volume: all of it
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "all.nii.gz").dataobj), full)
 
 
 def test_usage_errors(tmp_path, dipy_files, dicomdir_tests, capsys):

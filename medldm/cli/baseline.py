@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale", type=float, default=2.0, help="up-sampling factor (default 2)")
     g.add_argument("--axis", choices=("inplane", "through"), default="inplane",
                    help="inplane: X and Y (default); through: Z (slice direction)")
+    p.add_argument("--volume", type=int, metavar="K", help="4D input: volume K only (0-based; default: every "
+                                                            "volume, as one 4D output)")
     p.add_argument("--to", choices=("nifti", "dicom"), help="output kind (default: same as each input)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -54,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.volume is not None and args.volume < 0:
+        raise UsageError("--volume must be >= 0")
     if args.method not in TASK_METHODS[args.task]:
         raise UsageError(f"--method {args.method!r} is not a {args.task} method: "
                          f"choose one of {', '.join(TASK_METHODS[args.task])}")
@@ -78,29 +82,33 @@ def _check(args: argparse.Namespace) -> None:
 def _process(case, out: Path, args: argparse.Namespace, resume) -> dict:
     from medldm.cli.warn import print_case_warnings
     from medldm.eval import baselines as B
-    from medldm.io.reader import load_case
+    from medldm.io.volumes import load_volumes, source_reference, stack_volumes
     from medldm.io.writer import save_scan
 
-    img = load_case(case)
-    warns = print_case_warnings(case, img)
-    if args.task == "denoise":
-        res, info = B.denoise_scan(img, args.method, sigma=args.sigma, filter_sigma=args.filter_sigma,
-                                   dims=args.dims)
-        desc = f"baseline {args.method}"
-    else:
-        try:
-            res = B.upsample_scan(img, args.scale, args.method, args.axis)
-        except ValueError as e:
-            from medldm.io.errors import CaseError
+    vols = load_volumes(case, args.volume)  # a 4D case: every volume, one by one, written as one 4D result
+    warns = print_case_warnings(case, vols[0])
+    outs = []
+    for img in vols:
+        if args.task == "denoise":
+            res, info = B.denoise_scan(img, args.method, sigma=args.sigma, filter_sigma=args.filter_sigma,
+                                       dims=args.dims)
+            desc = f"baseline {args.method}"
+        else:
+            try:
+                res = B.upsample_scan(img, args.scale, args.method, args.axis)
+            except ValueError as e:
+                from medldm.io.errors import CaseError
 
-            raise CaseError(case.source or case.id, str(e), "use --axis inplane for single-slice images") from None
-        info = {"method": args.method, "scale": args.scale, "axis": args.axis,
-                "shape_in": list(img.shape), "shape_out": list(res.shape),
-                "nonfinite_voxels": res.meta.get("nonfinite_voxels", 0)}
-        desc = f"baseline {args.method} x{args.scale:g}"
-    reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
-    written = save_scan(res, out, reference=None if is_nifti(out) else reference, description=desc,
-                        replace=args.overwrite, owned=resume.owned)
+                raise CaseError(case.source or case.id, str(e), "use --axis inplane for single-slice images") from None
+            info = {"method": args.method, "scale": args.scale, "axis": args.axis,
+                    "shape_in": list(img.shape), "shape_out": list(res.shape),
+                    "nonfinite_voxels": res.meta.get("nonfinite_voxels", 0)}
+            desc = f"baseline {args.method} x{args.scale:g}"
+        outs.append(res)
+    if len(vols) > 1:
+        info = {**info, "volumes": len(vols)}
+    written = save_scan(stack_volumes(outs), out, reference=None if is_nifti(out) else source_reference(vols),
+                        description=desc, replace=args.overwrite, owned=resume.owned)
     resume.finish([written])
     return {"outputs": [str(written)], "params": info, **({"warnings": warns} if warns else {})}
 
@@ -109,13 +117,13 @@ def _process(case, out: Path, args: argparse.Namespace, resume) -> dict:
 def _options(args: argparse.Namespace) -> dict:
     """The options that change a baseline's result (recorded beside each output; resume compares them)."""
     if args.task == "denoise":
-        opts = {"task": "denoise", "method": args.method, "dims": args.dims}
+        opts = {"task": "denoise", "method": args.method, "dims": args.dims, "volume": args.volume}
         if args.method == "gaussian":
             opts["filter_sigma"] = args.filter_sigma
         else:
             opts["sigma"] = args.sigma
         return opts
-    return {"task": "sr", "method": args.method, "scale": args.scale, "axis": args.axis}
+    return {"task": "sr", "method": args.method, "scale": args.scale, "axis": args.axis, "volume": args.volume}
 
 
 def run(args: argparse.Namespace) -> int:

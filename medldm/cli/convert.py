@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "of outputs when IN holds several cases")
     p.add_argument("--reference", metavar="DICOM_DIR",
                    help="source DICOM series of a NIfTI input: write a derived series of the same patient/study")
-    p.add_argument("--volume", type=int, metavar="K", help="volume to take from a 4D input (0-based)")
+    p.add_argument("--volume", type=int, metavar="K", help="4D input: convert volume K only (0-based; default: "
+                                                            "every volume, as one 4D output)")
     p.add_argument("--to", choices=("nifti", "dicom"), help="output kind for a folder of cases "
                                                             "(default: NIfTI for DICOM inputs, DICOM for NIfTI inputs)")
     p.add_argument("--description", default="convert",
@@ -52,13 +53,14 @@ def _convert_one(case, out: Path, *, reference, volume: int | None, description:
                  overwrite: bool, deidentify=False) -> dict:
     """Load one case and write it to ``out`` (NIfTI file or DICOM folder), then its record."""
     from medldm.cli.warn import print_case_warnings
-    from medldm.io.reader import load_case
+    from medldm.io.volumes import load_volumes, source_reference, stack_volumes
     from medldm.io.writer import save_scan
 
-    img = load_case(case, volume=volume, as_numpy=True)  # numpy only: converting needs no torch or MONAI
+    vols = load_volumes(case, volume, as_numpy=True)  # numpy only: converting needs no torch or MONAI
+    img = stack_volumes(vols)  # a 4D series -> one 4D NIfTI / one derived 4D series
     warns = print_case_warnings(case, img)
-    if not is_nifti(out) and reference is None and img.meta.get("kind") == "dicom-series":
-        reference = img.meta["source_files"]  # DICOM -> DICOM: derived series of the source
+    if not is_nifti(out) and reference is None:
+        reference = source_reference(vols)  # DICOM -> DICOM: derived series of the source (None for NIfTI input)
     img.meta["provenance"] = {"task": "convert", "description": description}  # same derived UIDs on a re-run
     save_scan(img, out, reference=None if is_nifti(out) else reference, description=description,
               replace=overwrite, owned=resume.owned, deidentify=deidentify)

@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--electronic-noise", type=float, default=0.0, metavar="SIGMA",
                    help="lowdose: electronic noise std in photons (default 0)")
     p.add_argument("--device", default=None, help="lowdose: torch device for the projector, e.g. cuda (default cpu)")
-    p.add_argument("--volume", type=int, metavar="K", help="volume to take from a 4D input (0-based)")
+    p.add_argument("--volume", type=int, metavar="K", help="4D input: degrade volume K only (0-based; default: "
+                                                            "every volume, as one 4D output)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_deidentify_argument(p)
@@ -110,25 +111,32 @@ def _degrade_one(case, out: Path, args: argparse.Namespace, seed: int, resume, d
     from medldm import __version__
     from medldm.cli.warn import print_case_warnings
     from medldm.data.degrade import apply_degradation
-    from medldm.io.reader import load_case
+    from medldm.io.volumes import load_volumes, source_reference, stack_volumes
     from medldm.io.writer import save_scan
 
-    img = load_case(case, volume=args.volume)
+    vols = load_volumes(case, args.volume)  # a 4D case: every volume (its own seed), written as one 4D result
+    img = vols[0]
     warns = print_case_warnings(case, img)
     cseed = case_seed(seed, case.id)
-    try:
-        deg = apply_degradation(img, args.kind, args.level, cseed, axis=args.axis, **_options(args))
-    except ValueError as e:
-        hint = _HINTS.get(args.kind) if args.kind != "lowdose" or "Hounsfield" in str(e) else None
-        raise CaseError(case.source or case.id, str(e), hint or "see docs/degradations.md") from e
-    record = dict(deg.meta["degradation"])
+    degs = []
+    for t, v in enumerate(vols):
+        try:
+            degs.append(apply_degradation(v, args.kind, args.level, cseed + t, axis=args.axis, **_options(args)))
+        except ValueError as e:
+            hint = _HINTS.get(args.kind) if args.kind != "lowdose" or "Hounsfield" in str(e) else None
+            raise CaseError(case.source or case.id, str(e), hint or "see docs/degradations.md") from e
+    record = dict(degs[0].meta["degradation"])
+    deg = stack_volumes(degs)
+    if len(vols) > 1:
+        record["volumes"] = len(vols)
+        record["volume_seeds"] = f"case_seed + volume index ({cseed} .. {cseed + len(vols) - 1})"
     record.update({"seed": seed, "case_seed": cseed, "case": case.id, "input": case.source or str(case.paths[0]),
                    "output": str(out), "medldm": __version__, "input_shape": list(img.shape),
                    "output_shape": list(deg.shape), "input_spacing": list(img.meta.get("spacing", ())),
                    "output_spacing": list(deg.meta.get("spacing", ()))})
     deg.meta["degradation"] = record
-    reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
-    save_scan(deg, out, reference=reference, description=f"degraded {args.kind} {args.level:g}",
+    save_scan(deg, out, reference=None if is_nifti(out) else source_reference(vols),
+              description=f"degraded {args.kind} {args.level:g}",
               replace=args.overwrite, owned=resume.owned, deidentify=deidentify)
     side = resume.finish([out], json.loads(json.dumps(record, default=str)))  # last: marks the case done
     return {"outputs": [str(out), str(side)], **({"warnings": warns} if warns else {})}

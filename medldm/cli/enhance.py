@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                "(default: the training axis)")
     p.add_argument("--no-refine", action="store_true",
                    help="skip the model's pixel-space refiner (stage 3) even when the folder has one")
+    p.add_argument("--volume", type=int, metavar="K", help="4D input: enhance volume K only (0-based; default: "
+                                                            "every volume, written as one 4D result)")
     p.add_argument("--to", choices=("nifti", "dicom"), help="output kind (default: same as each input)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--distributed", action="store_true",
@@ -89,6 +91,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--batch-size must be >= 1")
     if args.noise_level is not None and not 0.0 <= args.noise_level <= 1.0:
         raise UsageError("--noise-level must be in [0, 1]")
+    if args.volume is not None and args.volume < 0:
+        raise UsageError("--volume must be >= 0")
 
 
 def _resolve_model(model: Path) -> Path:
@@ -103,24 +107,29 @@ def _resolve_model(model: Path) -> Path:
 
 
 def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool, deidentify=False,
-             prov=None) -> dict:
+             prov=None, volume: int | None = None) -> dict:
     from medldm.cli.warn import print_case_warnings
-    from medldm.io.reader import load_case
+    from medldm.io.volumes import load_volumes, source_reference, stack_volumes
     from medldm.io.writer import save_scan
 
-    img = load_case(case)
-    warns = print_case_warnings(case, img)
-    res = enhancer.enhance(img, opts)
+    vols = load_volumes(case, volume)  # a 4D case: every volume, enhanced one by one, written as one 4D result
+    warns = print_case_warnings(case, vols[0])
+    runs = [enhancer.enhance(img, opts) for img in vols]
+    res = runs[0]
     if res.info.get("warning"):  # e.g. a scan outside the model's training domain
         warns += print_case_warnings(case, [res.info["warning"]])
+    image = stack_volumes([r.image for r in runs])
+    std = stack_volumes([r.std for r in runs]) if res.std is not None else None
+    if len(runs) > 1:
+        res.info["volumes"] = len(runs)
+        res.info["clamped_voxels"] = sum(int(r.info.get("clamped_voxels") or 0) for r in runs)
     if prov is not None:  # DerivationDescription, ContributingEquipmentSequence, deterministic derived UIDs
-        res.image.meta["provenance"] = prov(res.info)
+        image.meta["provenance"] = prov(res.info)
     outputs = []
-    reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
-    written = save_scan(res.image, out, reference=None if is_nifti(out) else reference, description=desc,
+    written = save_scan(image, out, reference=None if is_nifti(out) else source_reference(vols), description=desc,
                         replace=overwrite, owned=resume.owned, deidentify=deidentify)
-    if res.std is not None:
-        outputs.append(str(save_scan(res.std, std_path(out), dtype="float32", replace=overwrite)))
+    if std is not None:
+        outputs.append(str(save_scan(std, std_path(out), dtype="float32", replace=overwrite)))
     resume.finish([written, *outputs])
     info = {k: v for k, v in res.info.items() if k not in ("normalization", "warning")}
     info["normalization"] = {k: res.info["normalization"].get(k) for k in ("method", "lo", "hi", "original_dtype")}
@@ -163,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = {"model": str(model.resolve()), "model_hash": model_hash(model), "steps": args.steps,
                "sampler": args.sampler, "samples": args.samples, "seed": args.seed, "noise_level": args.noise_level,
-               "axis": args.axis, "refine": not args.no_refine,
+               "axis": args.axis, "refine": not args.no_refine, "volume": args.volume,
                "window": list(enhancer.window(opts)), "overlap": opts.overlap}  # the output depends on the tiling
 
     @common.once_per_case
@@ -183,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         return provenance(name, options["model_hash"], enhancer.task, opts, info)
 
     status, results = common.run_cases(shard, lambda c: _process(c, targets[c.id], enhancer, opts, desc, resume(c),
-                                                          args.overwrite, deid, prov),
+                                                          args.overwrite, deid, prov, args.volume),
                                 name=str, is_done=lambda c: resume(c).check(args.overwrite),
                                 report_path=rank_report, desc="enhance", command=command,
                                 quiet=args.quiet or rank > 0)

@@ -91,6 +91,14 @@ def format_text(e: dict) -> str:
         "  affine    " + "\n            ".join("[" + " ".join(f"{v:10.4f}" for v in row) + "]"
                                             for row in e["affine"]),
     ]
+    if e.get("volumes", 1) > 1:
+        vals = e.get("values")
+        shown = ", ".join(f"{v:g}" for v in vals[:8]) + (", ..." if len(vals) > 8 else "") if vals else ""
+        lines.insert(4, f"  volumes   4D: {e['volumes']} volumes ({e.get('varies', 'unknown')}"
+                        + (f": {shown}" if shown else "") + "); shape, range and affine of volume 0; every command "
+                        "processes all volumes (--volume K: one)")
+    if e.get("form"):
+        lines.insert(3, f"  form      {e['form']} DICOM")
     split = e.get("integrity", {}).get("split")
     if split:
         where = (f"{split['slices']} slices, {split['from_mm']:.2f} to {split['to_mm']:.2f} mm" if split["slices"] > 1
@@ -132,7 +140,15 @@ def run(args: argparse.Namespace) -> int:
     entries: list[dict] = []
 
     def process(case):
-        entry = describe(read_case(case, volume=args.volume), case)
+        from medldm.io.reader import describe_volumes
+
+        vols = describe_volumes(case) if args.volume is None else {}
+        if vols.get("volumes", 1) > 1:  # a 4D case: described by its first volume, and what its volumes are
+            entry = describe(read_case(case, volume=0), case)
+            entry["warnings"] = [w for w in entry["warnings"] if not w.endswith("volume 0 selected")]
+        else:
+            entry = describe(read_case(case, volume=args.volume), case)
+        entry.update(vols)
         entries.append(entry)
         if not args.json:
             print(format_text(entry), flush=True)

@@ -8,7 +8,6 @@ The cache is saved as one safetensors file tagged with the VAE's hash, so a resu
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -13,10 +13,10 @@ from pydicom.dataset import Dataset
 from medldm.io.dicom import (
     SliceGeom,
     _floats,
-    orientation,
     check_pixel_size,
     decode_pixels,
     n_frames,
+    orientation,
     rescale,
     rescale_params,
     slice_geometry,

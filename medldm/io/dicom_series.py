@@ -140,6 +140,31 @@ def _select_volume(frames: list[Frame], d: np.ndarray, tol: float, volume: int |
     return [frames[i] for i in picked], d[picked]
 
 
+def volume_count(frames: Sequence[Frame]) -> int:
+    """Images per slice position of ONE series' frames (a 4D series' volumes), 1 when every position holds one image,
+    the frames span several stacks (orientations, sizes) or the counts are uneven (the read says why)."""
+    frames = list(frames)
+    if len(split_stacks(frames)) != 1:
+        return 1
+    d = _positions(frames)
+    if d is None:
+        return 1
+    counts = {len(g) for g in _position_groups(d, _position_tol(frames))[1]}
+    return counts.pop() if len(counts) == 1 else 1
+
+
+def volume_groups(frames: Sequence[Frame]) -> list[list[int]]:
+    """Frame indices of each volume of a 4D series (in volume order, each ascending along the normal): the k-th
+    image (by time point, acquisition, echo, trigger, instance) of every position, as ``stack(volume=k)`` picks."""
+    frames = list(frames)
+    d = _positions(frames)
+    if d is None:
+        return [list(range(len(frames)))]
+    _, groups = _position_groups(d, _position_tol(frames))
+    n = len(groups[0])
+    return [[sorted(g, key=lambda i: frames[i].tiebreak)[k] for g in groups] for k in range(n)]
+
+
 def _positions(frames: Sequence[Frame]) -> np.ndarray | None:
     """Position of each frame along the first frame's normal (None without full geometry)."""
     if not frames or not all(f.geom.position is not None and f.geom.row_cos is not None for f in frames):

@@ -292,12 +292,26 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
     vol = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, dtype=np.float32)
     if vol.ndim == 2:
         vol = vol[:, :, None]
-    if vol.ndim != 3:
-        raise CaseError(where, f"expected a (X, Y, Z) volume, got shape {vol.shape}", "select one volume")
+    if vol.ndim == 3:
+        vol = vol[..., None]
+    if vol.ndim != 4:
+        raise CaseError(where, f"expected a (X, Y, Z) volume or (X, Y, Z, T) volumes, got shape {vol.shape}",
+                        "select one volume")
     affine = np.asarray(getattr(img, "affine", np.eye(4)), dtype=np.float64)
-    vol, grid = grid_from_affine(vol, affine, where)
-    nz = vol.shape[2]
-    headers = load_reference(reference, out_dir) if reference is not None else []
+    n_vol = vol.shape[3]
+    vols = []
+    for t in range(n_vol):
+        v, grid = grid_from_affine(vol[..., t], affine, where)
+        vols.append(v)
+    nz = vols[0].shape[2]
+    # 4D with a source: ``reference`` holds each volume's source files (meta["volume_sources"]), so volume t is
+    # derived from (and references) the source images of volume t
+    per_volume = n_vol > 1 and reference is not None and not isinstance(reference, str | os.PathLike)
+    if per_volume and len(reference) != n_vol:
+        raise CaseError(where, f"{n_vol} volumes but {len(reference)} source volumes", "write the volumes one by one")
+    vol_headers = [load_reference(r, out_dir) for r in reference] if per_volume else None
+    headers = [h for hs in vol_headers for h in hs] if per_volume else \
+        (load_reference(reference, out_dir) if reference is not None else [])
     deid = _deidentifier(deidentify)
     prov = provenance if provenance is not None else meta.get("provenance")
     if prov is not None and not isinstance(prov, dict):
@@ -317,14 +331,17 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
         modality = (modality or str(meta.get("modality", "")) or "OT").upper()
         modality = "OT" if modality in ("UNKNOWN", "") else modality
     series = _series_context(headers, grid, modality, description, vol, prov)
-    nearest, sources = _nearest(headers, grid, nz) if headers else ([None] * nz, [[] for _ in range(nz)])
-    series.update(sources=[[headers[i] for i in s] for s in sources], deidentify=deid, burned_in=burned)
-    names = [f"IM{k + 1:05d}.dcm" for k in range(nz)]
+    series.update(deidentify=deid, burned_in=burned)
+    names = [f"IM{k + 1:05d}.dcm" for k in range(nz * n_vol)]
     with atomic_dir(out_dir, replace=replace, owned=owned) as tmp:
-        for k in range(nz):
-            ds = _slice_header(headers[nearest[k]] if headers else None, series, grid, k)
-            _set_pixels(ds, vol[:, :, k], enc, modality, series["rescale"])
-            _write(ds, tmp / names[k])
+        for t in range(n_vol):
+            hs = vol_headers[t] if per_volume else headers
+            nearest, sources = _nearest(hs, grid, nz) if hs else ([None] * nz, [[] for _ in range(nz)])
+            ctx = {**series, "sources": [[hs[i] for i in s] for s in sources], "offset": t * nz}
+            for k in range(nz):
+                ds = _slice_header(hs[nearest[k]] if hs else None, ctx, grid, k)
+                _set_pixels(ds, vols[t][:, :, k], enc, modality, series["rescale"])
+                _write(ds, tmp / names[t * nz + k])
     return [out_dir / n for n in names]
 
 
@@ -479,9 +496,10 @@ def _slice_header(ref: Dataset | None, ctx: dict, grid: Grid, k: int) -> Dataset
     if ds.SOPClassUID == CTImageStorage and len(ds.ImageType) < 3:
         ds.ImageType = list(ds.ImageType) + ["AXIAL"]
     ds.SeriesInstanceUID = ctx["series_uid"]
-    ds.SOPInstanceUID = derived_uid("derived-instance", f"{ctx['series_uid']}|{k + 1}") if ctx["deterministic"] \
+    number = ctx.get("offset", 0) + k + 1  # volume t of a 4D series: after the t volumes before it
+    ds.SOPInstanceUID = derived_uid("derived-instance", f"{ctx['series_uid']}|{number}") if ctx["deterministic"] \
         else new_uid()
-    ds.InstanceNumber = k + 1
+    ds.InstanceNumber = number
     ds.ContentDate, ds.ContentTime = da, tm
     ds.InstanceCreationDate, ds.InstanceCreationTime = da, tm
     ds.SeriesDate, ds.SeriesTime = ds.get("SeriesDate") or da, ds.get("SeriesTime") or tm

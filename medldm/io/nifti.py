@@ -59,7 +59,7 @@ def _orthogonal(affine: np.ndarray) -> bool:
 
 
 def save_nifti(img, path: str | os.PathLike, *, dtype=None) -> Path:
-    """Write ``img`` (MetaTensor (X, Y, Z), ``.affine`` RAS) to ``path`` (.nii or .nii.gz).
+    """Write ``img`` (MetaTensor (X, Y, Z) or 4D (X, Y, Z, T), ``.affine`` RAS) to ``path`` (.nii or .nii.gz).
 
     A 2D original (``meta["original_ndim"] == 2`` and Z == 1) is written as a 2D (X, Y) image.
     Returns ``path``.
@@ -74,8 +74,9 @@ def save_nifti(img, path: str | os.PathLike, *, dtype=None) -> Path:
     affine = np.asarray(getattr(img, "affine", np.eye(4)), dtype=np.float64)
     if data.ndim == 2:
         data = data[:, :, None]
-    if data.ndim != 3:
-        raise CaseError(path, f"expected a (X, Y, Z) volume, got shape {data.shape}", "select one volume")
+    if data.ndim not in (3, 4):
+        raise CaseError(path, f"expected a (X, Y, Z) volume or (X, Y, Z, T) volumes, got shape {data.shape}",
+                        "select one volume")
     if dtype is None:
         dt = choose_dtype(data, meta.get("original_dtype"))
     else:
@@ -98,7 +99,9 @@ def save_nifti(img, path: str | os.PathLike, *, dtype=None) -> Path:
         nimg.set_qform(affine, code=qcode)
     else:  # a quaternion cannot hold a shear: leave the qform unset rather than wrong
         nimg.set_qform(None, code=0)
-    zooms = spacing_from_affine(affine)
+    zooms = tuple(spacing_from_affine(affine))
+    if out.ndim == 4:  # the volumes' step: the source's (e.g. the repetition time), else 1
+        zooms = (*zooms, float(meta.get("volume_step") or 1.0))
     hdr.set_zooms(zooms[: out.ndim])
     hdr.set_xyzt_units("mm", "sec")
     hdr.set_data_dtype(dt)

@@ -253,24 +253,20 @@ def load_nifti(path: str | os.PathLike, *, volume: int | None = None) -> tuple[n
         "sform_code": int(hdr["sform_code"]) if "sform_code" in hdr else 0,
         "qform_code": int(hdr["qform_code"]) if "qform_code" in hdr else 0,
     }
+    if len(shape) == 4:  # the step between volumes (e.g. the repetition time), kept by a 4D output
+        zooms = img.header.get_zooms()
+        meta["volume_step"] = float(zooms[3]) if len(zooms) > 3 and np.isfinite(zooms[3]) and zooms[3] > 0 else None
     return data, affine, meta
 
 
 # ---------------------------------------------------------------- DICOM
 
-def load_dicom(paths: Sequence[str | os.PathLike], *, volume: int | None = None, where: str | None = None,
-               headers: Sequence | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """DICOM files of one series (or one multi-frame object) -> (data (X, Y, Z), RAS affine, meta).
-
-    Non-image objects among ``paths`` are skipped (warning); several stacks (orientations or image
-    sizes) raise :class:`CaseError`.
-    """
-    from medldm.io.dicom import modality, n_frames, non_image_reason, read_header
+def _dicom_frames(paths: list[Path], where: str, headers: Sequence | None):
+    """The image frames of DICOM files of one series (headers only, pixels decoded later): ``(frames, first image
+    header, warnings, number of multi-frame objects, headers)``."""
+    from medldm.io.dicom import n_frames, non_image_reason, read_header
     from medldm.io.dicom_frames import frames_of
-    from medldm.io.dicom_series import describe_stacks, split_stacks, stack
 
-    paths = [Path(p) for p in paths]
-    where = where or (str(paths[0]) if len(paths) == 1 else str(Path(os.path.commonpath(paths))))
     if headers is None:
         headers = [read_header(p, strict=True) for p in paths]
     warns: list[str] = []
@@ -291,7 +287,97 @@ def load_dicom(paths: Sequence[str | os.PathLike], *, volume: int | None = None,
     if n_multi and len(paths) - len(warns) > 1:
         raise CaseError(where, "several DICOM objects including multi-frame ones",
                         "load each multi-frame file on its own")
+    return frames, first, warns, n_multi, headers
+
+
+def count_volumes(case) -> int:
+    """How many volumes a :class:`~medldm.io.discover.Case` holds (4D NIfTI: the 4th dimension; a DICOM series: the
+    images per slice position, i.e. time points, b-values, echoes), from the headers alone; 1 for a 3D scan. A case
+    whose volumes cannot be told apart (uneven images per position) counts 1: reading it then says why."""
+    if case.error is not None:
+        raise case.error
+    if case.kind == "nifti":
+        import nibabel as nib
+
+        try:
+            shape = tuple(int(s) for s in nib.load(str(case.paths[0])).shape)
+        except Exception:  # the read reports it
+            return 1
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        return shape[3] if len(shape) == 4 else 1
+    from medldm.io.dicom_series import volume_count
+
+    paths = [Path(p) for p in case.paths]
+    frames, *_ = _dicom_frames(paths, str(case.source or paths[0]), case.headers)
+    return volume_count(frames)
+
+
+#: header attributes that tell a 4D series' volumes apart, in the order ``medldm info`` names them by
+VOLUME_ATTRIBUTES = (("b-value", ("DiffusionBValue", (0x0043, 0x1039), (0x0019, 0x100C))),
+                     ("echo time", ("EchoTime",)), ("inversion time", ("InversionTime",)),
+                     ("time point", ("TemporalPositionIdentifier", "AcquisitionNumber", "AcquisitionTime",
+                                     "TriggerTime", "InstanceNumber")))
+
+
+def _header_number(ds, key) -> float | None:
+    try:
+        v = ds[key].value if not isinstance(key, str) else ds.get(key)
+    except KeyError:
+        return None
+    if isinstance(v, bytes):
+        v = v.decode("latin-1", "replace").strip("\x00 ").split("\\")[0]
+    if v is not None and not isinstance(v, str | bytes) and hasattr(v, "__len__"):
+        v = v[0] if len(v) else None
+    try:
+        f = float(str(v).strip()) if v is not None and str(v).strip() else None
+    except ValueError:
+        return None
+    return f if f is not None and np.isfinite(f) else None
+
+
+def describe_volumes(case) -> dict:
+    """What the volumes of a case are: ``{"volumes": n}`` plus, for a DICOM series, ``"varies"`` (the attribute
+    that differs between volumes: b-value, echo time, inversion time or time point) and its ``"values"`` per volume,
+    and ``"form"`` (``classic`` single-frame files or ``enhanced multi-frame``)."""
+    n = count_volumes(case)
+    out: dict = {"volumes": n}
+    if case.kind == "nifti":
+        return out
+    from medldm.io.dicom_series import volume_groups
+
+    paths = [Path(p) for p in case.paths]
+    frames, _, _, n_multi, headers = _dicom_frames(paths, str(case.source or paths[0]), case.headers)
+    out["form"] = "enhanced multi-frame" if n_multi else "classic"
+    if n <= 1:
+        return out
+    by_path = {str(p): h for p, h in zip(paths, headers, strict=True)}
+    first = [frames[g[0]] for g in volume_groups(frames)]  # each volume's first image
+    for name, keys in VOLUME_ATTRIBUTES:
+        for key in keys:
+            vals = [_header_number(by_path.get(f.source.split("#frame")[0]), key) for f in first]
+            if all(v is not None for v in vals) and len(set(vals)) > 1:
+                out.update(varies=name, values=vals)
+                return out
+    out["varies"] = "unknown (no header attribute differs between the volumes)"
+    return out
+
+
+def load_dicom(paths: Sequence[str | os.PathLike], *, volume: int | None = None, where: str | None = None,
+               headers: Sequence | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """DICOM files of one series (or one multi-frame object) -> (data (X, Y, Z), RAS affine, meta).
+
+    Non-image objects among ``paths`` are skipped (warning); several stacks (orientations or image
+    sizes) raise :class:`CaseError`.
+    """
+    from medldm.io.dicom import modality, non_image_reason
+    from medldm.io.dicom_series import describe_stacks, split_stacks, stack
+
+    paths = [Path(p) for p in paths]
+    where = where or (str(paths[0]) if len(paths) == 1 else str(Path(os.path.commonpath(paths))))
+    frames, first, warns, n_multi, headers = _dicom_frames(paths, where, headers)
     uids = {str(ds.get("SeriesInstanceUID", "")) for ds in headers if not non_image_reason(ds)}
+
     if len(uids) > 1:
         raise CaseError(where, f"the files belong to {len(uids)} different series",
                         "use scan_folder() / `medldm info FOLDER` to get one case per series")

@@ -121,7 +121,13 @@ class ThinSliceEnhancer:
         """img: MetaTensor (X, Y, Z), thick slices, scanner units -> EnhanceResult on (X, Y, factor Z)."""
         from monai.data import MetaTensor
 
-        from medldm.data.intensity import clamp_physical, denormalize, fill_nonfinite, fit_normalization, normalize
+        from medldm.data.intensity import (
+            clamp_physical,
+            denormalize,
+            fill_nonfinite,
+            fit_normalization,
+            normalize,
+        )
         from medldm.pipelines.enhance import EnhanceOptions, EnhanceResult
 
         opts = opts or EnhanceOptions()

@@ -1,0 +1,87 @@
+"""4D scans (DWI, fMRI, perfusion, multi-echo: most of an MR export) volume by volume.
+
+Every command reads a 4D case as its volumes, each an ordinary ``(X, Y, Z)`` scan (``load_case(case, volume=k)``:
+the images of one time point / b-value / echo of a DICOM series, or ``[..., k]`` of a 4D NIfTI), runs its 3D work on
+each, and writes one 4D result with :func:`stack_volumes`: a 4D NIfTI with the same affine, or a derived DICOM
+series whose volume ``k`` is made from (and references) the source images of volume ``k``, so per-volume
+attributes (echo time, temporal position, b-value and gradient where the source has them) stay with their volume.
+``--volume K`` picks one volume instead (:func:`load_volumes`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from medldm.io.errors import CaseError
+from medldm.io.limits import max_voxels
+
+
+def _strip_selected(img, k: int):
+    meta = img.meta
+    meta["warnings"] = [w for w in meta.get("warnings", []) if not w.endswith(f"volume {k} selected")]
+    return img
+
+
+def load_volumes(case, volume: int | None = None, *, as_numpy: bool = False) -> list:
+    """The scan(s) a command processes for ``case``: ``[the picked volume]`` with ``volume``, every volume of a 4D
+    case (each ``(X, Y, Z)``, in order; all of them together within ``MEDLDM_MAX_VOXELS``), or ``[the scan]`` for a
+    3D case. ``as_numpy``: :class:`~medldm.io.reader.ScanArray` (no torch), else MetaTensors."""
+    from medldm.io.reader import count_volumes, load_case
+
+    n = 1 if volume is not None else count_volumes(case)
+    if n <= 1:
+        return [load_case(case, volume=volume, as_numpy=as_numpy)]
+    first = load_case(case, volume=0, as_numpy=as_numpy)
+    check_4d_size(case, tuple(first.shape), n)
+    vols = [_strip_selected(first, 0)] + [_strip_selected(load_case(case, volume=k, as_numpy=as_numpy), k)
+                                          for k in range(1, n)]
+    first.meta["warnings"] = [*first.meta.get("warnings", []),
+                              f"4D: {n} volumes, each processed on its own and written as one 4D result"]
+    return vols
+
+
+def source_reference(vols: list):
+    """What a derived DICOM series of these (input) volumes references: the source files (3D), one list per volume
+    (4D), or None for a NIfTI input."""
+    if (vols[0].meta or {}).get("kind") != "dicom-series":
+        return None
+    if len(vols) == 1:
+        return vols[0].meta.get("source_files")
+    return [list(v.meta.get("source_files") or []) for v in vols]
+
+
+def check_4d_size(case, shape3d: tuple[int, ...], count: int) -> None:
+    """All volumes of a 4D case together within ``MEDLDM_MAX_VOXELS`` (each was checked on its own)."""
+    total = math.prod(shape3d) * count
+    if total > max_voxels():
+        raise CaseError(case.source or case.id, f"{count} volumes of {'x'.join(map(str, shape3d))} voxels ({total:,}) "
+                                                 f"exceed medldm's limit of {max_voxels():,} voxels (MEDLDM_MAX_VOXELS)",
+                        "process one volume at a time with --volume K, or raise MEDLDM_MAX_VOXELS")
+
+
+def stack_volumes(vols: list):
+    """One 4D scan ``(X, Y, Z, T)`` from 3D results on one grid (same shape and affine): a MetaTensor, or a
+    :class:`~medldm.io.reader.ScanArray` when given those; meta from the first, with ``volume_sources`` (each
+    volume's source files, for a derived DICOM series) and ``original_ndim`` 4. One volume is returned as it is."""
+    if len(vols) == 1:
+        return vols[0]
+    a0 = np.asarray(vols[0].affine, dtype=np.float64)
+    for k, v in enumerate(vols[1:], 1):
+        if tuple(v.shape) != tuple(vols[0].shape) or not np.allclose(np.asarray(v.affine, np.float64), a0, atol=1e-4):
+            src = (vols[0].meta or {}).get("filename_or_obj", "<image>")
+            raise CaseError(src, f"volume {k} is on another grid than volume 0 ({tuple(v.shape)} vs "
+                                 f"{tuple(vols[0].shape)})", "process the volumes one by one with --volume K")
+    meta = {k: v for k, v in dict(vols[0].meta).items() if k not in ("affine", "original_affine", "spatial_shape")}
+    meta["original_ndim"] = 4
+    meta["volume_sources"] = [list((v.meta or {}).get("source_files") or []) for v in vols]
+    if not hasattr(vols[0], "detach"):  # ScanArray: numpy only
+        from medldm.io.reader import ScanArray
+
+        return ScanArray(np.stack([np.asarray(v.data, dtype=np.float32) for v in vols], axis=-1), a0, meta)
+    import torch
+    from monai.data import MetaTensor
+
+    data = torch.stack([torch.as_tensor(v).float() for v in vols], dim=-1)
+    return MetaTensor(data.contiguous(), affine=torch.as_tensor(a0), meta=meta)
