@@ -44,7 +44,7 @@ def make_processor(enhancer, opts, out_root: str | Path, model_name: str, model_
     from medldm.cli.remote import provenance
     from medldm.io.discover import scan_folder
     from medldm.io.errors import CaseError
-    from medldm.io.reader import load_case
+    from medldm.io.volumes import load_volumes, source_reference, stack_volumes
     from medldm.io.writer import save_scan
 
     out_root = Path(out_root)
@@ -60,12 +60,12 @@ def make_processor(enhancer, opts, out_root: str | Path, model_name: str, model_
         for case in found.cases:
             if case.error is not None:
                 raise case.error
-            img = load_case(case)
-            res = enhancer.enhance(img, opts)
-            res.image.meta["provenance"] = provenance(model_name, model_hash, enhancer.task, opts, res.info)
+            vols = load_volumes(case)  # a 4D series: every volume, one derived 4D series
+            runs = [enhancer.enhance(img, opts) for img in vols]
+            image = stack_volumes([r.image for r in runs])
+            image.meta["provenance"] = provenance(model_name, model_hash, enhancer.task, opts, runs[0].info)
             out = out_root / rel if case.id == folder.name else out_root / rel / case.id
-            reference = img.meta.get("source_files") if img.meta.get("kind") == "dicom-series" else None
-            outs.append(save_scan(res.image, out, reference=reference, description=desc, replace=True))
+            outs.append(save_scan(image, out, reference=source_reference(vols), description=desc, replace=True))
         return outs
 
     return process
