@@ -45,13 +45,10 @@ def _tiebreak(ds: Dataset) -> tuple:
 
 
 def _check_image_header(path: str | Path, ds: Dataset) -> list[str]:
-    """Header checks done before any pixel is read (sizes, mosaic, rescale); returns warnings."""
+    """Header checks done before any pixel is read (sizes, rescale); returns warnings."""
     if "Rows" not in ds or "Columns" not in ds:
         raise CaseError(path, "image object without Rows/Columns: the header is incomplete",
                         "copy the file again from the source (or remove it)")
-    if "MOSAIC" in [str(v).upper() for v in (ds.get("ImageType", None) or [])]:
-        raise CaseError(path, "Siemens mosaic (several slices tiled in one image) is not supported",
-                        "convert the series with dcm2niix first and give medldm the NIfTI file")
     check_pixel_size(ds, path)
     return [] if "ModalityLUTSequence" in ds else rescale_params(ds, path)[2]
 
@@ -142,7 +139,9 @@ def multi_frame(path: str | Path, ds: Dataset) -> list[Frame]:
                 warns.extend(pv_warns)
         geom = SliceGeom(pos, row, col, spacing, th, warns)
         content = _item(per, "FrameContentSequence")
-        tb = (_num(content.get("TemporalPositionIndex", 0)) if content is not None else 0.0, float(k))
+        # the object's own order first: one enhanced file per volume (Siemens XA) puts its frames after the earlier
+        # files' at the same positions
+        tb = (*_tiebreak(ds), _num(content.get("TemporalPositionIndex", 0)) if content is not None else 0.0, float(k))
 
         def pixels(k=k, slope=slope, inter=inter):
             stored = decoded()[k]
@@ -159,8 +158,62 @@ def multi_frame(path: str | Path, ds: Dataset) -> list[Frame]:
     return frames
 
 
+def is_mosaic(ds: Dataset) -> bool:
+    """A Siemens mosaic: the slices of one volume tiled in one image (ImageType MOSAIC)."""
+    return "MOSAIC" in [str(v).upper() for v in (ds.get("ImageType", None) or [])]
+
+
+def mosaic_frames(path: str | Path, ds: Dataset) -> list[Frame]:
+    """The slices of a Siemens mosaic as frames, with dcm2niix's geometry: the number of slices
+    (NumberOfImagesInMosaic) and the slice normal from the CSA image header, the first slice's position corrected
+    from the mosaic's ImagePositionPatient (which names the corner of the whole tiled image), the slices spaced by
+    SpacingBetweenSlices (else SliceThickness) along the normal. nibabel's ``nicom`` reads the CSA header
+    (``MosaicWrapper``). Slice k is tile k of the mosaic, row by row."""
+    import warnings
+
+    warns = _check_image_header(path, ds)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nibabel calls its DICOM readers experimental on import
+            from nibabel.nicom import dicomwrappers
+
+            w = dicomwrappers.MosaicWrapper(ds)
+            n, size = int(w.n_mosaic), int(w.mosaic_size)
+            first, normal = np.asarray(w.image_position, float), np.asarray(w.slice_normal, float)
+            step = float(w.voxel_sizes[2])
+    except Exception as e:  # no or damaged CSA header
+        raise CaseError(path, f"Siemens mosaic whose CSA header cannot be read ({type(e).__name__}: {e}): the "
+                              "number of slices and their positions are unknown",
+                        "convert the series with dcm2niix and give medldm the NIfTI file") from e
+    rows, cols = int(ds.Rows) // size, int(ds.Columns) // size
+    if n < 1 or n > size * size or rows < 1 or cols < 1:
+        raise CaseError(path, f"Siemens mosaic of {n} slices in a {size} x {size} grid of {ds.Rows} x {ds.Columns} "
+                              "pixels does not add up", "convert the series with dcm2niix")
+    top = slice_geometry(ds)
+    top.warnings.extend(warns)
+
+    @lru_cache(maxsize=1)
+    def decoded():
+        stored = decode_pixels(ds, path)[0]
+        vals, changed = rescale(stored, ds, path)
+        return vals, stored.dtype, changed
+
+    def tile(k: int):
+        vals, dt, changed = decoded()
+        r, c = divmod(k, size)
+        return vals[r * rows:(r + 1) * rows, c * cols:(c + 1) * cols], dt, changed
+
+    sop = str(ds.get("SOPInstanceUID", ""))
+    return [Frame(f"{path}#frame{k + 1}", SliceGeom(first + k * step * normal, top.row_cos, top.col_cos, top.spacing,
+                                                      top.thickness, list(top.warnings)),
+                  (rows, cols), lambda k=k: tile(k), uid=f"{sop}#{k + 1}", tiebreak=_tiebreak(ds))
+            for k in range(n)]
+
+
 def frames_of(path: str | Path, ds: Dataset) -> list[Frame]:
-    """All frames of one DICOM object."""
+    """All frames of one DICOM object (a Siemens mosaic: its slices)."""
     if n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
         return multi_frame(path, ds)
+    if is_mosaic(ds):
+        return mosaic_frames(path, ds)
     return [single_frame(path, ds)]

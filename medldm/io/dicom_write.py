@@ -32,6 +32,7 @@ from pydicom.valuerep import DSfloat
 from medldm import __version__
 from medldm.io.atomic import atomic_dir
 from medldm.io.dicom import drop_command_set
+from medldm.io.dicom_frames import is_mosaic
 from medldm.io.dicom_headers import add_software, clean_reference, new_series_header, now, patient_orientation
 from medldm.io.dicom_pixels import Encoding, choose_encoding
 from medldm.io.dicom_uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, derived_uid, new_uid
@@ -143,11 +144,91 @@ def load_reference(reference: str | os.PathLike | Sequence, where: object) -> li
         raise CaseError(headers[0].filename, "the reference series holds slices of several orientations (stacks)",
                         "pass the files of the one stack the image came from (img.meta['source_files'])")
     for ds in headers:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise CaseError(ds.filename, "the reference is multi-frame or colour",
-                            "derived series are written from single-frame grey-scale references only; "
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise CaseError(ds.filename, "the reference is a colour image",
+                            "derived series are written from grey-scale references only; convert without --reference")
+        if (int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds) \
+                and str(ds.SOPClassUID) not in CLASSIC_OF_ENHANCED:
+            raise CaseError(ds.filename, f"the reference is a multi-frame {ds.SOPClassUID.name} object",
+                            "derived series are written from single-frame or enhanced CT / MR references; "
                             "convert without --reference")
-    return headers
+    return [f for ds in headers for f in frame_headers(ds)]
+
+
+#: the classic (single-frame) storage class a derived series of an enhanced multi-frame source is written in
+CLASSIC_OF_ENHANCED = {"1.2.840.10008.5.1.4.1.1.4.1": "1.2.840.10008.5.1.4.1.1.4",  # Enhanced MR -> MR Image
+                       "1.2.840.10008.5.1.4.1.1.2.1": "1.2.840.10008.5.1.4.1.1.2"}  # Enhanced CT -> CT Image
+
+
+def frame_headers(ds: Dataset) -> list[Dataset]:
+    """A single-frame header per frame of an enhanced multi-frame object (``ds`` itself for a single-frame one): the
+    top level without the functional groups, then each frame's shared and per-frame group attributes (position,
+    orientation, pixel spacing, thickness, echo / diffusion / timing, rescale) at the top level, and the classic
+    SOP class. Derived slices are written from these as from classic headers; each keeps which object and frame it
+    came from (``medldm_source``: SOP class, SOP instance, frame number) for its SourceImageSequence."""
+    if not (int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds):
+        return [ds]
+    skip = {"PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "NumberOfFrames"}
+    base = Dataset()
+    for elem in ds:
+        if elem.keyword not in skip:
+            base.add(copy.deepcopy(elem))
+    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
+    per = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    classic = CLASSIC_OF_ENHANCED[str(ds.SOPClassUID)]
+    is_mr = classic == "1.2.840.10008.5.1.4.1.1.4"
+    out = []
+    for k in range(max(int(ds.get("NumberOfFrames", 1) or 1), len(per))):
+        h = copy.deepcopy(base)
+        found: dict[str, object] = {}
+        for group in (shared, per[k] if k < len(per) else None):
+            for macro in (group or []):
+                if macro.VR == "SQ" and macro.value:
+                    _collect(macro.value[0], found)
+        for key, value in found.items():
+            setattr(h, _AS_CLASSIC.get(key, key), value)
+        if "InPlanePhaseEncodingDirection" in h:  # enhanced COLUMN / ROW / OTHER -> classic COL / ROW / ""
+            h.InPlanePhaseEncodingDirection = {"COLUMN": "COL", "ROW": "ROW"}.get(
+                str(h.InPlanePhaseEncodingDirection).upper(), "")
+        if is_mr:  # the MR Image module's type 1 / 2 attributes the enhanced IOD words differently
+            epi = str(ds.get("EchoPlanarPulseSequence", "")).upper() == "YES"
+            pulse = str(ds.get("EchoPulseSequence", "")).upper()
+            h.ScanningSequence = h.get("ScanningSequence") or (
+                "EP" if epi else {"SPIN": "SE", "GRADIENT": "GR"}.get(pulse, "RM"))
+            h.SequenceVariant = h.get("SequenceVariant") or "NONE"
+            for key in ("ScanOptions", "MRAcquisitionType", "EchoTime", "RepetitionTime", "EchoTrainLength"):
+                if key not in h:
+                    setattr(h, key, "")
+        h.SOPClassUID = classic
+        h.filename = f"{getattr(ds, 'filename', '')}#frame{k + 1}"
+        h.medldm_source = (str(ds.SOPClassUID), str(ds.SOPInstanceUID), k + 1)
+        out.append(h)
+    return out
+
+
+#: attributes a derived classic slice takes from an enhanced source's functional group macros (as they are, or
+#: under their classic name): geometry, rescale and window, and the acquisition values that tell volumes apart
+_FROM_MACROS = {"ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+                "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter",
+                "WindowWidth", "EffectiveEchoTime", "RepetitionTime", "FlipAngle", "EchoTrainLength", "InversionTimes",
+                "DiffusionBValue", "DiffusionGradientOrientation", "TemporalPositionIndex", "NominalCardiacTriggerDelayTime",
+                "MRAcquisitionType", "InPlanePhaseEncodingDirection"}
+_AS_CLASSIC = {"EffectiveEchoTime": "EchoTime", "InversionTimes": "InversionTime",
+               "TemporalPositionIndex": "TemporalPositionIdentifier", "NominalCardiacTriggerDelayTime": "TriggerTime"}
+
+
+def _collect(item: Dataset, found: dict) -> None:
+    """The :data:`_FROM_MACROS` values in a functional group macro item (and the sequences nested in it, e.g. the
+    diffusion gradient direction)."""
+    for elem in item:
+        if elem.VR == "SQ":
+            for sub in elem.value[:1]:
+                _collect(sub, found)
+        elif elem.keyword in _FROM_MACROS and elem.value not in (None, ""):
+            value = elem.value
+            if elem.keyword == "InversionTimes" and not isinstance(value, int | float):
+                value = value[0] if len(value) else ""
+            found[elem.keyword] = copy.deepcopy(value)
 
 
 def header_int(value, default: int = 0) -> int:
@@ -336,7 +417,10 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
     with atomic_dir(out_dir, replace=replace, owned=owned) as tmp:
         for t in range(n_vol):
             hs = vol_headers[t] if per_volume else headers
-            nearest, sources = _nearest(hs, grid, nz) if hs else ([None] * nz, [[] for _ in range(nz)])
+            if len(hs) == 1 and is_mosaic(hs[0]):  # a Siemens mosaic: one file holds every slice of the volume
+                nearest, sources = [0] * nz, [[0] for _ in range(nz)]
+            else:
+                nearest, sources = _nearest(hs, grid, nz) if hs else ([None] * nz, [[] for _ in range(nz)])
             ctx = {**series, "sources": [[hs[i] for i in s] for s in sources], "offset": t * nz}
             for k in range(nz):
                 ds = _slice_header(hs[nearest[k]] if hs else None, ctx, grid, k)
@@ -460,15 +544,18 @@ def _slice_header(ref: Dataset | None, ctx: dict, grid: Grid, k: int) -> Dataset
         items, insts = [], []
         for s in srcs:
             src = Dataset()
-            src.ReferencedSOPClassUID = s.SOPClassUID
-            src.ReferencedSOPInstanceUID = s.SOPInstanceUID
+            cls, uid, frame = getattr(s, "medldm_source", (s.SOPClassUID, s.SOPInstanceUID, None))
+            src.ReferencedSOPClassUID, src.ReferencedSOPInstanceUID = cls, uid
+            if frame is not None:  # a frame of an enhanced multi-frame source
+                src.ReferencedFrameNumber = frame
             code = Dataset()
             code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = _SOURCE_PURPOSE
             src.PurposeOfReferenceCodeSequence = [code]
             items.append(src)
+            if any(i.ReferencedSOPInstanceUID == uid for i in insts):
+                continue
             inst = Dataset()
-            inst.ReferencedSOPClassUID = s.SOPClassUID
-            inst.ReferencedSOPInstanceUID = s.SOPInstanceUID
+            inst.ReferencedSOPClassUID, inst.ReferencedSOPInstanceUID = cls, uid
             insts.append(inst)
         if items:
             ds.SourceImageSequence = items
@@ -492,7 +579,7 @@ def _slice_header(ref: Dataset | None, ctx: dict, grid: Grid, k: int) -> Dataset
         if ds.SOPClassUID == SecondaryCaptureImageStorage:
             ds.ConversionType = "WSD"
             ds.PatientOrientation = patient_orientation(grid.row_cos, grid.col_cos)
-    ds.ImageType = ["DERIVED", "SECONDARY"] + old_type[2:]
+    ds.ImageType = ["DERIVED", "SECONDARY"] + [v for v in old_type[2:] if v.upper() != "MOSAIC"]  # one slice each
     if ds.SOPClassUID == CTImageStorage and len(ds.ImageType) < 3:
         ds.ImageType = list(ds.ImageType) + ["AXIAL"]
     ds.SeriesInstanceUID = ctx["series_uid"]

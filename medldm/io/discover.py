@@ -19,6 +19,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from medldm.io.errors import CaseError, UsageError
 from medldm.io.formats import NIFTI_SUFFIXES, is_nifti
 
@@ -148,6 +150,25 @@ def _with_count(e: CaseError, n_more: int) -> CaseError:
     return CaseError(e.path, f"{e.reason} (and {n_more} more damaged file{'s' * (n_more > 1)} in this series)", e.hint)
 
 
+def _volume_groups(items: list[tuple[Path, object]]) -> list[list[tuple[Path, object]]]:
+    """Multi-frame objects of one series grouped into the volumes of one scan: objects whose frames lie at the same
+    positions with the same orientation and size (e.g. Siemens XA, one enhanced file per volume of an EPI run) form
+    one 4D case, as the same data in classic files would; any other object stays alone."""
+    from medldm.io.dicom_frames import multi_frame
+
+    groups: dict[tuple, list[tuple[Path, object]]] = {}
+    for p, ds in sorted(items, key=lambda it: str(it[0])):
+        try:
+            fr = multi_frame(p, ds)
+            n = fr[0].geom.normal
+            key = (fr[0].shape, tuple(np.round(np.concatenate([fr[0].geom.row_cos, fr[0].geom.col_cos]), 4)),
+                   tuple(sorted(round(float(f.geom.position @ n), 2) for f in fr)))
+        except Exception:  # noqa: BLE001 - an unreadable object stays alone; loading it reports why
+            key = ("alone", str(p))
+        groups.setdefault(key, []).append((p, ds))
+    return list(groups.values())
+
+
 def _units_of_series(items: list[tuple[Path, object]], bad: list[tuple[Path, object, CaseError]],
                      where: str) -> list[_Unit]:
     """Split one series' files (of one folder) into loadable units: each multi-frame file alone, single
@@ -162,7 +183,8 @@ def _units_of_series(items: list[tuple[Path, object]], bad: list[tuple[Path, obj
         return n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds
 
     bad = list(bad)
-    units = [_Unit([p], [ds], stack=i) for i, (p, ds) in enumerate((p, ds) for p, ds in items if multi(ds))]
+    units = [_Unit([p for p, _ in g], [ds for _, ds in g], stack=i)
+             for i, g in enumerate(_volume_groups([(p, ds) for p, ds in items if multi(ds)]))]
     frames, by_frame = [], {}
     for p, ds in items:
         if multi(ds):

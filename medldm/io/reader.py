@@ -284,8 +284,8 @@ def _dicom_frames(paths: list[Path], where: str, headers: Sequence | None):
         frames.extend(frames_of(p, ds))
     if not frames:
         raise CaseError(where, "no image among the DICOM files", "give an image file or series folder")
-    if n_multi and len(paths) - len(warns) > 1:
-        raise CaseError(where, "several DICOM objects including multi-frame ones",
+    if n_multi and n_multi != len(paths) - len(warns):
+        raise CaseError(where, "multi-frame and single-frame DICOM objects mixed",
                         "load each multi-frame file on its own")
     return frames, first, warns, n_multi, headers
 
@@ -348,7 +348,10 @@ def describe_volumes(case) -> dict:
 
     paths = [Path(p) for p in case.paths]
     frames, _, _, n_multi, headers = _dicom_frames(paths, str(case.source or paths[0]), case.headers)
-    out["form"] = "enhanced multi-frame" if n_multi else "classic"
+    from medldm.io.dicom_frames import is_mosaic
+
+    out["form"] = "enhanced multi-frame" if n_multi else \
+        "Siemens mosaic" if any(is_mosaic(h) for h in headers) else "classic"
     if n <= 1:
         return out
     by_path = {str(p): h for p, h in zip(paths, headers, strict=True)}
