@@ -221,3 +221,22 @@ def test_series_number_as_scanners_write_it(tmp_path, value):
                  "--quiet"]) == 0
     sn = {int(pydicom.dcmread(f, stop_before_pixels=True).SeriesNumber) for f in (out / "series").glob("*.dcm")}
     assert sn == {1000 + {"5.0": 5, "5.5": 0, " 7 ": 7, "": 0}[value]}
+
+
+def test_philips_float_scaling_as_dcm2niix_and_display_on_request(monkeypatch):
+    """Issue 20.8: Philips values are dcm2niix's default floating-point values (display / (RescaleSlope x
+    MRScaleSlope)); MEDLDM_PHILIPS_SCALING=display gives the display values (RescaleSlope/Intercept only)."""
+    files = sorted((VENDOR / "dcm_qa_philips_fmri").glob("*.dcm"))
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    ss = float(ds.private_block(0x2005, "Philips MR Imaging DD 001")[0x0E].value)
+    rs = float(ds.RescaleSlope)
+    fp = load_scan(files, volume=0)
+    assert any("floating-point values" in w for w in fp.meta["warnings"])
+    monkeypatch.setenv("MEDLDM_PHILIPS_SCALING", "display")
+    dv = load_scan(files, volume=0)
+    assert not any("floating-point" in w for w in dv.meta["warnings"])
+    np.testing.assert_allclose(fp.numpy(), dv.numpy() / (rs * ss), rtol=1e-6)
+    assert abs(1 / (rs * ss) - 180.9) < 0.1  # this series: float values are 180.9 x the display values
+    monkeypatch.setenv("MEDLDM_PHILIPS_SCALING", "raw")
+    with pytest.raises(CaseError, match="MEDLDM_PHILIPS_SCALING"):
+        load_scan(files, volume=0)

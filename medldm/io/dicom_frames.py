@@ -4,6 +4,7 @@ multi-frame such as ``emri_small.dcm``)."""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,17 +54,65 @@ def _check_image_header(path: str | Path, ds: Dataset) -> list[str]:
     return [] if "ModalityLUTSequence" in ds else rescale_params(ds, path)[2]
 
 
+PHILIPS_PRIVATE = "Philips MR Imaging DD 001"
+PHILIPS_NOTE = ("Philips: floating-point values (display value / (RescaleSlope x MRScaleSlope)), as dcm2niix writes "
+                "them; MEDLDM_PHILIPS_SCALING=display for the display values")
+
+
+def philips_scaling() -> str:
+    """``$MEDLDM_PHILIPS_SCALING``: ``float`` (default, dcm2niix's default) or ``display``."""
+    v = os.environ.get("MEDLDM_PHILIPS_SCALING", "float").strip().lower() or "float"
+    if v not in ("float", "display"):
+        raise CaseError(f"MEDLDM_PHILIPS_SCALING={v!r}", "not a Philips scaling", "set it to float or display")
+    return v
+
+
+def _philips_item(per: Dataset | None) -> Dataset | None:
+    """The Philips private per-frame item (a sequence in group 2005) of an enhanced frame, if any."""
+    for elem in (per or []):
+        if elem.tag.group == 0x2005 and elem.VR == "SQ" and elem.value:
+            return elem.value[0]
+    return None
+
+
+def philips_float_factor(ds: Dataset, item: Dataset | None, path, slope: float | None = None) -> float | None:
+    """Philips MR stores a scale slope (MRScaleSlope, private 2005,100E of "Philips MR Imaging DD 001") beside the
+    rescale: the floating-point value is the display value / (RescaleSlope x MRScaleSlope). dcm2niix writes these
+    by default (``UsePhilipsFloatNotDisplayScaling``); so does medldm unless ``MEDLDM_PHILIPS_SCALING=display``.
+    Returns the factor to multiply display values by, or None (not Philips, no scale slope, display asked for)."""
+    if item is None or "philips" not in str(ds.get("Manufacturer", "")).lower() or philips_scaling() == "display":
+        return None
+    try:
+        ss = float(item.private_block(0x2005, PHILIPS_PRIVATE)[0x0E].value)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if slope is None:
+        try:
+            slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        except (TypeError, ValueError):
+            slope = 1.0
+    if not (np.isfinite(ss) and ss > 0 and np.isfinite(slope) and slope > 0) or ss * slope == 1.0:
+        return None
+    return 1.0 / (slope * ss)
+
+
 def single_frame(path: str | Path, ds: Dataset) -> Frame:
     """A Frame for a single-frame image file (pixels decoded lazily from ``ds``)."""
     warns = _check_image_header(path, ds)
 
+    fp = philips_float_factor(ds, ds, path)
+
     def pixels():
         stored = decode_pixels(ds, path)[0]
         vals, changed = rescale(stored, ds, path)
+        if fp is not None:
+            return np.asarray(vals, np.float64) * fp, stored.dtype, True
         return vals, stored.dtype, changed
 
     geom = slice_geometry(ds)
     geom.warnings.extend(warns)  # the same text for every slice: reported once per volume
+    if fp is not None:
+        geom.warnings.append(PHILIPS_NOTE)
     return Frame(str(path), geom, (int(ds.Rows), int(ds.Columns)), pixels,
                  uid=str(ds.get("SOPInstanceUID", "")), tiebreak=_tiebreak(ds))
 
@@ -143,8 +192,15 @@ def multi_frame(path: str | Path, ds: Dataset) -> list[Frame]:
         # files' at the same positions
         tb = (*_tiebreak(ds), _num(content.get("TemporalPositionIndex", 0)) if content is not None else 0.0, float(k))
 
-        def pixels(k=k, slope=slope, inter=inter):
+        fp = philips_float_factor(ds, _philips_item(per), path, slope)
+        if fp is not None and k == 0:
+            warns.append(PHILIPS_NOTE)
+
+        def pixels(k=k, slope=slope, inter=inter, fp=fp):
             stored = decoded()[k]
+            if fp is not None:
+                vals = stored * slope + inter if slope is not None else rescale(stored, ds, path)[0]
+                return np.asarray(vals, np.float64) * fp, stored.dtype, True
             if slope is not None and (slope != 1.0 or inter != 0.0):
                 if np.issubdtype(stored.dtype, np.integer) and slope.is_integer() and inter.is_integer():
                     return stored.astype(np.int64) * int(slope) + int(inter), stored.dtype, True

@@ -413,6 +413,12 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
         modality = "OT" if modality in ("UNKNOWN", "") else modality
     series = _series_context(headers, grid, modality, description, vol, prov)
     series.update(deidentify=deid, burned_in=burned)
+    # a 4D source whose volumes differ in TriggerTime as a time stamp (Philips fMRI), the time points recorded in
+    # TemporalPositionIdentifier too: without the vendor's private dimension tags, a derived series keeping
+    # TriggerTime is split by dcm2niix into one series per volume ("trigger time varies"), so it is left out
+    drop_trigger = per_volume and all(
+        len({str(hs[0].get(k, "")) for hs in vol_headers if hs}) == len(vol_headers)
+        for k in ("TriggerTime", "TemporalPositionIdentifier"))
     names = [f"IM{k + 1:05d}.dcm" for k in range(nz * n_vol)]
     with atomic_dir(out_dir, replace=replace, owned=owned) as tmp:
         for t in range(n_vol):
@@ -424,6 +430,8 @@ def save_dicom_series(img, out_dir: str | os.PathLike, *, reference=None, descri
             ctx = {**series, "sources": [[hs[i] for i in s] for s in sources], "offset": t * nz}
             for k in range(nz):
                 ds = _slice_header(hs[nearest[k]] if hs else None, ctx, grid, k)
+                if drop_trigger and "TriggerTime" in ds:
+                    del ds.TriggerTime
                 _set_pixels(ds, vols[t][:, :, k], enc, modality, series["rescale"])
                 _write(ds, tmp / names[t * nz + k])
     return [out_dir / n for n in names]
