@@ -128,3 +128,32 @@ def test_4d_total_size_is_checked_before_reading_every_volume(ge, tmp_path, monk
     assert "process one volume at a time with --volume K" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
     assert main(["convert", str(ge), str(tmp_path / "o1.nii.gz"), "--volume", "1", "--quiet"]) == 0
+
+
+def test_plan_and_training_data_take_4d_scans(tmp_path, ge):
+    """Issue 20.9: the fingerprint reads a 4D scan (volume 0, with its number of volumes) instead of skipping it;
+    training data has one item per volume, and the volumes of one scan stay on one side of the split."""
+    import shutil
+
+    from medldm.data.datasets import collect_scans, split_scans
+    from medldm.plan.fingerprint import fingerprint
+
+    data = tmp_path / "data"
+    (data / "sub-01").mkdir(parents=True)
+    shutil.copy(EX4D, data / "sub-01" / "func.nii.gz")
+    shutil.copytree(ge, data / "sub-02" / "epi")
+    fp = fingerprint([data], cache=None)
+    assert not fp["skipped"], fp["skipped"]
+    vols = sorted(s["volumes"] for s in fp["scans"])
+    assert vols == [2, 2]
+    refs = collect_scans([str(data)])
+    assert sorted(r.id.rsplit("/", 1)[-1] for r in refs) == ["epi#vol0", "epi#vol1", "func#vol0", "func#vol1"]
+    assert sorted(r.volume for r in refs) == [0, 0, 1, 1]
+    for seed in range(5):
+        train, val = split_scans(refs, 0.5, seed)
+        assert len(train) == len(val) == 2
+        assert len({r.path for r in train}) == 1 and len({r.path for r in val}) == 1  # a scan's volumes together
+    from medldm.data.datasets import LoadNormalize
+
+    item = LoadNormalize("MR")(refs[1].as_dict())
+    assert tuple(item["image"].shape[:3]) in ((64, 64, 15), (128, 96, 24))

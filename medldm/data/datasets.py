@@ -37,9 +37,11 @@ class ScanRef:
     path: str
     files: list[str] = field(default_factory=list)
     source: int = 0  # index of the data.train entry it came from (class label for class_from: source)
+    volume: int | None = None  # one volume of a 4D scan (each volume is a scan of its own for training)
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "path": self.path, "files": list(self.files), "source": self.source}
+        return {"id": self.id, "path": self.path, "files": list(self.files), "source": self.source,
+                "volume": self.volume}
 
 
 def resolve_path(entry: str) -> Path:
@@ -66,8 +68,37 @@ def _folder_scans(root: Path, source: int) -> list[ScanRef]:
             continue
         files = [str(p) for p in case.paths] if case.kind != "nifti" else []
         path = str(case.paths[0]) if case.kind == "nifti" else where
-        refs.append(ScanRef(id=f"{root}/{case.id}", path=path, files=files, source=source))
+        refs += _volume_refs(ScanRef(id=f"{root}/{case.id}", path=path, files=files, source=source), case)
     return refs
+
+
+def _volume_refs(ref: ScanRef, case=None) -> list[ScanRef]:
+    """A 4D scan (DWI, fMRI, multi-echo) as one ref per volume (``id#volK``; kept on one side of every split by
+    :func:`scan_group`), else ``[ref]``."""
+    from medldm.io.reader import count_volumes
+
+    if case is None:
+        from medldm.io.discover import Case
+
+        case = Case(id=ref.id, kind="nifti", paths=[Path(ref.path)], root=Path(ref.path).parent)
+    try:
+        n = count_volumes(case)
+    except CaseError:
+        return [ref]
+    if n <= 1:
+        return [ref]
+    return [ScanRef(id=f"{ref.id}#vol{k}", path=ref.path, files=list(ref.files), source=ref.source, volume=k)
+            for k in range(n)]
+
+
+def scan_group(scan_id: str) -> str:
+    """The scan a ref belongs to: the volumes of one 4D scan are one group (never split between train and val)."""
+    return scan_id.split("#vol", 1)[0]
+
+
+def _file_refs(p: Path, source: int) -> list[ScanRef]:
+    ref = ScanRef(str(p), str(p), source=source)
+    return _volume_refs(ref) if str(p).lower().endswith((".nii", ".nii.gz")) else [ref]
 
 
 def collect_scans(entries: Sequence[str], base: Path | None = None) -> list[ScanRef]:
@@ -86,9 +117,9 @@ def collect_scans(entries: Sequence[str], base: Path | None = None) -> list[Scan
                 if ln and not ln.startswith("#"):
                     q = resolve_path(ln)
                     q = q if q.is_absolute() else p.parent / q
-                    found += _folder_scans(q, source) if q.is_dir() else [ScanRef(str(q), str(q), source=source)]
+                    found += _folder_scans(q, source) if q.is_dir() else _file_refs(q, source)
         elif p.is_file():
-            found = [ScanRef(str(p), str(p), source=source)]
+            found = _file_refs(p, source)
         else:
             raise CaseError(entry, "not found", "give a folder, a list file (.txt), a scan path or pkg://PACKAGE/path")
         if not found:
@@ -107,11 +138,14 @@ def split_scans(refs: list[ScanRef], val_fraction: float, seed: int) -> tuple[li
     validation (at least one when ``f > 0`` and there are >= 2 scans). Independent of the listing order."""
     if val_fraction <= 0 or len(refs) < 2:
         return list(refs), []
-    key = {r.id: hashlib.sha256(f"{seed}:{r.id}".encode()).hexdigest() for r in refs}
-    order = sorted(refs, key=lambda r: key[r.id])
-    n_val = min(len(refs) - 1, max(1, int(np.ceil(val_fraction * len(refs)))))
-    val_ids = {r.id for r in order[:n_val]}
-    return [r for r in refs if r.id not in val_ids], [r for r in refs if r.id in val_ids]
+    groups = sorted({scan_group(r.id) for r in refs})  # the volumes of a 4D scan stay together
+    if len(groups) < 2:
+        return list(refs), []
+    key = {g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest() for g in groups}
+    order = sorted(groups, key=lambda g: key[g])
+    n_val = min(len(groups) - 1, max(1, int(np.ceil(val_fraction * len(groups)))))
+    val_groups = set(order[:n_val])
+    return ([r for r in refs if scan_group(r.id) not in val_groups], [r for r in refs if scan_group(r.id) in val_groups])
 
 
 class LoadNormalize:
@@ -126,7 +160,7 @@ class LoadNormalize:
         from medldm.data.intensity import fit_normalization, normalize
         from medldm.io import load_scan
 
-        img = load_scan(ref["files"] if ref.get("files") else ref["path"])
+        img = load_scan(ref["files"] if ref.get("files") else ref["path"], volume=ref.get("volume"))
         modality = None if self.modality == "auto" else self.modality
         params = fit_normalization(img, modality, window=self.ct_window, foreground=True)
         x = normalize(img, params)

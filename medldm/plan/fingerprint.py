@@ -40,7 +40,7 @@ from medldm.data.noise import estimate_noise_sigma
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: 4D scans are fingerprinted (by volume 0), with their number of volumes
 PERCENTILES = (0.5, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.5)
 #: intensity statistics use at most this many voxels (an evenly strided subset: fast on large CT)
 MAX_STAT_VOXELS = 2_000_000
@@ -104,10 +104,11 @@ def scan_record(case, data_root: Path) -> dict[str, Any]:
     """Fingerprint of one case (raises CaseError / OSError when it cannot be read)."""
     import nibabel as nib
 
-    from medldm.io.reader import read_case
+    from medldm.io.reader import count_volumes, read_case
 
     t0 = time.perf_counter()
-    data, affine, meta = read_case(case)
+    n_vol = count_volumes(case)  # a 4D scan: fingerprinted by its first volume; training takes every volume
+    data, affine, meta = read_case(case, volume=0 if n_vol > 1 else None)
     sample = _stat_sample(data)
     finite = sample.size > 0
     lo, hi = (float(sample.min()), float(sample.max())) if finite else (float("nan"), float("nan"))
@@ -146,7 +147,7 @@ def scan_record(case, data_root: Path) -> dict[str, Any]:
         "warnings": list(meta.get("warnings", [])), "integrity": _jsonable(meta.get("integrity", {})),
         "pixel_hash": h.hexdigest(), "subject": subject, "subject_from": subject_from,
         "patient_id": pid, "study_uid": study, "series_uid": str(meta.get("series_uid", "")),
-        "read_s": round(time.perf_counter() - t0, 3),
+        "volumes": n_vol, "read_s": round(time.perf_counter() - t0, 3),
     }
 
 
