@@ -129,6 +129,30 @@ def test_local_rank_from_the_launcher(two_gpus, monkeypatch):
         resolve_device("cuda:1")
 
 
+@pytest.mark.parametrize("count, want", [(4, 3), (2, 1), (1, 0)])
+def test_training_uses_the_same_device_rule(two_gpus, monkeypatch, count, want):
+    """``medldm train`` under torchrun (LOCAL_RANK 3): the engine maps ``cuda`` like the commands do,
+    cuda:{3 % device_count}, made current (before: cuda:3 whatever the count — an invalid ordinal under a launcher
+    that shows each process one GPU); a deterministic run sets cuBLAS's workspace first."""
+    import medldm.train.distributed as D
+    import medldm.train.engine as E
+    from medldm.config import from_mapping
+    from medldm.train.schema import EngineConfig
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(E, "init_distributed", lambda kind: D.DistInfo(rank=3, world_size=4, local_rank=3))
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **kw: None)  # global state: not here
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    try:
+        rt = E.make_runtime(from_mapping(EngineConfig, {"device": "cuda", "deterministic": True}))
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
+    assert rt.device == torch.device("cuda", want) and two_gpus == [want]
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
 # ------------------------------------------------------------------------------------------------ 4. latent cache
 def test_latent_cache_batches_by_voxels():
     """16 whole 256 x 256 x 176 volumes are never one encoder call: the batch comes from a voxel budget."""

@@ -283,34 +283,18 @@ class Resume:
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> str:
-    """``--device`` of enhance / listen / synthesize, the one place it is mapped: 'auto' and 'cuda' = this process's
-    GPU, ``cuda:{local_rank % device_count}`` (under ``torchrun`` each rank its own GPU; a launcher that shows each
-    process one GPU makes that ``cuda:0``), made the current device; 'auto' without a GPU = the CPU. A CUDA device
-    on a machine without one, or an ordinal that does not exist, is a usage error. ``local_rank``: default the
-    launcher's ``LOCAL_RANK`` (0 without one)."""
-    import torch
+    """``--device`` of enhance / listen / synthesize: :func:`medldm.devices.select` ('auto' and 'cuda' = this
+    process's GPU, ``cuda:{local_rank % device_count}``, made the current device; 'auto' without a GPU = the CPU).
+    A CUDA device on a machine without one, or an ordinal that does not exist, is a usage error. ``local_rank``:
+    default the launcher's ``LOCAL_RANK`` (0 without one)."""
+    from medldm.devices import DeviceError, select
 
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    if name != "auto" and not name.startswith("cuda"):
-        raise UsageError(f"--device {name}: use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device here; use --device cpu")
-    n = torch.cuda.device_count()
-    if name in ("auto", "cuda"):
-        idx = local_rank % n
-    else:
-        try:
-            idx = int(name.split(":", 1)[1])
-        except (IndexError, ValueError):
-            raise UsageError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
-        if not 0 <= idx < n:
-            raise UsageError(f"--device {name}: this process sees {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
-    torch.cuda.set_device(idx)
-    return f"cuda:{idx}"
+    try:
+        return str(select(name, local_rank))
+    except DeviceError as e:
+        raise UsageError(f"--device {name}: {e}") from None
 
 
 def once_per_case(make):

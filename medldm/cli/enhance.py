@@ -15,7 +15,7 @@ its weights and config; seed, steps, sampler, samples, noise level, axis, refine
 written last: a rerun skips a case only when its record matches, and an output made with another model or options
 fails that case with one line (``--overwrite`` replaces only that output). One scan in: the run report is ``<OUT name>.medldm-enhance-report.json`` beside OUT.
 Under ``torchrun --nproc_per_node=K -m medldm enhance ...`` the cases are sharded over the K processes (GPU
-``cuda:LOCAL_RANK`` each when available); every rank writes its outputs and ``*.rank<r>.json`` report and rank 0
+``cuda:{LOCAL_RANK % device_count}`` each when available); every rank writes its outputs and ``*.rank<r>.json`` report and rank 0
 merges them into the run report. Exit status: 0 all done, 1 some failed, 2 usage error.
 """
 

@@ -114,16 +114,20 @@ def deterministic_cublas() -> None:
 
 
 def make_runtime(ecfg) -> Runtime:
-    """Resolve ``engine`` config switches against the hardware (GPU features are CPU no-ops)."""
-    if ecfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("engine.device is 'cuda' but no CUDA GPU is available — use engine.device=auto or cpu")
-    cuda = ecfg.device == "cuda" or (ecfg.device == "auto" and torch.cuda.is_available())
+    """Resolve ``engine`` config switches against the hardware (GPU features are CPU no-ops). The device is
+    :func:`medldm.devices.select` of ``engine.device`` and the rank's ``LOCAL_RANK`` — the same rule as the
+    commands' ``--device``: ``cuda:{local_rank % device_count}``, made the current device."""
+    from medldm.devices import DeviceError, resolve, select
+
+    try:
+        cuda = resolve(ecfg.device).type == "cuda"  # checked before the process group is joined
+    except DeviceError as e:
+        raise RuntimeError(f"engine.device {ecfg.device}: {e} (engine.device=auto picks the CPU)") from None
     if cuda and ecfg.deterministic:
         deterministic_cublas()
     info = init_distributed("cuda" if cuda else "cpu")
     if cuda:
-        torch.cuda.set_device(info.local_rank)
-        device = torch.device("cuda", info.local_rank)
+        device = select(ecfg.device, info.local_rank)  # before: cuda:LOCAL_RANK, invalid with one GPU per process
         torch.backends.cuda.matmul.allow_tf32 = ecfg.tf32
         torch.backends.cudnn.allow_tf32 = ecfg.tf32
         torch.backends.cudnn.benchmark = not ecfg.deterministic
