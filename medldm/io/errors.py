@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (a newline in a file name becomes ``\\n``), so a message stays
+    one line on the terminal and in logs."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
 
 class CaseError(Exception):
     """A case (file or series) cannot be processed.
@@ -17,7 +27,7 @@ class CaseError(Exception):
 
     def line(self) -> str:
         msg = f"{self.path}: {self.reason}"
-        return f"{msg} — {self.hint}" if self.hint else msg
+        return one_line(f"{msg} — {self.hint}" if self.hint else msg)
 
 
 class UsageError(Exception):
