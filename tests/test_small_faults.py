@@ -123,3 +123,23 @@ def test_a_series_without_pixel_data_is_one_case_saying_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "IN holds" not in err
     assert "without pixel data" in err and "(and 7 more damaged files in this series)" in err
+
+
+def test_enhance_of_one_series_into_a_folder_of_user_files_is_a_usage_error_like_convert(tmp_path, capsys):
+    """docs/guarantees.md: one scan in, OUT an existing folder holding files medldm did not write, is a usage
+    error for every command (enhance wrote OUT/<name>/ beside the user's files when IN was a series folder)."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    src = tmp_path / "ct"
+    src.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), src / "CT_small.dcm")
+    keep = tmp_path / "results"
+    keep.mkdir()
+    (keep / "thesis.txt").write_text("x\n")
+    for argv in (["convert", str(src), str(keep)],
+                 ["enhance", "-m", "mr-denoise-2d", "-i", str(src), "-o", str(keep), "--device", "cpu"]):
+        assert main([*argv, "--quiet"]) == 2
+        assert f"give a new folder name for the DICOM series (e.g. {keep / 'series'})" in capsys.readouterr().err
+    assert sorted(p.name for p in keep.iterdir()) == ["thesis.txt"]
