@@ -1,7 +1,7 @@
 """The case loop: run one function over many discovered cases, isolate failures, write a run report.
 
 Generic orchestration over :func:`medldm.io.discover.scan_folder` cases, used by the CLI commands
-(``medldm.cli.common`` re-exports it) and by the library's multi-case runs (``medldm.eval.run``,
+(``medldm.cli.common`` re-exports it; the output and resume rules are :mod:`medldm.io.outputs`) and by the library's multi-case runs (``medldm.eval.run``,
 ``medldm.eval.audit``):
 
 * :func:`run_cases`: a progress bar, one line per failed case (``input file: what is wrong — what to do``)
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medldm.io.atomic import TMP_TAG, atomic_file
-from medldm.io.errors import CaseError, one_line
+from medldm.io.errors import CaseError, escape_path
 
 log = logging.getLogger(__name__)
 
@@ -103,25 +103,21 @@ def _exists_error(exc: BaseException) -> FileExistsError | None:
 
 
 def failure_line(case, exc: BaseException) -> tuple[str, dict]:
-    """One line for an unexpected exception of a case, and the extra (traceback) for the run report."""
-    line, extra = _failure_line(case, exc)
-    return one_line(line), extra
-
-
-def _failure_line(case, exc: BaseException) -> tuple[str, dict]:
-    src = case_source(case)
+    """One line for an unexpected exception of a case, and the extra (traceback) for the run report (control
+    characters of paths escaped: one line)."""
+    src = escape_path(case_source(case))
     tb = {"traceback": traceback.format_exc()}
     ose = write_error(exc)
     if ose is not None:
         what, hint = WRITE_ERRORS[ose.errno]
-        fname = str(getattr(ose, "filename", None) or "")
+        fname = escape_path(str(getattr(ose, "filename", None) or ""))
         where = f" {fname}" if fname and TMP_TAG not in fname else ""
         return f"{src}: cannot write the output{where}: {what} — {hint}", tb
     fee = _exists_error(exc)
     if fee is not None:
         hint = ("move it away, or choose another OUT" if "did not write" in str(fee.strerror) or "not a folder"
                 in str(fee.strerror) or "is a folder" in str(fee.strerror) else "use --overwrite, or another OUT")
-        return f"{src}: output {fee.filename} {fee.strerror} — {hint}", tb
+        return f"{src}: output {escape_path(str(fee.filename))} {fee.strerror} — {hint}", tb
     return (f"{src}: unexpected error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             " — please report this with the traceback in the run report", tb)
 
