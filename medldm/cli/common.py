@@ -9,6 +9,7 @@ resume records in :mod:`medldm.io.outputs`, the case loop and run reports in :mo
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
