@@ -3,7 +3,8 @@
     medldm enhance -m MODEL -i IN -o OUT [--steps N] [--sampler NAME] [--samples K] [--batch-size B]
                    [--device D] [--seed S] [--noise-level L] [--axis A] [--to nifti|dicom] [--overwrite]
 
-IN is a scan (NIfTI file, DICOM file or series folder) or a folder of cases (mixed is fine); OUT mirrors IN
+IN is a scan (NIfTI file, DICOM file or series folder: OUT names the output itself, docs/guarantees.md) or a
+folder of cases (mixed is fine); OUT mirrors IN
 (NIfTI stays NIfTI, a DICOM series becomes a derived DICOM series of its source; ``--to`` changes the kind),
 geometry preserved (super-resolution: spacing scaled, physical extent kept), intensities back in the original
 units and dtype. Options not given take the pipeline's defaults (``medldm.pipelines.enhance.EnhanceOptions``), the
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     desc = f"medldm {enhancer.task} ({model.name})"
     found = remote_in.found if remote_in else common.find_inputs(src)
     command = shlex.join(["medldm", "enhance", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm enhance"
-    single = not (remote_in or remote_out) and (src.is_file() or (len(found.cases) == 1 and is_nifti(out)))
+    single = not (remote_in or remote_out) and common.single_case(src, out, found.cases)
     targets, report = common.plan_outputs(found, out, args, "enhance", single=single, fmt=args.to, report_name=REPORT_NAME)
     from medldm.models.folder import model_hash
 

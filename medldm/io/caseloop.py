@@ -1,7 +1,7 @@
 """The case loop: run one function over many discovered cases, isolate failures, write a run report.
 
 Generic orchestration over :func:`medldm.io.discover.scan_folder` cases, used by the CLI commands
-(``medldm.cli.common`` re-exports it) and by the library's multi-case runs (``medldm.eval.run``,
+(``medldm.cli.common`` re-exports it; the output and resume rules are :mod:`medldm.io.outputs`) and by the library's multi-case runs (``medldm.eval.run``,
 ``medldm.eval.audit``):
 
 * :func:`run_cases`: a progress bar, one line per failed case (``input file: what is wrong — what to do``)
@@ -17,9 +17,12 @@ Messages go to the ``medldm.io.caseloop`` logger; ``medldm``'s CLI prints them o
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -28,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medldm.io.atomic import TMP_TAG, atomic_file
-from medldm.io.errors import CaseError
+from medldm.io.errors import CaseError, escape_path
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class CaseResult:
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)
+    finished: float = 0.0  # Unix time the case ended (a concurrent run's report merge keeps what it did)
 
 
 def case_inputs(case) -> list[str]:
@@ -99,20 +103,21 @@ def _exists_error(exc: BaseException) -> FileExistsError | None:
 
 
 def failure_line(case, exc: BaseException) -> tuple[str, dict]:
-    """One line for an unexpected exception of a case, and the extra (traceback) for the run report."""
-    src = case_source(case)
+    """One line for an unexpected exception of a case, and the extra (traceback) for the run report (control
+    characters of paths escaped: one line)."""
+    src = escape_path(case_source(case))
     tb = {"traceback": traceback.format_exc()}
     ose = write_error(exc)
     if ose is not None:
         what, hint = WRITE_ERRORS[ose.errno]
-        fname = str(getattr(ose, "filename", None) or "")
+        fname = escape_path(str(getattr(ose, "filename", None) or ""))
         where = f" {fname}" if fname and TMP_TAG not in fname else ""
         return f"{src}: cannot write the output{where}: {what} — {hint}", tb
     fee = _exists_error(exc)
     if fee is not None:
         hint = ("move it away, or choose another OUT" if "did not write" in str(fee.strerror) or "not a folder"
                 in str(fee.strerror) or "is a folder" in str(fee.strerror) else "use --overwrite, or another OUT")
-        return f"{src}: output {fee.filename} {fee.strerror} — {hint}", tb
+        return f"{src}: output {escape_path(str(fee.filename))} {fee.strerror} — {hint}", tb
     return (f"{src}: unexpected error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             " — please report this with the traceback in the run report", tb)
 
@@ -140,6 +145,7 @@ def run_cases(
     from tqdm import tqdm
 
     cases = list(cases)
+    started = time.time()
     results: list[CaseResult] = []
     bar = tqdm(cases, desc=desc, unit="case", disable=quiet or len(cases) < 2, file=sys.stderr)
     for case in bar:
@@ -151,7 +157,7 @@ def run_cases(
             if pre_error:
                 raise pre_error if isinstance(pre_error, CaseError) else CaseError(cid, str(pre_error))
             if is_done is not None and is_done(case):
-                results.append(CaseResult(cid, "skipped", "already done (resume)", inputs=inputs))
+                _finished(results, CaseResult(cid, "skipped", "already done (resume)", inputs=inputs))
                 continue
             out = process(case)
             res = CaseResult(cid, "done", seconds=time.perf_counter() - t0, inputs=inputs)
@@ -160,20 +166,20 @@ def run_cases(
                 res.extra = out
             elif out:
                 res.outputs = [str(p) for p in out]
-            results.append(res)
+            _finished(results, res)
         except CaseError as e:
-            results.append(CaseResult(cid, "failed", e.line(), seconds=time.perf_counter() - t0, inputs=inputs))
+            _finished(results, CaseResult(cid, "failed", e.line(), seconds=time.perf_counter() - t0, inputs=inputs))
             log.warning("FAILED %s", e.line())
         except Exception as e:  # keep going: one broken case must not stop the others
             line, extra = failure_line(case, e)
-            results.append(CaseResult(cid, "failed", line, seconds=time.perf_counter() - t0, extra=extra,
+            _finished(results, CaseResult(cid, "failed", line, seconds=time.perf_counter() - t0, extra=extra,
                                       inputs=inputs))
             log.warning("FAILED %s", line)
     n_failed = sum(r.status == "failed" for r in results)
     status = 1 if n_failed else 0
     if report_path is not None:
         try:
-            write_report(report_path, results, command=command, status=status)
+            write_report(report_path, results, command=command, status=status, started=started)
         except OSError as e:
             what = WRITE_ERRORS.get(e.errno, (e.strerror or str(e), ""))[0]
             log.error("medldm: cannot write the run report %s: %s — the outputs listed above are written; "
@@ -187,26 +193,61 @@ def run_cases(
     return status, results
 
 
-def write_report(path: str | Path, results: list[CaseResult], *, command: str = "", status: int = 0) -> None:
-    """Write the run report atomically; merges with an earlier report of a resumed run."""
+def _finished(results: list[CaseResult], res: CaseResult) -> None:
+    res.finished = time.time()
+    results.append(res)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive lock on ``folder`` (flock on the folder itself: no lock file is left behind), so two runs
+    writing one report merge in turn; a file system without locks runs unlocked."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_report(path: str | Path, results: list[CaseResult], *, command: str = "", status: int = 0,
+                 started: float | None = None) -> None:
+    """Write the run report atomically, merged with the report already there (a resumed run's, or a run
+    writing into the same OUT at the same time). A case this run skipped (done earlier) or failed keeps the
+    earlier run's ``done`` entry when that run finished it after this one ``started`` (two runs racing for
+    one OUT: the loser's "exists" failures never hide the winner's outputs); this run's failure is kept in
+    that entry's ``concurrent_failure``. Otherwise this run's entry replaces the earlier one.
+    ``status`` and ``exit_status`` are this run's; ``counts`` describe the merged cases."""
     path = Path(path)
-    previous = {}
-    if path.exists():
-        try:
-            previous = {r["case"]: r for r in json.loads(path.read_text())["cases"]}
-        except (ValueError, KeyError, TypeError):
-            previous = {}
-    merged = dict(previous)
-    for r in results:
-        if r.status == "skipped" and r.case in previous and previous[r.case]["status"] == "done":
-            continue  # keep the record of the run that did the work
-        merged[r.case] = asdict(r)
-    report = {
-        "command": command,
-        "status": "complete" if status == 0 else "partial",
-        "exit_status": status,
-        "counts": {s: sum(r["status"] == s for r in merged.values()) for s in ("done", "skipped", "failed")},
-        "cases": list(merged.values()),
-    }
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
+    with _locked(path.parent):
+        previous = {}
+        if path.exists():
+            try:
+                previous = {r["case"]: r for r in json.loads(path.read_text())["cases"]}
+            except (ValueError, KeyError, TypeError):
+                previous = {}
+        merged = dict(previous)
+        for r in results:
+            old = previous.get(r.case)
+            if old is not None and old.get("status") == "done" and r.status != "done":
+                if r.status == "skipped":
+                    continue  # keep the record of the run that did the work
+                if started is not None and float(old.get("finished") or 0) >= started:
+                    merged[r.case] = {**old, "concurrent_failure": r.message}
+                    continue
+            merged[r.case] = asdict(r)
+        counts = {s: sum(r["status"] == s for r in merged.values()) for s in ("done", "skipped", "failed")}
+        report = {
+            "command": command,
+            "status": "complete" if status == 0 else "partial",
+            "exit_status": status,
+            "counts": counts,
+            "cases": list(merged.values()),
+        }
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))

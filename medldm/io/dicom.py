@@ -23,6 +23,8 @@ from medldm.io.errors import CaseError
 from medldm.io.limits import max_voxels
 
 CODECS_HINT = "install the decoders: pip install 'medldm[dicom-codecs]'"
+NO_DECODER_HINT = ("export the series again from the scanner/PACS as uncompressed (or JPEG / JPEG 2000) images; "
+                   "a video encoding cannot be read as a scan")
 
 # Modalities / SOP classes that hold no image to process (reason shown in `skipped`).
 NON_IMAGE_MODALITIES = {
@@ -213,8 +215,9 @@ def check_decodable(ds: Dataset, path: str | Path) -> None:
         return
     try:
         dec = get_decoder(tsuid)
-    except NotImplementedError as e:
-        raise CaseError(path, f"transfer syntax {tsuid.name} is not supported by pydicom", CODECS_HINT) from e
+    except NotImplementedError as e:  # no decoder exists (video: MPEG-2/4, HEVC): the codecs extra cannot help
+        raise CaseError(path, f"transfer syntax {tsuid.name} is not supported by pydicom (no decoder exists; "
+                        "medldm reads image series, not video)", NO_DECODER_HINT) from e
     if not dec.is_available:
         raise CaseError(path, f"pixel data is compressed ({tsuid.name}) and no decoder is installed", CODECS_HINT)
 

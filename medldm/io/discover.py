@@ -308,6 +308,12 @@ def scan_folder(root: str | os.PathLike) -> Discovery:
                                   "each folder is its own case")
         for u in units:
             by_folder[folder].append((uid, items[0][1], u, n_stacks))
+    for (folder, uid), items in list(bad.items()):  # a series whose files are all damaged: one failed case
+        if len(items) > 1 and uid and not uid.startswith("nouid:"):
+            unit = _Unit([p for p, _, _ in items], [ds for _, ds, _ in items], stack=0,
+                         error=_with_count(items[0][2], len(items) - 1))
+            by_folder[folder].append((uid, items[0][1], unit, 1))
+            del bad[(folder, uid)]
     for items in bad.values():  # damaged files without a series to join: one case each
         for f, _, e in items:
             cases.append(Case(_safe(_strip_ext(f.relative_to(base).as_posix())), "dicom-series", [f], base,

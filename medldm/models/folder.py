@@ -29,6 +29,8 @@ from torch import nn
 
 from medldm.io.atomic import atomic_dir
 from medldm.io.errors import CaseError
+from medldm.models.budget import DEFAULT_MAX_PARAMS, MAX_PARAMS_ENV, max_params, meta_shapes  # noqa: F401 (re-exported)
+from medldm.models.budget import numel as _numel
 from medldm.models.config import UNetConfig, VAEConfig, from_dict, validate
 from medldm.models.refiner import RefinerSpec, build_from_spec, refiner_spec
 
@@ -47,8 +49,6 @@ EXTRA_KEYS = frozenset({"stage", "task", "spatial_dims", "factor", "scale_factor
                         "degrade", "noise_level_max", "class_from", "class_names", "refiner"})
 _REFINER_FIX = "the model folder is damaged: copy it again"
 
-MAX_PARAMS_ENV = "MEDLDM_MAX_PARAMS"
-DEFAULT_MAX_PARAMS = 500_000_000  # parameters over all networks of a folder (2 GB of float32 weights)
 MAX_CONFIG_BYTES = 4 << 20  # config.yaml / extra.json: a few KB in real folders
 MAX_CONFIG_NODES = 200_000  # YAML aliases can make a small file a huge tree
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
@@ -245,21 +245,6 @@ def _weights(path: Path, name: str, ema: bool) -> Path | None:
     return None
 
 
-def max_params() -> int:
-    """Most parameters a model folder may ask for: ``$MEDLDM_MAX_PARAMS`` (e.g. ``2e9``) or 500 million."""
-    raw = os.environ.get(MAX_PARAMS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_PARAMS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not (value >= 1 and value < 1e15):
-        raise CaseError(f"{MAX_PARAMS_ENV}={raw!r}", "not a positive parameter count",
-                        f"set it to a number such as 2e9, or unset it (default {DEFAULT_MAX_PARAMS:.0e})")
-    return int(value)
-
-
 def read_safetensors_header(file: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{tensor name: (dtype, shape)}`` from a safetensors file's JSON header, without reading the tensors.
 
@@ -310,12 +295,9 @@ def _check_against_weights(build, file: Path, cfg_file: Path, name: str, budget:
     tensors with ``file``'s header. ``cfg_file``: the file that describes the network (config.yaml; extra.json
     for the refiner). Returns its parameter count."""
     try:
-        with torch.device("meta"):
-            net = build()
+        expected = meta_shapes(build)
     except Exception as exc:  # MONAI / torch reject some combinations with their own error types
         raise CaseError(cfg_file, f"invalid model config: {_one_line(exc)}", _FIX) from exc
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    del net
     n_cfg = sum(_numel(s) for s in expected.values())
     if n_cfg > budget:
         raise CaseError(cfg_file, f"the {name} it describes has {n_cfg:,} parameters, more than the "
@@ -340,13 +322,6 @@ def _check_against_weights(build, file: Path, cfg_file: Path, name: str, budget:
             "together (copy the model folder again)",
         )
     return n_cfg
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _read_mapping(file: Path, parse, kind: str) -> dict[str, Any]:

@@ -255,7 +255,10 @@ def tiny_variant(cfg):
 def dry_run(cfg, out_dir: str | Path | None = None, *, tiny: bool = False) -> dict[str, Any]:
     """Validate, build, load one batch, run one step per stage; returns the figures (see the module doc).
     ``tiny``: run :func:`tiny_variant` of the config without a warm-up step (a check, not a measurement)."""
+    from medldm.train.sizes import check_sizes
+
     t_start = time.perf_counter()
+    check_sizes(cfg)  # the config as written, before anything is built
     full = cfg
     if tiny:
         cfg = tiny_variant(cfg)

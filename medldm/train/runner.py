@@ -46,7 +46,9 @@ def train(cfg: Any, out_dir: str | Path, *, resume: bool = False, stop_after: in
     from medldm.train.data import build_data
     from medldm.train.distributed import barrier, cleanup
     from medldm.train.engine import fit, make_runtime
+    from medldm.train.sizes import check_sizes
 
+    check_sizes(cfg)  # before anything is built or written
     out = Path(out_dir)
     rt = make_runtime(cfg.engine)
     try:

@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 
 from medldm.config import ConfigError, doc_field, load_dataclass
 from medldm.diffusion.config import DiffusionConfig
-from medldm.models.config import UNetConfig, VAEConfig
+from medldm.models.config import UNetConfig, VAEConfig, validate
 
 
 @dataclass
@@ -306,6 +306,11 @@ class TrainingConfig:
                 raise ConfigError(f"vae.spatial_dims={self.vae.spatial_dims} contradicts spatial_dims={nd}; "
                                   "set only the top-level spatial_dims")
             self.vae.spatial_dims = nd
+        for section, name in ((self.vae, "vae"), (self.unet, "unet")):  # the ranges a model folder must keep to
+            try:
+                validate(section, name)
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (a model folder with it would be refused too)") from None
         d = self.data
         if len(d.patch_size) != nd:
             raise ConfigError(f"data.patch_size: needs {nd} values for spatial_dims={nd}, got {list(d.patch_size)}")
