@@ -138,7 +138,7 @@ def test_known_keys_are_the_training_config_sections():
     from medldm.models.folder import CONFIG_KEYS, EXTRA_KEYS
     from medldm.train.schema import TrainingConfig
 
-    assert CONFIG_KEYS == {f.name for f in dataclasses.fields(TrainingConfig)}
+    assert CONFIG_KEYS == {f.name for f in dataclasses.fields(TrainingConfig)} | {"model"}  # + the nested layout
     for name in ("mr-denoise-2d", "mr-sr2x-2d", "mr-thinslice-4x", "mr-synth-2d", "mr-synth-mask-2d"):
         assert set(json.loads((resolve_model(name) / "extra.json").read_text())) <= EXTRA_KEYS
 

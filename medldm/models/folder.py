@@ -41,7 +41,8 @@ _FIX = "the model folder is damaged or was edited: copy it again, or point -m at
 #: top-level keys of a model folder's config.yaml: the training config's sections (pinned to
 #: ``medldm.train.schema.TrainingConfig`` by tests/test_model_faults.py; models/ cannot import train/)
 CONFIG_KEYS = frozenset({"stage", "task", "spatial_dims", "seed", "vae_path", "data", "augment", "degrade",
-                         "condition", "vae", "unet", "diffusion", "vae_train", "ldm_train", "refine", "engine"})
+                         "condition", "vae", "unet", "diffusion", "vae_train", "ldm_train", "refine", "engine",
+                         "model"})  # model: {vae, unet, diffusion} nested, the layout model_sections also reads
 #: keys the training stages write into extra.json (medldm.train.{vae,ldm,refine}_stage)
 EXTRA_KEYS = frozenset({"stage", "task", "spatial_dims", "factor", "scale_factor", "normalization", "patch_size",
                         "slice_axis", "resize_to", "train_scans", "val_scans", "val_metrics", "metric_range",
