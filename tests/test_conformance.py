@@ -1,15 +1,16 @@
-"""Conformance on real vendor series from dcm2niix's public validation data (issue 20): a GE classic EPI, Siemens
-mosaics (axial 6 deg oblique, sagittal) and Siemens XA enhanced multi-frame (one file per volume), all 4D.
-Small subsets under tests/data/vendor/ with their licences. For each series:
+"""Conformance on real vendor series from dcm2niix's public validation data (issue 20), all 4D: GE classic EPI,
+Siemens mosaics (axial 6 deg oblique, sagittal), Siemens XA enhanced multi-frame (one file per volume), Philips
+classic EPI (oblique) and Toshiba classic DTI. Small subsets under tests/data/vendor/ with their licences. For each:
 
 * ``medldm info`` describes it (volumes, form);
 * ``medldm convert`` agrees with dcm2niix: the same 4D shape, the world grid within 0.01 mm, every volume's
-  values equal;
+  values equal (Philips: dcm2niix's floating-point values, correlation >= 0.999, same scale);
 * ``medldm enhance -m mr-denoise-2d --to dicom`` writes a derived series that dcm2niix reads back as the same 4D
-  grid, with no negative magnitude, and in which dciodvfy finds no error the source lacks.
+  grid (and the same bval / bvec for the DTI), with no negative magnitude, and in which dciodvfy finds no error the
+  source lacks.
 
-Philips values are dcm2niix's default floating-point values (issue 20.8). What is not here yet: Canon/Toshiba series (the Canon enhanced file of
-dcm_qa_enh is not in the mirrored snapshot); DWI b-values and gradients are not carried into the derived series.
+Not here yet: a Canon enhanced file (dcm_qa_enh's is not in the mirrored snapshot); b-values kept only in vendor
+private tags (GE, Siemens CSA) are not carried into a derived series (Toshiba's standard ones are).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ SERIES = {
     "siemens_mosaic_sagittal": ("dcm_qa_siemens_mosaic_sagasc35", 2, "Siemens mosaic", (64, 64, 35)),
     "siemens_xa_enhanced_per_volume": ("dcm_qa_enh_siemens_xa10", 4, "enhanced multi-frame", (64, 64, 6)),
     "philips_classic_epi_oblique": ("dcm_qa_philips_fmri", 3, "classic", (64, 64, 9)),
+    "toshiba_classic_dti": ("dcm_qa_toshiba_dti", 3, "classic", (64, 64, 8)),
 }
 #: dcm2niix stores Philips floating-point values as int16 with a NIfTI scale slope: equal within that quantisation
 INEXACT = {"philips_classic_epi_oblique"}
@@ -58,6 +60,14 @@ def _dcm2niix(folder: Path, out: Path) -> nib.Nifti1Image:
                    timeout=120)
     (ref,) = sorted(out.glob("*.nii"))
     return nib.as_closest_canonical(nib.load(ref))
+
+
+def _bvals(out: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """dcm2niix's bval / bvec of the series it converted into ``out`` (None when it wrote none)."""
+    b = sorted(out.glob("*.bval"))
+    if not b:
+        return None
+    return np.loadtxt(b[0]), np.loadtxt(sorted(out.glob("*.bvec"))[0])
 
 
 def _centres(img: nib.Nifti1Image) -> np.ndarray:
@@ -103,6 +113,11 @@ def test_info_convert_enhance_as_dcm2niix(name, tmp_path, capsys):
     assert len(files) == shape[2] * n_vol
     back = _dcm2niix(files[0].parent, tmp_path / "back")
     assert back.shape == ref.shape
+    src_b, back_b = _bvals(tmp_path / "ref"), _bvals(tmp_path / "back")
+    if src_b is not None:  # diffusion: dcm2niix finds the same b-values and gradient directions in the derived series
+        assert back_b is not None
+        np.testing.assert_allclose(back_b[0], src_b[0])
+        np.testing.assert_allclose(back_b[1], src_b[1], atol=1e-4)
     assert np.abs(_centres(back) - _centres(ref)).max() < 0.01
     assert float(back.get_fdata().min()) >= 0.0  # magnitude MR is never negative
     src_files = [f for f in src.iterdir() if f.is_file()]
