@@ -73,7 +73,7 @@ def _command(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from medldm.eval.evaluate import convention_from
-    from medldm.eval.pairing import pair_folders, pair_manifest, parse_pred_args
+    from medldm.eval.pairing import expand_volumes, pair_folders, pair_manifest, parse_pred_args
     from medldm.eval.run import EvalOptions, evaluate
     from medldm.metrics import WINDOWS
 
@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("give --ref DIR and at least one --pred DIR (or --manifest CSV)")
         pairing = pair_folders(Path(args.ref), parse_pred_args(args.pred),
                                Path(args.mask) if args.mask else None)
+    pairing = expand_volumes(pairing)  # a 4D scan: each volume evaluated as a case (id#volK)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")

@@ -38,16 +38,55 @@ class Source:
     label: str
     case: object | None = None
     path: str | None = None
+    volume: int | None = None  # one volume of a 4D scan
 
     def load(self):
         """-> MetaTensor (X, Y, Z) via ``load_case`` / ``load_scan``."""
         if self.case is not None:
             from medldm.io.reader import load_case
 
-            return load_case(self.case)
+            return load_case(self.case, volume=self.volume)
         from medldm.io.reader import load_scan
 
-        return load_scan(self.path)
+        return load_scan(self.path, volume=self.volume)
+
+    def count_volumes(self) -> int:
+        from medldm.io.discover import Case
+        from medldm.io.reader import count_volumes
+
+        if self.case is not None:
+            return count_volumes(self.case)
+        p = Path(self.path) if self.path else None
+        if p is None or not p.is_file() or not str(p).lower().endswith((".nii", ".nii.gz")):
+            return 1
+        return count_volumes(Case(id=p.name, kind="nifti", paths=[p], root=p.parent))
+
+
+def expand_volumes(pairing: Pairing) -> Pairing:
+    """Each volume of a 4D reference is a case of its own (``id#volK``), its predictions and mask taken at the same
+    volume (a 3D mask serves every volume), so 4D outputs are evaluated volume by volume."""
+    import dataclasses
+
+    cases = []
+    for ec in pairing.cases:
+        try:
+            n = ec.ref.count_volumes() if ec.ref.case is not None or ec.ref.path else 1
+        except CaseError:
+            n = 1  # loading the case reports why
+        if n <= 1:
+            cases.append(ec)
+            continue
+
+        def at(src, k):
+            return None if src is None else dataclasses.replace(src, volume=k, label=f"{src.label}#vol{k}")
+
+        def mask_at(src, k):
+            return None if src is None else (at(src, k) if src.count_volumes() > 1 else src)
+
+        cases += [dataclasses.replace(ec, id=f"{ec.id}#vol{k}", ref=at(ec.ref, k),
+                                      preds={m: at(s, k) for m, s in ec.preds.items()}, mask=mask_at(ec.mask, k))
+                  for k in range(n)]
+    return dataclasses.replace(pairing, cases=cases)
 
 
 @dataclass
