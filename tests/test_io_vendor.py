@@ -154,7 +154,7 @@ def test_group_0000_is_dropped_on_read_and_the_derived_series_is_written(tmp_pat
     out = tmp_path / "out"
     assert main(["enhance", "-m", "mr-denoise-2d", "-i", str(src), "-o", str(out), "--to", "dicom", "--steps", "1",
                  "--quiet"]) == 0
-    files = sorted((out / src.name).glob("*.dcm"))
+    files = sorted(out.glob("*.dcm"))  # one series in: written into OUT itself (docs/guarantees.md)
     assert len(files) == 15
     for f in files:
         ds = pydicom.dcmread(f)
@@ -219,7 +219,7 @@ def test_series_number_as_scanners_write_it(tmp_path, value):
     out = tmp_path / "out"
     assert main(["enhance", "-m", "mr-denoise-2d", "-i", str(d), "-o", str(out), "--to", "dicom", "--steps", "1",
                  "--quiet"]) == 0
-    sn = {int(pydicom.dcmread(f, stop_before_pixels=True).SeriesNumber) for f in (out / "series").glob("*.dcm")}
+    sn = {int(pydicom.dcmread(f, stop_before_pixels=True).SeriesNumber) for f in out.glob("*.dcm")}
     assert sn == {1000 + {"5.0": 5, "5.5": 0, " 7 ": 7, "": 0}[value]}
 
 
@@ -240,3 +240,45 @@ def test_philips_float_scaling_as_dcm2niix_and_display_on_request(monkeypatch):
     monkeypatch.setenv("MEDLDM_PHILIPS_SCALING", "raw")
     with pytest.raises(CaseError, match="MEDLDM_PHILIPS_SCALING"):
         load_scan(files, volume=0)
+
+
+class _Served:
+    """Stands in for dicomweb_client: serves the given datasets of one series (what a server returned)."""
+
+    def __init__(self, datasets):
+        self.datasets = datasets
+
+    def iter_series(self, study, series, media_types=None):
+        yield from self.datasets
+
+
+@pytest.mark.filterwarnings("ignore:Expected implicit VR")  # pydicom on group 0000 in explicit-VR files
+def test_dicomweb_one_unstorable_instance_fails_its_series_with_one_line(tmp_path):
+    """Issue 20.2 (DICOMweb): a server returning instances with group-0000 elements is retrieved whole (they are
+    dropped); an instance that cannot be written as a file at all (here a File Meta element inside the dataset,
+    which pydicom refuses) made the retrieval raise `ValueError` out of the whole run. Now its series fails with
+    one line naming the instance, and the other series of the same fetch are retrieved."""
+    from medldm.io.dicomweb import DicomWeb, SeriesInfo, fetch
+
+    good = [pydicom.dcmread(f) for f in sorted(command_set_series(tmp_path).glob("*.dcm"))]
+    assert all(any(e.tag.group == 0 for e in ds) for ds in good)  # served with their Command Set elements
+    broken = [pydicom.dcmread(f) for f in ge_volume_files()]
+    broken[3].add_new(0x00020010, "UI", "1.2.840.10008.1.2.1")  # group 0002 inside the dataset
+    for ds in broken:
+        ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".9"
+
+    class Server(DicomWeb):
+        def __init__(self):  # no HTTP: the answers are the datasets above
+            self.base, self.retries, self.backoff, self.client = "http://pacs.invalid/dicom-web", 0, 0.0, None
+
+        def find(self, target):
+            return [SeriesInfo("1.2", "broken", 15), SeriesInfo("1.2", "good", 15)]
+
+        def retrieve_series(self, info, cache):
+            self.client = _Served(broken if info.series == "broken" else good)
+            return super().retrieve_series(info, cache)
+
+    got = fetch("http://pacs.invalid/dicom-web/studies/1.2", cache=tmp_path / "cache", client=Server())
+    assert [f.name for f in got.folders] == ["good"] and len(list(got.folders[0].glob("*.dcm"))) == 15
+    (line,) = [e.line() for e in got.failures]
+    assert "1 instance of the series cannot be stored" in line and broken[3].SOPInstanceUID in line

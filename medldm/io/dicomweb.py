@@ -259,18 +259,31 @@ class DicomWeb:
         if dest.is_dir() and info.instances is not None and _count(dest) == info.instances:
             return dest  # complete from an earlier run
         with atomic_dir(dest, replace=True, owned=lambda p: True) as tmp:
+            bad: list[str] = []
+
             def get() -> int:
                 for f in tmp.iterdir():  # a retried attempt starts again
                     f.unlink()
+                bad.clear()
                 n = 0
                 for ds in self.client.iter_series(info.study, info.series,
                                                   media_types=(("application/dicom", "*"),)):
-                    drop_command_set(ds).save_as(tmp / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+                    try:
+                        drop_command_set(ds).save_as(tmp / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+                    except (ValueError, TypeError, AttributeError, KeyError) as e:  # one instance, never the run
+                        bad.append(f"instance {str(ds.get('SOPInstanceUID', '?'))[:64]}: {type(e).__name__}: "
+                                   f"{(str(e).splitlines() or [''])[0]}")
+                        continue
                     n += 1
                 return n
 
             n = self._call("WADO-RS retrieval of the series", get, where=where)
             expected = info.instances
+            if bad:
+                raise CaseError(where, f"{len(bad)} instance{'s' * (len(bad) > 1)} of the series cannot be stored "
+                                       f"as DICOM files ({bad[0]})",
+                                "the server returns damaged instances; fix them on the server or export the "
+                                "series from the scanner again (nothing of it was processed)")
             if expected is not None and n != expected:
                 raise CaseError(where, f"retrieved {n} of the {expected} instances the server lists for the series",
                                 "the series is incomplete or still arriving on the server: run again later "
