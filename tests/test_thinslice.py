@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from medldm.config import ConfigError
+from medldm.data.condition import make_pair, thick_matrix, thin_matrix, thinslice_degrade
 from medldm.data.degrade import thick_slices
 from medldm.eval.baselines import upsample
 from medldm.io.errors import CaseError
@@ -21,7 +22,6 @@ from medldm.pipelines.thinslice import (
     thin_affine,
     thin_shape,
 )
-from medldm.train.conditioning import make_pair, thick_matrix, thin_matrix, thinslice_degrade
 from medldm.train.schema import load_config
 
 ROOT = Path(__file__).parents[1]
@@ -59,6 +59,22 @@ def test_pair_is_medldm_degrade_thick_then_the_bicubic_baseline_along_either_axi
             vol = sl[:, None, :]
             ref = upsample(thick_slices(vol, 4), 4, "bicubic", "through")[:, 0, :]
             np.testing.assert_allclose(got[n, 0] if axis == 1 else got[n, 0].T, ref, atol=1e-6)
+
+
+def test_training_pair_equals_the_inference_condition_of_the_thick_scan():
+    """One condition (issue 21.2): the thinslice training pair along either in-plane axis is what inference
+    (``scan_condition``, the function the ThinSliceEnhancer runs) makes of the thick slices along Z."""
+    from medldm.data.condition import scan_condition
+
+    rng = np.random.default_rng(1)
+    img = rng.random((2, 1, 16, 16)).astype(np.float32)
+    for axis in (0, 1):
+        got = thinslice_degrade(torch.from_numpy(img), 4, "box", torch.full((2,), axis)).numpy()
+        for n in range(2):
+            sl = img[n, 0] if axis == 1 else img[n, 0].T  # the degraded axis last, as Z
+            cond, shape = scan_condition(thick_slices(sl[:, None, :], 4), "thinslice", {"scale": 4})
+            assert shape == (16, 1, 16)
+            np.testing.assert_allclose(got[n, 0] if axis == 1 else got[n, 0].T, cond.numpy()[:, 0, :], atol=1e-6)
 
 
 def test_make_pair_thinslice_shapes_levels_and_axes():

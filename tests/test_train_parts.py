@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from medldm.data.condition import add_noise, downsample_upsample, make_pair
 from medldm.data.datasets import (
     ItemStore,
     ScanRef,
@@ -18,7 +19,6 @@ from medldm.data.datasets import (
     step_rng,
 )
 from medldm.models.conditioning import depth_to_space, space_to_depth
-from medldm.train.conditioning import add_noise, downsample_upsample, make_pair
 
 
 def test_split_is_by_scan_seeded_and_order_free():
@@ -70,21 +70,20 @@ def test_reformat_adds_the_other_planes_of_isotropic_volumes_only():
 @pytest.mark.parametrize("upsample", ["linear", "cubic"])
 def test_sr_condition_is_the_same_in_training_and_inference(upsample):
     """degrade.upsample: the training pair's low-res input on the high-res grid (area down-sampling, then
-    bilinear / bicubic) equals what the Enhancer makes of the low-res scan, slice by slice along any axis."""
-    from types import SimpleNamespace
-
+    bilinear / bicubic) equals the condition inference makes of the low-res scan (one function,
+    ``medldm.data.condition.scan_condition``, on the same ``upsample_grid``), slice by slice along any axis."""
     import torch.nn.functional as F
 
-    from medldm.pipelines.enhance import Enhancer
+    from medldm.data.condition import scan_condition
 
     g = torch.Generator().manual_seed(1)
     clean = torch.rand(3, 1, 24, 16, generator=g)  # 3 slices
     train = downsample_upsample(clean, 2, "downsample", upsample=upsample)[:, 0]  # (3, 24, 16)
     low = F.avg_pool2d(clean, 2)[:, 0]  # the scan a user has: (3, 12, 8)
-    stub = SimpleNamespace(task="sr", dims=2, degrade={"kind": "downsample", "scale": 2, "upsample": upsample})
+    degrade = {"kind": "downsample", "scale": 2, "upsample": upsample}
     for axis in (0, 2):
         vol = low if axis == 0 else low.permute(1, 2, 0)  # slices along `axis`
-        cond, shape = Enhancer._condition_image(stub, vol, axis, seed=0)
+        cond, shape = scan_condition(vol, "sr", degrade, axis=axis, dims=2, seed=0)
         got = cond if axis == 0 else cond.permute(2, 0, 1)
         assert tuple(shape) == tuple(cond.shape) and torch.allclose(got, train, atol=1e-6)
     assert not torch.allclose(downsample_upsample(clean, 2, upsample="cubic"), downsample_upsample(clean, 2))
@@ -186,8 +185,8 @@ def test_sr_pre_blur_reproduces_skimage_anti_aliasing(dipy_files):
     the issue's low-res kernel); blur sigmas are drawn per sample, sigma 0 leaves a sample unchanged."""
     from skimage.transform import resize
 
+    from medldm.data.condition import gaussian_blur_inplane
     from medldm.io.reader import load_scan
-    from medldm.train.conditioning import gaussian_blur_inplane
 
     sl = np.asarray(load_scan(dipy_files / "S0_10slices.nii.gz"))[:, :, 5].astype(np.float64)
     sl = sl / sl.max()

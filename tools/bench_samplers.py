@@ -4,7 +4,7 @@
 
 MODEL is an sr/denoise model folder (`medldm train`); SCAN a clean real scan (NIfTI/DICOM). Central slices
 (2D models) or a centred crop (3D models) are normalized like training, degraded with the training recipe at a
-fixed level (``medldm.train.conditioning.make_pair``: denoise = middle of ``level_range``, sr = lowest
+fixed level (``medldm.data.condition.make_pair``: denoise = middle of ``level_range``, sr = lowest
 noise-augmentation level) and enhanced with each sampler and step count from the same start noise. Printed: PSNR
 against the clean image (model range [-1, 1], data_range 2), its distance to the ``--ref-steps`` DDIM result,
 and the fewest steps within 0.2 dB of it per sampler.
@@ -32,12 +32,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from medldm.data.condition import make_pair
     from medldm.data.intensity import fit_normalization, normalize
     from medldm.io import load_scan
     from medldm.metrics import psnr
     from medldm.models import load_model
     from medldm.pipelines.enhance import EnhanceOptions, Enhancer, _pad_to
-    from medldm.train.conditioning import make_pair
 
     enh = Enhancer(load_model(args.model), device=args.device)
     img = load_scan(args.input)

@@ -1,5 +1,5 @@
 """Keys cubic-convolution resampling: the ``bicubic`` baseline (medldm.eval.baselines), the thin-slice training
-degradation (medldm.train.conditioning) and the thin-slice model's first step (medldm.pipelines.thinslice) use the
+degradation (medldm.data.condition) and the thin-slice model's first step (medldm.pipelines.thinslice) use the
 same function, so the model sees at inference exactly the interpolation it was trained to undo.
 
 Hand-written on purpose: scipy's ``zoom`` has no Keys kernel and aligns voxel corners, not pixel areas; the

@@ -4,7 +4,7 @@
 (``pixel_unshuffle``): ``(N, 1, *S)`` -> ``(N, f**d, *S/f)``. It is lossless (no encoder pass per batch and no
 information thrown away by pooling), so every pixel of the low-res / noisy input reaches the U-Net.
 
-Training makes its degraded pairs in :mod:`medldm.train.conditioning`; inference
+Training makes its degraded pairs in :mod:`medldm.data.condition`; inference
 (:mod:`medldm.pipelines.enhance`) lays out its condition with the same :func:`space_to_depth`.
 """
 

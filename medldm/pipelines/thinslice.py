@@ -1,9 +1,12 @@
 """Thick -> thin slices with a 2D ``thinslice`` model folder (the shipped ``mr-thinslice-4x``).
 
 ``ThinSliceEnhancer(bundle).enhance(img, opts) -> EnhanceResult``, scanner units in and out, like
-:class:`medldm.pipelines.enhance.Enhancer` (same options, same handling of NaN/inf voxels and constant scans).
+:class:`medldm.pipelines.enhance.Enhancer`: same options, the same scan wrapper (:mod:`medldm.pipelines.scan`:
+NaN/inf voxels, constant scans, normalization and its inverse, the physical-range clamp, MetaTensor) and the same
+latent sampling step (:class:`medldm.pipelines.enhance.LatentSampler`), run on the condition made by
+:func:`medldm.data.condition.scan_condition`, the module the training pairs come from.
 
-The model learned (SMORE-style self-similarity, :mod:`medldm.train.conditioning`) to undo what thick slicing
+The model learned (SMORE-style self-similarity, :mod:`medldm.data.condition`) to undo what thick slicing
 does along ONE axis of an in-plane slice: thick slices of ``s`` thin ones (``s`` = the model's
 ``degrade.scale``; box profile = their mean, or a Gaussian profile), Keys cubic interpolation back to the thin
 grid. At inference:
@@ -11,15 +14,17 @@ grid. At inference:
 1. the scan (X, Y, Z) must have slices ``s`` x farther apart than its (finest) in-plane pixels (10 %
    tolerance; otherwise a one-line :class:`~medldm.io.errors.CaseError`);
 2. it is interpolated along Z to ``s`` x as many slices over the same extent, with the same Keys cubic
-   convolution (``medldm.eval.baselines.cubic_convolution_resize``: the ``bicubic`` baseline of
+   convolution (``medldm.data.condition.interpolate_z``; the ``bicubic`` baseline of
    ``medldm baseline --task sr --axis through``); the output grid's affine is
    ``medldm.io.geometry.resized_affine``: output voxel ``j`` lies where thin slice ``j`` was (thick slice
    ``k``, the mean of thin slices ``s k .. s k + s - 1``, is centred on thin index ``s k + (s - 1) / 2``);
-3. the 2D model (latent diffusion + refiner, through the ``Enhancer`` as a same-grid model) runs on the
+3. the 2D model (latent diffusion + refiner: ``LatentSampler.sample_condition``) runs on the
    sagittal (``axis=0``) and coronal (``axis=1``) reformats, in which Z is an in-plane axis, and the two
    results are averaged. A reformat thinner than ``MIN_REFORMAT`` voxels (e.g. the one slice of a 2D scan
    stored as (X, 1, Z)), or whose other axis has pixels over ``MAX_ANISOTROPY`` x the finest in-plane pixel, is
-   left out (the model saw square pixels only).
+   left out (the model saw square pixels only). Each reformat's result goes back to scanner units (float32) and
+   is clamped to the physical range before the two are averaged (as since the model shipped), then the mean goes
+   through the scan wrapper (input dtype, clamp, NaN, MetaTensor).
 """
 
 from __future__ import annotations
@@ -30,8 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from medldm.data.condition import interpolate_z, scan_condition, thin_shape
+from medldm.data.intensity import clamp_physical, denormalize, fit_normalization, normalize
 from medldm.io.errors import CaseError
-from medldm.io.geometry import resize_mask_nearest, resized_affine, spacing_from_affine
+from medldm.io.geometry import resized_affine, spacing_from_affine
+from medldm.pipelines.enhance import EnhanceOptions, EnhanceResult, LatentSampler
+from medldm.pipelines.scan import open_scan, std_image, to_scanner, uncertainty, unit_of
+
+__all__ = ["ThinSliceEnhancer", "interpolate_z", "reformat_axes", "thin_affine", "thin_shape"]
 
 #: allowed relative difference between (slice spacing / in-plane pixel) and the model's factor
 SPACING_TOLERANCE = 0.10
@@ -42,23 +53,9 @@ MIN_REFORMAT = 8
 MAX_ANISOTROPY = 1.5
 
 
-def thin_shape(shape: tuple[int, ...], factor: int) -> tuple[int, int, int]:
-    """The thin grid of a thick volume (X, Y, Z): (X, Y, factor * Z)."""
-    x, y, z = (int(v) for v in shape[:3])
-    return x, y, z * int(factor)
-
-
 def thin_affine(affine: np.ndarray, shape: tuple[int, ...], factor: int) -> np.ndarray:
     """Affine of the thin grid: same extent, voxel ``j`` at thick index ``(j + 0.5) / factor - 0.5``."""
     return resized_affine(np.asarray(affine, dtype=np.float64), tuple(shape[:3]), thin_shape(shape, factor))
-
-
-def interpolate_z(vol: np.ndarray, factor: int) -> np.ndarray:
-    """Keys cubic convolution (a = -0.5) along Z to ``factor`` x the slices, pixel-area alignment, borders
-    replicated (float32): exactly the training degradation's interpolation and the ``bicubic`` baseline."""
-    from medldm.data.resample import cubic_convolution_resize
-
-    return np.asarray(cubic_convolution_resize(vol, thin_shape(vol.shape, factor)), dtype=np.float32)
 
 
 def reformat_axes(shape: tuple[int, ...], spacing: tuple[float, ...] | None = None) -> list[int]:
@@ -73,35 +70,21 @@ def reformat_axes(shape: tuple[int, ...], spacing: tuple[float, ...] | None = No
     return axes or [0, 1]
 
 
-class ThinSliceEnhancer:
+class ThinSliceEnhancer(LatentSampler):
     """A loaded ``thinslice`` model folder, ready to turn thick-slice scans into thin-slice ones."""
 
-    task = "thinslice"
+    tasks = ("thinslice",)
 
     def __init__(self, bundle, device: str = "cpu"):
-        from medldm.pipelines.enhance import Enhancer
-
-        ex = dict(bundle.extra)
-        if ex.get("task") != "thinslice":
-            raise CaseError(bundle.path, f"model task is {ex.get('task')!r}, not 'thinslice'",
-                            "use medldm.pipelines.enhance.Enhancer for sr/denoise models")
-        deg = ex.get("degrade") or {}
-        self.factor = int(deg.get("scale", 4))
-        self.profile = str(deg.get("profile", "box"))
-        # the network maps a thin-grid image to a thin-grid image: the Enhancer runs it as a same-grid model
-        self.inner = Enhancer(dataclasses.replace(bundle, extra={**ex, "task": "denoise"}), device=device)
-        if self.inner.dims != 2:
-            raise CaseError(bundle.path, f"a thinslice model must be 2D, this one is {self.inner.dims}D",
+        super().__init__(bundle, device=device)
+        if self.dims != 2:
+            raise CaseError(bundle.path, f"a thinslice model must be 2D, this one is {self.dims}D",
                             "train it with spatial_dims: 2")
-        self.dims = 2
-        self.bundle = self.inner.bundle
-        self.device = self.inner.device
+        self.factor = int(self.degrade.get("scale", 4))
+        self.profile = str(self.degrade.get("profile", "box"))
         self.path = bundle.path
-        lo = float((deg.get("noise_aug_range") or [0.0, 0.0])[0])
-        self.level = lo / self.inner.level_max if self.inner.level_max > 0 else 0.0
-
-    def window(self, opts) -> tuple[int, ...]:
-        return self.inner.window(opts)
+        lo = float((self.degrade.get("noise_aug_range") or [0.0, 0.0])[0])
+        self.level = lo / self.level_max if self.level_max > 0 else 0.0
 
     def check_spacing(self, img, src: str) -> float:
         """Slice spacing / in-plane pixel of ``img``; a CaseError unless it is the model's factor (10 %)."""
@@ -117,19 +100,8 @@ class ThinSliceEnhancer:
         return ratio
 
     @torch.no_grad()
-    def enhance(self, img, opts=None, *, check_spacing: bool = True):
+    def enhance(self, img, opts: EnhanceOptions | None = None, *, check_spacing: bool = True) -> EnhanceResult:
         """img: MetaTensor (X, Y, Z), thick slices, scanner units -> EnhanceResult on (X, Y, factor Z)."""
-        from monai.data import MetaTensor
-
-        from medldm.data.intensity import (
-            clamp_physical,
-            denormalize,
-            fill_nonfinite,
-            fit_normalization,
-            normalize,
-        )
-        from medldm.pipelines.enhance import EnhanceOptions, EnhanceResult
-
         opts = opts or EnhanceOptions()
         src = (getattr(img, "meta", None) or {}).get("filename_or_obj") or "<image>"
         shape = tuple(int(s) for s in img.shape)
@@ -140,72 +112,70 @@ class ThinSliceEnhancer:
             raise CaseError(src, "one slice: nothing to interpolate between", "give a scan with at least 2 slices")
         if check_spacing:
             self.check_spacing(img, src)
-        arr = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, dtype=np.float32)
-        bad = ~np.isfinite(arr)
-        n_bad = int(bad.sum())
-        if n_bad == arr.size:
-            raise CaseError(src, "every voxel is NaN or infinite: nothing to enhance", "check the scan's export")
-        params = opts.normalization or fit_normalization(img, self.inner.modality, window=self.inner.ct_window,
-                                                         foreground=True)
-        params_f = {**params, "original_dtype": "float32"}
+        scan = open_scan(img)
+        params = opts.normalization or fit_normalization(img, self.modality, window=self.ct_window, foreground=True)
         out_shape = thin_shape(shape, self.factor)
-        affine = thin_affine(np.asarray(img.affine, dtype=np.float64), shape, self.factor)
-        thin = interpolate_z(fill_nonfinite(arr, bad) if n_bad else arr, self.factor)
-        finite = arr[~bad]
-        meta = {k: v for k, v in dict(getattr(img, "meta", {}) or {}).items()
-                if k not in ("affine", "original_affine", "spatial_shape")}
         info: dict[str, Any] = {"task": self.task, "factor": self.factor, "profile": self.profile,
                                 "input_shape": list(shape), "output_shape": list(out_shape), "normalization": params,
-                                "nonfinite_voxels": n_bad, "interpolation": "keys cubic (a = -0.5) along Z"}
+                                "interpolation": "keys cubic (a = -0.5) along Z"}
         warnings: list[str] = []
-        if opts.normalization is None and float(finite.min()) == float(finite.max()):
-            fused = torch.full(out_shape, float(finite[0]), dtype=torch.float32)
+        std = None
+        if opts.normalization is None and scan.constant:
+            fused = scan.constant_model(params, out_shape)
             std = torch.zeros(out_shape) if opts.samples > 1 else None
             info.update(constant=True, axes=[])
-            warnings.append(f"constant scan (every finite voxel is {float(finite[0]):g}): returned unchanged on the "
-                            "thin grid without running the model")
+            warnings.append(scan.constant_note(out_shape).replace("on the finer grid", "on the thin grid"))
         else:
-            axes = reformat_axes(shape, spacing_from_affine(np.asarray(img.affine, dtype=np.float64)))
-            thin_meta = {**meta, "original_dtype": "float32", "filename_or_obj": src}
-            thin_img = MetaTensor(torch.from_numpy(thin), affine=torch.as_tensor(affine), meta=thin_meta)
-            level = self.level if opts.noise_level is None else opts.noise_level
-            runs = [self.inner.enhance(thin_img, dataclasses.replace(opts, axis=a, normalization=params_f,
-                                                                     noise_level=level)) for a in axes]
-            fused = torch.stack([torch.as_tensor(r.image).float() for r in runs]).mean(0)
-            # K samples: the root mean square of the two reformats' std maps
-            std = (torch.stack([torch.as_tensor(r.std).float() ** 2 for r in runs]).mean(0).sqrt()
-                   if opts.samples > 1 and all(r.std is not None for r in runs) else None)
-            first = runs[0].info
-            info.update(axes=axes, steps=first.get("steps"), sampler=first.get("sampler"), samples=int(opts.samples),
-                        refined=first.get("refined"), window=first.get("window"), overlap=first.get("overlap"),
-                        batch_size=first.get("batch_size"))
-            if opts.samples > 1:
-                info["uncertainty"] = {f"axis{a}": r.info.get("uncertainty") for a, r in zip(axes, runs, strict=True)}
-            for r in runs:
-                for w in str(r.info.get("warning") or "").split("; "):
-                    if w and w not in warnings:
-                        warnings.append(w)
-        # back to the input's dtype (integers rounded and clipped), as the Enhancer does
-        out = torch.as_tensor(denormalize(normalize(fused, params_f), params, to_original_dtype=True)).float()
-        # never below the modality's physical range (the cubic interpolation along Z overshoots too)
-        out, info["floor"], info["clamped_voxels"] = clamp_physical(out, params.get("modality"), float(finite.min()))
-        if n_bad:
-            bad_out = torch.from_numpy(resize_mask_nearest(bad, out_shape))
-            out = out.clone()
-            out[bad_out] = float("nan")
-            if std is not None:
-                std = std.clone()
-                std[bad_out] = float("nan")
-            warnings.insert(0, f"{n_bad} NaN/infinite input voxel(s): left out of the intensity statistics, replaced "
-                               "by their nearest finite neighbour for the model, and NaN in the output "
-                               f"({int(bad_out.sum())} output voxels on the thin grid)")
-        meta.update(spacing=spacing_from_affine(affine), spatial_shape=np.asarray(out_shape), original_affine=affine)
-        meta["warnings"] = list(meta.get("warnings", []))
-        aff = torch.as_tensor(affine)
-        image = MetaTensor(out.contiguous(), affine=aff, meta=dict(meta))
-        std_img = None
-        if std is not None:
-            std_img = MetaTensor(std.float().contiguous(), affine=aff.clone(), meta={**meta, "original_dtype": "float32"})
+            fused, std = self._fuse_reformats(scan, params, opts, info, warnings)
+        image, std, _, wrap = to_scanner(scan, fused, std, out_shape, params)
+        info.update(floor=wrap["floor"], clamped_voxels=wrap["clamped_voxels"], nonfinite_voxels=scan.n_bad)
+        if scan.n_bad:
+            warnings.insert(0, wrap["nonfinite_warning"].replace(" and the noise estimate", "")
+                            .replace("on the finer grid", "on the thin grid"))
+        std_img = None if std is None else std_image(image, std)
         if warnings:
             info["warning"] = "; ".join(warnings)
         return EnhanceResult(image=image, std=std_img, info=info)
+
+    def _fuse_reformats(self, scan, params: dict, opts: EnhanceOptions, info: dict, warnings: list[str]):
+        """The model on each reformat of the Z-interpolated scan -> (mean in model units, std in scanner units or
+        None): each reformat's mean back to scanner units (float32) and clamped, averaged, then to model units."""
+        params_f = {**params, "original_dtype": "float32"}
+        thin, out_shape = scan_condition(scan.filled, self.task, self.degrade)
+        thin_np = thin.numpy()
+        x = torch.as_tensor(normalize(thin_np, params_f)).float().cpu()
+        thin_min = float(thin_np.min())
+        axes = reformat_axes(tuple(scan.arr.shape), spacing_from_affine(np.asarray(scan.img.affine, dtype=np.float64)))
+        level = self.level if opts.noise_level is None else opts.noise_level
+        run_opts = dataclasses.replace(opts, normalization=params_f, noise_level=level)
+        level = self._level(run_opts)
+        unit = unit_of(params_f)
+        means, stds, unc = [], [], {}
+        domain = self._domain_warning(params_f)
+        if domain and domain not in warnings:
+            warnings.append(domain)
+        for a in axes:
+            mean, std = self.sample_condition(x, a, level, dataclasses.replace(run_opts, axis=a))
+            out = torch.as_tensor(denormalize(mean, params_f, to_original_dtype=True)).float()
+            means.append(clamp_physical(out, params_f.get("modality"), thin_min)[0])
+            if opts.samples > 1:
+                stds.append(std * unit)
+                unc[f"axis{a}"], warn = uncertainty(mean, std, unit, None)
+                if warn and warn not in warnings:
+                    warnings.append(warn)
+        fused = torch.as_tensor(normalize(torch.stack(means).mean(0), params_f))
+        # K samples: the root mean square of the reformats' std maps
+        std = torch.stack([s.float() ** 2 for s in stds]).mean(0).sqrt() if stds else None
+        info.update(axes=axes, steps=opts.steps or self.dcfg.sampling_steps, sampler=opts.sampler or self.dcfg.sampler,
+                    samples=int(opts.samples), refined=self.refiner is not None and opts.refine,
+                    window=list(self.window(opts)), overlap=opts.overlap, batch_size=int(opts.batch_size))
+        if opts.samples > 1:
+            info["uncertainty"] = unc
+        assert tuple(fused.shape) == tuple(out_shape)
+        return fused, std
+
+    def _level(self, opts: EnhanceOptions) -> float | None:
+        """The U-Net's noise-level input: the training's lowest noise augmentation (or ``opts.noise_level``)."""
+        if not self.denoiser.noise_level_cond:
+            return None
+        return float(min(max(opts.noise_level, 0.0), 1.0))

@@ -107,10 +107,10 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
     """One optimiser step (after ``warmup``) of each stage on the CPU batch ``clean`` (B, 1, *patch) in the model
     range: ``{stage: {"params", "step_s", "peak_bytes", "memory_how"}}``. ``vae``: a trained VAE to use for the
     LDM / refine steps (default: the freshly built one)."""
+    from medldm.data.condition import make_pair
     from medldm.diffusion import diffusion_loss, make_schedule
     from medldm.models import build_denoiser
     from medldm.models.conditioning import space_to_depth
-    from medldm.train.conditioning import make_pair
     from medldm.train.vae_stage import VAEStage
 
     if stages is None:

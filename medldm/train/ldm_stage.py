@@ -6,7 +6,7 @@
   with ``condition: mask`` also on a tissue label map (``medldm.data.tissue``, derived once per item): one-hot,
   space-to-depth onto the latent grid, concatenated to the noisy latent; replaced by zeros (no mask) with
   probability ``diffusion.cfg_dropout``, so the same network also samples without a mask;
-* sr / denoise: the degraded image of the same crop, made on the fly (``medldm.train.conditioning``), goes to the
+* sr / denoise: the degraded image of the same crop, made on the fly (``medldm.data.condition``), goes to the
   U-Net by lossless space-to-depth onto the latent grid, and its noise level as a conditioning scalar.
 * Validation (held-out scans): diffusion loss on their latents; for sr/denoise also PSNR/SSIM of the enhanced
   image, of the degraded input and of the VAE reconstruction of the clean image (the ceiling set by the VAE).
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from medldm.config import to_mapping
+from medldm.data.condition import make_pair, noise_level_max
 from medldm.data.datasets import step_rng
 from medldm.data.latent_cache import encode_items, load_cache, save_cache
 from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
 from medldm.models.conditioning import space_to_depth
 from medldm.models.denoiser import mask_condition
-from medldm.train.conditioning import make_pair, noise_level_max
 from medldm.train.data import RunData, center_batch, center_corners
 from medldm.train.distributed import barrier
 from medldm.train.engine import Runtime, adamw, prepare

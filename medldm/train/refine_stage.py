@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from medldm.config import to_mapping
+from medldm.data.condition import make_pair
 from medldm.data.datasets import step_rng
 from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
 from medldm.models.conditioning import space_to_depth
 from medldm.models.refiner import RefinerSpec, apply_refiner, build_from_spec
-from medldm.train.conditioning import make_pair
 from medldm.train.data import RunData, center_batch
 from medldm.train.engine import Runtime, adamw, prepare
 from medldm.train.ldm_stage import stage_sampler, val_sigma

@@ -1,27 +1,35 @@
-"""Training pairs and the image condition of the latent U-Net (SR, denoising, thick -> thin slices).
+"""The model's input made from a degraded scan, for training pairs AND inference (sr, denoise, thinslice; 2D, 3D).
 
-**Pairs** are made on the fly from clean crops with seeded, batched torch degradations (CPU or GPU), in the
-model range [-1, 1] (width 2):
+One room for the condition, as nnU-Net's predictor runs the preprocessing its plans name: training
+(:func:`make_pair`, on clean crops) and inference (:func:`scan_condition`, on the degraded scan a user brings)
+call the same interpolations (:func:`upsample_grid` for ``sr``, the Keys cubic convolution of
+:mod:`medldm.data.resample` for ``thinslice``), so the two match by construction.
+
+**Training pairs** are made on the fly from clean crops with seeded, batched torch degradations (CPU or GPU), in
+the model range [-1, 1] (width 2):
 
 * ``gaussian``: ``y = x + s * 2 * n``; ``rician``: magnitude of a complex Gaussian perturbation in [0, 1]
   units, ``y01 = |x01 + s (n1 + i n2)|``; ``s`` drawn per sample from ``degrade.level_range`` (relative to the
   intensity range, the convention of :mod:`medldm.data.degrade`);
 * ``downsample``: area down-sampling by ``scale`` in-plane (anti-aliased; optionally after a Gaussian pre-blur
   drawn from ``degrade.blur_range``, so the model does not learn one kernel) and back to the high-res grid
-  (linear); ``thick`` (3D): average of ``scale`` slices along the last axis, replicated back;
-  then a noise-augmentation ``s`` from ``degrade.noise_aug_range`` is added to the low-res condition
-  (Ho et al. 2021, cascaded diffusion) and ``s`` is a U-Net input;
+  (:func:`upsample_grid`: linear, or bicubic for ``degrade.upsample: cubic``); ``thick`` (3D): average of ``scale``
+  slices along the last axis, replicated back; then a noise-augmentation ``s`` from ``degrade.noise_aug_range``
+  is added to the low-res condition (Ho et al. 2021, cascaded diffusion) and ``s`` is a U-Net input;
 * ``thinslice`` (2D, SMORE-style self-similarity): along ONE in-plane axis of the slice (drawn per sample, 0 or
   1), thick slices of ``scale`` thin ones (``degrade.profile``: box = their mean; gaussian = FWHM ``scale``
   pixels, centred on the same points), then Keys cubic interpolation back to the thin grid, exactly what
-  :mod:`medldm.pipelines.thinslice` does along Z at inference (thick slice ``k`` centred on thin index
+  :func:`interpolate_z` does along Z at inference (thick slice ``k`` centred on thin index
   ``k * scale + (scale - 1) / 2``, pixel-area convention); a noise augmentation as for ``sr``.
 
-**Condition** = the degraded image on the high-res grid, rearranged to the latent grid by space-to-depth
-(:func:`medldm.models.conditioning.space_to_depth`, shared with inference, so it lives below both).
+**At inference** (:func:`scan_condition`) the degraded scan is already on its (low-res) grid: denoise keeps it,
+sr interpolates it in-plane by ``scale`` with :func:`upsample_grid` (``thick``: slice replication) and adds the
+training's lowest noise augmentation (seeded), thinslice interpolates along Z with :func:`interpolate_z`.
 
-The noise level given to the U-Net is ``s / max(range)`` in [0, 1]; ``noise_level_max`` is stored in the model
-folder's ``extra.json`` so inference feeds the same scale.
+The condition goes to the U-Net rearranged onto the latent grid by space-to-depth
+(:func:`medldm.models.conditioning.space_to_depth`, shared by training and inference). The noise level given to
+the U-Net is ``s / max(range)`` in [0, 1]; ``noise_level_max`` is stored in the model folder's ``extra.json`` so
+inference feeds the same scale.
 """
 
 from __future__ import annotations
@@ -89,7 +97,7 @@ def downsample_upsample(x: torch.Tensor, scale: int, kind: str = "downsample",
                         blur: torch.Tensor | None = None, upsample: str = "linear") -> torch.Tensor:
     """Low-res version of ``x`` (N, C, *S) on the same grid: anti-aliased area down-sampling in-plane by
     ``scale`` (kind 'downsample'; optionally after an in-plane Gaussian pre-blur of std ``blur[n]`` pixels),
-    back on the grid by ``upsample`` interpolation (linear / cubic), or ``scale``-slice averaging along the last
+    back on the grid by :func:`upsample_grid` (``upsample``: linear / cubic), or ``scale``-slice averaging along the last
     axis (kind 'thick')."""
     if scale <= 1:
         return x
@@ -103,7 +111,17 @@ def downsample_upsample(x: torch.Tensor, scale: int, kind: str = "downsample",
     k = (scale, scale) + ((1,) if d == 3 else ())
     pool = F.avg_pool2d if d == 2 else F.avg_pool3d
     low = pool(x, kernel_size=k, stride=k)
-    return F.interpolate(low, size=x.shape[2:], mode=UPSAMPLE_MODES[(upsample, d)], align_corners=False)
+    return upsample_grid(low, tuple(x.shape[2:]), upsample)
+
+
+def upsample_grid(low: torch.Tensor, size: tuple[int, ...], mode: str = "linear") -> torch.Tensor:
+    """(N, C, *S) -> (N, C, *size): the interpolation from the low-res grid to the condition grid, in training
+    pairs and at inference alike (``degrade.upsample``: ``linear`` = bi/trilinear, ``cubic`` = bicubic, 2D
+    only; pixel-area alignment, ``align_corners=False``)."""
+    key = (mode, low.ndim - 2)
+    if key not in UPSAMPLE_MODES:
+        raise ValueError(f"degrade.upsample {mode!r} is not available for {low.ndim - 2}D images")
+    return F.interpolate(low, size=tuple(int(v) for v in size), mode=UPSAMPLE_MODES[key], align_corners=False)
 
 
 def thick_matrix(n: int, scale: int, profile: str = "box") -> torch.Tensor:
@@ -213,3 +231,68 @@ def make_pair(clean: torch.Tensor, task: str, degrade, gen: torch.Generator,
 def noise_level_max(task: str, degrade) -> float:
     """The absolute noise sigma that maps to noise level 1.0 (stored in extra.json)."""
     return float(degrade.level_range[1] if task == "denoise" else degrade.noise_aug_range[1])
+
+
+# ---------------------------------------------------------------------------------------------- at inference
+def _field(degrade, key: str, default):
+    """``degrade.key`` of a config object or a model folder's ``degrade`` dict (None / missing -> ``default``)."""
+    v = degrade.get(key) if isinstance(degrade, dict) else getattr(degrade, key, None)
+    return default if v is None else v
+
+
+def thin_shape(shape: tuple[int, ...], factor: int) -> tuple[int, int, int]:
+    """The thin grid of a thick volume (X, Y, Z): (X, Y, factor * Z)."""
+    x, y, z = (int(v) for v in shape[:3])
+    return x, y, z * int(factor)
+
+
+def interpolate_z(vol, factor: int):
+    """Keys cubic convolution (a = -0.5) along Z of (X, Y, Z) to ``factor`` x the slices, pixel-area alignment,
+    borders replicated (float32 array): the interpolation of the ``thinslice`` training pairs (:func:`thin_matrix`)
+    and the ``bicubic`` baseline."""
+    import numpy as np
+
+    from medldm.data.resample import cubic_convolution_resize
+
+    return np.asarray(cubic_convolution_resize(vol, thin_shape(vol.shape, factor)), dtype=np.float32)
+
+
+def scan_condition(x, task: str, degrade, *, axis: int = 2, dims: int = 2,
+                   seed: int = 0) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The model's condition made from a degraded scan ``x`` (X, Y, Z), on the output grid, and that grid's shape.
+
+    * ``denoise``: ``x`` itself;
+    * ``sr``: ``x`` interpolated by ``degrade.scale`` with :func:`upsample_grid` (2D models: the two axes other
+      than ``axis``; 3D: X and Y; ``kind: thick``: slices replicated along Z), plus the training's lowest noise
+      augmentation ``degrade.noise_aug_range[0]`` (seeded by ``seed``) that every training condition carried;
+    * ``thinslice``: ``x`` interpolated along Z to ``degrade.scale`` x the slices (:func:`interpolate_z`).
+
+    ``x`` is in model units for sr / denoise (a tensor); thin slices are interpolated in the units given (an
+    array), as the shipped ``mr-thinslice-4x`` was run since it was made.
+    """
+    if task == "denoise":
+        return x, tuple(x.shape)
+    s = int(_field(degrade, "scale", 2 if task == "sr" else 4))
+    if task == "thinslice":
+        out = torch.from_numpy(interpolate_z(x, s))
+        return out, tuple(out.shape)
+    if task != "sr":
+        raise ValueError(f"task {task!r} has no scan condition")
+    shape = list(x.shape)
+    if _field(degrade, "kind", "downsample") == "thick":
+        shape[2] *= s
+        up = torch.repeat_interleave(x, s, dim=2)
+    else:
+        for a in ([a for a in range(3) if a != axis] if dims == 2 else [0, 1]):
+            shape[a] *= s
+        if _field(degrade, "upsample", "linear") == "cubic":  # 2D models: bicubic slice by slice
+            sl = torch.movedim(x, axis, 0)[:, None]
+            size = tuple(int(sl.shape[d]) * s for d in (2, 3))
+            up = torch.movedim(upsample_grid(sl, size, "cubic")[:, 0], 0, axis)
+        else:  # folders without the key were trained with linear; one trilinear pass over the volume
+            up = upsample_grid(x[None, None], tuple(shape), "linear")[0, 0]
+    sigma = float(_field(degrade, "noise_aug_range", [0.0, 0.0])[0])
+    if sigma > 0:  # the training condition always carried at least this noise augmentation
+        g = torch.Generator().manual_seed(seed + 7)
+        up = up + 2.0 * sigma * torch.randn(up.shape, generator=g)
+    return up, tuple(shape)
