@@ -7,7 +7,8 @@ Layout::
       vae.safetensors        # one file per module (``<name>.safetensors``); ``<name>_ema.safetensors`` preferred
       denoiser.safetensors   #   by ``load_model(ema=True)`` when present
       refiner.safetensors    # optional stage-3 refiner (sr / denoise), described by extra.json["refiner"]
-      extra.json             # scale_factor, normalization params, class names, refiner spec, data hashes ...
+      extra.json             # the model card (medldm.models.card.ModelCard): task, factor, scale_factor,
+                             #   degradation, normalization, class names, refiner spec, provenance
 
 Loading parses YAML/JSON and safetensors only: no pickle, no code execution.
 """
@@ -29,22 +30,21 @@ from torch import nn
 
 from medldm.io.atomic import atomic_dir
 from medldm.io.errors import CaseError
-from medldm.models.config import UNetConfig, VAEConfig, from_dict, validate
-from medldm.models.refiner import RefinerSpec, build_from_spec, refiner_spec
+from medldm.models.card import (  # noqa: F401 (CONFIG_KEYS, EXTRA_KEYS: the keys a folder may hold)
+    CONFIG_KEYS,
+    EXTRA_KEYS,
+    NETWORK_SECTIONS,
+    CardError,
+    ModelCard,
+    read_card,
+)
+from medldm.models.config import DiffusionConfig
+from medldm.models.refiner import RefinerSpec, build_from_spec
 
 CONFIG_FILE = "config.yaml"
 EXTRA_FILE = "extra.json"
 _HINT = "point -m at a folder written by `medldm train`"
 _FIX = "the model folder is damaged or was edited: copy it again, or point -m at a folder written by `medldm train`"
-#: top-level keys of a model folder's config.yaml: the training config's sections (pinned to
-#: ``medldm.train.schema.TrainingConfig`` by tests/test_model_faults.py; models/ cannot import train/)
-CONFIG_KEYS = frozenset({"stage", "task", "spatial_dims", "seed", "vae_path", "data", "augment", "degrade",
-                         "condition", "vae", "unet", "diffusion", "vae_train", "ldm_train", "refine", "engine"})
-#: keys the training stages write into extra.json (medldm.train.{vae,ldm,refine}_stage)
-EXTRA_KEYS = frozenset({"stage", "task", "spatial_dims", "factor", "scale_factor", "normalization", "patch_size",
-                        "slice_axis", "resize_to", "train_scans", "val_scans", "val_metrics", "metric_range",
-                        "vae_val_metrics", "refine_val_metrics", "condition", "mask_classes", "mask_method",
-                        "degrade", "noise_level_max", "class_from", "class_names", "refiner"})
 _REFINER_FIX = "the model folder is damaged: copy it again"
 
 MAX_PARAMS_ENV = "MEDLDM_MAX_PARAMS"
@@ -58,8 +58,10 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 @dataclass
 class ModelBundle:
-    """A loaded model folder. ``vae`` / ``denoiser`` / ``refiner`` (stage 3, sr / denoise models trained with
-    one) are in eval mode on CPU, or None when absent."""
+    """A loaded model folder. ``card`` is its validated contract (:class:`medldm.models.card.ModelCard`: task,
+    factor, degradation, refiner spec, the network configs ...); ``vae`` / ``denoiser`` / ``refiner`` (stage 3, sr /
+    denoise models trained with one) are in eval mode, or None when absent. ``config`` / ``extra``: the files as
+    read (provenance records copy them; nothing reads settings from them)."""
 
     config: dict[str, Any]
     vae: nn.Module | None
@@ -67,23 +69,22 @@ class ModelBundle:
     extra: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     refiner: nn.Module | None = None
+    card: ModelCard = field(default_factory=ModelCard)
 
     @property
-    def diffusion(self):
+    def diffusion(self) -> DiffusionConfig:
         """The ``DiffusionConfig`` of the folder (defaults when the section is absent)."""
-        from medldm.diffusion.config import load_diffusion_config
-
-        return load_diffusion_config(model_sections(self.config).get("diffusion"))
+        return self.card.diffusion
 
     @property
     def scale_factor(self) -> float:
         """Latent scale factor (z_model = z_vae * scale_factor), 1.0 when not stored."""
-        return float(self.extra.get("scale_factor", 1.0))
+        return self.card.scale_factor
 
     @property
     def refiner_spec(self) -> RefinerSpec | None:
         """How the refiner is built and applied (``extra.json["refiner"]``); None without a refiner."""
-        return refiner_spec(self.extra) if self.refiner is not None else None
+        return self.card.refiner if self.refiner is not None else None
 
     @property
     def refiner_base(self) -> str | None:
@@ -99,20 +100,18 @@ class ModelBundle:
         return self
 
 
-def model_sections(config: dict[str, Any]) -> dict[str, Any]:
-    """The ``vae`` / ``unet`` / ``diffusion`` sections of a config (top level wins over ``model:``)."""
-    nested = config.get("model") if isinstance(config.get("model"), dict) else {}
-    return {k: config.get(k, nested.get(k)) for k in ("vae", "unet", "diffusion") if k in config or k in nested}
-
-
 def save_model_folder(
-    path: str | os.PathLike, *, config: dict[str, Any], modules: dict[str, nn.Module], extra: dict[str, Any] | None = None
+    path: str | os.PathLike, *, config: dict[str, Any], modules: dict[str, nn.Module],
+    extra: ModelCard | dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``config.yaml``, ``<name>.safetensors`` per module and ``extra.json``; the folder appears atomically.
+    """Write ``config.yaml``, ``<name>.safetensors`` per module and ``extra.json`` (the model card,
+    ``ModelCard.to_extra()``); the folder appears atomically.
 
     Tensors are saved contiguous, on CPU, in their own dtype. Returns the folder path.
     """
     path = Path(path)
+    if isinstance(extra, ModelCard):
+        extra = extra.to_extra()
     for name in modules:
         if not name.replace("_", "").isalnum():
             raise ValueError(f"module name {name!r} must be alphanumeric/underscore (it becomes a file name)")
@@ -135,6 +134,7 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
     the file of the folder at fault. The refiner (``refiner.safetensors``, built from ``extra.json["refiner"]``)
     goes through the same checks; its faults read ``refiner.safetensors: not a usable refiner (...)``.
     """
+    # the network builders import MONAI: inside, so `medldm.models.folder` (model_hash, the card) stays light
     from medldm.models.denoiser import build_denoiser
     from medldm.models.vae import build_vae
 
@@ -144,23 +144,20 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
         raise CaseError(path, f"not a model folder (no {CONFIG_FILE})", _HINT)
     config = _read_mapping(cfg_file, yaml.safe_load, "YAML")
     extra = _read_mapping(path / EXTRA_FILE, json.loads, "JSON") if (path / EXTRA_FILE).is_file() else {}
-    _check_keys(cfg_file, config, CONFIG_KEYS)
-    _check_keys(path / EXTRA_FILE, extra, EXTRA_KEYS)
-    sections = model_sections(config)
-    for name, sec in sections.items():
-        if sec is not None and not isinstance(sec, dict):
-            raise CaseError(cfg_file, f"section {name!r} is a {_kind(sec)}, not a mapping of settings", _FIX)
-    _check_extra(path / EXTRA_FILE, extra)
+    ref_file = _weights(path, "refiner", ema)
     try:
-        vae_cfg = from_dict(VAEConfig, sections["vae"], prefix="vae") if sections.get("vae") is not None else None
-        unet_cfg = from_dict(UNetConfig, sections["unet"], prefix="unet") if sections.get("unet") is not None else None
-        if vae_cfg is not None:
-            validate(vae_cfg, "vae")
-        if unet_cfg is not None:
-            validate(unet_cfg, "unet")
-        _check_diffusion(sections.get("diffusion"))
-    except (ValueError, TypeError) as exc:
-        raise CaseError(cfg_file, f"invalid model config: {_one_line(exc)}", _FIX) from exc
+        card = read_card(config, extra)
+    except CardError as exc:
+        file = path / exc.file
+        if exc.key == "refiner" and ref_file is not None:
+            raise CaseError(ref_file, f"not a usable refiner (extra.json: {exc})", _REFINER_FIX) from exc
+        if exc.key == "refiner":  # a spec without weights: no refiner (as before the card)
+            card = read_card(config, {k: v for k, v in extra.items() if k != "refiner"})
+        elif exc.file == CONFIG_FILE and exc.key in NETWORK_SECTIONS and not str(exc).startswith("section"):
+            raise CaseError(file, f"invalid model config: {exc}", _FIX) from exc
+        else:
+            raise CaseError(file, str(exc), _FIX) from exc
+    vae_cfg, unet_cfg = card.vae, card.unet
     builders = {}
     if vae_cfg is not None and _weights(path, "vae", ema) is not None:
         builders["vae"] = lambda: build_vae(vae_cfg)
@@ -172,15 +169,12 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
     if not builders:
         raise CaseError(path, "model folder holds no vae/denoiser weights", _HINT)
     described_by = {name: cfg_file for name in builders}
-    ref_file = _weights(path, "refiner", ema)
-    if ref_file is not None and extra.get("refiner"):  # weights without a spec (or a spec alone): no refiner
-        try:
-            spec = refiner_spec(extra)
-        except (ValueError, TypeError) as exc:
-            raise CaseError(ref_file, f"not a usable refiner (extra.json: {_one_line(exc)})", _REFINER_FIX) from exc
-        assert spec is not None
+    if ref_file is not None and card.refiner is not None:  # weights without a spec (or a spec alone): no refiner
+        spec = card.refiner
         builders["refiner"] = lambda: build_from_spec(spec)
         described_by["refiner"] = path / EXTRA_FILE
+    else:
+        card.refiner = None
     budget = max_params()
     for name, build in builders.items():  # check everything before allocating anything
         file = _weights(path, name, ema)
@@ -197,7 +191,7 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
                 raise CaseError(described_by[name], f"invalid model config: {_one_line(exc)}", _FIX) from exc
             _load_into(nets[name], _weights(path, name, ema), path)
     vae, denoiser, refiner = nets.get("vae"), nets.get("denoiser"), nets.get("refiner")
-    bundle = ModelBundle(config=config, vae=vae, denoiser=denoiser, extra=extra, path=path, refiner=refiner)
+    bundle = ModelBundle(config=config, vae=vae, denoiser=denoiser, extra=extra, path=path, refiner=refiner, card=card)
     for m in (vae, denoiser, refiner):
         if m is not None:
             m.eval().requires_grad_(False)
@@ -380,41 +374,6 @@ def _count_nodes(obj: Any, limit: int) -> int:
         elif isinstance(o, list):
             stack.extend(o)
     return count
-
-
-def _check_keys(file: Path, mapping: dict[str, Any], known: frozenset[str]) -> None:
-    """Every top-level key is one medldm writes (a typo such as ``tsak`` is an error naming the nearest key)."""
-    import difflib
-
-    for key in mapping:
-        if key not in known:
-            near = difflib.get_close_matches(str(key), sorted(known), n=1)
-            raise CaseError(file, f"unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""), _FIX)
-
-
-def _check_extra(file: Path, extra: dict[str, Any]) -> None:
-    """The extra.json entries used to run a model: types and ranges (one-line CaseError on the file)."""
-    sf = extra.get("scale_factor", 1.0)
-    if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not (0 < abs(sf) < 1e6):
-        raise CaseError(file, f"scale_factor = {sf!r}: must be a finite non-zero number", _FIX)
-    for key in ("resize_to", "patch_size"):
-        v = extra.get(key)
-        if v is not None and (not isinstance(v, list) or not 1 <= len(v) <= 3 or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 16 for d in v)):
-            raise CaseError(file, f"{key} = {v!r}: must be a list of 1..3 positive sizes", _FIX)
-    factor = extra.get("factor")
-    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int) or not 1 <= factor <= 1 << 10):
-        raise CaseError(file, f"factor = {factor!r}: must be a positive integer", _FIX)
-    names = extra.get("class_names")
-    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise CaseError(file, "class_names must be a list of names", _FIX)
-
-
-def _check_diffusion(section: dict[str, Any] | None) -> None:
-    """Validate the diffusion section (types, choices, ranges and the array-sizing bounds: DiffusionConfig)."""
-    from medldm.diffusion.config import load_diffusion_config
-
-    load_diffusion_config(section)
 
 
 def _kind(obj: Any) -> str:

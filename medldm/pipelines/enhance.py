@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from medldm.diffusion import make_model_fn, make_schedule, sample, sample_many
 from medldm.io.errors import CaseError
 from medldm.io.geometry import resize_mask_nearest, resized_affine, spacing_from_affine
+from medldm.models.config import DegradeConfig
 from medldm.pipelines.tiling import tiled_call, tiled_decode
 
 #: a voxel is "uncertain" when the std of its K samples exceeds this fraction of the normalization range
@@ -79,31 +80,31 @@ class Enhancer:
     """A loaded sr/denoise model folder, ready to enhance scans."""
 
     def __init__(self, bundle, device: str = "cpu"):
-        ex = bundle.extra
-        self.task = ex.get("task")
+        card = bundle.card
+        self.task = card.task
         if self.task not in ("sr", "denoise"):
             raise CaseError(bundle.path, f"model task is {self.task!r}, not 'sr' or 'denoise'", "use `medldm synthesize` for synthesis models")
         if bundle.vae is None or bundle.denoiser is None:
             raise CaseError(bundle.path, "model folder lacks the VAE or the denoiser", "export the ldm stage's model folder")
-        if ex.get("condition", "space_to_depth") != "space_to_depth":
-            raise CaseError(bundle.path, f"unknown condition kind {ex.get('condition')!r}", "update medldm")
+        if card.condition != "space_to_depth":
+            raise CaseError(bundle.path, f"unknown condition kind {card.condition!r}", "update medldm")
         self.device = torch.device(device)
         self.bundle = bundle.to(self.device)
+        self.card = card
         self.vae, self.denoiser = bundle.vae, bundle.denoiser
         self.schedule = make_schedule(bundle.diffusion)
         self.dcfg = bundle.diffusion
-        self.scale = bundle.scale_factor
+        self.scale = card.scale_factor
         self.dims = int(self.denoiser.spatial_dims)
-        self.f = int(ex.get("factor") or 2 ** (len(bundle.config.get("vae", {}).get("channels", [0, 0, 0])) - 1))
-        self.degrade = ex.get("degrade") or {}
-        self.level_max = float(ex.get("noise_level_max") or 0.0)
-        norm = ex.get("normalization") or {}
-        self.modality = None if norm.get("modality", "auto") in (None, "auto") else norm["modality"]
-        self.ct_window = norm.get("ct_window", "full")
+        self.f = card.factor
+        self.degrade = card.degrade or DegradeConfig()
+        self.level_max = card.noise_level_max
+        self.modality = card.normalization.forced_modality
+        self.ct_window = card.normalization.ct_window
         # how the training scans were normalized (CT window / MR percentiles): a scan normalized otherwise is
         # outside the model's training domain (e.g. CT given to an MR model)
-        self.trained_methods = {e["method"] for e in norm.get("examples", []) if e.get("method")}
-        self.slice_axis = int(ex.get("slice_axis", 2))
+        self.trained_methods = card.normalization.trained_methods
+        self.slice_axis = card.slice_axis
         self.refiner = bundle.refiner  # checked and loaded with the model folder, on self.device with the bundle
         self.refiner_base = bundle.refiner_base
         # refiners trained with a noise map get the U-Net's (estimated) noise level as a third input
@@ -115,8 +116,8 @@ class Enhancer:
         # ... and to at least this: the refiner (MONAI BasicUNet) pools 4 times, so a 1-pixel-wide image padded
         # to `align` only would be too small for it
         self.min_size = max(self.align, REFINER_MIN_SIZE if self.refiner is not None else 0)
-        self.resize_to = ex.get("resize_to")
-        patch = ex.get("patch_size") or [64] * self.dims
+        self.resize_to = card.resize_to
+        patch = card.patch_size or [64] * self.dims
         self.default_window = tuple(_ceil(max(2 * int(p) // self.f, 8), self.unet_down) for p in patch)
 
     # ------------------------------------------------------------------ public
@@ -164,8 +165,7 @@ class Enhancer:
         """Condition on the output grid (X', Y', Z') in model units, and that grid's shape."""
         if self.task == "denoise":
             return x, tuple(x.shape)
-        s = int(self.degrade.get("scale", 2))
-        kind = self.degrade.get("kind", "downsample")
+        s, kind = self.degrade.scale, self.degrade.kind
         shape = list(x.shape)
         if kind == "thick":
             shape[2] *= s
@@ -174,13 +174,13 @@ class Enhancer:
             inplane = [a for a in range(3) if a != axis] if self.dims == 2 else [0, 1]
             for a in inplane:
                 shape[a] *= s
-            if self.degrade.get("upsample", "linear") == "cubic":  # 2D models: bicubic slice by slice
+            if self.degrade.upsample == "cubic":  # 2D models: bicubic slice by slice
                 sl = torch.movedim(x, axis, 0)[:, None]
                 size = tuple(int(sl.shape[d]) * s for d in (2, 3))
                 up = torch.movedim(F.interpolate(sl, size=size, mode="bicubic", align_corners=False)[:, 0], 0, axis)
             else:  # folders without the key were trained with linear
                 up = F.interpolate(x[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
-        sigma = float((self.degrade.get("noise_aug_range") or [0.0, 0.0])[0])
+        sigma = float(self.degrade.noise_aug_range[0])
         if sigma > 0:  # the training condition always carried at least this noise augmentation
             g = torch.Generator().manual_seed(seed + 7)
             up = up + 2.0 * sigma * torch.randn(up.shape, generator=g)
@@ -218,7 +218,7 @@ class Enhancer:
         if opts.noise_level is not None:
             return float(min(max(opts.noise_level, 0.0), 1.0))
         if self.task == "sr":
-            lo = float((self.degrade.get("noise_aug_range") or [0.0, 0.0])[0])
+            lo = float(self.degrade.noise_aug_range[0])
             return lo / self.level_max if self.level_max > 0 else 0.0
         from medldm.data.noise import estimate_noise_sigma
 

@@ -10,7 +10,7 @@ def make_enhancer(bundle, device: str = "cpu"):
     """The enhancer of a loaded model folder, by its task: :class:`medldm.pipelines.thinslice.ThinSliceEnhancer`
     for ``thinslice`` models, else :class:`Enhancer`. What ``medldm enhance``, ``medldm listen`` and
     ``medldm.shipped.enhance`` build, so every entry point runs a model the same way."""
-    if (bundle.extra or {}).get("task") == "thinslice":
+    if bundle.card.task == "thinslice":
         from medldm.pipelines.thinslice import ThinSliceEnhancer
 
         return ThinSliceEnhancer(bundle, device=device)

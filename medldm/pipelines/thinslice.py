@@ -32,6 +32,7 @@ import torch
 
 from medldm.io.errors import CaseError
 from medldm.io.geometry import resize_mask_nearest, resized_affine, spacing_from_affine
+from medldm.models.config import DegradeConfig
 
 #: allowed relative difference between (slice spacing / in-plane pixel) and the model's factor
 SPACING_TOLERANCE = 0.10
@@ -81,15 +82,15 @@ class ThinSliceEnhancer:
     def __init__(self, bundle, device: str = "cpu"):
         from medldm.pipelines.enhance import Enhancer
 
-        ex = dict(bundle.extra)
-        if ex.get("task") != "thinslice":
-            raise CaseError(bundle.path, f"model task is {ex.get('task')!r}, not 'thinslice'",
+        card = bundle.card
+        if card.task != "thinslice":
+            raise CaseError(bundle.path, f"model task is {card.task!r}, not 'thinslice'",
                             "use medldm.pipelines.enhance.Enhancer for sr/denoise models")
-        deg = ex.get("degrade") or {}
-        self.factor = int(deg.get("scale", 4))
-        self.profile = str(deg.get("profile", "box"))
+        deg = card.degrade or DegradeConfig(kind="thick", scale=4, noise_aug_range=(0.0, 0.0))
+        self.factor = int(deg.scale)
+        self.profile = str(deg.profile)
         # the network maps a thin-grid image to a thin-grid image: the Enhancer runs it as a same-grid model
-        self.inner = Enhancer(dataclasses.replace(bundle, extra={**ex, "task": "denoise"}), device=device)
+        self.inner = Enhancer(dataclasses.replace(bundle, card=dataclasses.replace(card, task="denoise")), device=device)
         if self.inner.dims != 2:
             raise CaseError(bundle.path, f"a thinslice model must be 2D, this one is {self.inner.dims}D",
                             "train it with spatial_dims: 2")
@@ -97,7 +98,7 @@ class ThinSliceEnhancer:
         self.bundle = self.inner.bundle
         self.device = self.inner.device
         self.path = bundle.path
-        lo = float((deg.get("noise_aug_range") or [0.0, 0.0])[0])
+        lo = float(deg.noise_aug_range[0])
         self.level = lo / self.inner.level_max if self.inner.level_max > 0 else 0.0
 
     def window(self, opts) -> tuple[int, ...]:
