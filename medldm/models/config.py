@@ -226,6 +226,20 @@ class DiffusionConfig:
     sampling_steps: int = doc_field(20, "default number of sampling steps at inference")
     guidance: float = doc_field(1.0, "default classifier-free guidance weight (1 = conditional model only)")
 
+    def sampling_options(self, steps: int | None = None, sampler: str | None = None) -> tuple[int, str]:
+        """The (steps, sampler) a run uses: the user's values, else this model's defaults; checked here, once, for
+        every entry point (``medldm enhance`` / ``synthesize`` / ``listen``, ``medldm.shipped``, the demo).
+        Raises ``ValueError`` (one line, naming the option)."""
+        steps = self.sampling_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps!r}")
+        if steps > MAX_SAMPLING_STEPS:
+            raise ValueError(f"--steps {steps}: at most {MAX_SAMPLING_STEPS:,}")
+        sampler = self.sampler if sampler is None else sampler
+        if sampler not in SAMPLER_NAMES:
+            raise ValueError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLER_NAMES)}")
+        return steps, sampler
+
     def __post_init__(self) -> None:
         # Choices: the Literal types are the one list. from_mapping has checked them already when the config
         # came from YAML; this keeps a config built in Python (DiffusionConfig(schedule="edm")) from passing.

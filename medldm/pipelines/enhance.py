@@ -25,6 +25,7 @@ constant scan is returned unchanged (with a warning) without running the model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -50,7 +51,8 @@ REFINER_MIN_SIZE = 16
 
 @dataclass
 class EnhanceOptions:
-    """How to run a model on one scan (defaults from the model folder where None)."""
+    """How to run a model on one scan (defaults from the model folder where None: ``Enhancer.resolve`` fills
+    them in once)."""
 
     steps: int | None = None
     sampler: str | None = None
@@ -121,12 +123,20 @@ class Enhancer:
         self.default_window = tuple(_ceil(max(2 * int(p) // self.f, 8), self.unet_down) for p in patch)
 
     # ------------------------------------------------------------------ public
+    def resolve(self, opts: EnhanceOptions | None = None) -> EnhanceOptions:
+        """``opts`` with the model's defaults filled in (steps, sampler: ``DiffusionConfig.sampling_options``,
+        which also checks them; the latent window) — the one place options meet the model. What ``enhance`` runs
+        with and what a resume record stores. Idempotent; ``ValueError`` naming the option."""
+        opts = opts or EnhanceOptions()
+        steps, sampler = self.dcfg.sampling_options(opts.steps, opts.sampler)
+        return dataclasses.replace(opts, steps=steps, sampler=sampler, window=self.window(opts))
+
     @torch.no_grad()
     def enhance(self, img, opts: EnhanceOptions | None = None) -> EnhanceResult:
         """img: MetaTensor (X, Y, Z) in scanner units -> EnhanceResult on the output grid."""
         from medldm.data.intensity import fill_nonfinite, normalize
 
-        opts = opts or EnhanceOptions()
+        opts = self.resolve(opts)
         src = (getattr(img, "meta", None) or {}).get("filename_or_obj") or "<image>"
         if any(int(s) < 1 for s in img.shape):
             raise CaseError(src, f"empty image (shape {tuple(img.shape)})", "give a scan with at least one voxel")
@@ -240,9 +250,7 @@ class Enhancer:
         or on how a volume is cut into chunks."""
         cond = space_to_depth(cond_items, self.f).to(self.device)
         lat_shape = (self.vae_latent_channels(), *(s // self.f for s in cond_items.shape[2:]))
-        steps = opts.steps or self.dcfg.sampling_steps
-        name = opts.sampler or self.dcfg.sampler
-        window = self.window(opts)
+        steps, name, window = opts.steps, opts.sampler, opts.window
 
         def model_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             def call(xw, cw):
@@ -344,10 +352,10 @@ class Enhancer:
         unit = (float(params["hi"]) - float(params["lo"])) / (float(params["out_range"][1]) - float(params["out_range"][0]))
         info: dict[str, Any] = {
             "task": self.task, "noise_level": level, "samples": int(opts.samples),
-            "steps": opts.steps or self.dcfg.sampling_steps, "sampler": opts.sampler or self.dcfg.sampler,
+            "steps": opts.steps, "sampler": opts.sampler,
             "input_shape": list(in_shape), "output_shape": list(out_shape), "normalization": params,
             "refined": self.refiner is not None and opts.refine, "nonfinite_voxels": n_bad,
-            "window": list(self.window(opts)), "overlap": opts.overlap, "batch_size": int(opts.batch_size),
+            "window": list(opts.window), "overlap": opts.overlap, "batch_size": int(opts.batch_size),
             "floor": floor, "clamped_voxels": n_low,
         }
         if n_bad:

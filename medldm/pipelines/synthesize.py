@@ -154,6 +154,7 @@ class Synthesizer:
 
         if not (math.isfinite(spacing) and spacing > 0):
             raise ValueError(f"spacing {spacing}: must be a positive number of mm")
+        steps, sampler = self.dcfg.sampling_options(steps, sampler)
         w = float(self.dcfg.guidance if guidance is None else guidance)
         if label is None or self.num_classes == 0:
             w = 1.0  # unconditional: the null class alone, no guidance
@@ -191,7 +192,7 @@ class Synthesizer:
             with self._autocast():
                 return fn(x, t).float()
 
-        z = sample(sampler or self.dcfg.sampler, model_fn, x_t, self.schedule, steps or self.dcfg.sampling_steps, generator=g)
+        z = sample(sampler, model_fn, x_t, self.schedule, steps, generator=g)
         with self._autocast():
             img = self.vae.decode(z / self.bundle.scale_factor).float().cpu()[0, 0]
         if labels_map is not None:

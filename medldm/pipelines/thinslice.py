@@ -104,6 +104,10 @@ class ThinSliceEnhancer:
     def window(self, opts) -> tuple[int, ...]:
         return self.inner.window(opts)
 
+    def resolve(self, opts=None):
+        """The options with this model's defaults filled in (``Enhancer.resolve``)."""
+        return self.inner.resolve(opts)
+
     def check_spacing(self, img, src: str) -> float:
         """Slice spacing / in-plane pixel of ``img``; a CaseError unless it is the model's factor (10 %)."""
         sp = spacing_from_affine(np.asarray(img.affine, dtype=np.float64))
@@ -131,7 +135,7 @@ class ThinSliceEnhancer:
         )
         from medldm.pipelines.enhance import EnhanceOptions, EnhanceResult
 
-        opts = opts or EnhanceOptions()
+        opts = self.resolve(opts or EnhanceOptions())
         src = (getattr(img, "meta", None) or {}).get("filename_or_obj") or "<image>"
         shape = tuple(int(s) for s in img.shape)
         if len(shape) != 3 or any(s < 1 for s in shape):
