@@ -52,7 +52,7 @@ def no_networks(monkeypatch):
     def guarded(*args, **kwargs):  # pragma: no cover - only reached on a regression
         raise AssertionError("a network was built for real, or tensors were read")
 
-    for name in ("_load_into", "load_file"):
+    for name in ("_load_into", "load"):
         monkeypatch.setattr(folder, name, guarded)
     import medldm.models.denoiser as denoiser
     import medldm.models.vae as vae

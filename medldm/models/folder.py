@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from medldm.io.atomic import atomic_dir
@@ -70,6 +70,7 @@ class ModelBundle:
     path: Path | None = None
     refiner: nn.Module | None = None
     card: ModelCard = field(default_factory=ModelCard)
+    hash: str | None = None  # model_hash of the folder, computed while its files were read
 
     @property
     def diffusion(self) -> DiffusionConfig:
@@ -189,9 +190,22 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
                 nets[name] = build()
             except (ValueError, TypeError, RuntimeError) as exc:
                 raise CaseError(described_by[name], f"invalid model config: {_one_line(exc)}", _FIX) from exc
-            _load_into(nets[name], _weights(path, name, ema), path)
+    # every file read once: hashed (model_hash's order) and, for the weights used, loaded from the same bytes
+    used = {_weights(path, name, ema): name for name in nets}
+    h = hashlib.sha256()
+    for f in _hashed_files(path):
+        h.update(f.name.encode() + b"\0")
+        if f not in used:
+            _hash_file(h, f)
+            continue
+        data = f.read_bytes()
+        h.update(data)
+        with _as_refiner_fault(used[f], f):
+            _load_into(nets[used[f]], f, path, data)
+        del data
     vae, denoiser, refiner = nets.get("vae"), nets.get("denoiser"), nets.get("refiner")
-    bundle = ModelBundle(config=config, vae=vae, denoiser=denoiser, extra=extra, path=path, refiner=refiner, card=card)
+    bundle = ModelBundle(config=config, vae=vae, denoiser=denoiser, extra=extra, path=path, refiner=refiner, card=card,
+                         hash=h.hexdigest())
     for m in (vae, denoiser, refiner):
         if m is not None:
             m.eval().requires_grad_(False)
@@ -205,18 +219,27 @@ def load_refiner(path: str | os.PathLike, *, ema: bool = True) -> nn.Module | No
 
 
 def model_hash(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) over ``config.yaml`` and every ``*.safetensors`` of a model folder (names + bytes)."""
-    path = Path(path)
-    files = [path / CONFIG_FILE, *sorted(path.glob("*.safetensors"))]
+    """SHA-256 (hex) over ``config.yaml`` and every ``*.safetensors`` of a model folder (names + bytes); a loaded
+    folder has it as ``ModelBundle.hash`` (computed as its files are read)."""
     h = hashlib.sha256()
+    for f in _hashed_files(Path(path)):
+        h.update(f.name.encode() + b"\0")
+        _hash_file(h, f)
+    return h.hexdigest()
+
+
+def _hashed_files(path: Path) -> list[Path]:
+    files = [path / CONFIG_FILE, *sorted(path.glob("*.safetensors"))]
     for f in files:
         if not f.is_file():
             raise CaseError(path, f"model folder lacks {f.name}", _HINT)
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return files
+
+
+def _hash_file(h, f: Path) -> None:
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
 
 
 @contextlib.contextmanager
@@ -386,10 +409,10 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-def _load_into(module: nn.Module, file: Path | None, folder: Path) -> None:
-    assert file is not None
+def _load_into(module: nn.Module, file: Path, folder: Path, data: bytes) -> None:
+    """Load ``module``'s weights from ``data``, the bytes of ``file``."""
     try:
-        state = load_file(str(file))
+        state = load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise CaseError(folder, f"{file.name} is not a readable safetensors file ({exc})", _HINT) from exc
     expected = module.state_dict()
