@@ -60,9 +60,9 @@ class LDMStage:
         bundle = load_model(vae_dir)
         if bundle.vae is None:
             raise ValueError(f"{vae_dir}: no VAE weights in this model folder")
-        vcfg = bundle.config.get("vae", {})
-        if int(vcfg.get("latent_channels", -1)) != cfg.vae.latent_channels or list(vcfg.get("channels", [])) != list(
-                cfg.vae.channels) or int(vcfg.get("spatial_dims", -1)) != cfg.spatial_dims:
+        vcfg = bundle.card.vae  # not None: the VAE was built from it
+        if vcfg.latent_channels != cfg.vae.latent_channels or tuple(vcfg.channels) != tuple(cfg.vae.channels) \
+                or vcfg.spatial_dims != cfg.spatial_dims:
             raise ValueError(f"{vae_dir}: its vae section differs from this config's vae section — "
                              "train the VAE with this config (stage: both) or copy its vae section")
         self.vae = bundle.vae.to(rt.device).eval().requires_grad_(False)
