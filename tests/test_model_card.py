@@ -6,7 +6,6 @@ or extra.json are a usage error naming the nearest valid key; every entry point 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
