@@ -36,6 +36,8 @@ from medldm.models.card import (  # noqa: F401 (CONFIG_KEYS, EXTRA_KEYS: the key
     NETWORK_SECTIONS,
     CardError,
     ModelCard,
+    _kind,
+    _one_line,
     read_card,
 )
 from medldm.models.config import DiffusionConfig
@@ -397,16 +399,6 @@ def _count_nodes(obj: Any, limit: int) -> int:
         elif isinstance(o, list):
             stack.extend(o)
     return count
-
-
-def _kind(obj: Any) -> str:
-    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(obj),
-                                                                                        type(obj).__name__)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _load_into(module: nn.Module, file: Path, folder: Path, data: bytes) -> None:
