@@ -390,14 +390,13 @@ def run_synthesis(out: Path, n: int, seed: int) -> dict | None:
     """``n`` samples of the shipped synthesis model as one PNG panel (OUT/synth/samples.png) plus the NIfTI
     files; None when the model is not installed. A class-conditional model (mr-synth-2d: slice-position bins)
     cycles through its classes: sample i has class i mod K (``labels``: each sample's class name)."""
-    from medldm.models import load_model
-    from medldm.pipelines.synthesize import Synthesizer
+    from medldm.shipped import open_model
 
     models = _models((SYNTH_MODEL,))
     if not models:
         return None
     t0 = time.perf_counter()
-    syn = Synthesizer(load_model(models[SYNTH_MODEL]))
+    syn = open_model(models[SYNTH_MODEL], "synthesize").runner
     tiles, labels = [], []
     for i in range(n):
         label = i % syn.num_classes if syn.num_classes else None
@@ -461,10 +460,8 @@ def run_mask_synthesis(out: Path, seed: int, *, n: int = MASK_SAMPLES, model: st
     from monai.data import MetaTensor
 
     from medldm.io.nifti import save_nifti
-    from medldm.models import load_model
-    from medldm.pipelines.synthesize import Synthesizer
     from medldm.samples import available_samples
-    from medldm.shipped import resolve_model
+    from medldm.shipped import open_model, resolve_model
 
     if model is None:
         folder = _models((MASK_MODEL,)).get(MASK_MODEL)
@@ -480,7 +477,7 @@ def run_mask_synthesis(out: Path, seed: int, *, n: int = MASK_SAMPLES, model: st
             return None
         scan = (MASK_SAMPLE, have[MASK_SAMPLE])
     t0 = time.perf_counter()
-    syn = Synthesizer(load_model(folder))
+    syn = open_model(folder, "synthesize").runner
     labels, real, affine, k = mask_from_slice(syn, scan[1], scan[0])
     root = out / "mask"
     dtype = np.uint8 if syn.mask_classes <= 255 else np.int16

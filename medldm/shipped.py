@@ -8,9 +8,12 @@ command, data, steps, wall time, hardware, and validation figures (training-pool
 held-out demo scans once measured).
 
 ``resolve_model(name_or_path) -> Path`` turns what a user gives to ``-m`` (or ``medldm.load_model``) into a model
-folder: a model folder, a training run's folder (``RUN_DIR`` -> ``RUN_DIR/model``) or a shipped name; ``card(name)``
-reads a model's card (``medldm models``); ``enhance(name_or_path, img, **options)`` runs an sr/denoise model on a
-MetaTensor, a thin call to the pipeline that ``medldm enhance`` and ``medldm demo`` run, with the same defaults.
+folder: a model folder, a training run's folder (``RUN_DIR`` -> ``RUN_DIR/model``) or a shipped name;
+``open_model(name_or_path, kind, device) -> OpenedModel`` is the one way every entry point opens a model (``medldm
+enhance`` / ``synthesize`` / ``listen``, ``enhance`` below, the demo): resolve, load (each file read once, hashed
+as read), the runner of its task; ``card(name)`` reads a model's card (``medldm models``); ``enhance(name_or_path,
+img, **options)`` runs an sr/denoise model on a MetaTensor, a thin call to what ``medldm enhance`` runs, with the
+same defaults.
 Making the shipped folders (export from a training run, validation, held-out figures) is maintainer tooling:
 ``tools/shipped_models.py``.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from medldm.io.errors import CaseError
 
@@ -109,20 +113,57 @@ def _model_folder(folder: Path) -> Path:
                     "or a shipped model name (see `medldm models`)")
 
 
+@dataclass
+class OpenedModel:
+    """A model opened for a command: its folder, the loaded bundle (``bundle.card``: the model card) and the
+    runner of its task (``Enhancer`` / ``ThinSliceEnhancer`` / ``Synthesizer``; ``runner.resolve(opts)`` fills in
+    the model's defaults)."""
+
+    path: Path
+    bundle: Any  # medldm.models.folder.ModelBundle
+    runner: Any
+
+    @property
+    def name(self) -> str:
+        """What outputs name the model by: the shipped name, or the model folder's name."""
+        return self.path.name
+
+    @property
+    def card(self):
+        return self.bundle.card
+
+    @property
+    def hash(self) -> str:
+        """SHA-256 of config.yaml and the weights (``model_hash``), computed while they were read."""
+        return self.bundle.hash
+
+
+def open_model(name_or_path: str | Path, kind: Literal["enhance", "synthesize"] = "enhance",
+               device: str = "cpu") -> OpenedModel:
+    """``-m MODEL`` -> an :class:`OpenedModel`: ``resolve_model`` (shipped name, model folder or run folder),
+    ``load_model`` (checked, each file read once and hashed as read), the runner of its task on ``device``
+    (``medldm.pipelines.factory.make_runner``). Raises ``CaseError`` (one line) for every fault of the folder
+    and for a model whose task does not fit ``kind``."""
+    from medldm.models import load_model
+    from medldm.pipelines.factory import make_runner
+
+    path = resolve_model(name_or_path)
+    bundle = load_model(path)
+    return OpenedModel(path=path, bundle=bundle, runner=make_runner(bundle, kind, device=device))
+
+
 def enhance(model: str | Path, img, **options):
     """Enhance a scan (X, Y, Z) MetaTensor with an sr/denoise model: a shipped name, a model folder or a run folder.
 
-    A thin call to what ``medldm enhance`` and ``medldm demo`` run: ``Enhancer(...).enhance(img,
+    A thin call to what ``medldm enhance`` and ``medldm demo`` run: ``open_model(model).runner.enhance(img,
     EnhanceOptions(**options))`` (``medldm.pipelines.enhance``), with the same defaults: the model's sampler and
     steps, 2D slices and 3D volumes in overlapping latent windows of twice the training size, the pipeline's batch
     size, seed 0; ``options`` are ``EnhanceOptions`` fields (``seed``, ``steps``, ``device`` ...). Returns the
     enhanced MetaTensor in the input's units (SR: on the x2 grid)."""
-    from medldm.models import load_model
     from medldm.pipelines.enhance import EnhanceOptions
-    from medldm.pipelines.factory import make_enhancer
 
     opts = EnhanceOptions(**options)
-    return make_enhancer(load_model(resolve_model(model)), device=opts.device).enhance(img, opts).image
+    return open_model(model, "enhance", device=opts.device).runner.enhance(img, opts).image
 
 
 def card(name: str) -> dict:

@@ -58,7 +58,7 @@ def _config():
 
 def test_round_trip_reproduces_outputs_on_a_real_scan(tmp_path, ct_slice):
     vae, den = _modules()
-    extra = {"scale_factor": np.float32(0.8), "class_names": ("brain", "chest"), "normalization": {"window": [-1000, 1000]}}
+    extra = {"scale_factor": np.float32(0.8), "class_names": ("brain", "chest"), "normalization": {"ct_window": "full"}}
     folder = save_model_folder(tmp_path / "m", config=_config(), modules={"vae": vae, "denoiser": den}, extra=extra)
     assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "denoiser.safetensors", "extra.json", "vae.safetensors"]
     bundle = medldm.load_model(folder)  # the public entry point
@@ -130,9 +130,9 @@ def test_bad_folders_fail_with_one_line_reasons(tmp_path):
 
 def test_saved_files_are_plain_yaml_json_and_safetensors(tmp_path):
     vae, _ = _modules()
-    folder = save_model_folder(tmp_path / "v", config={"vae": VAE}, modules={"vae": vae}, extra={"t": torch.tensor([1.5])})
+    folder = save_model_folder(tmp_path / "v", config={"vae": VAE}, modules={"vae": vae}, extra={"val_metrics": {"t": torch.tensor([1.5])}})
     assert yaml.safe_load((folder / "config.yaml").read_text())["vae"]["channels"] == [8, 16]
-    assert json.loads((folder / "extra.json").read_text()) == {"t": [1.5]}
+    assert json.loads((folder / "extra.json").read_text()) == {"val_metrics": {"t": [1.5]}}
     from safetensors import safe_open
 
     with safe_open(str(folder / "vae.safetensors"), framework="pt") as f:

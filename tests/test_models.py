@@ -166,8 +166,11 @@ def test_class_labels_are_checked_where_they_are_made():
     c = _cond_denoiser()  # no check left in forward: an out-of-range label is the caller's to refuse
     c(torch.randn(1, 4, 8, 8), torch.tensor([3]), cond=torch.zeros(1, 1, 8, 8), class_labels=torch.tensor([3]), noise_level=0.1)
     den = build_denoiser(UNetConfig(**{**to_dict(TINY_UNET), "num_classes": 3}), spatial_dims=2, latent_channels=4)
-    bundle = ModelBundle(config={"vae": to_dict(TINY_VAE)}, vae=build_vae(TINY_VAE), denoiser=den.eval(),
-                         extra={"task": "synthesis", "patch_size": [8, 8]})
+    from medldm.models.card import read_card
+
+    config, extra = {"vae": to_dict(TINY_VAE)}, {"task": "synthesis", "patch_size": [8, 8]}
+    bundle = ModelBundle(config=config, vae=build_vae(TINY_VAE), denoiser=den.eval(), extra=extra,
+                         card=read_card(config, extra))
     syn = Synthesizer(bundle)
     for bad in (7, -1, 1.0):
         with pytest.raises(ValueError, match=rf"class label {bad!r} is outside \[0, 3\] \(last = null class\)"):

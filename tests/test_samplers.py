@@ -115,10 +115,12 @@ def test_euler_flow_is_ddim_on_flow(z):
     sch = make_schedule(FLOW)
     x = _start(sch, z)
     torch.testing.assert_close(
-        sample_euler_flow(gaussian_model(sch), x, sch, 7), sample_ddim(gaussian_model(sch), x, sch, 7), atol=1e-9, rtol=0
+        sample_euler_flow(gaussian_model(sch), x, sch, sampling_times(sch, 7)),
+        sample_ddim(gaussian_model(sch), x, sch, sampling_times(sch, 7)), atol=1e-9, rtol=0
     )
+    ddpm = make_schedule(DDPM["eps"])
     with pytest.raises(ValueError, match="flow"):
-        sample_euler_flow(gaussian_model(make_schedule(DDPM["eps"])), x, make_schedule(DDPM["eps"]), 3)
+        sample_euler_flow(gaussian_model(ddpm), x, ddpm, sampling_times(ddpm, 3))
 
 
 @pytest.mark.parametrize(("cfg", "name"), [(DDPM["v"], "dpmpp_2m"), (FLOW, "dpmpp_2m"), (DDPM["eps"], "unipc")],
@@ -145,11 +147,12 @@ def test_ancestral_ddim_distribution():
     sch = make_schedule(DDPM["eps"])
     g = torch.Generator().manual_seed(1)
     x_t = _start(sch, torch.randn(3000, 1, 1, generator=g, dtype=torch.float64))
-    out = sample_ddim(gaussian_model(sch), x_t, sch, 1000, eta=1.0, generator=g, spacing="trailing")
+    out = sample_ddim(gaussian_model(sch), x_t, sch, sampling_times(sch, 1000, spacing="trailing"), eta=1.0, generator=g)
     assert abs(out.mean().item() - MU) < 0.05
     assert abs(out.std().item() - S) < 0.05
-    again = sample_ddim(gaussian_model(sch), x_t, sch, 5, eta=1.0, generator=torch.Generator().manual_seed(2))
-    assert not torch.equal(again, sample_ddim(gaussian_model(sch), x_t, sch, 5, eta=1.0, generator=g))
+    ts = sampling_times(sch, 5)
+    again = sample_ddim(gaussian_model(sch), x_t, sch, ts, eta=1.0, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(again, sample_ddim(gaussian_model(sch), x_t, sch, ts, eta=1.0, generator=g))
 
 
 def test_samplers_run_in_3d_and_keep_shape():
@@ -171,6 +174,10 @@ def test_sampling_times():
     assert sampling_times(flow, 4) == [1.0, 0.75, 0.5, 0.25]
     with pytest.raises(ValueError):
         sampling_times(flow, 4, spacing="trailing")
+    # "auto" is chosen per sampler here, in the one grid function (the samplers take the grid as given)
+    assert sampling_times(flow, 4, sampler="euler_flow") == sampling_times(flow, 4, spacing="uniform")
+    assert sampling_times(flow, 4, sampler="dpmpp_2m") == sampling_times(flow, 4, spacing="logsnr")
+    assert sampling_times(sch, 4, sampler="euler_flow") == sampling_times(sch, 4, spacing="logsnr")
     with pytest.raises(ValueError):
         sample("nope", gaussian_model(sch), torch.zeros(1), sch, 2)
 
@@ -214,7 +221,7 @@ def test_sample_many_mean_std_and_posterior_mean_beats_one_sample():
     x_t = a * x0 + sg * torch.randn(x0.shape, generator=g, dtype=torch.float64)
 
     def draw(i):
-        return sample_ddim(gaussian_model(sch), x_t, sch, 30, eta=1.0, generator=g, t_start=t)
+        return sample_ddim(gaussian_model(sch), x_t, sch, sampling_times(sch, 30, t_start=t), eta=1.0, generator=g)
 
     mean, std = sample_many(8, draw)
     one = draw(0)

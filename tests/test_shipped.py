@@ -69,9 +69,9 @@ def test_run_folder_resolves_to_its_model(tmp_path):
     for (k, a), (_, b) in zip(bundle.denoiser.state_dict().items(), ref.denoiser.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
-    from medldm.cli.enhance import _resolve_model
+    from medldm.shipped import open_model
 
-    assert _resolve_model(run) == run / "model"  # what `medldm enhance -m RUN_DIR` loads
+    assert open_model(run).path == run / "model"  # what `medldm enhance -m RUN_DIR` loads
 
     import shutil
 

@@ -80,7 +80,9 @@ def test_sr_condition_is_the_same_in_training_and_inference(upsample):
     clean = torch.rand(3, 1, 24, 16, generator=g)  # 3 slices
     train = downsample_upsample(clean, 2, "downsample", upsample=upsample)[:, 0]  # (3, 24, 16)
     low = F.avg_pool2d(clean, 2)[:, 0]  # the scan a user has: (3, 12, 8)
-    degrade = {"kind": "downsample", "scale": 2, "upsample": upsample}
+    from medldm.models.config import DegradeConfig
+
+    degrade = DegradeConfig(kind="downsample", scale=2, upsample=upsample)  # the model card's typed section
     for axis in (0, 2):
         vol = low if axis == 0 else low.permute(1, 2, 0)  # slices along `axis`
         cond, shape = scan_condition(vol, "sr", degrade, axis=axis, dims=2, seed=0)

@@ -85,3 +85,13 @@ def plan_outputs(found, out: Path, args, command: str, *, single: bool, fmt=None
         for line in lines:
             print(line, file=sys.stderr)
     return targets, report
+
+
+def open_model_or_exit(model: str, kind: str, device: str):
+    """``medldm.shipped.open_model`` for a command: any fault of ``-m`` is a usage error (exit 2, one line)."""
+    from medldm.shipped import open_model
+
+    try:
+        return open_model(model, kind, device=device)
+    except CaseError as e:
+        raise UsageError(e.line()) from None

@@ -32,6 +32,7 @@ from medldm.cli.common import add_deidentify_argument
 from medldm.cli.remote import add_remote_arguments
 from medldm.io.errors import UsageError
 from medldm.io.formats import is_nifti, sibling_path
+from medldm.models.config import SAMPLER_NAMES
 
 REPORT_NAME = "medldm-enhance-report.json"
 
@@ -41,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", required=True, metavar="IN", help="scan or folder of cases")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output scan or folder (mirrors IN)")
     p.add_argument("--steps", type=int, metavar="N", help="sampler steps (default: the model's, e.g. 20)")
-    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m", "unipc", "euler_flow"), help="default: the model's")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's")
     p.add_argument("--samples", type=int, default=1, metavar="K",
                    help="draw K samples: write their mean and a per-voxel std map (default 1)")
     p.add_argument("--batch-size", type=int, metavar="B",
@@ -68,8 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def enhance_options(args: argparse.Namespace, device: str):
     """The pipeline's options for these arguments: what the user gave, the pipeline's defaults
-    (``EnhanceOptions``, as ``medldm.shipped.enhance`` and ``medldm demo`` use them) for the rest, among them the
-    window policy (2D and 3D: latent windows of twice the training size)."""
+    (``EnhanceOptions``, as ``medldm.shipped.enhance`` and ``medldm demo`` use them) for the rest; the model's
+    defaults (steps, sampler, window) are filled in by ``runner.resolve``, once."""
     from medldm.pipelines.enhance import EnhanceOptions
 
     given = {"steps": args.steps, "sampler": args.sampler, "samples": args.samples, "batch_size": args.batch_size,
@@ -86,25 +87,12 @@ def std_path(out: Path) -> Path:
 def _check(args: argparse.Namespace) -> None:
     if args.samples < 1:
         raise UsageError("--samples must be >= 1")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError("--steps must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if args.noise_level is not None and not 0.0 <= args.noise_level <= 1.0:
         raise UsageError("--noise-level must be in [0, 1]")
     if args.volume is not None and args.volume < 0:
         raise UsageError("--volume must be >= 0")
-
-
-def _resolve_model(model: Path) -> Path:
-    """A model folder, or the folder of a shipped model of that name (``medldm.shipped``)."""
-    from medldm.io.errors import CaseError
-    from medldm.shipped import resolve_model
-
-    try:
-        return resolve_model(model)
-    except CaseError as e:
-        raise UsageError(e.line()) from None
 
 
 def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool, deidentify=False,
@@ -140,14 +128,15 @@ def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool
 
 def run(args: argparse.Namespace) -> int:
     from medldm.cli import common
+    from medldm.cli.remote import open_remote, provenance, store_remote_output
     from medldm.io.errors import CaseError
-    from medldm.models import load_model
-    from medldm.pipelines.factory import make_enhancer
+    from medldm.shipped import resolve_model
 
     _check(args)
-    from medldm.cli.remote import open_remote, provenance, store_remote_output
-
-    model = _resolve_model(Path(args.model))
+    try:
+        resolve_model(args.model)  # a wrong -m is reported before anything else is looked at
+    except CaseError as e:
+        raise UsageError(e.line()) from None
     try:
         src, out, remote_in, remote_out = open_remote(args, "enhance")
     except CaseError as e:  # the server could not be searched: nothing processed
@@ -159,22 +148,22 @@ def run(args: argparse.Namespace) -> int:
     common.check_out_writable(out)
     rank, world, local_rank = _dist_setup(getattr(args, "distributed", False))
     device = common.resolve_device(args.device, local_rank)
+    model = common.open_model_or_exit(args.model, "enhance", device)
+    enhancer = model.runner
     try:
-        enhancer = make_enhancer(load_model(model), device=device)
-    except CaseError as e:
-        raise UsageError(e.line()) from None
-    opts = enhance_options(args, device)
+        opts = enhancer.resolve(enhance_options(args, device))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     desc = f"medldm {enhancer.task} ({model.name})"
     found = remote_in.found if remote_in else common.find_inputs(src)
     command = shlex.join(["medldm", "enhance", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm enhance"
     single = not (remote_in or remote_out) and common.single_case(src, out, found.cases)
     targets, report = common.plan_outputs(found, out, args, "enhance", single=single, fmt=args.to, report_name=REPORT_NAME)
-    from medldm.models.folder import model_hash
-
-    options = {"model": str(model.resolve()), "model_hash": model_hash(model), "steps": args.steps,
-               "sampler": args.sampler, "samples": args.samples, "seed": args.seed, "noise_level": args.noise_level,
-               "axis": args.axis, "refine": not args.no_refine, "volume": args.volume,
-               "window": list(enhancer.window(opts)), "overlap": opts.overlap}  # the output depends on the tiling
+    # what the outputs depend on, as resolved against the model (never None for "the model's default")
+    options = {"model": str(model.path.resolve()), "model_hash": model.hash, "steps": opts.steps,
+               "sampler": opts.sampler, "samples": opts.samples, "seed": opts.seed, "noise_level": opts.noise_level,
+               "axis": args.axis, "refine": opts.refine, "volume": args.volume, "window": list(opts.window),
+               "overlap": opts.overlap}
 
     @common.once_per_case
     def resume(case) -> common.Resume:
@@ -187,10 +176,8 @@ def run(args: argparse.Namespace) -> int:
     shard = found.cases[rank::world]
     rank_report = report if world == 1 else report.with_name(f"{report.stem}.rank{rank}.json")
     deid = common.deidentifier(args)
-    name = args.model if not Path(args.model).is_dir() else model.name
-
     def prov(info: dict) -> dict:
-        return provenance(name, options["model_hash"], enhancer.task, opts, info)
+        return provenance(model.name, model.hash, enhancer.task, opts, info)
 
     status, results = common.run_cases(shard, lambda c: _process(c, targets[c.id], enhancer, opts, desc, resume(c),
                                                           args.overwrite, deid, prov, args.volume),

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medldm.models.config import SAMPLER_NAMES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, metavar="MODEL",
@@ -31,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle", type=float, default=10.0, metavar="SECONDS",
                    help="a series is complete after this many seconds without a new instance (default 10)")
     p.add_argument("--steps", type=int, metavar="N", help="sampler steps (default: the model's)")
-    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m", "unipc", "euler_flow"), help="default: the model's")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="only warnings and failures")
@@ -73,36 +75,28 @@ def make_processor(enhancer, opts, out_root: str | Path, model_name: str, model_
 
 def build_listener(args: argparse.Namespace):
     """The :class:`medldm.io.dimse.Listener` for these arguments (model loaded, nothing started)."""
-    from medldm.cli.common import resolve_device
+    from medldm.cli.common import open_model_or_exit, resolve_device
     from medldm.io.dimse import Listener, parse_peer
-    from medldm.io.errors import CaseError, UsageError
-    from medldm.models import load_model
-    from medldm.models.folder import model_hash
+    from medldm.io.errors import UsageError
     from medldm.pipelines.enhance import EnhanceOptions
-    from medldm.pipelines.factory import make_enhancer
-    from medldm.shipped import resolve_model
 
     if args.idle <= 0:
         raise UsageError("--idle must be > 0 seconds")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError("--steps must be >= 1")
     if not 0 < args.port < 65536:
         raise UsageError("--port must be in 1..65535")
     if not 0 < len(args.aet.strip()) <= 16:
         raise UsageError("--aet must be 1 to 16 characters")
     forward = parse_peer(args.forward) if args.forward else None
+    device = resolve_device(args.device)
+    model = open_model_or_exit(args.model, "enhance", device)
     try:
-        model = resolve_model(args.model)
-        device = resolve_device(args.device)
-        enhancer = make_enhancer(load_model(model), device=device)
-    except CaseError as e:
-        raise UsageError(e.line()) from None
-    given = {"steps": args.steps, "sampler": args.sampler, "seed": args.seed}
-    opts = EnhanceOptions(device=device, **{k: v for k, v in given.items() if v is not None})
+        opts = model.runner.resolve(EnhanceOptions(device=device, steps=args.steps, sampler=args.sampler,
+                                                   seed=args.seed))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     out = Path(args.out)
     spool = Path(args.spool) if args.spool else out / "spool"
-    name = args.model if not Path(args.model).is_dir() else model.name
-    process = make_processor(enhancer, opts, out / "derived", str(name), model_hash(model))
+    process = make_processor(model.runner, opts, out / "derived", model.name, model.hash)
     return Listener(spool, process, aet=args.aet.strip(), host=args.host, port=args.port, idle=args.idle,
                     forward=forward)
 

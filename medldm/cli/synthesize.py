@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from medldm.io.errors import UsageError
+from medldm.models.config import SAMPLER_NAMES
 
 REPORT_NAME = "medldm-synthesize-report.json"
 
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of scan 0; scan i uses seed + i (default 0)")
     p.add_argument("--format", choices=("nifti", "dicom"), default="nifti", help="output kind (default nifti)")
     p.add_argument("--steps", type=int, metavar="N", help="sampler steps (default: the model's)")
-    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m", "unipc", "euler_flow"), help="default: the model's")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's")
     p.add_argument("--size", metavar="X,Y[,Z]", help="image size (default: the training size)")
     p.add_argument("--spacing", type=float, default=1.0, metavar="MM", help="voxel size in mm (default 1)")
     p.add_argument("--mask", metavar="LABELS.nii.gz",
@@ -70,8 +71,6 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("-n must be >= 1")
     if not (math.isfinite(args.spacing) and args.spacing > 0):
         raise UsageError(f"--spacing {args.spacing:g}: must be a positive voxel size in mm, e.g. --spacing 1")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError("--steps must be >= 1")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise UsageError("--guidance must be a finite number, e.g. 3")
     if args.seed < 0:
@@ -96,25 +95,23 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import medldm
-    from medldm.cli.common import resolve_device, run_cases
-    from medldm.cli.enhance import _resolve_model
+    from medldm.cli.common import open_model_or_exit, resolve_device, run_cases
     from medldm.io.atomic import atomic_file
     from medldm.io.errors import CaseError
     from medldm.io.nifti import save_nifti
     from medldm.io.writer import save_scan
-    from medldm.models import load_model, model_hash
-    from medldm.pipelines.synthesize import SizeError, Synthesizer
+    from medldm.pipelines.synthesize import SizeError
 
     _check(args)
-    model, out = Path(args.model), Path(args.output)
-    model = _resolve_model(model)
+    out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
     cond = _conditions(args.condition)
     size = _size(args.size)
+    opened = open_model_or_exit(args.model, "synthesize", resolve_device(args.device))
+    model, bundle, syn = opened.path, opened.bundle, opened.runner
     try:
-        bundle = load_model(model)
-        syn = Synthesizer(bundle, device=resolve_device(args.device))
+        steps, sampler = syn.dcfg.sampling_options(args.steps, args.sampler)
         label = syn.label_index(cond.get("class") or syn.class_name_for(cond.get("contrast"), cond.get("position")))
         mask, mask_affine, mask_info = _load_mask(args.mask, syn) if args.mask else (None, None, None)
     except (CaseError, ValueError) as e:
@@ -131,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     except SizeError as e:
         what = f"--size {args.size}" if args.size else f"the model's size {','.join(map(str, syn.size))}"
         raise UsageError(f"{what}: {e.reason}" if e.reason else str(e)) from None
-    mhash = model_hash(model)
+    mhash = opened.hash
     command = shlex.join(["medldm", "synthesize", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm synthesize"
     report = out / REPORT_NAME
     if report.exists() and _ours(report, "cases") is None:
@@ -140,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {  # what the scans depend on: a resumed run must match them
         "model_hash": mhash, "condition": {"class": label, "class_name": syn.class_names[label]
                                            if label is not None and label < len(syn.class_names) else None},
-        "guidance": used_w, "sampler": args.sampler or syn.dcfg.sampler,
-        "steps": args.steps or syn.dcfg.sampling_steps, "shape": [*size, 1] if len(size) == 2 else list(size),
+        "guidance": used_w, "sampler": sampler, "steps": steps, "shape": [*size, 1] if len(size) == 2 else list(size),
         "spacing_mm": args.spacing, "format": args.format, "mask": mask_info,
     }
     if mask is not None:
@@ -195,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
         with atomic_file(rec) as tmp:
             tmp.write_text(json.dumps(prov, indent=2, default=str))
         try:
-            img, _ = syn.generate(seed=seed, label=label, guidance=args.guidance, steps=args.steps,
-                                  sampler=args.sampler, size=None if mask is not None else size,
+            img, _ = syn.generate(seed=seed, label=label, guidance=args.guidance, steps=steps,
+                                  sampler=sampler, size=None if mask is not None else size,
                                   spacing=args.spacing, mask=mask, affine=mask_affine)
         except ValueError as e:
             raise CaseError(f"synth_{i:05d}", str(e), "check --size / --condition") from None

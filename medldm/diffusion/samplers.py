@@ -1,9 +1,12 @@
 """Samplers: plain functions over tensors, k-diffusion style (any spatial rank; 2D and 3D alike).
 
 Every sampler takes ``model_fn(x, t) -> network output`` (see ``medldm.diffusion.guidance.make_model_fn``),
-the start noise ``x_T`` (N, C, *S), the ``Schedule`` and a number of network evaluations ``steps``; it returns
-the clean estimate x0 (N, C, *S). Times come from ``sampling_times``; the last step always lands on the clean
-end of the path (alpha = 1, sigma = 0).
+the start noise ``x_T`` (N, C, *S), the ``Schedule`` and the descending network times ``ts`` (one network
+evaluation each); it returns the clean estimate x0 (N, C, *S). As in k-diffusion (which passes ``sigmas`` in),
+the time grid is made in one place, :func:`sampling_times` (its "auto" spacing is chosen per sampler there), and
+passed into the sampler; the last step always lands on the clean end of the path (alpha = 1, sigma = 0).
+:data:`SAMPLERS` is the one registry: a name (``medldm.models.config.SAMPLER_NAMES``, what a model folder and
+``--sampler`` may name) -> its function; :func:`sample` makes the grid and runs one.
 """
 
 from __future__ import annotations
@@ -14,20 +17,24 @@ from collections.abc import Callable
 import torch
 
 from medldm.diffusion.schedules import Schedule, alpha_sigma, predict_x0_eps, randn_like
+from medldm.models.config import SAMPLER_NAMES
 
 FLOW_SBAR_MAX = 80.0  # largest sigma/alpha of the flow logsnr/karras grids (EDM's sigma_max)
 FLOW_SBAR_MIN = 0.04  # smallest one: about sigma/alpha of the default ddpm schedule at t = 0
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+#: the "auto" grid of each sampler on a flow schedule: Euler / DDIM take the uniform rectified-flow grid, the
+#: multistep solvers in log-SNR the logsnr grid (on ddpm every sampler's "auto" is logsnr)
+FLOW_AUTO_SPACING = {"ddim": "uniform", "euler_flow": "uniform", "dpmpp_2m": "logsnr", "unipc": "logsnr"}
 
 
 def sampling_times(
-    schedule: Schedule, steps: int, t_start: float | None = None, spacing: str = "auto"
+    schedule: Schedule, steps: int, t_start: float | None = None, spacing: str = "auto", sampler: str | None = None
 ) -> list[float]:
     """``steps`` descending network times from ``t_start`` (default: the noisiest time); the sampler then
-    takes one last step to the clean end of the path.
+    takes one last step to the clean end of the path. The one place the time grid is made.
 
-    spacing:
+    spacing ("auto": logsnr for ddpm; for flow ``FLOW_AUTO_SPACING[sampler]``, uniform without a sampler):
       * "logsnr": uniform in log(sigma/alpha), the grid of DPM-Solver (Lu et al. 2022); default for ddpm;
       * "karras": (sigma/alpha)**(1/7) uniform (Karras et al. 2022, "Elucidating the Design Space ...", eq. 5);
       * "trailing" (ddpm): ``t_i = round(T - i T / steps) - 1`` (Lin et al. 2023); "linspace" (ddpm);
@@ -41,7 +48,7 @@ def sampling_times(
         raise ValueError("steps must be >= 1")
     flow = schedule.kind == "flow"
     if spacing == "auto":
-        spacing = "uniform" if flow else "logsnr"
+        spacing = FLOW_AUTO_SPACING.get(sampler or "", "uniform") if flow else "logsnr"
     allowed = ("uniform", "logsnr", "karras") if flow else ("logsnr", "karras", "trailing", "linspace")
     if spacing not in allowed:
         raise ValueError(f"spacing {spacing!r} not available for schedule {schedule.kind!r}; use one of {allowed}")
@@ -110,12 +117,10 @@ def sample_ddim(
     model_fn: ModelFn,
     x_T: torch.Tensor,
     schedule: Schedule,
-    steps: int,
+    ts: list[float],
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
-    t_start: float | None = None,
-    spacing: str = "auto",
 ) -> torch.Tensor:
     """DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", eq. 12).
 
@@ -123,7 +128,6 @@ def sample_ddim(
     ``c = eta * sigma_s * sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2)`` (the posterior std for eta = 1).
     eta = 0 is deterministic (a first-order solver of the probability-flow ODE; for ``flow`` it is Euler).
     """
-    ts = sampling_times(schedule, steps, t_start, spacing)
     al, si = _coeffs(schedule, ts)
     x = x_T
     for i, t in enumerate(ts):
@@ -146,11 +150,9 @@ def sample_dpmpp_2m(
     model_fn: ModelFn,
     x_T: torch.Tensor,
     schedule: Schedule,
-    steps: int,
+    ts: list[float],
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
-    t_start: float | None = None,
-    spacing: str = "auto",
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
     Probabilistic Models", Alg. 2): second-order multistep in lambda = log(alpha / sigma), data prediction.
@@ -160,9 +162,6 @@ def sample_dpmpp_2m(
     (as in k-diffusion). Deterministic; ``generator`` is accepted for a uniform signature.
     """
     del generator
-    if spacing == "auto" and schedule.kind == "flow":
-        spacing = "logsnr"
-    ts = sampling_times(schedule, steps, t_start, spacing)
     al, si = _coeffs(schedule, ts)
     lam = [_lambda(a, s) for a, s in zip(al, si, strict=True)]
     x, prev_x0, h_prev = x_T, None, None
@@ -193,20 +192,18 @@ def sample_euler_flow(
     model_fn: ModelFn,
     x_T: torch.Tensor,
     schedule: Schedule,
-    steps: int,
+    ts: list[float],
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
-    t_start: float | None = None,
-    spacing: str = "auto",
 ) -> torch.Tensor:
     """Euler integration of the rectified-flow ODE ``dx/dt = v(x, t)`` from t = 1 to 0 (Liu et al. 2022,
     "Flow Straight and Fast: Learning to Generate and Transfer Data with Rectified Flow")."""
     del generator
     if schedule.kind != "flow":
         raise ValueError("sample_euler_flow needs a schedule='flow' model; use 'ddim' or 'dpmpp_2m'")
-    ts = sampling_times(schedule, steps, t_start, spacing) + [0.0]
+    ts = [*ts, 0.0]
     x = x_T
-    for i in range(steps):
+    for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
         x0, eps = _x0_eps(model_fn, schedule, x, t)
         x = x + (s - t) * (eps - x0)
@@ -220,11 +217,9 @@ def sample_unipc(
     model_fn: ModelFn,
     x_T: torch.Tensor,
     schedule: Schedule,
-    steps: int,
+    ts: list[float],
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
-    t_start: float | None = None,
-    spacing: str = "auto",
 ) -> torch.Tensor:
     """UniPC-2, B(h) = e^h - 1 ("bh2"), data prediction (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector
     Framework for Fast Sampling of Diffusion Models"; the multistep form of diffusers' UniPCMultistepScheduler).
@@ -233,9 +228,6 @@ def sample_unipc(
     the next second-order step. First order on the first step and into the clean end. Deterministic.
     """
     del generator
-    if spacing == "auto" and schedule.kind == "flow":
-        spacing = "logsnr"
-    ts = sampling_times(schedule, steps, t_start, spacing)
     al, si = _coeffs(schedule, ts)
     lam = [_lambda(a, s) for a, s in zip(al, si, strict=True)]
     outs: list[torch.Tensor] = []  # x0 predictions at ts[0..i]
@@ -284,12 +276,16 @@ def _lambda(a: float, s: float) -> float:
     return math.log(a) - math.log(s)
 
 
+#: the one sampler registry: name -> function; the names are ``medldm.models.config.SAMPLER_NAMES`` (what a
+#: model folder's ``diffusion.sampler`` and ``--sampler`` may name, listed there without importing torch)
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
     "unipc": sample_unipc,
     "euler_flow": sample_euler_flow,
 }
+if tuple(SAMPLERS) != SAMPLER_NAMES:  # pragma: no cover - a sampler added on one side only
+    raise ImportError(f"medldm.diffusion.samplers.SAMPLERS {tuple(SAMPLERS)} != SAMPLER_NAMES {SAMPLER_NAMES}")
 
 
 def sample(
@@ -299,12 +295,16 @@ def sample(
     schedule: Schedule,
     steps: int,
     generator: torch.Generator | None = None,
+    t_start: float | None = None,
+    spacing: str = "auto",
     **kwargs,
 ) -> torch.Tensor:
-    """Run sampler ``name`` ('ddim', 'dpmpp_2m', 'unipc', 'euler_flow'); extra kwargs go to it (e.g. ``eta``)."""
+    """Run sampler ``name`` (one of :data:`SAMPLERS`) on the grid ``sampling_times(schedule, steps, t_start,
+    spacing, name)``; extra kwargs go to it (e.g. ``eta``, ``callback``)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](model_fn, x_T, schedule, steps, generator=generator, **kwargs)
+    ts = sampling_times(schedule, steps, t_start, spacing, sampler=name)
+    return SAMPLERS[name](model_fn, x_T, schedule, ts, generator=generator, **kwargs)
 
 
 def start_noise(

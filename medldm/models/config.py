@@ -1,6 +1,12 @@
-"""Network configurations (plain dataclasses: str/int/float/bool/tuple fields only).
+"""The configurations a model folder holds (plain dataclasses: str/int/float/bool/tuple fields only): the one
+config room below training and inference.
 
-They are the ``vae`` and ``unet`` sections of a training YAML and of a model folder's ``config.yaml``;
+``VAEConfig``, ``UNetConfig`` and ``DiffusionConfig`` are the ``vae``, ``unet`` and ``diffusion`` sections of a
+training YAML and of a model folder's ``config.yaml``; ``DegradeConfig`` is the ``degrade`` section (how training
+pairs were made, which inference needs to make the same condition). The model card that ties them together
+(``extra.json``) is :mod:`medldm.models.card`. The sampler names a folder may ask for are ``SAMPLER_NAMES`` here
+(torch-free, so ``--help`` can list them); :data:`medldm.diffusion.samplers.SAMPLERS` maps each to its function.
+The ``vae`` / ``unet`` sections:
 ``from_dict`` rebuilds them from the YAML mapping with :func:`medldm.config.from_mapping` (keys and types
 checked, lists become tuples). Each invariant between settings is checked once, by the dataclass itself
 (``__post_init__``: attention levels per channel level, GroupNorm groups and attention heads dividing the
@@ -10,9 +16,14 @@ channels); :func:`validate` adds the ranges a model folder read from disk must k
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+
+from medldm.config import ConfigError, doc_field, from_mapping
 
 T = TypeVar("T")
 
@@ -103,8 +114,6 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") ->
     """Build dataclass ``cls`` from a parsed-YAML mapping with medldm's one validated mechanism
     (:func:`medldm.config.from_mapping`): every key and type checked, lists -> tuples, an unknown key names the
     nearest valid one (``prefix`` = the section name in messages, e.g. ``"vae"``)."""
-    from medldm.config import from_mapping
-
     return from_mapping(cls, data, prefix=prefix)
 
 
@@ -175,3 +184,138 @@ def validate(cfg: Any, prefix: str) -> None:
         integer("num_head_channels", 1, MAX_WIDTH)
         integer("num_classes", 0, MAX_CLASSES)
         integer("cond_channels", 0, MAX_IO_CHANNELS)
+
+
+# ------------------------------------------------------------------------------------------ diffusion
+ScheduleKind = Literal["ddpm", "flow"]
+Prediction = Literal["eps", "v", "x0", "flow"]
+BetaSchedule = Literal["scaled_linear", "linear", "cosine"]
+SamplerName = Literal["ddim", "dpmpp_2m", "unipc", "euler_flow"]
+
+# The choices, for code that lists them (defined once, by the types above).
+SCHEDULES: tuple[str, ...] = typing.get_args(ScheduleKind)
+PREDICTIONS: tuple[str, ...] = typing.get_args(Prediction)
+BETA_SCHEDULES: tuple[str, ...] = typing.get_args(BetaSchedule)
+SAMPLER_NAMES: tuple[str, ...] = typing.get_args(SamplerName)
+
+# Bounds on what sizes arrays at training / inference: generous for real models, far below what would exhaust
+# memory when a model folder from elsewhere is loaded.
+MAX_TRAIN_TIMESTEPS = 1_000_000
+MAX_SAMPLING_STEPS = 100_000
+
+
+@dataclass
+class DiffusionConfig:
+    """Forward process, training target and default sampling settings."""
+
+    schedule: ScheduleKind = doc_field(
+        "ddpm", "'ddpm' (discrete variance-preserving, Ho et al. 2020) or 'flow' (rectified flow, Liu et al. 2022)")
+    num_train_timesteps: int = doc_field(
+        1000, "number of discrete training timesteps (ddpm); time resolution of the embedding (flow)")
+    beta_schedule: BetaSchedule = doc_field(
+        "scaled_linear", "ddpm betas: 'scaled_linear' (LDM), 'linear' or 'cosine' (Nichol & Dhariwal 2021)")
+    beta_start: float = doc_field(0.0015, "first beta (linear / scaled_linear)")
+    beta_end: float = doc_field(0.0195, "last beta (linear / scaled_linear)")
+    prediction: Prediction = doc_field(
+        "eps", "network target: 'eps', 'v' (Salimans & Ho 2022), 'x0'; 'flow' velocity for schedule='flow'")
+    cfg_dropout: float = doc_field(0.1, "probability of replacing the class label by the learned null class during training")
+    min_snr_gamma: float = doc_field(0.0, "Min-SNR loss weighting gamma (Hang et al. 2023); 0 = plain MSE")
+    flow_shift: float = doc_field(
+        1.0, "flow time shift s: t' = s t / (1 + (s - 1) t) when sampling training times (SD3); 1 = none")
+    sampler: SamplerName = doc_field("dpmpp_2m", "default sampler at inference: 'ddim', 'dpmpp_2m', 'unipc' or 'euler_flow'")
+    sampling_steps: int = doc_field(20, "default number of sampling steps at inference")
+    guidance: float = doc_field(1.0, "default classifier-free guidance weight (1 = conditional model only)")
+
+    def sampling_options(self, steps: int | None = None, sampler: str | None = None) -> tuple[int, str]:
+        """The (steps, sampler) a run uses: the user's values, else this model's defaults; checked here, once, for
+        every entry point (``medldm enhance`` / ``synthesize`` / ``listen``, ``medldm.shipped``, the demo).
+        Raises ``ValueError`` (one line, naming the option)."""
+        steps = self.sampling_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps!r}")
+        if steps > MAX_SAMPLING_STEPS:
+            raise ValueError(f"--steps {steps}: at most {MAX_SAMPLING_STEPS:,}")
+        sampler = self.sampler if sampler is None else sampler
+        if sampler not in SAMPLER_NAMES:
+            raise ValueError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLER_NAMES)}")
+        return steps, sampler
+
+    def __post_init__(self) -> None:
+        # Choices: the Literal types are the one list. from_mapping has checked them already when the config
+        # came from YAML; this keeps a config built in Python (DiffusionConfig(schedule="edm")) from passing.
+        for name, choices in _choices(type(self)).items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"diffusion.{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        if (self.schedule == "flow") != (self.prediction == "flow"):
+            raise ValueError("diffusion.prediction: 'flow' goes with schedule 'flow' (and only with it), "
+                             f"got prediction {self.prediction!r} with schedule {self.schedule!r}")
+        _int_in("num_train_timesteps", self.num_train_timesteps, 2, MAX_TRAIN_TIMESTEPS)
+        _int_in("sampling_steps", self.sampling_steps, 1, MAX_SAMPLING_STEPS)
+        for name in ("beta_start", "beta_end", "cfg_dropout", "min_snr_gamma", "flow_shift", "guidance"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"diffusion.{name}: expected a finite number, got {v!r}")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"diffusion.cfg_dropout: must be in [0, 1), got {self.cfg_dropout}")
+        if self.min_snr_gamma < 0:
+            raise ValueError(f"diffusion.min_snr_gamma: must be >= 0 (0 = off), got {self.min_snr_gamma}")
+        if self.flow_shift <= 0:
+            raise ValueError(f"diffusion.flow_shift: must be > 0 (1 = no shift), got {self.flow_shift}")
+        if self.schedule == "ddpm" and self.beta_schedule != "cosine" and not 0 < self.beta_start <= self.beta_end < 1:
+            raise ValueError(f"diffusion.beta_start / beta_end: need 0 < beta_start <= beta_end < 1, "
+                             f"got {self.beta_start}, {self.beta_end}")
+
+
+@functools.cache
+def _choices(cls: type) -> dict[str, tuple]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
+            if typing.get_origin(hints[f.name]) is Literal}
+
+
+def _int_in(name: str, v: object, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"diffusion.{name}: expected an integer in {lo}..{hi}, got {v!r}")
+
+
+def load_diffusion_config(section: Mapping | None) -> DiffusionConfig:
+    """Validate a parsed ``diffusion`` section (None = all defaults) into a :class:`DiffusionConfig`.
+
+    Raises :class:`medldm.config.ConfigError` naming the key, e.g. ``diffusion.sampler: expected one of 'ddim',
+    'dpmpp_2m', 'unipc', 'euler_flow', got 'euler'; did you mean 'euler_flow'?``."""
+    if section is not None and not isinstance(section, Mapping):
+        raise ConfigError(f"diffusion: expected a section (mapping of keys), got {section!r}")
+    return from_mapping(DiffusionConfig, section, prefix="diffusion")
+
+
+# ------------------------------------------------------------------------------------------ degradation
+@dataclass
+class DegradeConfig:
+    """How SR / denoising training pairs are made from clean samples (seeded, on the fly)."""
+
+    kind: Literal["gaussian", "rician", "downsample", "thick"] = doc_field(
+        "gaussian", "gaussian/rician noise (denoise) or downsample/thick slices (sr)")
+    scale: int = doc_field(2, "sr: down-sampling factor (in-plane) or slice thickness factor (thick, 3D); "
+                              "thinslice: thin slices per thick slice")
+    level_range: tuple[float, float] = doc_field((0.02, 0.1), "denoise: noise sigma relative to the model range width")
+    noise_aug_range: tuple[float, float] = doc_field((0.0, 0.1), "sr: noise-augmentation sigma added to the low-res "
+                                                                  "condition; its level is a U-Net input")
+    blur_range: tuple[float, float] = doc_field(
+        (0.0, 0.0), "sr (downsample): Gaussian pre-blur sigma in high-res pixels, drawn per sample, before area "
+        "down-sampling (0.5 at x2 is skimage's anti_aliasing=True): robustness to the scanner's / user's kernel")
+    rician_fraction: float = doc_field(
+        0.0, "denoise: fraction of training samples given Rician (magnitude MR) instead of `kind`'s noise, drawn per "
+        "sample, so one model is blind to the noise model; validation uses `kind`")
+    upsample: Literal["linear", "cubic"] = doc_field(
+        "linear", "sr (downsample): how the low-res input is put on the output grid for the U-Net's condition and "
+        "the refiner's base: linear, or cubic (Keys bicubic, a = -0.75; 2D models only); the model folder records it")
+    profile: Literal["box", "gaussian"] = doc_field(
+        "box", "thinslice: slice profile of a thick slice: box (the mean of `scale` thin slices) or gaussian "
+        "(FWHM = `scale` thin slices, same centre)")
+
+    def __post_init__(self) -> None:
+        if self.scale < 1:
+            raise ValueError(f"degrade.scale: must be >= 1, got {self.scale}")
+        if not 0.0 <= self.rician_fraction <= 1.0:
+            raise ValueError(f"degrade.rician_fraction: must be in [0, 1], got {self.rician_fraction}")

@@ -7,7 +7,8 @@ Layout::
       vae.safetensors        # one file per module (``<name>.safetensors``); ``<name>_ema.safetensors`` preferred
       denoiser.safetensors   #   by ``load_model(ema=True)`` when present
       refiner.safetensors    # optional stage-3 refiner (sr / denoise), described by extra.json["refiner"]
-      extra.json             # scale_factor, normalization params, class names, refiner spec, data hashes ...
+      extra.json             # the model card (medldm.models.card.ModelCard): task, factor, scale_factor,
+                             #   degradation, normalization, class names, refiner spec, provenance
 
 Loading parses YAML/JSON and safetensors only: no pickle, no code execution.
 """
@@ -24,30 +25,30 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from medldm.io.atomic import atomic_dir
 from medldm.io.errors import CaseError
 from medldm.models.budget import DEFAULT_MAX_PARAMS, MAX_PARAMS_ENV, max_params, meta_shapes  # noqa: F401 (re-exported)
 from medldm.models.budget import numel as _numel
-from medldm.models.config import UNetConfig, VAEConfig, from_dict, validate
-from medldm.models.refiner import RefinerSpec, build_from_spec, refiner_spec
+from medldm.models.card import (  # noqa: F401 (CONFIG_KEYS, EXTRA_KEYS: the keys a folder may hold)
+    CONFIG_KEYS,
+    EXTRA_KEYS,
+    NETWORK_SECTIONS,
+    CardError,
+    ModelCard,
+    _kind,
+    _one_line,
+    read_card,
+)
+from medldm.models.config import DiffusionConfig
+from medldm.models.refiner import RefinerSpec, build_from_spec
 
 CONFIG_FILE = "config.yaml"
 EXTRA_FILE = "extra.json"
 _HINT = "point -m at a folder written by `medldm train`"
 _FIX = "the model folder is damaged or was edited: copy it again, or point -m at a folder written by `medldm train`"
-#: top-level keys of a model folder's config.yaml: the training config's sections (pinned to
-#: ``medldm.train.schema.TrainingConfig`` by tests/test_model_faults.py; models/ cannot import train/)
-CONFIG_KEYS = frozenset({"stage", "task", "spatial_dims", "seed", "vae_path", "data", "augment", "degrade",
-                         "condition", "vae", "unet", "diffusion", "vae_train", "ldm_train", "refine", "engine",
-                         "model"})  # model: {vae, unet, diffusion} nested, the layout model_sections also reads
-#: keys the training stages write into extra.json (medldm.train.{vae,ldm,refine}_stage)
-EXTRA_KEYS = frozenset({"stage", "task", "spatial_dims", "factor", "scale_factor", "normalization", "patch_size",
-                        "slice_axis", "resize_to", "train_scans", "val_scans", "val_metrics", "metric_range",
-                        "vae_val_metrics", "refine_val_metrics", "condition", "mask_classes", "mask_method",
-                        "degrade", "noise_level_max", "class_from", "class_names", "refiner"})
 _REFINER_FIX = "the model folder is damaged: copy it again"
 
 MAX_CONFIG_BYTES = 4 << 20  # config.yaml / extra.json: a few KB in real folders
@@ -59,8 +60,10 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 @dataclass
 class ModelBundle:
-    """A loaded model folder. ``vae`` / ``denoiser`` / ``refiner`` (stage 3, sr / denoise models trained with
-    one) are in eval mode on CPU, or None when absent."""
+    """A loaded model folder. ``card`` is its validated contract (:class:`medldm.models.card.ModelCard`: task,
+    factor, degradation, refiner spec, the network configs ...); ``vae`` / ``denoiser`` / ``refiner`` (stage 3, sr /
+    denoise models trained with one) are in eval mode, or None when absent. ``config`` / ``extra``: the files as
+    read (provenance records copy them; nothing reads settings from them)."""
 
     config: dict[str, Any]
     vae: nn.Module | None
@@ -68,23 +71,23 @@ class ModelBundle:
     extra: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     refiner: nn.Module | None = None
+    card: ModelCard = field(default_factory=ModelCard)
+    hash: str | None = None  # model_hash of the folder, computed while its files were read
 
     @property
-    def diffusion(self):
+    def diffusion(self) -> DiffusionConfig:
         """The ``DiffusionConfig`` of the folder (defaults when the section is absent)."""
-        from medldm.diffusion.config import load_diffusion_config
-
-        return load_diffusion_config(model_sections(self.config).get("diffusion"))
+        return self.card.diffusion
 
     @property
     def scale_factor(self) -> float:
         """Latent scale factor (z_model = z_vae * scale_factor), 1.0 when not stored."""
-        return float(self.extra.get("scale_factor", 1.0))
+        return self.card.scale_factor
 
     @property
     def refiner_spec(self) -> RefinerSpec | None:
         """How the refiner is built and applied (``extra.json["refiner"]``); None without a refiner."""
-        return refiner_spec(self.extra) if self.refiner is not None else None
+        return self.card.refiner if self.refiner is not None else None
 
     @property
     def refiner_base(self) -> str | None:
@@ -100,20 +103,18 @@ class ModelBundle:
         return self
 
 
-def model_sections(config: dict[str, Any]) -> dict[str, Any]:
-    """The ``vae`` / ``unet`` / ``diffusion`` sections of a config (top level wins over ``model:``)."""
-    nested = config.get("model") if isinstance(config.get("model"), dict) else {}
-    return {k: config.get(k, nested.get(k)) for k in ("vae", "unet", "diffusion") if k in config or k in nested}
-
-
 def save_model_folder(
-    path: str | os.PathLike, *, config: dict[str, Any], modules: dict[str, nn.Module], extra: dict[str, Any] | None = None
+    path: str | os.PathLike, *, config: dict[str, Any], modules: dict[str, nn.Module],
+    extra: ModelCard | dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``config.yaml``, ``<name>.safetensors`` per module and ``extra.json``; the folder appears atomically.
+    """Write ``config.yaml``, ``<name>.safetensors`` per module and ``extra.json`` (the model card,
+    ``ModelCard.to_extra()``); the folder appears atomically.
 
     Tensors are saved contiguous, on CPU, in their own dtype. Returns the folder path.
     """
     path = Path(path)
+    if isinstance(extra, ModelCard):
+        extra = extra.to_extra()
     for name in modules:
         if not name.replace("_", "").isalnum():
             raise ValueError(f"module name {name!r} must be alphanumeric/underscore (it becomes a file name)")
@@ -136,6 +137,7 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
     the file of the folder at fault. The refiner (``refiner.safetensors``, built from ``extra.json["refiner"]``)
     goes through the same checks; its faults read ``refiner.safetensors: not a usable refiner (...)``.
     """
+    # the network builders import MONAI: inside, so `medldm.models.folder` (model_hash, the card) stays light
     from medldm.models.denoiser import build_denoiser
     from medldm.models.vae import build_vae
 
@@ -145,23 +147,20 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
         raise CaseError(path, f"not a model folder (no {CONFIG_FILE})", _HINT)
     config = _read_mapping(cfg_file, yaml.safe_load, "YAML")
     extra = _read_mapping(path / EXTRA_FILE, json.loads, "JSON") if (path / EXTRA_FILE).is_file() else {}
-    _check_keys(cfg_file, config, CONFIG_KEYS)
-    _check_keys(path / EXTRA_FILE, extra, EXTRA_KEYS)
-    sections = model_sections(config)
-    for name, sec in sections.items():
-        if sec is not None and not isinstance(sec, dict):
-            raise CaseError(cfg_file, f"section {name!r} is a {_kind(sec)}, not a mapping of settings", _FIX)
-    _check_extra(path / EXTRA_FILE, extra)
+    ref_file = _weights(path, "refiner", ema)
     try:
-        vae_cfg = from_dict(VAEConfig, sections["vae"], prefix="vae") if sections.get("vae") is not None else None
-        unet_cfg = from_dict(UNetConfig, sections["unet"], prefix="unet") if sections.get("unet") is not None else None
-        if vae_cfg is not None:
-            validate(vae_cfg, "vae")
-        if unet_cfg is not None:
-            validate(unet_cfg, "unet")
-        _check_diffusion(sections.get("diffusion"))
-    except (ValueError, TypeError) as exc:
-        raise CaseError(cfg_file, f"invalid model config: {_one_line(exc)}", _FIX) from exc
+        card = read_card(config, extra)
+    except CardError as exc:
+        file = path / exc.file
+        if exc.key == "refiner" and ref_file is not None:
+            raise CaseError(ref_file, f"not a usable refiner (extra.json: {exc})", _REFINER_FIX) from exc
+        if exc.key == "refiner":  # a spec without weights: no refiner (as before the card)
+            card = read_card(config, {k: v for k, v in extra.items() if k != "refiner"})
+        elif exc.file == CONFIG_FILE and exc.key in NETWORK_SECTIONS and not str(exc).startswith("section"):
+            raise CaseError(file, f"invalid model config: {exc}", _FIX) from exc
+        else:
+            raise CaseError(file, str(exc), _FIX) from exc
+    vae_cfg, unet_cfg = card.vae, card.unet
     builders = {}
     if vae_cfg is not None and _weights(path, "vae", ema) is not None:
         builders["vae"] = lambda: build_vae(vae_cfg)
@@ -173,15 +172,12 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
     if not builders:
         raise CaseError(path, "model folder holds no vae/denoiser weights", _HINT)
     described_by = {name: cfg_file for name in builders}
-    ref_file = _weights(path, "refiner", ema)
-    if ref_file is not None and extra.get("refiner"):  # weights without a spec (or a spec alone): no refiner
-        try:
-            spec = refiner_spec(extra)
-        except (ValueError, TypeError) as exc:
-            raise CaseError(ref_file, f"not a usable refiner (extra.json: {_one_line(exc)})", _REFINER_FIX) from exc
-        assert spec is not None
+    if ref_file is not None and card.refiner is not None:  # weights without a spec (or a spec alone): no refiner
+        spec = card.refiner
         builders["refiner"] = lambda: build_from_spec(spec)
         described_by["refiner"] = path / EXTRA_FILE
+    else:
+        card.refiner = None
     budget = max_params()
     for name, build in builders.items():  # check everything before allocating anything
         file = _weights(path, name, ema)
@@ -196,9 +192,22 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
                 nets[name] = build()
             except (ValueError, TypeError, RuntimeError) as exc:
                 raise CaseError(described_by[name], f"invalid model config: {_one_line(exc)}", _FIX) from exc
-            _load_into(nets[name], _weights(path, name, ema), path)
+    # every file read once: hashed (model_hash's order) and, for the weights used, loaded from the same bytes
+    used = {_weights(path, name, ema): name for name in nets}
+    h = hashlib.sha256()
+    for f in _hashed_files(path):
+        h.update(f.name.encode() + b"\0")
+        if f not in used:
+            _hash_file(h, f)
+            continue
+        data = f.read_bytes()
+        h.update(data)
+        with _as_refiner_fault(used[f], f):
+            _load_into(nets[used[f]], f, path, data)
+        del data
     vae, denoiser, refiner = nets.get("vae"), nets.get("denoiser"), nets.get("refiner")
-    bundle = ModelBundle(config=config, vae=vae, denoiser=denoiser, extra=extra, path=path, refiner=refiner)
+    bundle = ModelBundle(config=config, vae=vae, denoiser=denoiser, extra=extra, path=path, refiner=refiner, card=card,
+                         hash=h.hexdigest())
     for m in (vae, denoiser, refiner):
         if m is not None:
             m.eval().requires_grad_(False)
@@ -212,18 +221,27 @@ def load_refiner(path: str | os.PathLike, *, ema: bool = True) -> nn.Module | No
 
 
 def model_hash(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) over ``config.yaml`` and every ``*.safetensors`` of a model folder (names + bytes)."""
-    path = Path(path)
-    files = [path / CONFIG_FILE, *sorted(path.glob("*.safetensors"))]
+    """SHA-256 (hex) over ``config.yaml`` and every ``*.safetensors`` of a model folder (names + bytes); a loaded
+    folder has it as ``ModelBundle.hash`` (computed as its files are read)."""
     h = hashlib.sha256()
+    for f in _hashed_files(Path(path)):
+        h.update(f.name.encode() + b"\0")
+        _hash_file(h, f)
+    return h.hexdigest()
+
+
+def _hashed_files(path: Path) -> list[Path]:
+    files = [path / CONFIG_FILE, *sorted(path.glob("*.safetensors"))]
     for f in files:
         if not f.is_file():
             raise CaseError(path, f"model folder lacks {f.name}", _HINT)
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return files
+
+
+def _hash_file(h, f: Path) -> None:
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
 
 
 @contextlib.contextmanager
@@ -358,55 +376,10 @@ def _count_nodes(obj: Any, limit: int) -> int:
     return count
 
 
-def _check_keys(file: Path, mapping: dict[str, Any], known: frozenset[str]) -> None:
-    """Every top-level key is one medldm writes (a typo such as ``tsak`` is an error naming the nearest key)."""
-    import difflib
-
-    for key in mapping:
-        if key not in known:
-            near = difflib.get_close_matches(str(key), sorted(known), n=1)
-            raise CaseError(file, f"unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""), _FIX)
-
-
-def _check_extra(file: Path, extra: dict[str, Any]) -> None:
-    """The extra.json entries used to run a model: types and ranges (one-line CaseError on the file)."""
-    sf = extra.get("scale_factor", 1.0)
-    if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not (0 < abs(sf) < 1e6):
-        raise CaseError(file, f"scale_factor = {sf!r}: must be a finite non-zero number", _FIX)
-    for key in ("resize_to", "patch_size"):
-        v = extra.get(key)
-        if v is not None and (not isinstance(v, list) or not 1 <= len(v) <= 3 or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 16 for d in v)):
-            raise CaseError(file, f"{key} = {v!r}: must be a list of 1..3 positive sizes", _FIX)
-    factor = extra.get("factor")
-    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int) or not 1 <= factor <= 1 << 10):
-        raise CaseError(file, f"factor = {factor!r}: must be a positive integer", _FIX)
-    names = extra.get("class_names")
-    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise CaseError(file, "class_names must be a list of names", _FIX)
-
-
-def _check_diffusion(section: dict[str, Any] | None) -> None:
-    """Validate the diffusion section (types, choices, ranges and the array-sizing bounds: DiffusionConfig)."""
-    from medldm.diffusion.config import load_diffusion_config
-
-    load_diffusion_config(section)
-
-
-def _kind(obj: Any) -> str:
-    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(obj),
-                                                                                        type(obj).__name__)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
-
-
-def _load_into(module: nn.Module, file: Path | None, folder: Path) -> None:
-    assert file is not None
+def _load_into(module: nn.Module, file: Path, folder: Path, data: bytes) -> None:
+    """Load ``module``'s weights from ``data``, the bytes of ``file``."""
     try:
-        state = load_file(str(file))
+        state = load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise CaseError(folder, f"{file.name} is not a readable safetensors file ({exc})", _HINT) from exc
     expected = module.state_dict()

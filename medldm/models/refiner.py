@@ -29,7 +29,7 @@ NORMS: dict[str, Any] = {"none": None, "instance": ("instance", {"affine": True}
 #: what the refiner's residual is added to
 BASES = ("degraded", "decoded")
 #: ``extra.json["refiner"]`` keys that folders written before they existed were trained with (instance-normalized
-#: network, residual on the decoded output); a folder that stores them is read as stored
+#: network, residual on the decoded output); a folder that stores them is read as stored (``medldm.models.card.migrate``)
 LEGACY_SPEC: dict[str, str] = {"norm": "instance", "base": "decoded"}
 #: keys of ``extra.json["refiner"]`` that older medldm versions wrote and nothing reads (``apply``: a dotted import
 #: path of ``apply_refiner``); ignored on load, no longer written
@@ -76,21 +76,6 @@ class RefinerSpec:
         """The ``extra.json["refiner"]`` entry (YAML/JSON-safe)."""
         return {"spatial_dims": self.spatial_dims, "features": list(self.features), "norm": self.norm,
                 "base": self.base, "inputs": list(self.inputs), "residual": self.residual}
-
-
-def refiner_spec(extra: dict[str, Any]) -> RefinerSpec | None:
-    """The validated :class:`RefinerSpec` of a model folder's ``extra.json`` (None when it has none).
-
-    Raises ``medldm.config.ConfigError`` (a ``ValueError``) naming the key at fault."""
-    from medldm.config import ConfigError, from_mapping
-
-    raw = extra.get("refiner")
-    if not raw:
-        return None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"refiner: expected a mapping of settings, got {type(raw).__name__}")
-    data = {**LEGACY_SPEC, **{k: v for k, v in raw.items() if k not in IGNORED_KEYS}}
-    return from_mapping(RefinerSpec, data, prefix="refiner")
 
 
 def build_refiner(spatial_dims: int, features, norm: str, in_channels: int = 2) -> nn.Module:

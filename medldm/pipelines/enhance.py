@@ -29,6 +29,7 @@ constant scan is returned unchanged (with a warning) without running the model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from medldm.data.condition import scan_condition
 from medldm.diffusion import make_model_fn, make_schedule, sample, sample_many
 from medldm.io.errors import CaseError
+from medldm.models.config import DegradeConfig
 from medldm.pipelines.scan import (
     UNCERTAIN_STD,
     UNCERTAIN_WARN_FRACTION,
@@ -94,33 +96,33 @@ class LatentSampler:
     tasks: tuple[str, ...] = ("sr", "denoise", "thinslice")
 
     def __init__(self, bundle, device: str = "cpu"):
-        ex = bundle.extra
-        self.task = ex.get("task")
+        card = bundle.card  # the folder's validated contract (medldm.models.card.ModelCard)
+        self.card = card
+        self.task = card.task
         if self.task not in self.tasks:
             raise CaseError(bundle.path, f"model task is {self.task!r}, not {' or '.join(map(repr, self.tasks))}",
                             "use `medldm synthesize` for synthesis models" if self.task == "synthesis"
                             else "open it with medldm.pipelines.factory.make_enhancer")
         if bundle.vae is None or bundle.denoiser is None:
             raise CaseError(bundle.path, "model folder lacks the VAE or the denoiser", "export the ldm stage's model folder")
-        if ex.get("condition", "space_to_depth") != "space_to_depth":
-            raise CaseError(bundle.path, f"unknown condition kind {ex.get('condition')!r}", "update medldm")
+        if card.condition != "space_to_depth":
+            raise CaseError(bundle.path, f"unknown condition kind {card.condition!r}", "update medldm")
         self.device = torch.device(device)
         self.bundle = bundle.to(self.device)
         self.vae, self.denoiser = bundle.vae, bundle.denoiser
         self.schedule = make_schedule(bundle.diffusion)
         self.dcfg = bundle.diffusion
-        self.scale = bundle.scale_factor
+        self.scale = card.scale_factor
         self.dims = int(self.denoiser.spatial_dims)
-        self.f = int(ex.get("factor") or 2 ** (len(bundle.config.get("vae", {}).get("channels", [0, 0, 0])) - 1))
-        self.degrade = ex.get("degrade") or {}
-        self.level_max = float(ex.get("noise_level_max") or 0.0)
-        norm = ex.get("normalization") or {}
-        self.modality = None if norm.get("modality", "auto") in (None, "auto") else norm["modality"]
-        self.ct_window = norm.get("ct_window", "full")
+        self.f = card.factor
+        self.degrade = card.degrade or DegradeConfig()
+        self.level_max = card.noise_level_max
+        self.modality = card.normalization.forced_modality
+        self.ct_window = card.normalization.ct_window
         # how the training scans were normalized (CT window / MR percentiles): a scan normalized otherwise is
         # outside the model's training domain (e.g. CT given to an MR model)
-        self.trained_methods = {e["method"] for e in norm.get("examples", []) if e.get("method")}
-        self.slice_axis = int(ex.get("slice_axis", 2))
+        self.trained_methods = card.normalization.trained_methods
+        self.slice_axis = card.slice_axis
         self.refiner = bundle.refiner  # checked and loaded with the model folder, on self.device with the bundle
         self.refiner_base = bundle.refiner_base
         # refiners trained with a noise map get the U-Net's (estimated) noise level as a third input
@@ -132,8 +134,8 @@ class LatentSampler:
         # ... and to at least this: the refiner (MONAI BasicUNet) pools 4 times, so a 1-pixel-wide image padded
         # to `align` only would be too small for it
         self.min_size = max(self.align, REFINER_MIN_SIZE if self.refiner is not None else 0)
-        self.resize_to = ex.get("resize_to")
-        patch = ex.get("patch_size") or [64] * self.dims
+        self.resize_to = card.resize_to
+        patch = card.patch_size or [64] * self.dims
         self.default_window = tuple(_ceil(max(2 * int(p) // self.f, 8), self.unet_down) for p in patch)
 
     def _sample_items(self, cond_items: torch.Tensor, keys: list[int], level: float | None, opts: EnhanceOptions):
@@ -143,9 +145,7 @@ class LatentSampler:
         or on how a volume is cut into chunks."""
         cond = space_to_depth(cond_items, self.f).to(self.device)
         lat_shape = (self.vae_latent_channels(), *(s // self.f for s in cond_items.shape[2:]))
-        steps = opts.steps or self.dcfg.sampling_steps
-        name = opts.sampler or self.dcfg.sampler
-        window = self.window(opts)
+        steps, name, window = opts.steps, opts.sampler, opts.window  # resolved (LatentSampler.resolve)
 
         def model_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             def call(xw, cw):
@@ -187,6 +187,14 @@ class LatentSampler:
         assert degraded is not None and self.refiner is not None
         lev = (0.0 if level is None else level) if self.refiner_noise_map else None
         return apply_refiner(self.refiner, decoded, degraded, self.refiner_base, lev)
+
+    def resolve(self, opts: EnhanceOptions | None = None) -> EnhanceOptions:
+        """``opts`` with the model's defaults filled in (steps, sampler: ``DiffusionConfig.sampling_options``,
+        which also checks them; the latent window) — the one place options meet the model. What ``enhance`` runs
+        with and what a resume record stores. Idempotent; ``ValueError`` naming the option."""
+        opts = opts or EnhanceOptions()
+        steps, sampler = self.dcfg.sampling_options(opts.steps, opts.sampler)
+        return dataclasses.replace(opts, steps=steps, sampler=sampler, window=self.window(opts))
 
     def window(self, opts: EnhanceOptions) -> tuple[int, ...]:
         """The latent window used with ``opts``: ``opts.window`` or the model's default, rounded up to what the
@@ -247,7 +255,7 @@ class Enhancer(LatentSampler):
     @torch.no_grad()
     def enhance(self, img, opts: EnhanceOptions | None = None) -> EnhanceResult:
         """img: MetaTensor (X, Y, Z) in scanner units -> EnhanceResult on the output grid."""
-        opts = opts or EnhanceOptions()
+        opts = self.resolve(opts)
         scan = open_scan(img)
         params = opts.normalization or self._fit_normalization(img, scan.arr, scan.bad)
         x = scan.model_units(params)
@@ -297,7 +305,7 @@ class Enhancer(LatentSampler):
         if opts.noise_level is not None:
             return float(min(max(opts.noise_level, 0.0), 1.0))
         if self.task == "sr":
-            lo = float((self.degrade.get("noise_aug_range") or [0.0, 0.0])[0])
+            lo = float(self.degrade.noise_aug_range[0])
             return lo / self.level_max if self.level_max > 0 else 0.0
         from medldm.data.noise import estimate_noise_sigma
 
@@ -316,10 +324,10 @@ class Enhancer(LatentSampler):
         image, std, bad_out, wrap = to_scanner(scan, mean, std, out_shape, params)
         info: dict[str, Any] = {
             "task": self.task, "noise_level": level, "samples": int(opts.samples),
-            "steps": opts.steps or self.dcfg.sampling_steps, "sampler": opts.sampler or self.dcfg.sampler,
+            "steps": opts.steps, "sampler": opts.sampler,
             "input_shape": list(scan.arr.shape), "output_shape": list(out_shape), "normalization": params,
             "refined": self.refiner is not None and opts.refine, "nonfinite_voxels": wrap["nonfinite_voxels"],
-            "window": list(self.window(opts)), "overlap": opts.overlap, "batch_size": int(opts.batch_size),
+            "window": list(opts.window), "overlap": opts.overlap, "batch_size": int(opts.batch_size),
             "floor": wrap["floor"], "clamped_voxels": wrap["clamped_voxels"],
         }
         if self.resize_to:

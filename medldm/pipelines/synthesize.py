@@ -30,6 +30,7 @@ import torch
 
 from medldm.diffusion import make_model_fn, make_schedule, sample
 from medldm.io.errors import CaseError
+from medldm.models.card import Normalization
 
 MAX_VOXELS_ENV = "MEDLDM_MAX_VOXELS"  # the one voxel limit of medldm.io.limits
 MAX_MEMORY_ENV = "MEDLDM_MAX_MEMORY"
@@ -56,9 +57,9 @@ class Synthesizer:
     """A loaded synthesis model folder."""
 
     def __init__(self, bundle, device: str = "cpu"):
-        ex = bundle.extra
-        if ex.get("task") != "synthesis":
-            raise CaseError(bundle.path, f"model task is {ex.get('task')!r}, not 'synthesis'", "use `medldm enhance` for sr/denoise models")
+        card = bundle.card
+        if card.task != "synthesis":
+            raise CaseError(bundle.path, f"model task is {card.task!r}, not 'synthesis'", "use `medldm enhance` for sr/denoise models")
         if bundle.vae is None or bundle.denoiser is None:
             raise CaseError(bundle.path, "model folder lacks the VAE or the denoiser", "export the ldm stage's model folder")
         self.device = torch.device(device)
@@ -67,20 +68,18 @@ class Synthesizer:
         self.schedule = make_schedule(bundle.diffusion)
         self.dcfg = bundle.diffusion
         self.dims = int(self.denoiser.spatial_dims)
-        from medldm.models.config import VAEConfig, from_dict
-        from medldm.models.folder import model_sections
-
-        self.vae_cfg = from_dict(VAEConfig, model_sections(bundle.config).get("vae"))
-        self.f = int(ex.get("factor") or self.vae_cfg.downsample_factor)
-        self.size = tuple(int(v) for v in (ex.get("resize_to") or ex.get("patch_size") or [64] * self.dims))
-        self.class_names = list(ex.get("class_names") or [])
+        self.card = card
+        self.vae_cfg = card.vae
+        self.f = card.factor
+        self.size = card.training_size
+        self.class_names = list(card.class_names)
         self.num_classes = int(self.denoiser.num_classes)
-        self.intensity = _output_params(ex)
-        self.mask_classes = int(ex.get("mask_classes") or 0) if ex.get("condition") == "mask" else 0
+        self.intensity = _output_params(card.normalization)
+        self.mask_classes = card.mask_classes if card.condition == "mask" else 0
         want = self.mask_classes * self.f ** self.dims
         if int(self.denoiser.cond_channels) != want:
             raise CaseError(bundle.path, f"the denoiser takes a {self.denoiser.cond_channels}-channel image condition, "
-                                         f"extra.json describes {want} (condition {ex.get('condition')!r})",
+                                         f"extra.json describes {want} (condition {card.condition!r})",
                             "export the model folder again with this medldm version")
 
     def mask_array(self, mask) -> torch.Tensor:
@@ -155,6 +154,7 @@ class Synthesizer:
 
         if not (math.isfinite(spacing) and spacing > 0):
             raise ValueError(f"spacing {spacing}: must be a positive number of mm")
+        steps, sampler = self.dcfg.sampling_options(steps, sampler)
         w = float(self.dcfg.guidance if guidance is None else guidance)
         if label is None or self.num_classes == 0:
             w = 1.0  # unconditional: the null class alone, no guidance
@@ -192,7 +192,7 @@ class Synthesizer:
             with self._autocast():
                 return fn(x, t).float()
 
-        z = sample(sampler or self.dcfg.sampler, model_fn, x_t, self.schedule, steps or self.dcfg.sampling_steps, generator=g)
+        z = sample(sampler, model_fn, x_t, self.schedule, steps, generator=g)
         with self._autocast():
             img = self.vae.decode(z / self.bundle.scale_factor).float().cpu()[0, 0]
         if labels_map is not None:
@@ -327,17 +327,16 @@ def _gb(n: float) -> str:
     return f"{n / (1 << 30):.1f} GB" if n >= 1 << 28 else f"{n / (1 << 20):.0f} MB"
 
 
-def _output_params(extra: dict) -> dict:
+def _output_params(norm: Normalization) -> dict:
     """Normalization params used to map model outputs back to scanner-like units."""
     from medldm.data.intensity import CT_WINDOWS
 
-    norm = extra.get("normalization") or {}
-    examples = [e for e in (norm.get("examples") or []) if isinstance(e, dict) and "lo" in e]
-    modality = str(norm.get("modality") or "auto").upper()
+    examples = [e for e in norm.examples if isinstance(e, dict) and "lo" in e]
+    modality = str(norm.modality or "auto").upper()
     if modality == "AUTO" and examples:
         modality = str(examples[0].get("modality", "unknown")).upper()
     if modality == "CT":
-        lo, hi = CT_WINDOWS.get(norm.get("ct_window", "full"), CT_WINDOWS["full"])
+        lo, hi = CT_WINDOWS.get(norm.ct_window, CT_WINDOWS["full"])
         return {"modality": "CT", "lo": lo, "hi": hi, "out_range": [-1.0, 1.0], "clip": False, "original_dtype": "int16"}
     if examples:
         e = examples[0]

@@ -80,10 +80,10 @@ class ThinSliceEnhancer(LatentSampler):
         if self.dims != 2:
             raise CaseError(bundle.path, f"a thinslice model must be 2D, this one is {self.dims}D",
                             "train it with spatial_dims: 2")
-        self.factor = int(self.degrade.get("scale", 4))
-        self.profile = str(self.degrade.get("profile", "box"))
+        self.factor = int(self.degrade.scale)
+        self.profile = str(self.degrade.profile)
         self.path = bundle.path
-        lo = float((self.degrade.get("noise_aug_range") or [0.0, 0.0])[0])
+        lo = float(self.degrade.noise_aug_range[0])
         self.level = lo / self.level_max if self.level_max > 0 else 0.0
 
     def check_spacing(self, img, src: str) -> float:
@@ -102,7 +102,7 @@ class ThinSliceEnhancer(LatentSampler):
     @torch.no_grad()
     def enhance(self, img, opts: EnhanceOptions | None = None, *, check_spacing: bool = True) -> EnhanceResult:
         """img: MetaTensor (X, Y, Z), thick slices, scanner units -> EnhanceResult on (X, Y, factor Z)."""
-        opts = opts or EnhanceOptions()
+        opts = self.resolve(opts)
         src = (getattr(img, "meta", None) or {}).get("filename_or_obj") or "<image>"
         shape = tuple(int(s) for s in img.shape)
         if len(shape) != 3 or any(s < 1 for s in shape):
@@ -166,9 +166,9 @@ class ThinSliceEnhancer(LatentSampler):
         fused = torch.as_tensor(normalize(torch.stack(means).mean(0), params_f))
         # K samples: the root mean square of the reformats' std maps
         std = torch.stack([s.float() ** 2 for s in stds]).mean(0).sqrt() if stds else None
-        info.update(axes=axes, steps=opts.steps or self.dcfg.sampling_steps, sampler=opts.sampler or self.dcfg.sampler,
+        info.update(axes=axes, steps=opts.steps, sampler=opts.sampler,
                     samples=int(opts.samples), refined=self.refiner is not None and opts.refine,
-                    window=list(self.window(opts)), overlap=opts.overlap, batch_size=int(opts.batch_size))
+                    window=list(opts.window), overlap=opts.overlap, batch_size=int(opts.batch_size))
         if opts.samples > 1:
             info["uncertainty"] = unc
         assert tuple(fused.shape) == tuple(out_shape)

@@ -26,7 +26,9 @@ from medldm.data.condition import make_pair, noise_level_max
 from medldm.data.datasets import step_rng
 from medldm.data.latent_cache import encode_items, load_cache, save_cache
 from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
+from medldm.models.card import ModelCard
 from medldm.models.conditioning import space_to_depth
+from medldm.models.config import DegradeConfig
 from medldm.models.denoiser import mask_condition
 from medldm.train.data import RunData, center_batch, center_corners
 from medldm.train.distributed import barrier
@@ -58,13 +60,13 @@ class LDMStage:
         bundle = load_model(vae_dir)
         if bundle.vae is None:
             raise ValueError(f"{vae_dir}: no VAE weights in this model folder")
-        vcfg = bundle.config.get("vae", {})
-        if int(vcfg.get("latent_channels", -1)) != cfg.vae.latent_channels or list(vcfg.get("channels", [])) != list(
-                cfg.vae.channels) or int(vcfg.get("spatial_dims", -1)) != cfg.spatial_dims:
+        vcfg = bundle.card.vae  # not None: the VAE was built from it
+        if vcfg.latent_channels != cfg.vae.latent_channels or tuple(vcfg.channels) != tuple(cfg.vae.channels) \
+                or vcfg.spatial_dims != cfg.spatial_dims:
             raise ValueError(f"{vae_dir}: its vae section differs from this config's vae section — "
                              "train the VAE with this config (stage: both) or copy its vae section")
         self.vae = bundle.vae.to(rt.device).eval().requires_grad_(False)
-        self.vae_extra = dict(bundle.extra)
+        self.vae_card = bundle.card
         self.scale = bundle.scale_factor
         self.f = cfg.factor
         self.patch_lat = tuple(p // self.f for p in cfg.data.patch_size)
@@ -245,24 +247,22 @@ class LDMStage:
                                         None if level is None else level.to(self.rt.device), seed=self.cfg.seed + 1))
         save_grid([x, degraded, pred], path)
 
-    def extra(self) -> dict:
-        cfg = self.cfg
-        ex = {k: v for k, v in self.vae_extra.items() if k not in ("stage", "val_metrics")}
-        ex.update({
-            "stage": "ldm", "task": cfg.task, "scale_factor": self.scale, "factor": self.f,
-            "condition": "space_to_depth" if cfg.task != "synthesis" else ("mask" if self.mask_classes else None),
-            "mask_classes": self.mask_classes or None,
-            "mask_method": ("medldm.data.tissue.tissue_labels: background + 1D k-means intensity clusters of the "
-                            "normalized slice, darkest first") if self.mask_classes else None,
-            "degrade": to_mapping(cfg.degrade) if cfg.task != "synthesis" else None,
-            "noise_level_max": noise_level_max(cfg.task, cfg.degrade) if cfg.task != "synthesis" else None,
-            "class_from": cfg.data.class_from,
-            "class_names": cfg.data.class_names(cfg.unet.num_classes),
-            "vae_val_metrics": self.vae_extra.get("val_metrics", {}),
-            "val_metrics": self.metrics,
-            "train_scans": self.data.train_scans, "val_scans": self.data.val_scans,
-        })
-        return ex
+    def extra(self) -> ModelCard:
+        """The model card (``extra.json``): the VAE folder's card (normalization, sizes) with this stage's task,
+        condition, degradation and figures."""
+        cfg, synthesis = self.cfg, self.cfg.task == "synthesis"
+        return dataclasses.replace(
+            self.vae_card, stage="ldm", task=cfg.task, scale_factor=self.scale, factor=self.f,
+            condition=None if synthesis and not self.mask_classes else ("mask" if synthesis else "space_to_depth"),
+            mask_classes=self.mask_classes,
+            mask_method=("medldm.data.tissue.tissue_labels: background + 1D k-means intensity clusters of the "
+                         "normalized slice, darkest first") if self.mask_classes else None,
+            degrade=None if synthesis else DegradeConfig(**dataclasses.asdict(cfg.degrade)),
+            noise_level_max=0.0 if synthesis else noise_level_max(cfg.task, cfg.degrade),
+            class_from=cfg.data.class_from, class_names=tuple(cfg.data.class_names(cfg.unet.num_classes) or ()),
+            vae_val_metrics=self.vae_card.val_metrics, val_metrics=self.metrics,
+            train_scans=self.data.train_scans, val_scans=self.data.val_scans,
+            refiner=None, refine_val_metrics={}, vae=None, unet=None)
 
     def export(self, path: Path) -> None:
         from medldm.models import save_model_folder

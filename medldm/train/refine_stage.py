@@ -22,6 +22,7 @@ Validation reports PSNR/SSIM of the degraded input, the diffusion output and the
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from medldm.config import to_mapping
 from medldm.data.condition import make_pair
 from medldm.data.datasets import step_rng
 from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
+from medldm.models.card import ModelCard
 from medldm.models.conditioning import space_to_depth
 from medldm.models.refiner import RefinerSpec, apply_refiner, build_from_spec
 from medldm.train.data import RunData, center_batch
@@ -163,11 +165,9 @@ class RefineStage:
         degraded, dec, ref = self._enhance(x)
         save_grid([x, degraded, dec, ref], path)
 
-    def extra(self) -> dict:
-        ex = dict(self.bundle.extra)
-        ex["refiner"] = self.spec.to_extra()  # read back by medldm.models.folder.load_model
-        ex["refine_val_metrics"] = self.metrics
-        return ex
+    def extra(self) -> ModelCard:
+        """The ldm folder's model card with the refiner spec (read back by ``load_model``) and its figures."""
+        return dataclasses.replace(self.bundle.card, refiner=self.spec, refine_val_metrics=self.metrics)
 
     def export(self, path: Path) -> None:
         from medldm.models import save_model_folder

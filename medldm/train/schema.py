@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from medldm.config import ConfigError, doc_field, load_dataclass
-from medldm.diffusion.config import DiffusionConfig
-from medldm.models.config import UNetConfig, VAEConfig, validate
+from medldm.models.config import DegradeConfig, DiffusionConfig, UNetConfig, VAEConfig, validate
 
 
 @dataclass
@@ -109,37 +108,6 @@ class AugmentConfig:
     bias_field_prob: float = doc_field(0.3, "probability of a smooth multiplicative bias field (MR)")
     contrast_prob: float = doc_field(0.3, "probability of a gamma contrast change")
     gamma: tuple[float, float] = doc_field((0.7, 1.5), "gamma range of the contrast change")
-
-
-@dataclass
-class DegradeConfig:
-    """How SR / denoising training pairs are made from clean samples (seeded, on the fly)."""
-
-    kind: Literal["gaussian", "rician", "downsample", "thick"] = doc_field(
-        "gaussian", "gaussian/rician noise (denoise) or downsample/thick slices (sr)")
-    scale: int = doc_field(2, "sr: down-sampling factor (in-plane) or slice thickness factor (thick, 3D); "
-                              "thinslice: thin slices per thick slice")
-    level_range: tuple[float, float] = doc_field((0.02, 0.1), "denoise: noise sigma relative to the model range width")
-    noise_aug_range: tuple[float, float] = doc_field((0.0, 0.1), "sr: noise-augmentation sigma added to the low-res "
-                                                                  "condition; its level is a U-Net input")
-    blur_range: tuple[float, float] = doc_field(
-        (0.0, 0.0), "sr (downsample): Gaussian pre-blur sigma in high-res pixels, drawn per sample, before area "
-        "down-sampling (0.5 at x2 is skimage's anti_aliasing=True): robustness to the scanner's / user's kernel")
-    rician_fraction: float = doc_field(
-        0.0, "denoise: fraction of training samples given Rician (magnitude MR) instead of `kind`'s noise, drawn per "
-        "sample, so one model is blind to the noise model; validation uses `kind`")
-    upsample: Literal["linear", "cubic"] = doc_field(
-        "linear", "sr (downsample): how the low-res input is put on the output grid for the U-Net's condition and "
-        "the refiner's base: linear, or cubic (Keys bicubic, a = -0.75; 2D models only); the model folder records it")
-    profile: Literal["box", "gaussian"] = doc_field(
-        "box", "thinslice: slice profile of a thick slice: box (the mean of `scale` thin slices) or gaussian "
-        "(FWHM = `scale` thin slices, same centre)")
-
-    def __post_init__(self) -> None:
-        if self.scale < 1:
-            raise ValueError(f"degrade.scale: must be >= 1, got {self.scale}")
-        if not 0.0 <= self.rician_fraction <= 1.0:
-            raise ValueError(f"degrade.rician_fraction: must be in [0, 1], got {self.rician_fraction}")
 
 
 @dataclass
@@ -296,8 +264,8 @@ class TrainingConfig:
 
     @property
     def factor(self) -> int:
-        """VAE down-sampling factor f (image size / latent size)."""
-        return 2 ** (len(self.vae.channels) - 1)
+        """VAE down-sampling factor f (image size / latent size): ``VAEConfig.downsample_factor``."""
+        return self.vae.downsample_factor
 
     def _check(self) -> None:
         nd = self.spatial_dims

@@ -22,6 +22,7 @@ from medldm.config import to_mapping
 from medldm.data.augment import Augmenter
 from medldm.data.datasets import step_rng
 from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
+from medldm.models.card import ModelCard, Normalization
 from medldm.train.data import RunData, center_batch
 from medldm.train.engine import Runtime, adamw, prepare
 from medldm.train.logging import save_grid
@@ -183,19 +184,20 @@ class VAEStage:
         self.scale_factor = 1.0 / max(std, 1e-8)
         return self.scale_factor
 
-    def extra(self) -> dict:
-        d = self.data
-        return {
-            "stage": "vae", "task": self.cfg.task, "spatial_dims": self.cfg.spatial_dims, "factor": self.cfg.factor,
-            "scale_factor": self.scale_factor if self.scale_factor is not None else 1.0,
-            "normalization": {"modality": self.cfg.data.modality, "ct_window": self.cfg.data.ct_window,
-                              "method": "CT: HU window; else foreground percentiles 0.5/99.5 -> [-1, 1]",
-                              "examples": d.normalization},
-            "patch_size": list(self.cfg.data.patch_size), "slice_axis": self.cfg.data.slice_axis,
-            "resize_to": list(self.cfg.data.resize_to) if self.cfg.data.resize_to else None,
-            "train_scans": d.train_scans, "val_scans": d.val_scans,
-            "val_metrics": self.metrics, "metric_range": "model range [-1, 1], data_range 2",
-        }
+    def extra(self) -> ModelCard:
+        """The model card of the VAE's folder (``extra.json``)."""
+        d, cfg = self.data, self.cfg
+        return ModelCard(
+            stage="vae", task=cfg.task, spatial_dims=cfg.spatial_dims, factor=cfg.factor,
+            scale_factor=self.scale_factor if self.scale_factor is not None else 1.0,
+            normalization=Normalization(modality=cfg.data.modality, ct_window=cfg.data.ct_window,
+                                        method="CT: HU window; else foreground percentiles 0.5/99.5 -> [-1, 1]",
+                                        examples=list(d.normalization)),
+            patch_size=tuple(cfg.data.patch_size), slice_axis=cfg.data.slice_axis,
+            resize_to=tuple(cfg.data.resize_to) if cfg.data.resize_to else None,
+            train_scans=d.train_scans, val_scans=d.val_scans,
+            val_metrics=self.metrics, metric_range="model range [-1, 1], data_range 2",
+        )
 
     def export(self, path: Path) -> None:
         from medldm.models import save_model_folder
