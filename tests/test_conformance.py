@@ -7,7 +7,7 @@ Siemens classic sagittal series. Small subsets under tests/data/vendor/ with the
 * ``medldm convert`` agrees with dcm2niix: the same 4D shape, the world grid within 0.01 mm, every volume's
   values equal (Philips: dcm2niix's floating-point values, correlation >= 0.999, same scale);
 * ``medldm enhance -m mr-denoise-2d --to dicom`` writes a derived series that dcm2niix reads back as the same 4D
-  grid (and the same bval / bvec for the DTI), with no negative magnitude, and in which dciodvfy finds no error the
+  grid (and the same bval / bvec for the DWI / DTI), with no negative magnitude, and in which dciodvfy finds no error the
   source lacks.
 
 Not here yet: a Canon enhanced file (dcm_qa_enh's is not in the mirrored snapshot). b-values and gradients that GE,
