@@ -24,7 +24,7 @@ from medldm.io.caseloop import (  # noqa: F401 (re-exported for the commands)
     write_error,
     write_report,
 )
-from medldm.io.errors import UsageError
+from medldm.io.errors import CaseError, UsageError
 from medldm.io.outputs import (  # noqa: F401 (re-exported for the commands)
     RECORD_SUFFIX,
     Resume,
