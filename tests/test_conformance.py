@@ -1,16 +1,17 @@
-"""Conformance on real vendor series from dcm2niix's public validation data (issue 20), 4D: GE classic EPI,
-Siemens mosaics (axial 6 deg oblique, sagittal), Siemens XA enhanced multi-frame (one file per volume), Philips
-classic EPI (oblique) and Toshiba classic DTI; and one 3D Siemens classic sagittal series. Small subsets under tests/data/vendor/ with their licences. For each:
+"""Conformance on real vendor series from dcm2niix's public validation data (issue 20), 4D: GE classic EPI and
+DWI, Siemens mosaics (axial 6 deg oblique, sagittal), Siemens classic sagittal DWI, Siemens XA enhanced multi-frame
+(one file per volume), Philips classic EPI (oblique) and DTI, and Toshiba classic DTI (30 deg oblique); and one 3D
+Siemens classic sagittal series. Small subsets under tests/data/vendor/ with their licences. For each:
 
 * ``medldm info`` describes it (volumes, form);
 * ``medldm convert`` agrees with dcm2niix: the same 4D shape, the world grid within 0.01 mm, every volume's
   values equal (Philips: dcm2niix's floating-point values, correlation >= 0.999, same scale);
 * ``medldm enhance -m mr-denoise-2d --to dicom`` writes a derived series that dcm2niix reads back as the same 4D
-  grid (and the same bval / bvec for the DTI), with no negative magnitude, and in which dciodvfy finds no error the
+  grid (and the same bval / bvec for the DWI / DTI), with no negative magnitude, and in which dciodvfy finds no error the
   source lacks.
 
-Not here yet: a Canon enhanced file (dcm_qa_enh's is not in the mirrored snapshot); b-values kept only in vendor
-private tags (GE, Siemens CSA) are not carried into a derived series (Toshiba's standard ones are).
+Not here yet: a Canon enhanced file (dcm_qa_enh's is not in the mirrored snapshot). b-values and gradients that GE,
+Siemens and Philips keep in private tags are carried into the derived series (``DIFFUSION_PRIVATE``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,14 @@ SERIES = {
     "philips_classic_epi_oblique": ("dcm_qa_philips_fmri", 3, "classic", (64, 64, 9)),
     "toshiba_classic_dti": ("dcm_qa_toshiba_dti", 3, "classic", (64, 64, 8)),
     "siemens_classic_sagittal_3d": ("dcm_qa_sag_siemens_gre", 1, "classic", (42, 64, 5)),
+    "ge_classic_dwi": ("dcm_qa_ge_dwi", 3, "classic", (256, 256, 2)),
+    "siemens_classic_dwi_sagittal": ("dcm_qa_sag_dwi_sag", 3, "classic", (82, 82, 2)),
+    "philips_classic_dti": ("dcm_qa_philips_dti", 3, "classic", (80, 80, 3)),
 }
 #: dcm2niix stores Philips floating-point values as int16 with a NIfTI scale slope: equal within that quantisation
-INEXACT = {"philips_classic_epi_oblique"}
+INEXACT = {"philips_classic_epi_oblique", "philips_classic_dti"}
+#: diffusion series: dcm2niix writes bval / bvec for the source, and must read the same from the derived series
+DWI = {"toshiba_classic_dti", "ge_classic_dwi", "siemens_classic_dwi_sagittal", "philips_classic_dti"}
 
 
 def _series(tmp_path: Path, name: str) -> Path:
@@ -115,7 +121,8 @@ def test_info_convert_enhance_as_dcm2niix(name, tmp_path, capsys):
     back = _dcm2niix(files[0].parent, tmp_path / "back")
     assert back.shape == ref.shape
     src_b, back_b = _bvals(tmp_path / "ref"), _bvals(tmp_path / "back")
-    if src_b is not None:  # diffusion: dcm2niix finds the same b-values and gradient directions in the derived series
+    assert (src_b is not None) == (name in DWI)
+    if src_b is not None:  # before DIFFUSION_PRIVATE: none back from the derived GE / Siemens DWI  # diffusion: dcm2niix finds the same b-values and gradient directions in the derived series
         assert back_b is not None
         np.testing.assert_allclose(back_b[0], src_b[0])
         np.testing.assert_allclose(back_b[1], src_b[1], atol=1e-4)

@@ -431,3 +431,28 @@ def test_provenance_on_folder_output_without_reference_and_deidentified(tmp_path
     ref = pydicom.dcmread(src.meta["source_files"][0], stop_before_pixels=True)
     assert str(ref.SeriesInstanceUID) not in str(o2.DerivationDescription)
     assert _dciodvfy_errors([files[0], files2[0]]) == []
+
+
+def test_derived_dwi_keeps_private_diffusion_tags_unless_deidentified(tmp_path):
+    """GE keeps b-value (0043,1039) and gradient (0019,10bb-bd) in private tags only: a derived series keeps them
+    (dcm2niix then reads bval/bvec back, tests/test_conformance.py); --deidentify removes them with every private tag."""
+    from medldm.io.dicom_write import save_dicom_series
+    from medldm.io.discover import scan_folder
+    from medldm.io.reader import load_case
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in sorted((Path(__file__).parent / "data" / "vendor" / "dcm_qa_ge_dwi").glob("i*")):
+        (src / f.name).write_bytes(f.read_bytes())
+    (case,) = scan_folder(src).cases
+    img = load_case(case, volume=1, as_numpy=True)
+    ref = pydicom.dcmread(img.meta["source_files"][0], stop_before_pixels=True)
+    for deid in (False, True):
+        out = save_dicom_series(img, tmp_path / f"out{deid}", reference=img.meta["source_files"], deidentify=deid)
+        ds = pydicom.dcmread(out[0], stop_before_pixels=True)
+        if deid:
+            assert not any(e.tag.is_private for e in ds)
+            continue
+        assert ds.private_block(0x0043, "GEMS_PARM_01")[0x39].value == ref.private_block(0x0043, "GEMS_PARM_01")[0x39].value
+        for off in (0xBB, 0xBC, 0xBD):
+            assert ds.private_block(0x0019, "GEMS_ACQU_01")[off].value == ref.private_block(0x0019, "GEMS_ACQU_01")[off].value

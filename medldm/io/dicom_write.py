@@ -576,6 +576,7 @@ def _slice_header(ref: Dataset | None, ctx: dict, grid: Grid, k: int) -> Dataset
         elif "BurnedInAnnotation" in ds:
             del ds.BurnedInAnnotation
         ds.DerivationDescription = ctx["derivation"]
+        _copy_diffusion_private(ref, ds)
         add_software(ds)
     else:
         ds = copy.deepcopy(ctx["base"])
@@ -619,6 +620,35 @@ def _slice_header(ref: Dataset | None, ctx: dict, grid: Grid, k: int) -> Dataset
         item.ContributionDescription = ds.DerivationDescription
     ds.ContributingEquipmentSequence = [*ds.get("ContributingEquipmentSequence", []), item]
     return ds
+
+
+#: Private elements that carry a volume's diffusion encoding where the vendor keeps it outside the standard tags
+#: (DiffusionBValue (0018,9087) and DiffusionGradientOrientation (0018,9089) are public and copied anyway):
+#: (group, private creator, element offsets), the ones dcm2niix reads for bval/bvec. Without them a derived GE or
+#: Siemens DWI series came back from dcm2niix without bval/bvec.
+DIFFUSION_PRIVATE = (
+    (0x0019, "GEMS_ACQU_01", (0xBB, 0xBC, 0xBD)),  # GE gradient direction
+    (0x0043, "GEMS_PARM_01", (0x39,)),  # GE b-value (first value)
+    (0x0019, "SIEMENS MR HEADER", (0x0C, 0x0D, 0x0E, 0x27)),  # Siemens b-value, directionality, direction, B matrix
+    (0x2001, "Philips Imaging DD 001", (0x03, 0x04, 0x0B)),  # Philips b-value, direction, slice orientation
+    (0x2005, "Philips MR Imaging DD 001", (0xB0, 0xB1, 0xB2)),  # Philips gradient direction
+)
+
+
+def _copy_diffusion_private(ref: Dataset, ds: Dataset) -> None:
+    """Copy the :data:`DIFFUSION_PRIVATE` elements ``ref`` has into ``ds`` (same creator; de-identification,
+    applied after, removes private tags again)."""
+    for group, creator, offsets in DIFFUSION_PRIVATE:
+        try:
+            src = ref.private_block(group, creator)
+        except KeyError:
+            continue
+        dst = None
+        for off in offsets:
+            if off in src:
+                elem = src[off]
+                dst = dst or ds.private_block(group, creator, create=True)
+                dst.add_new(off, elem.VR, copy.deepcopy(elem.value))
 
 
 def _deidentifier(deidentify):

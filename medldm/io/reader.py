@@ -359,7 +359,8 @@ def describe_volumes(case) -> dict:
     for name, keys in VOLUME_ATTRIBUTES:
         for key in keys:
             vals = [_header_number(by_path.get(f.source.split("#frame")[0]), key) for f in first]
-            if name == "b-value" and any(v is not None for v in vals):  # diffusion: b0 volumes may carry none
+            # diffusion: some volume has b > 0 (b0 volumes may carry none; GE writes b = 0 into every fMRI image)
+            if name == "b-value" and any(v for v in vals):
                 out.update(varies="diffusion (b-values)", values=[v or 0.0 for v in vals])
                 return out
             if all(v is not None for v in vals) and len(set(vals)) > 1:
