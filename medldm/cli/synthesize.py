@@ -2,7 +2,7 @@
 
     medldm synthesize -m MODEL -n N -o OUT [--condition class=K|NAME] [--guidance W] [--seed S]
                       [--format nifti|dicom] [--steps N] [--sampler NAME] [--size X,Y[,Z]] [--spacing MM]
-                      [--mask LABELS.nii.gz]
+                      [--mask LABELS.nii.gz] [--batch-size B]
 
 Writes ``OUT/synth_00000.nii.gz`` (or DICOM series folders ``OUT/synth_00000/``: fresh UIDs, no patient
 identifiers, "SYNTHETIC" in the series description) and ``OUT/synth_00000.json`` (model hash, resolved config,
@@ -12,6 +12,10 @@ same scans. Exit status: 0 all done, 1 some failed, 2 usage error.
 ``--mask`` (mask-conditioned models, ``condition: mask``): every scan follows that label map and lies on its grid
 (shape and affine); the map is copied beside each scan as ``OUT/synth_00000_labels.nii.gz``, so OUT holds
 image/label pairs for augmentation studies.
+
+Memory stays bounded for any N: scans are generated one at a time and written as they are made; the case list is
+never built (``-n 1000000000`` starts writing at once) and the run report is updated after every ``--batch-size``
+scans (default 64), so an interrupted run keeps its record and resumes from it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", metavar="LABELS.nii.gz",
                    help="label map (NIfTI, values 0..K-1, 0 = background; one slice for 2D models) the images follow "
                         "(mask-conditioned models); copied beside each scan as synth_NNNNN_labels.nii.gz")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B",
+                   help="scans between run-report updates (default 64); scans are written one at a time as they are "
+                        "made, so memory does not grow with -n")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
@@ -75,6 +82,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--guidance must be a finite number, e.g. 3")
     if args.seed < 0:
         raise UsageError("--seed must be >= 0")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1, e.g. --batch-size 64")
 
 
 def _size(text: str | None) -> tuple[int, ...] | None:
@@ -211,8 +220,21 @@ def run(args: argparse.Namespace) -> int:
             outputs.append(str(label_file(i)))
         return {"outputs": outputs, "seed": seed}
 
-    status, _ = run_cases(range(args.num), process, name=lambda i: f"synth_{i:05d}", is_done=is_done,
-                          report_path=report, desc="synthesize", command=command, quiet=args.quiet)
+    return _in_batches(args.num, args.batch_size, lambda cases: run_cases(
+        cases, process, name=lambda i: f"synth_{i:05d}", is_done=is_done, report_path=report, desc="synthesize",
+        command=command, quiet=args.quiet or args.num > args.batch_size)[0], quiet=args.quiet)
+
+
+def _in_batches(n: int, batch: int, run_batch, *, quiet: bool = False) -> int:
+    """``run_batch(range(a, b))`` over consecutive ranges of at most ``batch`` of the ``n`` cases (each call
+    writes the scans it makes and merges its entries into the run report); the worst exit status."""
+    import logging
+
+    status = 0
+    for a in range(0, n, batch):
+        status = max(status, run_batch(range(a, min(n, a + batch))))
+        if not quiet and n > batch:
+            logging.getLogger("medldm").info("synthesize: %d of %d scans processed", min(n, a + batch), n)
     return status
 
 
