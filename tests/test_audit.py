@@ -303,14 +303,17 @@ def test_utility_test_sees_help_and_harm(mni152):
     hold = _utility_slices(mni152, (55, 75, 95, 105, 115, 125))
     good = _utility_slices(mni152, range(62, 136, 8))
     bad = _utility_slices(mni152, range(62, 136, 8), perm=[0, 3, 1, 2])
-    opt = UtilityOptions(steps=80, resamples=500)
+    opt = UtilityOptions(steps=80, resamples=500, seeds=2, doses=(1.0,))
     g = utility_test(real, good, hold, 4, opt)
     b = utility_test(real, bad, hold, 4, opt)
     for r in (g, b):
         assert {"real", "real_plus_synthetic", "synthetic_only", "difference", "tstr_vs_real", "verdict"} <= set(r)
         lo, hi = r["difference"]["ci95"]
         assert lo <= r["difference"]["mean"] <= hi
-        assert r["difference"]["resampled"] == "held-out subjects" and r["difference"]["n"] == 6
+        assert r["difference"]["resampled"] == "held-out subjects and training seeds" and r["difference"]["n"] == 6
+        assert r["difference"]["seeds"] == 2 and set(r["protocols"]) == {
+            "real_plus_synthetic_1x", "synthetic_then_real", "synthetic_only"}
+        assert r["synthetic_then_real"]["difference"]["ci95"] is not None
         assert r["difference"]["mean"] == pytest.approx(r["real_plus_synthetic"]["mean_dice"] - r["real"]["mean_dice"])
     assert g["real"]["mean_dice"] == pytest.approx(b["real"]["mean_dice"])  # same seed, same real-only model
     assert g["difference"]["mean"] > b["difference"]["mean"] + 0.2
@@ -337,17 +340,40 @@ def test_audit_cli_utility_report(mni152, tmp_path):
     out = tmp_path / "report"
     rc = main(["audit", "--synthetic", str(tmp_path / "syn"), "--train", str(tmp_path / "train"), "--holdout",
                str(tmp_path / "holdout"), "-o", str(out), "--utility", "--utility-steps", "20", "--permutations", "0",
-               "--grid", "32", "--quiet"])
+               "--grid", "32", "--utility-seeds", "1", "--quiet"])
     assert rc == 0
     audit = json.loads((out / "audit.json").read_text())
     assert audit["counts"]["synthetic"] == 4  # the label maps are not synthetic scans
     assert audit["realism"]["feature_frechet"]["distance"] >= 0
     u = audit["utility"]
     assert u["classes"] == 4 and u["real"]["n_train_slices"] == 2 and u["n_holdout_slices"] == 3
-    assert u["real_plus_synthetic"]["n_train_slices"] == 6 and "derived" in u["real_labels"]
-    assert len(u["difference"]["ci95"]) == 2 and u["difference"]["resampled"] == "held-out slices"
+    assert u["real_plus_synthetic"]["n_train_slices"] == 4 and "derived" in u["real_labels"]  # 1x: 2 of the 4
+    assert u["real_plus_synthetic_4x"]["n_train_slices"] == 6 and u["real_plus_synthetic_4x"]["dose_reached"] == 2
+    assert u["real_plus_synthetic_0.5x"]["n_train_slices"] == 3
+    for name in u["protocols"]:  # every protocol with its subject-level interval (3 held-out scans = 3 subjects)
+        d = u[name]["difference"]
+        assert d["resampled"] == "held-out subjects" and d["n"] == 3 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     html = (out / "audit.html").read_text()
-    assert "Utility: did the synthetic pairs help?" in html and "Verdict:" in html
+    assert "Utility: did the synthetic pairs help?" in html and "Verdict" in html
+    assert "synthetic, then fine-tuned on real" in html and "real + synthetic, 2x" in html
+
+
+def test_utility_interval_resamples_subjects_not_slices():
+    """Ten slices of one subject do not count as ten subjects: subject A (10 slices, +0.3) and subject B (2 slices,
+    -0.1) give the mean of the two subjects (+0.1) and an interval spanning both (a slice bootstrap gave
+    +0.23 [+0.17, +0.30], excluding 0)."""
+    from medldm.eval.audit_utility import UtilityOptions, _ci
+
+    diff = np.array([0.3] * 10 + [-0.1] * 2)
+    d = _ci(diff[None], ["A"] * 10 + ["B"] * 2, UtilityOptions(resamples=500))
+    assert d["mean"] == pytest.approx(0.1) and d["n"] == 2 and d["resampled"] == "held-out subjects"
+    assert d["ci95"][0] <= -0.09 and d["ci95"][1] >= 0.29
+    seeds = _ci(np.array([[0.3] * 10 + [-0.1] * 2, [0.1] * 10 + [-0.3] * 2]), ["A"] * 10 + ["B"] * 2,
+                UtilityOptions(resamples=500))
+    assert seeds["seeds"] == 2 and seeds["resampled"] == "held-out subjects and training seeds"
+    assert seeds["ci95"][0] <= -0.29  # the seed that did worse is in the interval
+    one = _ci(diff[None], ["A"] * 12, UtilityOptions(resamples=50))
+    assert one["ci95"] is None and "one held-out subject" in one["resampled"]
 
 
 def test_audit_utility_needs_holdout_and_pairs(mni152, tmp_path, capsys):

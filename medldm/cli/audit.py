@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: tissue classes medldm derives by intensity clustering")
     p.add_argument("--utility-steps", type=int, default=300, metavar="N",
                    help="--utility: optimiser steps of each segmenter (default 300)")
+    p.add_argument("--utility-seeds", type=int, default=3, metavar="N",
+                   help="--utility: training seeds per protocol, resampled in the intervals (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled pairs / folds / permutations (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
@@ -86,6 +88,8 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} must be in [-1, 1]")
     if args.utility_steps < 1:
         raise UsageError("--utility-steps must be >= 1")
+    if args.utility_seeds < 1:
+        raise UsageError("--utility-seeds must be >= 1")
     if args.labels and not args.utility:
         raise UsageError("--labels goes with --utility")
     if args.max_pairs < 1 or args.permutations < 0 or args.max_panels < 0:
@@ -103,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
                        quantile=args.quantile, ssim_floor=args.ssim_floor, ncc_floor=args.ncc_floor,
                        max_pairs=args.max_pairs, permutations=args.permutations, seed=args.seed,
                        modality=args.modality, ct_window=_window(args.ct_window), max_panels=args.max_panels,
-                       utility=args.utility, labels=args.labels, utility_steps=args.utility_steps, quiet=args.quiet)
+                       utility=args.utility, labels=args.labels, utility_steps=args.utility_steps,
+                       utility_seeds=args.utility_seeds, quiet=args.quiet)
     parts = ["medldm", "audit", f"--synthetic={args.synthetic}", f"--train={args.train}"]
     if args.holdout:
         parts.append(f"--holdout={args.holdout}")

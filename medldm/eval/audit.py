@@ -57,6 +57,7 @@ class AuditOptions:
     utility: bool = False  # train a segmenter with/without the synthetic pairs (audit_utility)
     labels: str | None = None  # label maps of the real scans (default: derived tissue classes)
     utility_steps: int = 300
+    utility_seeds: int = 3  # segmenter training seeds per protocol
     quiet: bool = False
 
 
@@ -237,7 +238,7 @@ def _utility(folders: dict[str, Path], opt: AuditOptions) -> dict:
     from medldm.eval.audit_utility import UtilityOptions, load_slices, utility_test
     from medldm.io.errors import CaseError
 
-    uopt = UtilityOptions(steps=opt.utility_steps, seed=opt.seed)
+    uopt = UtilityOptions(steps=opt.utility_steps, seed=opt.seed, seeds=opt.utility_seeds)
     try:
         from medldm.eval.audit_utility import LABEL_SUFFIX
         from medldm.io.reader import load_nifti
@@ -256,10 +257,10 @@ def _utility(folders: dict[str, Path], opt: AuditOptions) -> dict:
     out["real_labels"] = f"label maps in {opt.labels}" if opt.labels else \
         "derived by medldm.data.tissue.tissue_labels (intensity clusters)"
     if not opt.quiet:
-        d = out["difference"]
-        log.info(f"audit utility: held-out Dice real {out['real']['mean_dice']:.4f}, real + synthetic "
-                 f"{out['real_plus_synthetic']['mean_dice']:.4f} (difference {d['mean']:+.4f}, 95% CI "
-                 f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}), synthetic only {out['synthetic_only']['mean_dice']:.4f}")
+        from medldm.eval.audit_report import _ci_text
+
+        log.info(f"audit utility: held-out Dice real {out['real']['mean_dice']:.4f}; difference to real (95% CI): "
+                 + "; ".join(f"{n} {_ci_text(out[n]['difference'])}" for n in out["protocols"]))
     return out
 
 

@@ -104,23 +104,31 @@ def _fd(fd: dict) -> str:
     return f"{fd['distance']:.3f} (reference {fd['real_halves_reference']:.3f})"
 
 
+def _ci_text(d: dict) -> str:
+    if d["ci95"] is None:
+        return f"{d['mean']:+.4f} (no interval)"
+    return f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+
+
 def _utility_html(u: dict | None) -> list[str]:
     """The utility section (``medldm audit --utility``): did the synthetic pairs help a segmenter?"""
     if not u:
         return []
-    d, t = u["difference"], u["tstr_vs_real"]
-    rows = [["real only", u["real"]["n_train_slices"], u["real"]["mean_dice"], ""],
-            ["real + synthetic", u["real_plus_synthetic"]["n_train_slices"], u["real_plus_synthetic"]["mean_dice"],
-             f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"],
-            ["synthetic only (TSTR)", u["synthetic_only"]["n_train_slices"], u["synthetic_only"]["mean_dice"],
-             f"{t['mean']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]"]]
-    cap = (f"Tissue segmentation ({u['classes'] - 1} classes + background, {u['settings']['network']}, "
-           f"{u['settings']['steps']} steps each, seed {u['settings']['seed']}) evaluated on "
-           f"{u['n_holdout_slices']} held-out real slices of {u['n_holdout_subjects']} scan(s): mean Dice; "
+    label = {"synthetic_then_real": "synthetic, then fine-tuned on real", "synthetic_only": "synthetic only (TSTR)"}
+    rows = [["real only", u["real"]["n_train_slices"], u["real"]["mean_dice"], ""]]
+    for name in u.get("protocols", ["real_plus_synthetic", "synthetic_only"]):
+        r = u[name]
+        what = label.get(name) or (f"real + synthetic, {r['dose_reached']:g}x" if "dose_reached" in r
+                                   else "real + synthetic")
+        rows.append([what, r["n_train_slices"], r["mean_dice"], _ci_text(r.get("difference") or u["difference"])])
+    d, st = u["difference"], u["settings"]
+    cap = (f"Tissue segmentation ({u['classes'] - 1} classes + background, {st['network']}, "
+           f"{st['steps']} steps each, {st.get('seeds', 1)} seed(s) from {st['seed']}) evaluated on "
+           f"{u['n_holdout_slices']} held-out real slices of {u['n_holdout_subjects']} subject(s): mean Dice; "
            f"difference to 'real only' with a 95 % bootstrap interval over {d['resampled']}.")
     return ["<h2>Utility: did the synthetic pairs help?</h2>",
             _table(escape(cap), ["trained on", "training slices", "held-out mean Dice", "difference [95% CI]"], rows),
-            f"<p><b>Verdict: {escape(u['verdict'])}.</b> Limits: {escape(u['limits'])}.</p>"]
+            f"<p><b>Verdict (1x dose): {escape(u['verdict'])}.</b> Limits: {escape(u['limits'])}.</p>"]
 
 
 def build_html(audit: dict, panels: list[dict], command: str = "") -> str:

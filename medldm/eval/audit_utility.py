@@ -1,16 +1,22 @@
 """The audit's utility test: did the synthetic image/label pairs help a downstream model? (docs/audit.md)
 
-A small tissue segmenter (MONAI ``UNet``, 2D) is trained three times with the same seed, steps and settings:
+A small tissue segmenter (MONAI ``UNet``, 2D) is trained under several protocols, each with ``seeds`` training
+seeds (the same seeds, steps and settings for every protocol):
 
 * **real**: on the real training slices and their label maps;
-* **real + synthetic**: on the same plus the synthetic pairs (``medldm synthesize --mask`` writes them);
-* **synthetic only** (train on synthetic, test on real, "TSTR");
+* **real + synthetic** at each dose of ``doses`` (synthetic slices per real slice: 0.5x, 1x, 4x by default; a dose
+  needing more pairs than there are uses all of them, and the dose reached is reported);
+* **synthetic then real**: pre-trained on the synthetic pairs, then fine-tuned on the real slices (the same steps
+  again);
+* **synthetic only** (train on synthetic, test on real, "TSTR": the pre-trained network before fine-tuning);
 
 and each is evaluated on the held-out real slices (other subjects): mean Dice over the tissue classes
-(1..K-1; a class absent from both the slice's labels and the prediction is left out). The utility is the
-**paired difference** (real + synthetic) - (real) per held-out slice, with a 95 % bootstrap confidence interval
-of its mean (``scipy.stats.bootstrap``, BCa, resampling held-out slices; by subject when there are at least 5
-held-out subjects).
+(1..K-1; a class absent from both the slice's labels and the prediction is left out). The utility of a protocol is
+the **paired difference** (protocol) - (real) per held-out subject (its slices averaged) and seed, with a 95 %
+percentile interval of its mean from a two-level bootstrap: held-out **subjects** resampled with replacement
+(slices of one subject are correlated, so they are never resampled as if independent), and the training seeds
+resampled with replacement, so seed-to-seed variation of the segmenter is in the interval. With one held-out
+subject there is no interval (``ci95`` None).
 
 Labels: synthetic scans are paired with ``<name>_labels.nii.gz`` beside them. Real scans use label maps from
 ``--labels DIR`` (``DIR/<scan file name>`` or ``DIR/<scan stem>_labels.nii.gz``, on the scan's grid), otherwise
@@ -20,9 +26,8 @@ models are trained on). Images: a 3D scan gives its axial slices (last array axi
 background and resized to ``grid`` x ``grid`` (labels by nearest neighbour); intensities are the 0.5th-99.5th
 percentiles of each scan mapped to [0, 1].
 
-Limits (stated in the report): one training seed (seed-to-seed variation of the segmenter is not in the
-interval); slices of one subject are correlated, so a slice bootstrap with fewer than 5 held-out subjects is
-optimistic; derived labels are intensity clusters, not anatomy.
+Limits (stated in the report): few held-out subjects give wide intervals; derived labels are intensity clusters,
+not anatomy.
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ class UtilityOptions:
     max_slices: int = 24  # per 3D scan
     min_foreground: float = 0.25
     resamples: int = 2000  # bootstrap resamples
-    seed: int = 0
+    seed: int = 0  # first training seed; seeds seed .. seed + seeds - 1
+    seeds: int = 3  # training seeds per protocol
+    doses: tuple[float, ...] = (0.5, 1.0, 4.0)  # synthetic slices per real slice (real + synthetic protocols)
 
 
 @dataclass
@@ -149,12 +156,16 @@ def _segmenter(classes: int) -> torch.nn.Module:
                 num_res_units=1)
 
 
-def train_segmenter(slices: list[Slice], classes: int, opt: UtilityOptions) -> torch.nn.Module:
-    """A small MONAI UNet trained on ``slices`` (Dice + cross-entropy, Adam, random flips), seeded."""
+def train_segmenter(slices: list[Slice], classes: int, opt: UtilityOptions,
+                    init: torch.nn.Module | None = None) -> torch.nn.Module:
+    """A small MONAI UNet trained on ``slices`` (Dice + cross-entropy, Adam, random flips), seeded; ``init``: a
+    network to start from (fine-tuning; its weights are copied, not changed)."""
+    import copy
+
     from monai.losses import DiceCELoss
 
     torch.manual_seed(opt.seed)
-    net = _segmenter(classes)
+    net = _segmenter(classes) if init is None else copy.deepcopy(init).train()
     x = torch.from_numpy(np.stack([s.image for s in slices]))[:, None]
     y = torch.from_numpy(np.stack([s.labels for s in slices]))[:, None]
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -188,58 +199,100 @@ def slice_dice(net: torch.nn.Module, slices: list[Slice], classes: int) -> np.nd
 
 
 def _ci(diff: np.ndarray, subjects: list[str], opt: UtilityOptions) -> dict:
-    """Mean of ``diff`` with a 95 % BCa bootstrap interval, by subject when >= 5 held-out subjects."""
-    from scipy.stats import bootstrap
-
+    """Mean of ``diff`` (seeds, held-out slices) with a 95 % percentile interval from a two-level bootstrap:
+    held-out subjects (their slices averaged) and training seeds resampled with replacement."""
+    diff = np.atleast_2d(np.asarray(diff, dtype=np.float64))
     uniq = sorted(set(subjects))
-    by_subject = len(uniq) >= 5
-    data = np.asarray([diff[[s == u for s in subjects]].mean() for u in uniq]) if by_subject else diff
-    unit = "held-out subjects" if by_subject else "held-out slices"
-    if len(data) < 2 or np.allclose(data, data[0]):
-        return {"mean": float(diff.mean()), "ci95": [float(data.mean()), float(data.mean())], "n": int(len(data)),
-                "resampled": unit}
-    res = bootstrap((data,), np.mean, confidence_level=0.95, n_resamples=opt.resamples, method="BCa",
-                    random_state=np.random.default_rng(opt.seed))
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (np.isfinite(lo) and np.isfinite(hi)):  # BCa degenerates on tiny sets: percentile instead
-        res = bootstrap((data,), np.mean, confidence_level=0.95, n_resamples=opt.resamples, method="percentile",
-                        random_state=np.random.default_rng(opt.seed))
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return {"mean": float(data.mean()), "ci95": [lo, hi], "n": int(len(data)), "resampled": unit}
+    subj = np.asarray(subjects)
+    per = np.stack([diff[:, subj == u].mean(axis=1) for u in uniq], axis=1)  # (seeds, subjects)
+    out = {"mean": float(per.mean()), "ci95": None, "n": len(uniq), "seeds": int(per.shape[0]),
+           "resampled": "held-out subjects" + (" and training seeds" if per.shape[0] > 1 else "")}
+    if len(uniq) < 2:
+        out["resampled"] = "nothing: one held-out subject gives no interval"
+        return out
+    rng = np.random.default_rng(opt.seed)
+    stats = np.empty(opt.resamples)
+    for b in range(opt.resamples):
+        rows = rng.integers(0, per.shape[0], per.shape[0])
+        cols = rng.integers(0, per.shape[1], per.shape[1])
+        stats[b] = per[np.ix_(rows, cols)].mean()
+    out["ci95"] = [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))]
+    return out
+
+
+def _dose_subset(synthetic: list[Slice], n: int, seed: int) -> list[Slice]:
+    """``n`` of the synthetic pairs (all when there are fewer), drawn without replacement by ``seed``."""
+    if n >= len(synthetic):
+        return list(synthetic)
+    idx = np.random.default_rng(seed).choice(len(synthetic), size=n, replace=False)
+    return [synthetic[i] for i in sorted(idx)]
+
+
+def _dose_name(dose: float) -> str:
+    return f"real_plus_synthetic_{dose:g}x"
 
 
 def utility_test(real: list[Slice], synthetic: list[Slice], holdout: list[Slice], classes: int,
                  opt: UtilityOptions) -> dict:
-    """Train the three segmenters and compare them on ``holdout`` (see the module doc)."""
+    """Train the segmenters of every protocol and seed and compare them on ``holdout`` (see the module doc).
+
+    Returns per protocol ``{mean_dice, n_train_slices, difference: {mean, ci95, n, seeds, resampled}}``;
+    ``real_plus_synthetic`` is the 1x dose (or the first dose), ``difference`` its difference to real and
+    ``tstr_vs_real`` the synthetic-only one."""
+    import dataclasses
+
     for what, s in (("real training", real), ("synthetic", synthetic), ("held-out", holdout)):
         if not s:
             raise UsageError(f"utility test: no {what} slices (see docs/audit.md, 'Utility')")
+    if opt.seeds < 1 or not opt.doses or any(not d > 0 for d in opt.doses):
+        raise UsageError("utility test: needs >= 1 seed and positive doses")
     subjects = [s.subject for s in holdout]
-    scores = {}
+    names = ["real", *(_dose_name(d) for d in opt.doses), "synthetic_then_real", "synthetic_only"]
+    scores: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    n_train: dict[str, int] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64^2 UNet gains nothing from threads; on a shared CPU they cost 7x (measured)
     try:
-        for name, train_set in (("real", real), ("real_plus_synthetic", real + synthetic),
-                                ("synthetic_only", synthetic)):
-            scores[name] = slice_dice(train_segmenter(train_set, classes, opt), holdout, classes)
+        for k in range(opt.seeds):
+            o = dataclasses.replace(opt, seed=opt.seed + k)
+            scores["real"].append(slice_dice(train_segmenter(real, classes, o), holdout, classes))
+            n_train["real"] = len(real)
+            for d in opt.doses:
+                extra = _dose_subset(synthetic, int(round(d * len(real))), o.seed)
+                scores[_dose_name(d)].append(slice_dice(train_segmenter(real + extra, classes, o), holdout, classes))
+                n_train[_dose_name(d)] = len(real) + len(extra)
+            pre = train_segmenter(synthetic, classes, o)
+            scores["synthetic_only"].append(slice_dice(pre, holdout, classes))
+            scores["synthetic_then_real"].append(slice_dice(train_segmenter(real, classes, o, init=pre), holdout,
+                                                            classes))
+            n_train["synthetic_only"] = n_train["synthetic_then_real"] = len(synthetic)
     finally:
         torch.set_num_threads(threads)
-    out = {name: {"mean_dice": float(v.mean()), "n_train_slices": n}
-           for (name, v), n in zip(scores.items(), (len(real), len(real) + len(synthetic), len(synthetic)),
-                                   strict=True)}
-    out["difference"] = _ci(scores["real_plus_synthetic"] - scores["real"], subjects, opt)
-    out["tstr_vs_real"] = _ci(scores["synthetic_only"] - scores["real"], subjects, opt)
+    base = np.stack(scores["real"])
+    out: dict = {}
+    for name in names:
+        v = np.stack(scores[name])
+        out[name] = {"mean_dice": float(v.mean()), "n_train_slices": n_train[name]}
+        if name != "real":
+            out[name]["difference"] = _ci(v - base, subjects, opt)
+    for d in opt.doses:
+        out[_dose_name(d)]["dose_reached"] = round((n_train[_dose_name(d)] - len(real)) / len(real), 3)
+    out["synthetic_then_real"]["n_train_slices"] = f"{len(synthetic)} synthetic, then {len(real)} real"
+    main = _dose_name(1.0) if 1.0 in opt.doses else _dose_name(opt.doses[0])
+    out["real_plus_synthetic"] = out[main]
+    out["difference"] = out[main]["difference"]
+    out["tstr_vs_real"] = out["synthetic_only"]["difference"]
     d = out["difference"]
-    verdict = ("helped" if d["ci95"][0] > 0 else "hurt" if d["ci95"][1] < 0 else
-               "no difference shown (the interval contains 0)")
+    verdict = ("no interval (one held-out subject)" if d["ci95"] is None else "helped" if d["ci95"][0] > 0 else
+               "hurt" if d["ci95"][1] < 0 else "no difference shown (the interval contains 0)")
     out.update({
-        "verdict": verdict, "classes": classes, "n_holdout_slices": len(holdout),
+        "verdict": verdict, "classes": classes, "n_holdout_slices": len(holdout), "protocols": names[1:],
         "n_holdout_subjects": len(set(subjects)), "n_real_subjects": len({s.subject for s in real}),
         "settings": {"grid": opt.grid, "steps": opt.steps, "batch": opt.batch, "lr": opt.lr, "seed": opt.seed,
+                     "seeds": opt.seeds, "doses": list(opt.doses), "resamples": opt.resamples,
                      "network": "MONAI UNet 2D (16, 32, 64), 1 residual unit, Dice + cross-entropy"},
-        "limits": ("one training seed per segmenter (its variation is not in the interval); "
-                   + ("slices of one subject are correlated: with fewer than 5 held-out subjects the interval "
-                      "resamples slices and is optimistic; " if len(set(subjects)) < 5 else "")
+        "limits": ((f"only {len(set(subjects))} held-out subjects: the intervals are wide; "
+                    if len(set(subjects)) < 5 else "")
                    + "labels derived by intensity clustering are not anatomy"),
     })
     return out
