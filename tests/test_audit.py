@@ -404,3 +404,35 @@ def test_feature_frechet_distance_orders_sets_by_realism(volumes):
     ref = feature_distance(real, other)
     assert ref["real_halves_reference"] > 0 and ref["n_real"] == len(real)
     assert "skipped" in feature_distance(real[:3], other)
+
+
+# ------------------------------------------------------------------------------ radiomics (Fréchet Radiomics Distance)
+def test_radiomics_frd_orders_sets_and_names_the_features(volumes):
+    """FRD (frd-score, pyradiomics features) of real MNI slices vs other real slices is far below FRD vs the same
+    slices blurred or vs noise (measured 6.7 vs 20.4 and 18.8; real halves 7.2); the reference splits the real set by subject (two slices per "subject" here,
+    never on both sides); the breakdown of the blurred set puts texture first, and its effects are larger than the
+    real halves' ones."""
+    pytest.importorskip("frd_score", reason="frd-score not installed (docs/audit.md, 'Radiomics')")
+    from medldm.eval.audit_frd import radiomics_frd, subject_halves
+
+    zs = list(range(50, 130, 10))
+    real = [x[0].numpy() for x in _mni_slices(volumes, zs)]
+    subjects = [f"s{i // 2}" for i in range(len(zs))]
+    a, b = subject_halves(subjects, 0)
+    assert {subjects[i] for i in a}.isdisjoint({subjects[i] for i in b}) and len(a) == len(b) == 4
+    other = [x[0].numpy() for x in _mni_slices(volumes, [55, 75, 95, 115])]
+    blurred = [x[0].numpy() for x in torch.nn.functional.avg_pool2d(_mni_slices(volumes, [55, 75, 95, 115]), 5,
+                                                                     stride=1, padding=2)]
+    noise = [np.random.default_rng(i).random((64, 64)).astype(np.float32) for i in range(4)]
+    r_other = radiomics_frd(real, subjects, other)
+    r_blur = radiomics_frd(real, subjects, blurred)
+    r_noise = radiomics_frd(real, subjects, noise)
+    assert r_other["frd"] < min(r_blur["frd"], r_noise["frd"]) - 5, (r_other["frd"], r_blur["frd"], r_noise["frd"])
+    assert r_blur["real_halves_reference"] is not None and r_blur["reference_subjects"] == [2, 2]
+    assert r_blur["n_features"] > 100
+    top = r_blur["features"][0]
+    assert abs(top["effect"]) > 3 * abs(top["real_halves_effect"])
+    g = r_blur["groups"]
+    assert {"intensity", "texture"} <= set(g)  # FRD v1's features hold no shape class
+    assert g["texture"]["median_abs_effect"] > g["texture"]["real_halves_median_abs_effect"]
+    assert "skipped" in radiomics_frd(real[:3], subjects[:3], other)

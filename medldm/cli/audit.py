@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: tissue classes medldm derives by intensity clustering")
     p.add_argument("--utility-steps", type=int, default=300, metavar="N",
                    help="--utility: optimiser steps of each segmenter (default 300)")
+    p.add_argument("--no-radiomics", action="store_true",
+                   help="skip the Fréchet Radiomics Distance and its per-feature breakdown (about 0.5 s per 2D image "
+                        "on one CPU core; needs frd-score, see docs/audit.md)")
     p.add_argument("--utility-seeds", type=int, default=3, metavar="N",
                    help="--utility: training seeds per protocol, resampled in the intervals (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled pairs / folds / permutations (default 0)")
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                        max_pairs=args.max_pairs, permutations=args.permutations, seed=args.seed,
                        modality=args.modality, ct_window=_window(args.ct_window), max_panels=args.max_panels,
                        utility=args.utility, labels=args.labels, utility_steps=args.utility_steps,
-                       utility_seeds=args.utility_seeds, quiet=args.quiet)
+                       utility_seeds=args.utility_seeds, radiomics=not args.no_radiomics,
+                       quiet=args.quiet)
     parts = ["medldm", "audit", f"--synthetic={args.synthetic}", f"--train={args.train}"]
     if args.holdout:
         parts.append(f"--holdout={args.holdout}")

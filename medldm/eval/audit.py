@@ -54,6 +54,7 @@ class AuditOptions:
     ct_window: str | tuple[float, float] = "full"
     max_panels: int = 24  # flagged pair panels in the HTML (all flagged pairs are in the tables)
     context_panels: int = 3  # closest unflagged pairs shown for comparison
+    radiomics: bool = True  # Fréchet Radiomics Distance + breakdown (audit_frd; needs frd-score)
     utility: bool = False  # train a segmenter with/without the synthetic pairs (audit_utility)
     labels: str | None = None  # label maps of the real scans (default: derived tissue classes)
     utility_steps: int = 300
@@ -190,6 +191,14 @@ def run_audit(synthetic_dir: str | Path, train_dir: str | Path, out_dir: str | P
     realism = two_sample_test(real_set, xs, folds=opt.folds, permutations=opt.permutations, seed=opt.seed)
     realism["real_set"] = "training + held-out" if hold else "training"
     realism["feature_frechet"] = feature_distance(real_set, xs, seed=opt.seed)
+    if opt.radiomics:
+        from medldm.eval.audit_frd import radiomics_frd
+
+        reals = train + hold
+        realism["radiomics_frd"] = radiomics_frd([r.image for r in reals], [r.source for r in reals],
+                                                 [r.image for r in syn], seed=opt.seed)
+    else:
+        realism["radiomics_frd"] = {"skipped": "--no-radiomics"}
     notes = [
         f"{len(syn)} synthetic, {len(train)} training, {len(hold)} held-out {nd}D images compared on a "
         f"{'×'.join([str(grid)] * nd)} grid (each axis resampled; physical spacing ignored), canonical RAS axis order.",

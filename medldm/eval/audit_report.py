@@ -104,6 +104,31 @@ def _fd(fd: dict) -> str:
     return f"{fd['distance']:.3f} (reference {fd['real_halves_reference']:.3f})"
 
 
+def _frd(fd: dict) -> str:
+    if not fd or fd.get("skipped"):
+        return "skipped" + (f" ({fd['skipped']})" if fd.get("skipped") else "")
+    ref = fd.get("real_halves_reference")
+    return f"{fd['frd']:.3f} (real halves by subject: {'n/a' if ref is None else f'{ref:.3f}'})"
+
+
+def frd_html(fd: dict | None) -> list[str]:
+    """The radiomics breakdown: which intensity, texture or shape features separate synthetic from real."""
+    if not fd or fd.get("skipped"):
+        return []
+    ref = fd.get("real_halves_reference")
+    g_rows = [[k, v["n"], v["median_abs_effect"], v["real_halves_median_abs_effect"]]
+              for k, v in fd["groups"].items()]
+    f_rows = [[f["name"], f["group"], f["effect"], f["real_halves_effect"]] for f in fd["features"]]
+    cap = (f"Fréchet Radiomics Distance {fd['frd']:.3f} ({fd['definition']}; {fd['n_synthetic']} synthetic vs "
+           f"{fd['n_real']} real images, {fd['n_features']} features); reference between two halves of the real "
+           f"set split by subject: {'n/a' if ref is None else f'{ref:.3f}'}. Effect: Cohen's d, (synthetic mean - "
+           "real mean) / pooled SD per feature; the real-halves column is the same between the two real halves.")
+    return ["<h2>Realism by radiomics: which features give the samples away?</h2>",
+            _table(escape(cap), ["feature group / filter", "features", "median |effect|", "real halves"], g_rows),
+            _table("Features that separate synthetic from real most", ["feature", "group", "effect",
+                                                                       "real halves"], f_rows)]
+
+
 def _ci_text(d: dict) -> str:
     if d["ci95"] is None:
         return f"{d['mean']:+.4f} (no interval)"
@@ -149,6 +174,8 @@ def build_html(audit: dict, panels: list[dict], command: str = "") -> str:
         ["realism: permutation p-value", real.get("p_permutation")],
         ["realism: feature Fréchet distance (real halves: reference)",
          _fd(real.get("feature_frechet") or {})],
+        ["realism: Fréchet Radiomics Distance (real halves by subject: reference)",
+         _frd(real.get("radiomics_frd") or {})],
         ["failed cases", len(audit["failed"])],
     ]
     if audit.get("utility"):
@@ -184,6 +211,7 @@ def build_html(audit: dict, panels: list[dict], command: str = "") -> str:
                         "N copies of one image give 1).", ["set", "images", "pairs", "metric", "mean", "std", "median"],
                         [[k, v["n_images"], v["n_pairs"], v["metric"], v["mean"], v["std"], v["median"]]
                          for k, v in div.items()]))
+    parts += frd_html(audit["realism"].get("radiomics_frd"))
     parts += _utility_html(audit.get("utility"))
     parts.append("<h2>Realism (classifier two-sample test)</h2>")
     if real.get("skipped"):
