@@ -112,9 +112,9 @@ def mni_tissue_labels() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     t1 = np.asarray(t1img.dataobj, dtype=np.float32)
     gm = np.asarray(nib.load(str(d / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")).dataobj, np.float32)
     wm = np.asarray(nib.load(str(d / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")).dataobj, np.float32)
-    from medldm.data.tissue import FOREGROUND_FRACTION
-
     from scipy.ndimage import binary_fill_holes
+
+    from medldm.data.tissue import FOREGROUND_FRACTION
 
     lo, hi = float(t1.min()), float(t1.max())
     head = binary_fill_holes(t1 > lo + FOREGROUND_FRACTION * (hi - lo))  # the dark ventricles are inside
