@@ -3,8 +3,8 @@ breakdown (docs/audit.md, "Radiomics").
 
 FRD (Konz, Osuala et al., arXiv 2412.01496; Medical Image Analysis 2026) is computed by its authors' package
 ``frd-score`` (PyPI, imported as ``frd_score``), which extracts pyradiomics features (v1 defaults: first-order
-intensity, GLCM/GLRLM/GLSZM/NGTDM texture and 2D shape features of the original image, its LoG filterings at
-sigma 2-5 and its wavelet sub-bands; about 400 features per 2D image), z-scores them by the *real* set
+intensity and GLCM/GLRLM/GLSZM/NGTDM texture of the original image and its wavelet sub-bands; its LoG filters gave
+no features on 2D images here; 396 features per 2D image), z-scores them by the *real* set
 (``norm_ref='d1'``) and reports ``log(d_F^2)``, the log of the squared Fréchet distance of the two feature
 Gaussians. Everything runs offline: no weights are downloaded.
 
@@ -126,7 +126,7 @@ def radiomics_frd(real: list[np.ndarray], real_subjects: list[str], synthetic: l
         value, fr, fs, names = _frd(r, s)
         out = {"frd": value, "n_real": len(real), "n_synthetic": len(synthetic), "n_features": len(names),
                "definition": "frd-score v1: log of the squared Fréchet distance of pyradiomics features "
-                             "(original + LoG + wavelet), z-scored by the real set"}
+                             "(original + wavelet; the config also lists LoG), z-scored by the real set"}
         a, b = subject_halves(real_subjects, seed)
         ref_eff = None
         if len(a) >= 2 and len(b) >= 2:
