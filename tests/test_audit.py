@@ -333,6 +333,8 @@ def test_audit_cli_utility_report(mni152, tmp_path):
         _save(_slice(vol, z), aff, tmp_path / "train" / f"t{z}.nii.gz")
     for z in (70, 90, 110):
         _save(_slice(vol, z), aff, tmp_path / "holdout" / f"h{z}.nii.gz")
+    _save(_slice(vol, 120), aff, tmp_path / "holdout" / "subj" / "a.nii.gz")  # 2D slices of one subject in a
+    _save(_slice(vol, 125), aff, tmp_path / "holdout" / "subj" / "b.nii.gz")  # subfolder: one subject
     for z in (65, 80, 95, 120):
         sl = _slice(vol, z)
         _save(sl, aff, tmp_path / "syn" / f"synth_{z:05d}.nii.gz")
@@ -346,13 +348,14 @@ def test_audit_cli_utility_report(mni152, tmp_path):
     assert audit["counts"]["synthetic"] == 4  # the label maps are not synthetic scans
     assert audit["realism"]["feature_frechet"]["distance"] >= 0
     u = audit["utility"]
-    assert u["classes"] == 4 and u["real"]["n_train_slices"] == 2 and u["n_holdout_slices"] == 3
+    assert u["classes"] == 4 and u["real"]["n_train_slices"] == 2 and u["n_holdout_slices"] == 5
+    assert u["n_holdout_subjects"] == 4
     assert u["real_plus_synthetic"]["n_train_slices"] == 4 and "derived" in u["real_labels"]  # 1x: 2 of the 4
     assert u["real_plus_synthetic_4x"]["n_train_slices"] == 6 and u["real_plus_synthetic_4x"]["dose_reached"] == 2
     assert u["real_plus_synthetic_0.5x"]["n_train_slices"] == 3
-    for name in u["protocols"]:  # every protocol with its subject-level interval (3 held-out scans = 3 subjects)
+    for name in u["protocols"]:  # every protocol with its subject-level interval (3 scans + 1 subfolder)
         d = u[name]["difference"]
-        assert d["resampled"] == "held-out subjects" and d["n"] == 3 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+        assert d["resampled"] == "held-out subjects" and d["n"] == 4 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     html = (out / "audit.html").read_text()
     assert "Utility: did the synthetic pairs help?" in html and "Verdict" in html
     assert "synthetic, then fine-tuned on real" in html and "real + synthetic, 2x" in html

@@ -12,7 +12,8 @@ seeds (the same seeds, steps and settings for every protocol):
 
 and each is evaluated on the held-out real slices (other subjects): mean Dice over the tissue classes
 (1..K-1; a class absent from both the slice's labels and the prediction is left out). The utility of a protocol is
-the **paired difference** (protocol) - (real) per held-out subject (its slices averaged) and seed, with a 95 %
+the **paired difference** (protocol) - (real) per held-out subject (its slices averaged; a subject is a scan file,
+or a subfolder of the held-out folder holding 2D slices of one subject) and seed, with a 95 %
 percentile interval of its mean from a two-level bootstrap: held-out **subjects** resampled with replacement
 (slices of one subject are correlated, so they are never resampled as if independent), and the training seeds
 resampled with replacement, so seed-to-seed variation of the segmenter is in the interval. With one held-out
@@ -145,7 +146,8 @@ def load_slices(folder: str | Path, *, labels_dir: str | Path | None, classes: i
             img, y = _resize(unit[:, :, z], None if lab is None else lab[:, :, z], opt.grid)
             if y is None:
                 y = tissue_labels(img, classes).numpy()
-            out.append(Slice(img, y, str(f.relative_to(folder))))
+            rel = f.relative_to(folder)
+            out.append(Slice(img, y, rel.parts[0] if len(rel.parts) > 1 else str(rel)))  # subject: subfolder or file
     return out
 
 
