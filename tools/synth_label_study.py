@@ -39,7 +39,7 @@ for role, entries in (("train", train), ("holdout", amu.HOLDOUT)):
     for j, entry in enumerate(entries):
         for k, sl in enumerate(amu.slices(entry, size, syn.f)):
             stem = f"s{j}_{k:02d}"
-            amu.save2d((sl.numpy() + 1) / 2, out / role / f"{stem}.nii.gz")
+            amu.save2d((sl.numpy() + 1) / 2, out / role / f"subject{j}" / f"{stem}.nii.gz")  # one subfolder per subject
             if role == "train":
                 maps.append(tissue_labels(sl, syn.mask_classes).numpy())
 print("train", train, "maps", len(maps), flush=True)

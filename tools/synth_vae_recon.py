@@ -19,7 +19,7 @@ out = study / "recon"
 b = load_model(resolve_model("mr-synth-2d"))
 vae = b.vae.eval()
 P, S = [], []
-for f in sorted((study / "holdout").glob("*.nii.gz")):
+for f in sorted((study / "holdout").rglob("*.nii.gz")):
     x = np.asarray(nib.load(str(f)).dataobj, np.float32)[:, :, 0] * 2 - 1  # model range
     t = torch.from_numpy(x)[None, None]
     with torch.no_grad():
