@@ -14,6 +14,10 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q torch
 	$(BIN)/pip install -q -e ".[test]"
+	# the Fréchet Radiomics Distance of `medldm audit` (extra `radiomics`): pyradiomics has no wheel for Python >= 3.10
+	# and its sdist does not declare its build requirements, so they go first (docs/audit.md, "Radiomics")
+	$(BIN)/pip install -q numpy versioneer SimpleITK pywavelets pykwalify
+	$(BIN)/pip install -q --no-build-isolation "pyradiomics>=3.0" "frd-score>=1.0"
 	touch $@
 
 install: $(VENV)/.installed
