@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     entries: list[dict] = []
 
     def process(case):
-        from medldm.io.reader import describe_volumes
+        from medldm.io.volumes import describe_volumes
 
         vols = describe_volumes(case) if args.volume is None else {}
         if vols.get("volumes", 1) > 1:  # a 4D case: described by its first volume, and what its volumes are

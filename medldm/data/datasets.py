@@ -75,7 +75,7 @@ def _folder_scans(root: Path, source: int) -> list[ScanRef]:
 def _volume_refs(ref: ScanRef, case=None) -> list[ScanRef]:
     """A 4D scan (DWI, fMRI, multi-echo) as one ref per volume (``id#volK``; kept on one side of every split by
     :func:`scan_group`), else ``[ref]``."""
-    from medldm.io.reader import count_volumes
+    from medldm.io.volumes import count_volumes
 
     if case is None:
         from medldm.io.discover import Case

@@ -52,7 +52,7 @@ class Source:
 
     def count_volumes(self) -> int:
         from medldm.io.discover import Case
-        from medldm.io.reader import count_volumes
+        from medldm.io.volumes import count_volumes
 
         if self.case is not None:
             return count_volumes(self.case)

@@ -51,3 +51,22 @@ def derived_uid(kind: str, seed: str) -> UID:
     replacement Frame of Reference UID of a source series whose own one is missing or invalid, so that
     every series derived from that source shares it."""
     return UID("2.25." + str(uuid.uuid5(uuid.NAMESPACE_OID, f"medldm:{kind}:{seed}").int))
+
+
+def provenance_key(provenance: dict) -> str:
+    """The options key of a provenance dict: its ``"key"``, else the whole dict as sorted JSON."""
+    import json
+
+    if provenance.get("key") not in (None, ""):
+        return str(provenance["key"])
+    return json.dumps(provenance, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def derived_series_uid(source_series_uid: str, provenance: dict | str, sources=()) -> str:
+    """SeriesInstanceUID of the series derived from ``source_series_uid`` with these options (a provenance dict
+    or its key): always the same for the same pair, so a re-run is recognised (e.g. by a QIDO query).
+    ``sources``: the SOPInstanceUIDs the derived series was made from, when it is one part of its source
+    series (a stack of one orientation, a part split at a gap): each part then gets its own series."""
+    key = provenance if isinstance(provenance, str) else provenance_key(provenance)
+    part = "|" + ",".join(sorted(str(u) for u in sources)) if sources else ""
+    return str(derived_uid("derived-series", f"{source_series_uid}|{key}{part}"))

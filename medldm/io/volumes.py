@@ -11,6 +11,7 @@ attributes (echo time, temporal position, b-value and gradient where the source 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -28,7 +29,7 @@ def load_volumes(case, volume: int | None = None, *, as_numpy: bool = False) -> 
     """The scan(s) a command processes for ``case``: ``[the picked volume]`` with ``volume``, every volume of a 4D
     case (each ``(X, Y, Z)``, in order; all of them together within ``MEDLDM_MAX_VOXELS``), or ``[the scan]`` for a
     3D case. ``as_numpy``: :class:`~medldm.io.reader.ScanArray` (no torch), else MetaTensors."""
-    from medldm.io.reader import count_volumes, load_case
+    from medldm.io.reader import load_case
 
     n = 1 if volume is not None else count_volumes(case)
     if n <= 1:
@@ -85,3 +86,85 @@ def stack_volumes(vols: list):
 
     data = torch.stack([torch.as_tensor(v).float() for v in vols], dim=-1)
     return MetaTensor(data.contiguous(), affine=torch.as_tensor(a0), meta=meta)
+
+
+def count_volumes(case) -> int:
+    """How many volumes a :class:`~medldm.io.discover.Case` holds (4D NIfTI: the 4th dimension; a DICOM series: the
+    images per slice position, i.e. time points, b-values, echoes), from the headers alone; 1 for a 3D scan. A case
+    whose volumes cannot be told apart (uneven images per position) counts 1: reading it then says why."""
+    if case.error is not None:
+        raise case.error
+    if case.kind == "nifti":
+        import nibabel as nib
+
+        try:
+            shape = tuple(int(s) for s in nib.load(str(case.paths[0])).shape)
+        except Exception:  # the read reports it
+            return 1
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        return shape[3] if len(shape) == 4 else 1
+    from medldm.io.dicom_series import volume_count
+    from medldm.io.reader import _dicom_frames
+
+    paths = [Path(p) for p in case.paths]
+    frames, *_ = _dicom_frames(paths, str(case.source or paths[0]), case.headers)
+    return volume_count(frames)
+
+
+#: header attributes that tell a 4D series' volumes apart, in the order ``medldm info`` names them by
+VOLUME_ATTRIBUTES = (("b-value", ("DiffusionBValue", (0x0043, 0x1039), (0x0019, 0x100C))),
+                     ("echo time", ("EchoTime",)), ("inversion time", ("InversionTime",)),
+                     ("time point", ("TemporalPositionIdentifier", "AcquisitionNumber", "AcquisitionTime",
+                                     "TriggerTime", "InstanceNumber")))
+
+
+def _header_number(ds, key) -> float | None:
+    try:
+        v = ds[key].value if not isinstance(key, str) else ds.get(key)
+    except KeyError:
+        return None
+    if isinstance(v, bytes):
+        v = v.decode("latin-1", "replace").strip("\x00 ").split("\\")[0]
+    if v is not None and not isinstance(v, str | bytes) and hasattr(v, "__len__"):
+        v = v[0] if len(v) else None
+    try:
+        f = float(str(v).strip()) if v is not None and str(v).strip() else None
+    except ValueError:
+        return None
+    return f if f is not None and np.isfinite(f) else None
+
+
+def describe_volumes(case) -> dict:
+    """What the volumes of a case are: ``{"volumes": n}`` plus, for a DICOM series, ``"varies"`` (the attribute
+    that differs between volumes: b-value, echo time, inversion time or time point) and its ``"values"`` per volume,
+    and ``"form"`` (``classic`` single-frame files or ``enhanced multi-frame``)."""
+    n = count_volumes(case)
+    out: dict = {"volumes": n}
+    if case.kind == "nifti":
+        return out
+    from medldm.io.dicom_series import volume_groups
+    from medldm.io.reader import _dicom_frames
+
+    paths = [Path(p) for p in case.paths]
+    frames, _, _, n_multi, headers = _dicom_frames(paths, str(case.source or paths[0]), case.headers)
+    from medldm.io.dicom_frames import is_mosaic
+
+    out["form"] = "enhanced multi-frame" if n_multi else \
+        "Siemens mosaic" if any(is_mosaic(h) for h in headers) else "classic"
+    if n <= 1:
+        return out
+    by_path = {str(p): h for p, h in zip(paths, headers, strict=True)}
+    first = [frames[g[0]] for g in volume_groups(frames)]  # each volume's first image
+    for name, keys in VOLUME_ATTRIBUTES:
+        for key in keys:
+            vals = [_header_number(by_path.get(f.source.split("#frame")[0]), key) for f in first]
+            # diffusion: some volume has b > 0 (b0 volumes may carry none; GE writes b = 0 into every fMRI image)
+            if name == "b-value" and any(v for v in vals):
+                out.update(varies="diffusion (b-values)", values=[v or 0.0 for v in vals])
+                return out
+            if all(v is not None for v in vals) and len(set(vals)) > 1:
+                out.update(varies=name, values=vals)
+                return out
+    out["varies"] = "unknown (no header attribute differs between the volumes)"
+    return out

@@ -104,7 +104,8 @@ def scan_record(case, data_root: Path) -> dict[str, Any]:
     """Fingerprint of one case (raises CaseError / OSError when it cannot be read)."""
     import nibabel as nib
 
-    from medldm.io.reader import count_volumes, read_case
+    from medldm.io.reader import read_case
+    from medldm.io.volumes import count_volumes
 
     t0 = time.perf_counter()
     n_vol = count_volumes(case)  # a 4D scan: fingerprinted by its first volume; training takes every volume
