@@ -1,46 +1,57 @@
 """``medldm demo``: the main job on real held-out scans, offline, on a CPU.
 
 Takes real MR scans shipped by registry packages (``medldm.samples``), scales each to [0, 1] by its own
-0.5-99.5th percentiles (recorded), degrades it (Gaussian noise at 5 % of the range; anti-aliased x2
+0.5-99.5th percentiles (recorded), degrades it (Gaussian and Rician noise at 5 % of the range; anti-aliased x2
 in-plane down-sampling; thick slices of 4 on reformatted scans, :func:`prepare_thinslice_references`), runs the
 enhancement methods (the shipped models of :mod:`medldm.shipped` through ``medldm.shipped.enhance``, and the
 classical baselines), evaluates them all with ``medldm.eval`` (data_range R = 1), draws samples from the shipped
 synthesis models (slice-position classes; images that follow a tissue label map derived from a held-out slice),
-and writes one HTML page with the tables and image panels: ``OUT/report.html``.
+and writes one HTML page with the tables and image panels: ``OUT/report.html`` (:mod:`medldm.demo.report`).
+
+Every task is one loop (:func:`run_methods`): for each scan, degrade it, then time each baseline, then each
+model, printing one progress line per method.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 from dataclasses import dataclass, field
-from html import escape
 from pathlib import Path
 
 import numpy as np
 
-# Held-out real MR: never used to train shipped models (see docs/models.md).
-DEMO_SAMPLES = ("mr-brain-s0", "mr-abdomen", "mr-shoulder")
+from medldm.demo.report import _mask_html, _save_strip, _synthesis_html, _tile, write_index  # noqa: F401 (API)
+from medldm.demo.scans import (  # noqa: F401 (API: tools/, tests)
+    DEMO_SAMPLES,
+    PIESNO,
+    REFORMAT_PIESNO,
+    REFORMAT_SLICES,
+    SR_SCALE,
+    THIN_FACTOR,
+    _center_crop,
+    _crop,
+    prepare_references,
+    prepare_thinslice_references,
+    reformat,
+    thinslice_scans,
+)
+
 NOISE_SIGMA = 0.05  # fraction of the intensity range (issue 6 quality goal)
-SR_SCALE = 2
+NOISE_KINDS = ("gaussian", "rician")  # one denoising task each: zero-mean noise, magnitude MR
 DENOISE_BASELINES = ("gaussian", "nlm")
-#: run when the optional ``bm3d`` package is installed (``medldm[bm3d]``; ``make demo`` installs it with the test
-#: extra): the strongest classical denoiser, the one the shipped denoiser is measured against (issue 12)
-OPTIONAL_DENOISE_BASELINES = ("bm3d",)
+#: run when their optional package is installed (``medldm[bm3d]``, ``medldm[ants]``; ``make demo`` installs them
+#: with the test extra): BM3D (2D) and the 3D baselines a user denoising a volume compares with (issue 22): BM4D,
+#: ANTs DenoiseImage. On Rician rows BM3D/BM4D (and NLM) are followed by the exact Rician bias correction and ANTs
+#: uses its Rician model (``medldm.eval.baselines``); every method is blind (estimates the noise level itself).
+OPTIONAL_DENOISE_BASELINES = ("bm3d", "bm4d", "ants")
 SR_BASELINES = ("nearest", "linear", "bicubic", "bspline")
 DENOISE_MODELS = ("mr-denoise-2d",)  # shipped models (medldm.shipped), run when installed
 SR_MODELS = ("mr-sr2x-2d",)
 SYNTH_MODEL = "mr-synth-2d"
-# thick -> thin slices (issue 12): the protocol of docs/training_logs/mr-thinslice-4x/eval_heldout.py
-THIN_FACTOR = 4
 THIN_BASELINES = ("linear", "bicubic", "bspline")  # along Z (--axis through); bicubic = Keys cubic, "cubic along z"
 THIN_MODELS = ("mr-thinslice-4x",)
 THIN_EVAL_AXIS = 1  # 2D metrics per slice along array axis 1 of the reformatted volume: the original image planes
-PIESNO = "dipy-piesno"  # a 3D held-out scan (96 x 96 x 14 at 1 mm) where both reformats are used and fused
-PIESNO_PATH = "pkg://dipy/data/files/test_piesno.nii.gz"
-REFORMAT_SLICES = (0, 2, 1)  # (X, Y, S) -> (X, S, Y): a 2D slice's (or slice stack's) Y axis becomes Z
-REFORMAT_PIESNO = (1, 2, 0)  # (X, Y, Z) -> (Y, Z, X): X becomes Z
 # mask -> image (issue 13): a tissue label map derived from a held-out real slice
 MASK_MODEL = "mr-synth-mask-2d"
 MASK_SAMPLE = "mr-brain-s0"  # the held-out brain scan; its middle slice gives the label map
@@ -58,120 +69,6 @@ class Task:
     note: str = ""  # what was done, for the report (HTML)
 
 
-def _crop(img, sizes: tuple[int, int, int]):
-    """Crop (X, Y, Z) to at most ``sizes`` around the centre, affine updated."""
-    import torch
-
-    shape = tuple(int(n) for n in img.shape)
-    keep = [min(int(s), n) for s, n in zip(sizes, shape, strict=True)]
-    off = [(n - k) // 2 for n, k in zip(shape, keep, strict=True)]
-    out = img[tuple(slice(o, o + k) for o, k in zip(off, keep, strict=True))].clone()
-    aff = np.asarray(img.affine, dtype=np.float64).copy()
-    aff[:3, 3] = aff[:3, :3] @ np.array(off, float) + aff[:3, 3]
-    out.affine = torch.as_tensor(aff)
-    return out
-
-
-def _center_crop(img, size: int, max_slices: int):
-    """Crop (X, Y, Z) to at most size x size x max_slices around the centre, affine updated."""
-    return _crop(img, (size, size, max_slices))
-
-
-def prepare_references(out: Path, *, quick: bool, scans: dict[str, Path] | None = None) -> dict[str, Path]:
-    """Load each held-out sample (or each of ``scans``: name -> scan path), scale to [0, 1] (0.5-99.5th
-    percentiles), save OUT/ref/<name>.nii.gz."""
-    from medldm.data.intensity import fit_normalization, normalize
-    from medldm.io.nifti import save_nifti
-    from medldm.io.reader import load_scan
-    from medldm.samples import available_samples
-
-    have = dict(scans) if scans is not None else available_samples()
-    refs: dict[str, Path] = {}
-    for name in (have if scans is not None else DEMO_SAMPLES):
-        if name not in have:
-            print(f"demo: sample {name} not installed, skipped (pip install -e .[data])")
-            continue
-        img = load_scan(have[name])
-        if quick:
-            img = _center_crop(img, 96, 2)
-        even = [(n // SR_SCALE) * SR_SCALE for n in img.shape[:2]]
-        if even != list(img.shape[:2]):  # x2 up-sampling of the low-res input lands on the same grid
-            img = _center_crop(img, min(even), img.shape[2])
-        params = fit_normalization(img, "MR", out_range=(0.0, 1.0))
-        ref = normalize(img, params)
-        ref.meta["original_dtype"] = "float32"
-        ref.meta["normalization"] = params
-        refs[name] = save_nifti(ref, out / "ref" / f"{name}.nii.gz", dtype="float32")
-    if not refs:
-        raise RuntimeError("no demo sample scans installed: pip install -e .[data]")
-    return refs
-
-
-def thinslice_scans(scans: dict[str, Path] | None = None) -> dict[str, tuple[Path, tuple[int, int, int]]]:
-    """The thick -> thin references: name -> (scan path, axis permutation of the reformat).
-
-    By default the held-out demo scans (``DEMO_SAMPLES``: 2D slices, or slices 53 mm apart), reformatted
-    (X, S, Y) so a real high-resolution in-plane axis (Y) becomes Z, plus dipy's ``test_piesno.nii.gz`` (3D,
-    1 mm isotropic; used by no shipped model), reformatted (Y, Z, X): X becomes Z. ``scans`` (name -> path) replace
-    them, each reformatted (X, S, Y). Samples whose package is missing are left out (a message says which)."""
-    from medldm.data.datasets import resolve_path
-    from medldm.samples import available_samples
-
-    if scans is not None:
-        return {n: (Path(p), REFORMAT_SLICES) for n, p in scans.items()}
-    have = available_samples()
-    out = {}
-    for name in DEMO_SAMPLES:
-        if name in have:
-            out[name] = (have[name], REFORMAT_SLICES)
-        else:
-            print(f"demo: sample {name} not installed, skipped (pip install -e .[data])")
-    piesno = resolve_path(PIESNO_PATH) if importlib.util.find_spec("dipy") is not None else None
-    if piesno is not None and piesno.is_file():
-        out[PIESNO] = (piesno, REFORMAT_PIESNO)
-    else:
-        print(f"demo: {PIESNO} ({PIESNO_PATH}) not installed, skipped (pip install dipy)")
-    return out
-
-
-def reformat(img, perm: tuple[int, int, int]):
-    """The scan ``img`` (X, Y, Z) with its array axes permuted by ``perm`` and the affine's columns with them: the
-    same voxels at the same world positions, another axis as Z (a fresh MetaTensor, float32)."""
-    import torch
-    from monai.data import MetaTensor
-
-    arr = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, dtype=np.float32)
-    aff = np.asarray(img.affine, dtype=np.float64)[:, [*perm, 3]]
-    return MetaTensor(torch.from_numpy(np.ascontiguousarray(arr.transpose(*perm))), affine=torch.as_tensor(aff))
-
-
-def prepare_thinslice_references(ref_dir: Path, *, quick: bool = False, scans: dict[str, Path] | None = None,
-                                 names: tuple[str, ...] = ()) -> dict[str, Path]:
-    """The thick -> thin references (issue 12 protocol; ``medldm demo`` and
-    docs/training_logs/mr-thinslice-4x/eval_heldout.py): each scan of :func:`thinslice_scans` (``names``: only
-    those) reformatted (:func:`reformat`), ``quick``: centre-cropped to at most 96 x 2 x 96, Z cropped (centred) to a
-    multiple of ``THIN_FACTOR``, scaled to [0, 1] by its own 0.5-99.5th percentiles; saved as
-    ``ref_dir/<name>.nii.gz`` (float32). Returns name -> path."""
-    from medldm.data.intensity import fit_normalization, normalize
-    from medldm.io.nifti import save_nifti
-    from medldm.io.reader import load_scan
-
-    table = thinslice_scans(scans)
-    refs: dict[str, Path] = {}
-    for name in names or tuple(table):
-        path, perm = table[name]
-        vol = reformat(load_scan(path), perm)
-        if quick:
-            vol = _crop(vol, (96, 2, 96))
-        z = vol.shape[2]
-        vol = _crop(vol, (vol.shape[0], vol.shape[1], z - z % THIN_FACTOR))
-        params = fit_normalization(vol, "MR", out_range=(0.0, 1.0))
-        ref = normalize(vol, params)
-        ref.meta["original_dtype"] = "float32"
-        refs[name] = save_nifti(ref, Path(ref_dir) / f"{name}.nii.gz", dtype="float32")
-    return refs
-
-
 def _save(img, path: Path) -> None:
     from medldm.io.nifti import save_nifti
 
@@ -180,7 +77,6 @@ def _save(img, path: Path) -> None:
 
 def _installed(packages: tuple[str, ...]) -> tuple[str, ...]:
     """The optional baseline packages among ``packages`` that are importable (a baseline of the same name)."""
-    import importlib.util
 
     return tuple(p for p in packages if importlib.util.find_spec(p) is not None)
 
@@ -202,56 +98,62 @@ def _enhance(model: Path, img, seed: int):
     return enhance(model, img, seed=seed)
 
 
-def run_denoise(out: Path, refs: dict[str, Path], seed: int) -> Task:
-    from medldm.data.degrade import gaussian_noise
-    from medldm.eval.baselines import denoise_scan
+def run_methods(task: Task, root: Path, refs: dict[str, Path], degrade, baselines: dict, models: dict[str, Path],
+                seed: int, input_dir: str) -> None:
+    """The one loop of every task: for each reference scan, ``degrade(ref, i)`` saved to ``root/input_dir``, then
+    each baseline (``name -> fn(degraded)``), then each shipped model (``medldm.shipped.enhance``), each timed
+    (``task.timings``, summed over the scans), saved to ``root/<method>/<scan>.nii.gz`` and reported on one
+    progress line."""
     from medldm.io.reader import load_scan
 
-    task = Task("denoise", f"Denoising: Gaussian noise, sigma = {NOISE_SIGMA:g} x intensity range", "noisy")
-    root = out / "denoise"
-    models = _models(DENOISE_MODELS)
-    baselines = (*DENOISE_BASELINES, *_installed(OPTIONAL_DENOISE_BASELINES))
+    methods = {**baselines, **{m: (lambda img, f=folder: _enhance(f, img, seed)) for m, folder in models.items()}}
     for i, (name, path) in enumerate(refs.items()):
-        ref = load_scan(path)
-        noisy = gaussian_noise(ref, NOISE_SIGMA, seed + i)
-        _save(noisy, root / "noisy" / f"{name}.nii.gz")
-        for method in baselines:
+        degraded = degrade(load_scan(path), i)
+        _save(degraded, root / input_dir / f"{name}.nii.gz")
+        for method, fn in methods.items():
+            print(f"demo: {task.name}: {name} ({i + 1}/{len(refs)}): {method} ...", end="", flush=True)
             t0 = time.perf_counter()
-            den, _ = denoise_scan(noisy, method)
-            task.timings[method] = task.timings.get(method, 0.0) + time.perf_counter() - t0
-            _save(den, root / method / f"{name}.nii.gz")
-        for method, folder in models.items():
-            t0 = time.perf_counter()
-            den = _enhance(folder, noisy, seed)
-            task.timings[method] = task.timings.get(method, 0.0) + time.perf_counter() - t0
-            _save(den, root / method / f"{name}.nii.gz")
-    task.methods = {"noisy": root / "noisy", **{m: root / m for m in (*baselines, *models)}}
+            res = fn(degraded)
+            dt = time.perf_counter() - t0
+            task.timings[method] = task.timings.get(method, 0.0) + dt
+            print(f" {dt:.1f} s", flush=True)
+            _save(res, root / method / f"{name}.nii.gz")
+    task.methods.update({m: root / m for m in methods})
+
+
+def run_denoise(out: Path, refs: dict[str, Path], seed: int, noise: str = "gaussian") -> Task:
+    """Denoising with ``noise`` (``gaussian``: folder OUT/denoise; ``rician``: magnitude MR, OUT/denoise-rician)
+    at ``NOISE_SIGMA`` of the range; every method blind."""
+    from medldm.data.degrade import gaussian_noise, rician_noise
+    from medldm.eval.baselines import denoise_scan
+
+    add = gaussian_noise if noise == "gaussian" else rician_noise
+    name = "denoise" if noise == "gaussian" else f"denoise-{noise}"
+    what = "Gaussian noise" if noise == "gaussian" else "Rician noise (magnitude MR)"
+    task = Task(name, f"Denoising: {what}, sigma = {NOISE_SIGMA:g} x intensity range", "noisy",
+                note="Every method blind: each estimates the noise level itself. BM4D and ANTs DenoiseImage work "
+                     "on the whole volume (3D), BM3D and NLM slice by slice"
+                     + ("; on Rician noise NLM, BM3D and BM4D are followed by the exact Rician bias correction "
+                        "(inverse of the Rician mean, Koay &amp; Basser 2006) and ANTs uses its Rician noise model"
+                        if noise == "rician" else "") + ".")
+    task.methods["noisy"] = out / name / "noisy"
+    baselines = {m: (lambda img, m=m: denoise_scan(img, m, noise=noise)[0])
+                 for m in (*DENOISE_BASELINES, *_installed(OPTIONAL_DENOISE_BASELINES))}
+    # magnitude MR is never negative: the reference scaled by its percentiles may dip below 0 (Rician: clamped)
+    run_methods(task, out / name, refs,
+                lambda ref, i: add(ref.clamp(min=0) if noise == "rician" else ref, NOISE_SIGMA, seed + i), baselines,
+                _models(DENOISE_MODELS), seed, "noisy")
     return task
 
 
 def run_sr(out: Path, refs: dict[str, Path], seed: int = 0) -> Task:
     from medldm.data.degrade import downsample
     from medldm.eval.baselines import upsample_scan
-    from medldm.io.reader import load_scan
 
     task = Task("sr", f"Super-resolution x{SR_SCALE} in-plane (anti-aliased down-sampling)", "nearest")
-    root = out / "sr"
-    models = _models(SR_MODELS)
-    for name, path in refs.items():
-        ref = load_scan(path)
-        low = downsample(ref, SR_SCALE, method="gaussian")
-        _save(low, root / "input" / f"{name}.nii.gz")
-        for method in SR_BASELINES:
-            t0 = time.perf_counter()
-            up = upsample_scan(low, SR_SCALE, method)
-            task.timings[method] = task.timings.get(method, 0.0) + time.perf_counter() - t0
-            _save(up, root / method / f"{name}.nii.gz")
-        for method, folder in models.items():
-            t0 = time.perf_counter()
-            up = _enhance(folder, low, seed)
-            task.timings[method] = task.timings.get(method, 0.0) + time.perf_counter() - t0
-            _save(up, root / method / f"{name}.nii.gz")
-    task.methods = {m: root / m for m in (*SR_BASELINES, *models)}
+    baselines = {m: (lambda img, m=m: upsample_scan(img, SR_SCALE, m)) for m in SR_BASELINES}
+    run_methods(task, out / "sr", refs, lambda ref, i: downsample(ref, SR_SCALE, method="gaussian"), baselines,
+                _models(SR_MODELS), seed, "input")
     return task
 
 
@@ -262,7 +164,6 @@ def run_thinslice(out: Path, refs: dict[str, Path], seed: int = 0, *, quick: boo
     thin-slice model (``medldm.shipped.enhance``, the pipeline of ``medldm enhance -m mr-thinslice-4x``)."""
     from medldm.data.degrade import thick_slices
     from medldm.eval.baselines import upsample_scan
-    from medldm.io.reader import load_scan
 
     note = (f"Thick slices: each thick slice is the mean of {THIN_FACTOR} adjacent thin slices along Z (box slice "
             f"profile; <code>medldm degrade --kind thick --level {THIN_FACTOR} --axis 2</code>), so the input has "
@@ -282,23 +183,9 @@ def run_thinslice(out: Path, refs: dict[str, Path], seed: int = 0, *, quick: boo
             + (" (here --quick: centre crops of at most 96 x 2 x 96 of the reformatted scans)." if quick else "."))
     task = Task("thin", f"Thick -> thin slices x{THIN_FACTOR} (box profile, through-plane)", THIN_BASELINES[0],
                 axis=THIN_EVAL_AXIS, note=note)
-    root = out / task.name
-    models = _models(THIN_MODELS)
-    for name, path in refs.items():
-        ref = load_scan(path)
-        thick = thick_slices(ref, THIN_FACTOR, axis=2)
-        _save(thick, root / "thick" / f"{name}.nii.gz")
-        for method in THIN_BASELINES:
-            t0 = time.perf_counter()
-            up = upsample_scan(thick, THIN_FACTOR, method, axis="through")
-            task.timings[method] = task.timings.get(method, 0.0) + time.perf_counter() - t0
-            _save(up, root / method / f"{name}.nii.gz")
-        for method, folder in models.items():
-            t0 = time.perf_counter()
-            up = _enhance(folder, thick, seed)
-            task.timings[method] = task.timings.get(method, 0.0) + time.perf_counter() - t0
-            _save(up, root / method / f"{name}.nii.gz")
-    task.methods = {m: root / m for m in (*THIN_BASELINES, *models)}
+    baselines = {m: (lambda img, m=m: upsample_scan(img, THIN_FACTOR, m, axis="through")) for m in THIN_BASELINES}
+    run_methods(task, out / task.name, refs, lambda ref, i: thick_slices(ref, THIN_FACTOR, axis=2), baselines,
+                _models(THIN_MODELS), seed, "thick")
     return task
 
 
@@ -315,64 +202,6 @@ def evaluate_task(out: Path, task: Task, refs_dir: Path) -> dict:
         raise RuntimeError(f"demo evaluation of {task.name} failed: see {out / task.name / 'report' / 'run_report.json'}")
     return summary
 
-
-def _volume_rows(out: Path, task: Task) -> dict[str, dict[str, dict[str, float]]]:
-    """method -> case -> {"psnr", "ssim"}: mean over the case's slices of the 2D metrics
-    (from the task report's metrics.csv)."""
-    import csv
-
-    acc: dict[str, dict[str, dict[str, list[float]]]] = {}
-    with open(out / task.name / "report" / "metrics.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            if r["level"] == "slice":
-                per = acc.setdefault(r["method"], {}).setdefault(r["case"], {"psnr": [], "ssim": []})
-                for k in per:
-                    per[k].append(float(r[k]))
-    return {m: {c: {k: float(np.mean(v)) for k, v in per.items()} for c, per in cases.items()}
-            for m, cases in acc.items()}
-
-
-def _table(out: Path, task: Task, summary: dict) -> str:
-    values = _volume_rows(out, task)
-    cases = sorted(values[task.degraded])
-    head = "".join(f"<th>{escape(c)}</th>" for c in cases)
-    rows = []
-    for m in task.methods:
-        per = values.get(m, {})
-        cells = "".join(f"<td>{per[c]['psnr']:.2f} / {per[c]['ssim']:.4f}</td>" if c in per else "<td>n/a</td>"
-                        for c in cases)
-        mean = summary["methods"][m]
-        t = task.timings.get(m)
-        rows.append(f"<tr><td>{escape(m)}</td>{cells}<td><b>{mean['psnr']['slice_mean']['mean']:.2f} / "
-                    f"{mean['ssim']['slice_mean']['mean']:.4f}</b></td><td>{'' if t is None else f'{t:.1f}'}</td></tr>")
-    conv = escape(summary["convention"]["text"])
-    return (f"<table><caption>{escape(task.title)}: PSNR (dB) / SSIM per held-out scan (2D, mean over its "
-            f"slices along array axis {task.axis}) and their mean; "
-            f"{conv}</caption><tr><th>method</th>{head}<th>mean</th><th>time (s)</th></tr>"
-            + "".join(rows) + "</table>")
-
-
-def _tile(plane, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """A 2D array (X, Y) -> uint8 gray tile, rows = Y (as the panels show slices): window [lo, hi], by default
-    the plane's own 0.5-99.5th percentiles."""
-    from medldm.eval.panels import to_gray
-
-    plane = np.asarray(plane, dtype=np.float64)
-    if lo is None or hi is None:
-        lo, hi = (float(v) for v in np.percentile(plane, [0.5, 99.5]))
-    return np.rot90(to_gray(plane, lo, hi if hi > lo else lo + 1))
-
-
-def _save_strip(tiles: list[np.ndarray], path: Path) -> Path:
-    """Tiles of one height side by side (4-pixel gaps), enlarged by an integer factor to >= 128 rows, as PNG."""
-    from PIL import Image
-
-    from medldm.eval.panels import save_png
-
-    gap = np.zeros((tiles[0].shape[0], 4), dtype=tiles[0].dtype)
-    row = np.concatenate([x for tile in tiles for x in (tile, gap)][:-1], axis=1)
-    scale = max(1, 128 // tiles[0].shape[0])
-    return save_png(Image.fromarray(np.kron(row, np.ones((scale, scale), dtype=row.dtype))), path)
 
 
 def class_name(syn, label: int) -> str:
@@ -497,91 +326,8 @@ def run_mask_synthesis(out: Path, seed: int, *, n: int = MASK_SAMPLES, model: st
     return {"model": str(model), "file": path.relative_to(out).as_posix(), "labels": rel, "n": n, "seed": seed,
             "scan": scan[0], "slice": k, "classes": syn.mask_classes, "size": list(labels.shape),
             "steps": syn.dcfg.sampling_steps, "sampler": syn.dcfg.sampler, "seconds": time.perf_counter() - t0,
+            "held_out": scan[0] in DEMO_SAMPLES,
             "command": f"medldm synthesize -m {model} --mask {rel} -n {n} --seed {seed} -o DIR"}
-
-
-def _synthesis_html(synth: dict) -> str:
-    if synth.get("classes"):
-        names = synth["labels"]
-        each = "; ".join(f"{i + 1}: {escape(str(c))}" for i, c in enumerate(names))
-        what = (f"Left to right, sample i (seed {synth['seed']} + i) of class i mod {synth['classes']}, by class "
-                f"name: {each}. ")
-        if all("position-" in str(c) for c in names):
-            what += ("The classes are slice-position bins along the head axis: each training volume's slices split "
-                     "into equal bins along its slice axis, position-0 holding the first"
-                     + (" (per contrast: CONTRAST/position-B)" if any("/" in str(c) for c in names) else "")
-                     + ". ")
-    else:
-        what = f"Unconditional samples, seeds {synth['seed']}..{synth['seed'] + synth['n'] - 1}. "
-    return (f"<h2>Synthesis: {synth['n']} samples of {escape(synth['model'])}</h2>"
-            f"<figure><img src='{escape(synth['file'])}' alt='synthetic MR slices'><figcaption>{what}"
-            f"{synth['size'][0]} x {synth['size'][1]}, {synth['steps']} sampler steps, {synth['seconds']:.1f} s; "
-            "each shown between its own 0.5-99.5th percentiles. Files: <code>synth/sample_*.nii.gz</code>."
-            "</figcaption></figure>")
-
-
-def _mask_html(mask: dict) -> str:
-    from medldm.samples import SAMPLES
-
-    src = escape(mask["scan"]) + (f" ({escape(SAMPLES[mask['scan']].description)})" if mask["scan"] in SAMPLES else "")
-    last = mask["seed"] + mask["n"] - 1
-    return (f"<h2>Mask -&gt; image: {mask['n']} images of {escape(mask['model'])} from one label map</h2>"
-            f"<figure><img src='{escape(mask['file'])}' alt='tissue label map, synthetic images, real slice'>"
-            f"<figcaption>Left to right: the tissue label map medldm derives from slice {mask['slice']} of the "
-            f"{'held-out ' if mask['scan'] in DEMO_SAMPLES else ''}{src} (normalized as training data, padded to a square and resized to {mask['size'][0]} x "
-            f"{mask['size'][1]}, then background + {mask['classes'] - 1} intensity clusters, darkest first: "
-            f"medldm.data.tissue; shown as gray levels 0..{mask['classes'] - 1}) | {mask['n']} images generated "
-            f"from it (seeds {mask['seed']}..{last}, {mask['steps']} {escape(mask['sampler'])} steps, "
-            f"{mask['seconds']:.1f} s in all) | the real slice the map came from (each image between its own "
-            "0.5-99.5th percentiles). The classes are intensity clusters, not anatomy: on a b0 or T2-weighted scan "
-            "the brightest class is CSF, on T1 it is white matter. "
-            f"Run in this folder, <code>{escape(mask['command'])}</code> makes the same images as the files "
-            f"<code>mask/synth_*.nii.gz</code> beside the label map.</figcaption></figure>")
-
-
-def write_index(out: Path, tasks: list[tuple[Task, dict]], refs: dict[str, Path], wall: float,
-                synth: dict | None = None, mask: dict | None = None) -> Path:
-    from medldm.eval.style import PAGE_END, page_head
-    from medldm.io.atomic import atomic_file
-    from medldm.samples import SAMPLES
-
-    parts = [page_head("medldm demo"),
-             f"<h1>medldm demo</h1><p>This report: <code>{escape(str((out / 'report.html').resolve()))}</code>. "
-             f"Run time {wall:.0f} s.</p>",
-             "<p>Held-out real MR scans (never used to train shipped models), each scaled to [0, 1] by its own "
-             "0.5–99.5th intensity percentiles:</p><ul>"]
-    parts += [f"<li>{escape(n)}: {escape(SAMPLES[n].description)} (package {escape(SAMPLES[n].pip)})</li>"
-              if n in SAMPLES else f"<li>{escape(n)}</li>" for n in refs]
-    parts.append("</ul>")
-    shipped = [m for task, _ in tasks for m in task.methods if m.startswith("mr-")]
-    if shipped:
-        parts.append(f"<p>Shipped models ({escape(', '.join(shipped))}) are small models trained in under an hour "
-                     "each on a 2-core CPU, on a few real scans (mostly brain); <code>medldm models</code> and "
-                     "docs/models.md give their training data, validation figures and known gaps. The classical "
-                     "baselines are the reference.</p>")
-    for task, summary in tasks:
-        parts.append(f"<h2>{escape(task.title)}</h2>")
-        if task.note:
-            parts.append(f"<p>{task.note}</p>")
-        parts.append(_table(out, task, summary))
-        parts.append(f"<p>Full report with per-case and per-slice tables: "
-                     f"<a href='{task.name}/report/report.html'>{task.name}/report/report.html</a></p>")
-        panels = json.loads((out / task.name / "report" / "panels.json").read_text())["panels"]
-        for p in panels:
-            parts.append(f"<figure><img src='{task.name}/report/{escape(p['file'])}' alt='{escape(p['case'])}'>"
-                         f"<figcaption>{escape(p['case'])}, slice {p['slice']} along array axis {task.axis}: "
-                         f"reference | {escape(' | '.join(task.methods))} | |method − reference| of each "
-                         f"(0–{p['dmax']:g})"
-                         "</figcaption></figure>")
-    if synth is not None:
-        parts.append(_synthesis_html(synth))
-    if mask is not None:
-        parts.append(_mask_html(mask))
-    parts.append(PAGE_END)
-    path = out / "report.html"
-    with atomic_file(path) as tmp:
-        tmp.write_text("\n".join(parts))
-    return path
 
 
 def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seed: int = 0,
@@ -598,10 +344,13 @@ def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seed: int = 0
     thin_refs = prepare_thinslice_references(out / "thin" / "ref", quick=quick, scans=scans)
     tasks = []
     for run, refs_dir in ((lambda: run_denoise(out, refs, seed), out / "ref"),
+                          (lambda: run_denoise(out, refs, seed, "rician"), out / "ref"),
                           (lambda: run_sr(out, refs, seed), out / "ref"),
                           (lambda: run_thinslice(out, thin_refs, seed, quick=quick), out / "thin" / "ref")):
         task = run()
+        print(f"demo: {task.name}: evaluating", flush=True)
         tasks.append((task, evaluate_task(out, task, refs_dir)))
+    print("demo: synthesis samples", flush=True)
     synth = run_synthesis(out, n=4 if quick else 8, seed=seed)
     first = next(iter(scans.items())) if scans else None
     mask = run_mask_synthesis(out, seed=seed, model=mask_model, scan=first)
