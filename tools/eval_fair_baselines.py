@@ -34,9 +34,8 @@ from medldm.data.datasets import resolve_path
 from medldm.data.degrade import gaussian_noise, rician_noise
 from medldm.eval.baselines import denoise
 from medldm.metrics import ssim
-from medldm.models import load_model
 from medldm.pipelines.enhance import EnhanceOptions, Enhancer
-from medldm.shipped import resolve_model
+from medldm.shipped import open_model
 
 MNI = "pkg://nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 S0 = "pkg://dipy/data/files/S0_10slices.nii.gz"
@@ -79,7 +78,7 @@ def main() -> int:
     ap.add_argument("-o", "--out", default="runs/fair_baselines")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    enh = Enhancer(load_model(resolve_model(args.model)))
+    enh = open_model(args.model).runner
     rows = []
     for name, ref in volumes(tuple(args.crop)).items():
         if name not in args.scans:
