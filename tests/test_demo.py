@@ -60,8 +60,9 @@ def test_quick_demo_end_to_end(tmp_path, mni152):  # mni152: skips when the data
     page = report.read_text()
     parser.feed(page)
     # every table states its convention
-    assert len(parser.captions) == 3 and all("data_range R = 1" in c for c in parser.captions)
-    assert "Thick -> thin slices x4" in parser.captions[2] and "along array axis 1" in parser.captions[2]
+    assert len(parser.captions) == 4 and all("data_range R = 1" in c for c in parser.captions)
+    assert "Rician noise" in parser.captions[1] and "Every method blind" in page
+    assert "Thick -> thin slices x4" in parser.captions[3] and "along array axis 1" in parser.captions[3]
     # the panels (denoise, SR, thick -> thin, synthesis samples) exist and hold image content (not blank)
     assert len(parser.imgs) >= 4 and "synth/samples.png" in parser.imgs
     assert any(src.startswith("thin/report/panels/") for src in parser.imgs)
@@ -72,6 +73,16 @@ def test_quick_demo_end_to_end(tmp_path, mni152):  # mni152: skips when the data
     den = _slice_means(out / "denoise" / "report" / "metrics.csv")
     assert den["nlm"] > den["noisy"] + 1.0
     assert den["bm3d"] > den["noisy"] + 1.0  # bm3d is in the test extra, so the demo's optional baseline ran
+    # the 3D baselines (bm4d, antspyx: test extra) on both noises; Rician: bias-corrected BM4D, ANTs' Rician model
+    ric = _slice_means(out / "denoise-rician" / "report" / "metrics.csv")
+    # measured on these small crops (blind): BM4D 31.52 vs noisy 25.99 dB (Gaussian); on Rician 5 % ANTs (Rician
+    # model) 26.17 vs 25.41, while the bias-corrected BM3D/BM4D (25.06 / 25.13) fall below the input: the blind Rician
+    # sigma (the enhancer's estimate) reads high on 96 x 96 crops and they over-correct; ANTs' Gaussian model is
+    # below the input (24.15) — both open in docs/models.md
+    assert den["bm4d"] > den["noisy"] + 3.0 and ric["ants"] > ric["noisy"] + 0.3, (den, ric)
+    for m in ("bm4d", "ants"):
+        assert f"<tr><td>{m}</td>" in page
+    assert np.isfinite(ric["mr-denoise-2d"])
     sr = _slice_means(out / "sr" / "report" / "metrics.csv")
     assert sr["bicubic"] > sr["nearest"] and sr["bspline"] > sr["linear"]
     # the shipped models ran through the inference pipeline and were evaluated beside the baselines (their

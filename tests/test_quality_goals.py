@@ -1,4 +1,4 @@
-"""The shipped models' quality goals (issue 12), measured side by side with the classical baselines on crops of
+"""The shipped models' quality goals (issues 12 and 22), measured side by side with the classical baselines on crops of
 held-out real scans (the demo's: dipy's S0_10slices brain b0 and pydicom-data's abdomen MR, never trained on).
 
 Each goal is an ``xfail(strict=True)`` test until it is met: a model that starts meeting it makes the test XPASS,
@@ -31,20 +31,31 @@ def denoise_scores(dipy_files):
 
 
 @pytest.fixture(scope="module")
-def rician_scores(dipy_files):
-    """PSNR (data_range 1) on the same crop with Rician noise (magnitude MR), sigma 5 %: NLM, the unbiased NLM for
-    magnitude data (Manjon et al. 2008: sqrt(max(NLM(y^2) - 2 s^2, 0))), BM3D and mr-denoise-2d, all blind."""
-    from medldm.data.degrade import rician_noise
-    from medldm.data.noise import estimate_noise_sigma
+def volume_scores(dipy_files):
+    """Issue 22's protocol on a 3D crop (64x64x10: every slice) of the held-out brain, scaled to its maximum: PSNR
+    over the volume (data_range 1) of noisy / BM4D / ANTs DenoiseImage / mr-denoise-2d for Gaussian 5 %, Rician
+    5 % and Rician 10 % (sigma relative to the maximum). Every method blind (estimates the level itself); on Rician
+    noise BM4D is followed by the exact Rician bias correction and ANTs uses its Rician model."""
+    from medldm.data.degrade import gaussian_noise, rician_noise
     from medldm.eval.baselines import denoise
     from medldm.shipped import enhance
 
-    ref = held_out_crop(dipy_files / "S0_10slices.nii.gz", 80, 2).clamp(min=0)  # a magnitude image
-    noisy = rician_noise(ref, 0.05, 0)
-    y = np.asarray(noisy, dtype=np.float64)
-    unbiased = np.sqrt(np.maximum(denoise(y**2, "nlm")[0] - 2 * estimate_noise_sigma(y) ** 2, 0.0))
-    return {"noisy": psnr01(noisy, ref), "nlm": psnr01(denoise(y, "nlm")[0], ref), "nlm_unbiased": psnr01(unbiased, ref),
-            "bm3d": psnr01(denoise(y, "bm3d")[0], ref), "model": psnr01(enhance("mr-denoise-2d", noisy, seed=0), ref)}
+    ref = held_out_crop(dipy_files / "S0_10slices.nii.gz", 64, 10).clamp(min=0)
+    ref = ref / ref.max()
+    scores = {}
+    for i, (kind, level) in enumerate((("gaussian", 0.05), ("rician", 0.05), ("rician", 0.10))):
+        noisy = (gaussian_noise if kind == "gaussian" else rician_noise)(ref, level, 10 + i, relative=False)
+        y = np.asarray(noisy, dtype=np.float64)
+        scores[(kind, level)] = {"noisy": psnr_volume(y, ref), "bm4d": psnr_volume(denoise(y, "bm4d", noise=kind)[0], ref),
+                                 "ants": psnr_volume(denoise(y, "ants", noise=kind)[0], ref),
+                                 "model": psnr_volume(enhance("mr-denoise-2d", noisy, seed=0), ref)}
+    return scores
+
+
+def psnr_volume(pred, ref) -> float:
+    """PSNR over the whole volume, data range 1 (issue 22's convention)."""
+    mse = float(np.mean((np.asarray(pred, np.float64) - np.asarray(ref, np.float64)) ** 2))
+    return 10 * np.log10(1.0 / mse)
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +90,37 @@ def test_goal_denoiser_nlm_plus_1db(denoise_scores):
     assert s["model"] >= s["nlm"] + 1.0, s
 
 
-def test_goals_on_rician_noise(rician_scores):
-    """Issue 12's denoising goals (>= BM3D, >= NLM + 1 dB) on magnitude-MR (Rician) noise, met on this crop, and
-    above the unbiased NLM for magnitude data too: the blind denoiser, trained on Gaussian and Rician noise,
-    29.95 dB vs BM3D 27.52, NLM 27.17, unbiased NLM 28.50 (noisy 25.42). The classical methods assume zero-mean
-    noise and keep the Rician bias."""
-    s = rician_scores
-    assert s["model"] >= max(s["bm3d"], s["nlm_unbiased"]) and s["model"] >= s["nlm"] + 1.0, s
+def test_3d_baselines_beat_the_noisy_input(volume_scores):
+    """BM4D well above the input on Gaussian noise, ANTs above it everywhere. (Blind BM4D + bias correction on
+    Rician 5 % is BELOW the input on this small crop, 25.07 vs 26.05 dB: its sigma estimate reads high here.)"""
+    s = volume_scores[("gaussian", 0.05)]
+    assert s["bm4d"] > s["noisy"] + 3.0, s
+    for case, s in volume_scores.items():
+        assert s["ants"] > s["noisy"] + 1.0, (case, s)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 22 goal not met: mr-denoise-2d >= BM4D at Gaussian 5 %; on this "
+                                       "crop model 31.21 vs BM4D 32.19 dB (ANTs 28.12, noisy 26.03; all blind)")
+def test_goal_denoiser_at_least_bm4d_gaussian(volume_scores):
+    s = volume_scores[("gaussian", 0.05)]
+    assert s["model"] >= s["bm4d"], s
+
+
+@pytest.mark.xfail(strict=True, reason="issue 22 goal not met: mr-denoise-2d >= best(BM4D + Rician bias "
+                                       "correction, ANTs Rician) + 0.5 dB at Rician 5 %; on this crop model 27.12 vs ANTs 28.79, "
+                                       "BM4D 25.07 dB (noisy 26.05; all blind: BM4D's sigma estimate reads high on "
+                                       "this small crop and it over-corrects)")
+def test_goal_denoiser_rician_5(volume_scores):
+    s = volume_scores[("rician", 0.05)]
+    assert s["model"] >= max(s["bm4d"], s["ants"]) + 0.5, s
+
+
+@pytest.mark.xfail(strict=True, reason="issue 22 goal not met: mr-denoise-2d >= best(BM4D + Rician bias "
+                                       "correction, ANTs Rician) + 0.5 dB at Rician 10 %; on this crop model 22.99 vs ANTs "
+                                       "23.24, BM4D 22.17 dB (noisy 19.69; all blind)")
+def test_goal_denoiser_rician_10(volume_scores):
+    s = volume_scores[("rician", 0.10)]
+    assert s["model"] >= max(s["bm4d"], s["ants"]) + 0.5, s
 
 
 @pytest.mark.xfail(strict=True, reason="issue 12 goal not met: mr-sr2x-2d >= cubic spline + 2 dB; on "

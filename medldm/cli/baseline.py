@@ -1,7 +1,7 @@
 """``medldm baseline``: classical denoising and super-resolution baselines.
 
-    medldm baseline --task denoise --method {gaussian,nlm,bm3d} -i IN -o OUT [--sigma S]
-                    [--filter-sigma F] [--dims 2|3]
+    medldm baseline --task denoise --method {gaussian,nlm,bm3d,bm4d,ants,nlm-dipy} -i IN -o OUT
+                    [--noise gaussian|rician] [--sigma S] [--filter-sigma F] [--dims 2|3]
     medldm baseline --task sr --method {nearest,linear,bicubic,bspline} -i IN -o OUT
                     [--scale 2] [--axis inplane|through]
 
@@ -27,18 +27,23 @@ from medldm.io.errors import UsageError
 from medldm.io.formats import is_nifti
 
 REPORT_NAME = "medldm-baseline-report.json"
-TASK_METHODS = {"denoise": ("gaussian", "nlm", "bm3d"), "sr": ("nearest", "linear", "bicubic", "bspline")}
+TASK_METHODS = {"denoise": ("gaussian", "nlm", "bm3d", "bm4d", "ants", "nlm-dipy"), "sr": ("nearest", "linear", "bicubic", "bspline")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=tuple(TASK_METHODS), help="denoise or sr (super-resolution)")
-    p.add_argument("--method", required=True, help="denoise: gaussian, nlm, bm3d; sr: nearest, linear, "
+    p.add_argument("--method", required=True, help="denoise: gaussian, nlm, bm3d (2D), bm4d, ants "
+                                                    "(ANTs DenoiseImage), nlm-dipy (3D); sr: nearest, linear, "
                                                     "bicubic (Keys cubic convolution), bspline (cubic B-spline)")
     p.add_argument("-i", "--input", required=True, metavar="IN", help="scan or folder of cases")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output scan or folder (mirrors IN)")
     g = p.add_argument_group("denoise")
-    g.add_argument("--sigma", type=float, metavar="S", help="noise standard deviation in scanner units for nlm/bm3d "
-                                                            "(default: estimated per volume, see docs)")
+    g.add_argument("--noise", choices=("gaussian", "rician"), default="gaussian",
+                   help="gaussian (zero-mean; default) or rician (magnitude MR: bm3d/bm4d/nlm are followed by the "
+                        "exact Rician bias correction, ants/nlm-dipy use their Rician model)")
+    g.add_argument("--sigma", type=float, metavar="S", help="noise standard deviation in scanner units for "
+                                                            "nlm/bm3d/bm4d/nlm-dipy (default: estimated per volume, "
+                                                            "see docs; ants estimates its own)")
     g.add_argument("--filter-sigma", type=float, default=1.0, metavar="F",
                    help="gaussian: filter standard deviation in voxels (default 1.0)")
     g.add_argument("--dims", type=int, choices=(2, 3), default=2,
@@ -66,13 +71,13 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError("--sigma must be > 0 (noise standard deviation in scanner units)")
         if not args.filter_sigma > 0:
             raise UsageError("--filter-sigma must be > 0 (voxels)")
-        if args.method == "bm3d":
-            if args.dims == 3:
-                raise UsageError("bm3d runs slice by slice: use --dims 2")
-            from medldm.eval.baselines import MissingExtraError, require_bm3d
+        if args.method == "bm3d" and args.dims == 3:
+            raise UsageError("bm3d runs slice by slice: use --dims 2 (or --method bm4d for the volume)")
+        if args.method in ("bm3d", "bm4d", "ants"):
+            from medldm.eval.baselines import MissingExtraError, require_extra
 
             try:
-                require_bm3d()
+                require_extra(args.method)
             except MissingExtraError as e:
                 raise UsageError(str(e)) from None
     elif not args.scale >= 1:
@@ -90,8 +95,14 @@ def _process(case, out: Path, args: argparse.Namespace, resume) -> dict:
     outs = []
     for img in vols:
         if args.task == "denoise":
-            res, info = B.denoise_scan(img, args.method, sigma=args.sigma, filter_sigma=args.filter_sigma,
-                                       dims=args.dims)
+            try:
+                res, info = B.denoise_scan(img, args.method, sigma=args.sigma, filter_sigma=args.filter_sigma,
+                                           dims=args.dims, noise=args.noise)
+            except ValueError as e:
+                from medldm.io.errors import CaseError
+
+                raise CaseError(case.source or case.id, str(e), "use --noise gaussian for images with negative "
+                                                                "values") from None
             desc = f"baseline {args.method}"
         else:
             try:
@@ -117,7 +128,8 @@ def _process(case, out: Path, args: argparse.Namespace, resume) -> dict:
 def _options(args: argparse.Namespace) -> dict:
     """The options that change a baseline's result (recorded beside each output; resume compares them)."""
     if args.task == "denoise":
-        opts = {"task": "denoise", "method": args.method, "dims": args.dims, "volume": args.volume}
+        opts = {"task": "denoise", "method": args.method, "dims": args.dims, "volume": args.volume,
+                **({"noise": "rician"} if args.noise == "rician" else {})}
         if args.method == "gaussian":
             opts["filter_sigma"] = args.filter_sigma
         else:

@@ -17,6 +17,20 @@ inverted afterwards), so the NLM/BM3D parameters below are scale-free:
   :func:`medldm.data.noise.estimate_noise_sigma`: median over the non-constant slices) unless given.
 * ``bm3d``: ``bm3d.bm3d(slice, sigma_psd=σ)`` per slice (2D only) from the optional ``bm3d``
   package (``pip install 'medldm[bm3d]'``).
+* ``bm4d``: ``bm4d.bm4d(volume, sigma_psd=σ)`` on the whole volume (3D only; ``medldm[bm3d]``).
+* ``ants``: ANTs ``DenoiseImage`` (adaptive non-local means, Manjón et al. 2010; ``pip install
+  'medldm[ants]'``) on the whole volume, noise model ``Rician`` or ``Gaussian`` after ``noise``, patch radius
+  ``ANTS_PATCH_RADIUS``, search radius ``ANTS_SEARCH_RADIUS``, no shrinking. It estimates the noise locally and
+  takes no σ. It runs on the volume scaled to [0, ``ANTS_SCALE``]: see ``ANTS_SCALE``.
+* ``nlm-dipy``: dipy's ``nlmeans(volume, σ, rician=noise == "rician")`` (blockwise NLM of Coupé et al. 2008,
+  with its own Rician correction); blind σ from dipy's ``estimate_sigma`` (``N=1`` for Rician, 0 otherwise).
+
+``noise`` says what the noise is: ``gaussian`` (zero mean; default) or ``rician`` (magnitude MR). For Rician
+noise the volume is scaled by its maximum only (0 stays 0: negative voxels are refused), ``bm3d``, ``bm4d`` and
+``nlm`` — which assume zero-mean noise — are followed by the exact inverse of the Rician mean
+(:func:`medldm.data.noise.rician_unbias`, Koay & Basser 2006), and the blind σ is the one the enhancer uses for
+magnitude scans: the larger of the wavelet estimate and the background's Rayleigh mode. ``sigma`` given = every
+method told the true level (except ``ants``, which takes none); ``sigma=None`` = every method blind.
 
 Non-finite voxels (NaN, ±inf) never spread: they are left out of the min/max and of the noise estimate,
 replaced by their nearest finite neighbour (``medldm.data.intensity.fill_nonfinite``) for the filter or
@@ -26,19 +40,24 @@ such a voxel). ``info["nonfinite_voxels"]`` counts them. An image with no finite
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
 
-from medldm.data.noise import estimate_noise_sigma  # noqa: F401 (re-exported: medldm.eval)
+from medldm.data.noise import estimate_noise_sigma, rayleigh_background_sigma, rician_unbias
 from medldm.data.resample import KEYS_A, cubic_convolution_resize, keys_kernel  # noqa: F401 (re-exported)
 
-DENOISE_METHODS = ("gaussian", "nlm", "bm3d")
+DENOISE_METHODS = ("gaussian", "nlm", "bm3d", "bm4d", "ants", "nlm-dipy")
+NOISE_KINDS = ("gaussian", "rician")
+THREE_D_ONLY = ("bm4d", "ants", "nlm-dipy")
 SR_METHODS = ("nearest", "linear", "bicubic", "bspline")
 SPLINE_ORDER = {"nearest": 0, "linear": 1, "bspline": 3}
 NLM_PATCH_SIZE = 5
 NLM_PATCH_DISTANCE = 6
 NLM_H_FACTOR = 0.8
+ANTS_PATCH_RADIUS, ANTS_SEARCH_RADIUS = 1, 2  # DenoiseImage's defaults (3x3x3 patches, 5x5x5 search)
+ANTS_SCALE = 1.0
 
 
 class MissingExtraError(RuntimeError):
@@ -57,13 +76,17 @@ def _per_slice(fn, vol: np.ndarray) -> np.ndarray:
 
 
 def require_bm3d():
+    return require_extra("bm3d")
+
+
+def require_extra(method: str):
+    """The optional module behind ``method`` (bm3d, bm4d, ants), or MissingExtraError saying how to install it."""
+    module, extra = {"bm3d": ("bm3d", "bm3d"), "bm4d": ("bm4d", "bm3d"), "ants": ("ants", "ants")}[method]
     try:
-        import bm3d  # noqa: F401
+        return importlib.import_module(module)
     except ImportError as e:
-        raise MissingExtraError(
-            "the bm3d baseline needs the optional 'bm3d' package — install it with "
-            "pip install 'medldm[bm3d]'") from e
-    return bm3d
+        raise MissingExtraError(f"the {method} baseline needs the optional {module!r} package — install it with "
+                                f"pip install 'medldm[{extra}]'") from e
 
 
 def denoise(
@@ -73,29 +96,43 @@ def denoise(
     sigma: float | None = None,
     filter_sigma: float = 1.0,
     dims: int = 2,
+    noise: str = "gaussian",
 ) -> tuple[np.ndarray, dict]:
     """Denoise ``vol`` (X, Y, Z) -> ``(denoised float32 (X, Y, Z), info)``.
 
-    ``sigma``: noise standard deviation in the units of ``vol`` for ``nlm``/``bm3d`` (estimated when
-    None); ``filter_sigma``: Gaussian width in voxels for ``gaussian``; ``dims``: 2 (slice by slice)
-    or 3 (whole volume; not for ``bm3d``). ``info`` records the parameters actually used.
+    ``sigma``: noise standard deviation in the units of ``vol`` (estimated when None; ``ants`` takes none);
+    ``filter_sigma``: Gaussian width in voxels for ``gaussian``; ``dims``: 2 (slice by slice) or 3 (whole
+    volume; ``bm3d`` is 2D only, ``bm4d``/``ants``/``nlm-dipy`` 3D only); ``noise``: ``gaussian`` or ``rician``
+    (module docstring). ``info`` records the parameters actually used.
     """
     if method not in DENOISE_METHODS:
         raise ValueError(f"unknown denoising method {method!r}; choose one of {DENOISE_METHODS}")
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
     if dims not in (2, 3):
         raise ValueError("dims must be 2 (slice by slice) or 3 (whole volume)")
     vol = np.asarray(vol)
     if vol.ndim != 3:
         raise ValueError(f"expected an (X, Y, Z) array, got shape {vol.shape}")
-    if dims == 3 and vol.shape[2] == 1:
+    if method in THREE_D_ONLY:
+        dims = 3
+    elif dims == 3 and vol.shape[2] == 1:
         dims = 2
+    if method == "bm3d" and dims == 3:
+        raise ValueError("bm3d runs slice by slice only: use dims=2 (or bm4d for the volume)")
     bad = _nonfinite(vol)
     if bad is not None:
         from medldm.data.intensity import fill_nonfinite
 
         vol = fill_nonfinite(vol, bad)
-    x, lo, scale = _normalize(vol)
-    info: dict = {"method": method, "dims": dims, "normalization": {"offset": lo, "scale": scale},
+    if noise == "rician":
+        if np.min(vol) < 0:
+            raise ValueError("Rician noise is for magnitude images: this one has negative voxels (use noise gaussian)")
+        hi = float(np.max(vol))
+        x, lo, scale = vol.astype(np.float64) / (hi or 1.0), 0.0, hi or 1.0
+    else:
+        x, lo, scale = _normalize(vol)
+    info: dict = {"method": method, "dims": dims, "noise": noise, "normalization": {"offset": lo, "scale": scale},
                   "nonfinite_voxels": 0 if bad is None else int(bad.sum())}
     if method == "gaussian":
         from scipy.ndimage import gaussian_filter
@@ -103,33 +140,74 @@ def denoise(
         s = (filter_sigma, filter_sigma, filter_sigma if dims == 3 else 0.0)
         y = gaussian_filter(x, sigma=s, mode="nearest")
         info["filter_sigma_voxels"] = filter_sigma
+    elif method == "ants":
+        y = _ants(x, noise, info)
     else:
-        if method == "bm3d":
-            if dims == 3:
-                raise ValueError("bm3d runs slice by slice only: use dims=2")
-            bm3d = require_bm3d()
-        sig_n = sigma / scale if sigma is not None else estimate_noise_sigma(x, dims=dims, exclude=bad)
+        sig_n = sigma / scale if sigma is not None else _blind_sigma(x, method, noise, dims, bad)
         info["noise_sigma"] = sig_n * scale
-        info["noise_sigma_source"] = "given" if sigma is not None else "estimate_sigma"
+        info["noise_sigma_source"] = "given" if sigma is not None else (
+            "dipy estimate_sigma" if method == "nlm-dipy" else "estimate_sigma" + (
+                " / background Rayleigh mode" if noise == "rician" else ""))
         if sig_n <= 0:
             y = x.copy()
             info["note"] = "noise sigma is 0: image returned unchanged"
-        elif method == "nlm":
-            from skimage.restoration import denoise_nl_means
-
-            kw = {"patch_size": NLM_PATCH_SIZE, "patch_distance": NLM_PATCH_DISTANCE,
-                  "h": NLM_H_FACTOR * sig_n, "sigma": sig_n, "fast_mode": True,
-                  "channel_axis": None, "preserve_range": True}
-            info["nlm"] = {k: v for k, v in kw.items() if k not in ("channel_axis", "preserve_range")}
-            info["nlm"]["h"] = kw["h"] * scale  # report h in scanner units
-            info["nlm"]["sigma"] = sig_n * scale
-            y = denoise_nl_means(x, **kw) if dims == 3 else _per_slice(lambda s: denoise_nl_means(s, **kw), x)
         else:
-            y = _per_slice(lambda s: np.asarray(bm3d.bm3d(s, sigma_psd=sig_n), dtype=np.float64), x)
+            y = _filter_sigma(x, method, sig_n, dims, noise, info, scale)
+            if noise == "rician" and method in ("nlm", "bm3d", "bm4d"):
+                y = rician_unbias(y, sig_n)
+                info["rician_bias_correction"] = "exact inverse of the Rician mean (Koay & Basser 2006)"
+    if noise == "rician":
+        y = np.maximum(y, 0.0)  # magnitude: never negative
     out = (y * scale + lo).astype(np.float32)
     if bad is not None:
         out[bad] = np.nan
     return out, info
+
+
+def _blind_sigma(x: np.ndarray, method: str, noise: str, dims: int, bad) -> float:
+    """The noise level each method estimates itself when not told (module docstring)."""
+    if method == "nlm-dipy":
+        from dipy.denoise.noise_estimate import estimate_sigma as dipy_sigma
+
+        return float(np.asarray(dipy_sigma(x, N=1 if noise == "rician" else 0)).ravel()[0])
+    est = estimate_noise_sigma(x, dims=dims, exclude=bad)
+    return max(est, rayleigh_background_sigma(x)) if noise == "rician" else est
+
+
+def _filter_sigma(x: np.ndarray, method: str, sig_n: float, dims: int, noise: str, info: dict,
+                  scale: float) -> np.ndarray:
+    """``nlm``, ``bm3d``, ``bm4d`` or ``nlm-dipy`` on ``x`` (scaled) with noise level ``sig_n`` (scaled)."""
+    if method == "nlm":
+        from skimage.restoration import denoise_nl_means
+
+        kw = {"patch_size": NLM_PATCH_SIZE, "patch_distance": NLM_PATCH_DISTANCE,
+              "h": NLM_H_FACTOR * sig_n, "sigma": sig_n, "fast_mode": True,
+              "channel_axis": None, "preserve_range": True}
+        info["nlm"] = {k: v for k, v in kw.items() if k not in ("channel_axis", "preserve_range")}
+        info["nlm"]["h"] = kw["h"] * scale  # report h in scanner units
+        info["nlm"]["sigma"] = sig_n * scale
+        return denoise_nl_means(x, **kw) if dims == 3 else _per_slice(lambda s: denoise_nl_means(s, **kw), x)
+    if method == "nlm-dipy":
+        from dipy.denoise.nlmeans import nlmeans
+
+        info["nlm_dipy"] = {"rician": noise == "rician", "patch_radius": 1, "block_radius": 5}
+        return np.asarray(nlmeans(x, sig_n, rician=noise == "rician", patch_radius=1, block_radius=5,
+                                  num_threads=1), dtype=np.float64)
+    if method == "bm4d":
+        return np.asarray(require_extra("bm4d").bm4d(x, sigma_psd=sig_n), dtype=np.float64).reshape(x.shape)
+    bm3d = require_extra("bm3d")
+    return _per_slice(lambda s: np.asarray(bm3d.bm3d(s, sigma_psd=sig_n), dtype=np.float64), x)
+
+
+def _ants(x: np.ndarray, noise: str, info: dict) -> np.ndarray:
+    """ANTs DenoiseImage on ``x`` (scaled); see ``ANTS_SCALE`` for the intensity range it is given."""
+    ants = require_extra("ants")
+    model = "Rician" if noise == "rician" else "Gaussian"
+    info["ants"] = {"noise_model": model, "patch_radius": ANTS_PATCH_RADIUS, "search_radius": ANTS_SEARCH_RADIUS,
+                    "shrink_factor": 1, "intensity_scale": ANTS_SCALE}
+    img = ants.from_numpy(np.ascontiguousarray(x * ANTS_SCALE, dtype=np.float32))
+    out = ants.denoise_image(img, shrink_factor=1, p=ANTS_PATCH_RADIUS, r=ANTS_SEARCH_RADIUS, noise_model=model)
+    return np.asarray(out.numpy(), dtype=np.float64) / ANTS_SCALE
 
 
 def _nonfinite(vol: np.ndarray) -> np.ndarray | None:
