@@ -116,7 +116,7 @@ def write_index(out: Path, tasks: list[tuple], refs: dict[str, Path], wall: floa
     parts += [f"<li>{escape(n)}: {escape(SAMPLES[n].description)} (package {escape(SAMPLES[n].pip)})</li>"
               if n in SAMPLES else f"<li>{escape(n)}</li>" for n in refs]
     parts.append("</ul>")
-    shipped = [m for task, _ in tasks for m in task.methods if m.startswith("mr-")]
+    shipped = list(dict.fromkeys(m for task, _ in tasks for m in task.methods if m.startswith("mr-")))  # each once
     if shipped:
         parts.append(f"<p>Shipped models ({escape(', '.join(shipped))}) are small models trained in under an hour "
                      "each on a 2-core CPU, on a few real scans (mostly brain); <code>medldm models</code> and "
