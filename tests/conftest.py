@@ -121,3 +121,28 @@ def psnr01(a, b) -> float:
 
     a, b = torch.as_tensor(np.asarray(a), dtype=torch.float32), torch.as_tensor(np.asarray(b), dtype=torch.float32)
     return float(psnr(a.permute(2, 0, 1)[:, None], b.permute(2, 0, 1)[:, None], data_range=1.0).mean())
+
+
+def dcm2niix_canonical(folder, out):
+    """dcm2niix's NIfTI of the series in ``folder`` (written under ``out``), as ``nib.as_closest_canonical``."""
+    import subprocess
+
+    import nibabel as nib
+
+    exe = require_tool("dcm2niix")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([exe, "-z", "n", "-f", "%s", "-o", str(out), str(folder)], check=True, capture_output=True,
+                   timeout=120)
+    (ref,) = sorted(out.glob("*.nii"))
+    return nib.as_closest_canonical(nib.load(ref))
+
+
+def voxel_centres(img):
+    """World positions of the corner voxel centres of a NIfTI image (the affine is linear, so corners suffice)."""
+    import itertools
+
+    import numpy as np
+
+    idx = np.array(list(itertools.product(*[(0, n - 1) for n in img.shape[:3]])), float)
+    return idx @ img.affine[:3, :3].T + img.affine[:3, 3]

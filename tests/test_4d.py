@@ -5,36 +5,20 @@ series that dcm2niix reads back as the same 4D grid); ``--volume K`` picks one v
 
 from __future__ import annotations
 
-import itertools
 import json
-import subprocess
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_tool
+from conftest import dcm2niix_canonical, voxel_centres
 
 from medldm.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 GE = Path(__file__).parent / "data" / "vendor" / "dcm_qa_nih_ge_epi"
 EX4D = Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz"
-
-
-def _dcm2niix(folder: Path, out: Path) -> nib.Nifti1Image:
-    exe = require_tool("dcm2niix")
-    out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([exe, "-z", "n", "-f", "%s", "-o", str(out), str(folder)], check=True, capture_output=True,
-                   timeout=120)
-    (ref,) = sorted(out.glob("*.nii"))
-    return nib.as_closest_canonical(nib.load(ref))
-
-
-def _centres(img: nib.Nifti1Image) -> np.ndarray:
-    idx = np.array(list(itertools.product(*[(0, n - 1) for n in img.shape[:3]])), float)
-    return idx @ img.affine[:3, :3].T + img.affine[:3, 3]
 
 
 def _canon(path: Path) -> nib.Nifti1Image:
@@ -58,13 +42,13 @@ def test_info_says_what_the_volumes_are(ge, capsys):
     assert e["volumes"] == 2 and e["varies"] == "time point" and e["form"] == "classic" and e["shape"] == [64, 64, 15]
 
 
-def test_convert_4d_dicom_to_one_4d_nifti_as_dcm2niix(ge, tmp_path):
-    ref = _dcm2niix(ge, tmp_path / "ref")
+def test_convert_4d_dicom_to_one_4d_nifti_asdcm2niix_canonical(ge, tmp_path):
+    ref = dcm2niix_canonical(ge, tmp_path / "ref")
     assert main(["convert", str(ge), str(tmp_path / "ours.nii.gz"), "--quiet"]) == 0
     ours = _canon(tmp_path / "ours.nii.gz")
     assert ours.shape == ref.shape == (64, 64, 15, 2)
     np.testing.assert_array_equal(ours.get_fdata(), ref.get_fdata())
-    np.testing.assert_allclose(_centres(ours), _centres(ref), atol=0.01)
+    np.testing.assert_allclose(voxel_centres(ours), voxel_centres(ref), atol=0.01)
 
 
 def test_enhance_4d_dicom_every_volume_into_one_4d_result(ge, tmp_path):
@@ -91,9 +75,9 @@ def test_enhance_4d_dicom_every_volume_into_one_4d_result(ge, tmp_path):
         vol = (int(ds.InstanceNumber) - 1) // 15
         refs = {str(it.ReferencedSOPInstanceUID) for it in ds.SourceImageSequence}
         assert refs <= {src_uid[i] for i in range(1 + 15 * vol, 16 + 15 * vol)}
-    back, src = _dcm2niix(files[0].parent, tmp_path / "back"), _dcm2niix(ge, tmp_path / "src")
+    back, src = dcm2niix_canonical(files[0].parent, tmp_path / "back"), dcm2niix_canonical(ge, tmp_path / "src")
     assert back.shape == src.shape == (64, 64, 15, 2)
-    np.testing.assert_allclose(_centres(back), _centres(src), atol=0.01)
+    np.testing.assert_allclose(voxel_centres(back), voxel_centres(src), atol=0.01)
     ours = _canon(tmp_path / "all.nii.gz").get_fdata()
     assert np.abs(back.get_fdata() - ours).max() <= 0.5 + 1e-6  # the int16 DICOM holds the rounded values
 

@@ -16,7 +16,6 @@ Siemens and Philips keep in private tags are carried into the derived series (``
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import require_tool
+from conftest import dcm2niix_canonical, require_tool, voxel_centres
 
 from medldm.cli import main
 
@@ -60,26 +59,12 @@ def _series(tmp_path: Path, name: str) -> Path:
     return d
 
 
-def _dcm2niix(folder: Path, out: Path) -> nib.Nifti1Image:
-    exe = require_tool("dcm2niix")
-    out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([exe, "-z", "n", "-f", "%s", "-o", str(out), str(folder)], check=True, capture_output=True,
-                   timeout=120)
-    (ref,) = sorted(out.glob("*.nii"))
-    return nib.as_closest_canonical(nib.load(ref))
-
-
 def _bvals(out: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """dcm2niix's bval / bvec of the series it converted into ``out`` (None when it wrote none)."""
     b = sorted(out.glob("*.bval"))
     if not b:
         return None
     return np.loadtxt(b[0]), np.loadtxt(sorted(out.glob("*.bvec"))[0])
-
-
-def _centres(img: nib.Nifti1Image) -> np.ndarray:
-    idx = np.array(list(itertools.product(*[(0, n - 1) for n in img.shape[:3]])), float)
-    return idx @ img.affine[:3, :3].T + img.affine[:3, 3]
 
 
 def _dciodvfy_errors(files) -> set[str]:
@@ -92,7 +77,7 @@ def _dciodvfy_errors(files) -> set[str]:
 
 
 @pytest.mark.parametrize("name", sorted(SERIES))
-def test_info_convert_enhance_as_dcm2niix(name, tmp_path, capsys):
+def test_info_convert_enhance_asdcm2niix_canonical(name, tmp_path, capsys):
     folder, n_vol, form, shape = SERIES[name]
     src = _series(tmp_path, name)
     capsys.readouterr()
@@ -100,11 +85,11 @@ def test_info_convert_enhance_as_dcm2niix(name, tmp_path, capsys):
     (e,) = json.loads(capsys.readouterr().out)
     assert e["volumes"] == n_vol and e["form"] == form and sorted(e["shape"]) == sorted(shape)
 
-    ref = _dcm2niix(src, tmp_path / "ref")
+    ref = dcm2niix_canonical(src, tmp_path / "ref")
     assert main(["convert", str(src), str(tmp_path / "ours.nii.gz"), "--quiet"]) == 0
     ours = nib.as_closest_canonical(nib.load(str(tmp_path / "ours.nii.gz")))
     assert ours.shape == ref.shape and (ours.shape[3] if ours.ndim == 4 else 1) == n_vol
-    assert np.abs(_centres(ours) - _centres(ref)).max() < 0.01
+    assert np.abs(voxel_centres(ours) - voxel_centres(ref)).max() < 0.01
     if name in INEXACT:
         a, b = ours.get_fdata(), ref.get_fdata()
         for t in range(n_vol):
@@ -118,7 +103,7 @@ def test_info_convert_enhance_as_dcm2niix(name, tmp_path, capsys):
                  "--quiet"]) == 0
     files = sorted(out.rglob("*.dcm"))
     assert len(files) == min(shape) * n_vol
-    back = _dcm2niix(files[0].parent, tmp_path / "back")
+    back = dcm2niix_canonical(files[0].parent, tmp_path / "back")
     assert back.shape == ref.shape
     src_b, back_b = _bvals(tmp_path / "ref"), _bvals(tmp_path / "back")
     assert (src_b is not None) == (name in DWI)
@@ -126,7 +111,7 @@ def test_info_convert_enhance_as_dcm2niix(name, tmp_path, capsys):
         assert back_b is not None
         np.testing.assert_allclose(back_b[0], src_b[0])
         np.testing.assert_allclose(back_b[1], src_b[1], atol=1e-4)
-    assert np.abs(_centres(back) - _centres(ref)).max() < 0.01
+    assert np.abs(voxel_centres(back) - voxel_centres(ref)).max() < 0.01
     assert float(back.get_fdata().min()) >= 0.0  # magnitude MR is never negative
     src_files = [f for f in src.iterdir() if f.is_file()]
     new = _dciodvfy_errors(files[:: min(shape)]) - _dciodvfy_errors(src_files)

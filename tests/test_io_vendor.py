@@ -5,15 +5,13 @@ validation series, licences beside them)."""
 from __future__ import annotations
 
 import io
-import itertools
-import subprocess
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_tool
+from conftest import dcm2niix_canonical, voxel_centres
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -31,21 +29,6 @@ GE_STEPS = [6.958, 6.972, 7.057, 6.972, 6.958, 7.071, 6.972, 6.958, 7.057, 6.972
 def ge_volume_files() -> list[Path]:
     """Volume 1 of the GE EPI series: InstanceNumber 1-15, one slice per position."""
     return sorted(GE_EPI.glob("*.dcm"))[:15]
-
-
-def _voxel_centres(img: nib.Nifti1Image) -> np.ndarray:
-    sh = img.shape[:3]
-    idx = np.array(list(itertools.product(*[(0, n - 1) for n in sh])), float)
-    return idx @ img.affine[:3, :3].T + img.affine[:3, 3]
-
-
-def _dcm2niix(folder: Path, out: Path) -> nib.Nifti1Image:
-    exe = require_tool("dcm2niix")
-    out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([exe, "-z", "n", "-f", "%s", "-o", str(out), str(folder)], check=True, capture_output=True,
-                   timeout=120)
-    (ref,) = sorted(out.glob("*.nii"))
-    return nib.as_closest_canonical(nib.load(ref))
 
 
 def jittered_ge(tmp_path: Path) -> Path:
@@ -76,7 +59,7 @@ def test_ge_rounded_positions_read_as_one_regular_series(tmp_path):
     slope = np.polyfit(k, z, 1)[0]
     assert abs(float(np.linalg.norm(img.affine.numpy()[:3, 2])) - slope) < 1e-4  # the least-squares step
     assert abs(slope - 7.0) < 0.02 and abs(np.median(steps) - 7.0) > 0.02  # not the median step
-    ref = _dcm2niix(d, tmp_path / "ref")
+    ref = dcm2niix_canonical(d, tmp_path / "ref")
     ours = nib.as_closest_canonical(nib.Nifti1Image(img.numpy(), img.affine.numpy()))
     assert ours.shape == ref.shape[:3]
     np.testing.assert_array_equal(ours.get_fdata(), ref.get_fdata().reshape(ours.shape))
@@ -93,7 +76,7 @@ def test_ge_rounded_positions_read_as_one_regular_series(tmp_path):
     assert off_grid(img.affine.numpy()) == pytest.approx(float(np.abs(fit - pos).max()), abs=1e-6)  # least squares
     assert off_grid(img.affine.numpy()) < 0.06
     assert off_grid(ref.affine) > 0.5
-    np.testing.assert_allclose(_voxel_centres(ours)[:, :2], _voxel_centres(ref)[:, :2], atol=1e-3)  # in-plane
+    np.testing.assert_allclose(voxel_centres(ours)[:, :2], voxel_centres(ref)[:, :2], atol=1e-3)  # in-plane
 
 
 def test_real_gap_still_splits(dicomdir_tests):
