@@ -139,16 +139,16 @@ def describe_volumes(case) -> dict:
     """What the volumes of a case are: ``{"volumes": n}`` plus, for a DICOM series, ``"varies"`` (the attribute
     that differs between volumes: b-value, echo time, inversion time or time point) and its ``"values"`` per volume,
     and ``"form"`` (``classic`` single-frame files or ``enhanced multi-frame``)."""
-    n = count_volumes(case)
-    out: dict = {"volumes": n}
-    if case.kind == "nifti":
-        return out
-    from medldm.io.dicom_series import volume_groups
+    if case.kind == "nifti" or case.error is not None:
+        return {"volumes": count_volumes(case)}
+    from medldm.io.dicom_frames import is_mosaic
+    from medldm.io.dicom_series import volume_count, volume_groups
     from medldm.io.reader import _dicom_frames
 
     paths = [Path(p) for p in case.paths]
     frames, _, _, n_multi, headers = _dicom_frames(paths, str(case.source or paths[0]), case.headers)
-    from medldm.io.dicom_frames import is_mosaic
+    n = volume_count(frames)  # the frame list built once (count_volumes would build it again)
+    out: dict = {"volumes": n}
 
     out["form"] = "enhanced multi-frame" if n_multi else \
         "Siemens mosaic" if any(is_mosaic(h) for h in headers) else "classic"
