@@ -9,7 +9,14 @@ Volumes (each scaled to [0, 1] by its maximum; noise sigma relative to that; one
   T1 volume the registries ship, and it is IN THE TRAINING SET of every shipped model (configs/shipped/*.yaml):
   the comparison favours the model there;
 * ``s0-brain``: dipy's S0_10slices (a real brain b0, 128 x 128 x 10), a ``medldm demo`` scan that no shipped
-  model trained on (held out).
+  model trained on (held out);
+* ``ge-epi``: volume 0 of a GE fMRI EPI series (64 x 64 x 15, 3.75 x 3.75 x 5 mm; tests/data/vendor, from
+  dcm2niix's dcm_qa_nih, BSD-2): a scanner and subject no shipped model trained on (held out). An EPI has noise of
+  its own: the reference is the scan as acquired.
+
+Models: ``--models`` takes shipped names or model folders, each optionally with ``+adapt=N`` (``--adapt`` with
+``N`` optimizer steps, repeatable: ``medldm enhance --adapt-steps N``), e.g.
+``--models mr-denoise-2d runs/mr-denoise-25d/model runs/mr-denoise-25d/model+adapt=150``.
 
 PSNR over the whole volume (data range 1; the issue 22 convention), SSIM the mean over the 2D slices. Wall time
 and CPU time per method (the table shows CPU seconds: wall time depends on the load of the shared machine); run
@@ -33,14 +40,22 @@ from monai.data import MetaTensor
 from medldm.data.datasets import resolve_path
 from medldm.data.degrade import gaussian_noise, rician_noise
 from medldm.eval.baselines import denoise
+from medldm.io.reader import load_scan
 from medldm.metrics import ssim
 from medldm.pipelines.enhance import EnhanceOptions, Enhancer
 from medldm.shipped import open_model
 
 MNI = "pkg://nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 S0 = "pkg://dipy/data/files/S0_10slices.nii.gz"
+GE_EPI = Path(__file__).parents[1] / "tests" / "data" / "vendor" / "dcm_qa_nih_ge_epi"
 CASES = (("gaussian", 0.05), ("rician", 0.05), ("rician", 0.10))
 METHODS = ("bm4d", "bm3d", "ants", "nlm-dipy", "model")
+
+
+def parse_model(spec: str) -> tuple[str, int | None]:
+    """'NAME_OR_FOLDER[+adapt=N]' -> (model, adapt steps or None)."""
+    name, _, rest = spec.partition("+adapt=")
+    return name, int(rest) if rest else None
 
 
 def volumes(crop: tuple[int, int, int]) -> dict[str, np.ndarray]:
@@ -49,7 +64,8 @@ def volumes(crop: tuple[int, int, int]) -> dict[str, np.ndarray]:
     c = [(n - k) // 2 for n, k in zip(mni.shape, crop, strict=True)]
     mni = mni[c[0]:c[0] + crop[0], c[1]:c[1] + crop[1], c[2]:c[2] + crop[2]]
     s0 = np.asarray(nib.load(resolve_path(S0)).dataobj, np.float64).reshape(128, 128, 10)
-    return {"mni-t1": mni / mni.max(), "s0-brain": s0 / s0.max()}
+    epi = np.asarray(load_scan(GE_EPI, volume=0), np.float64)
+    return {"mni-t1": mni / mni.max(), "s0-brain": s0 / s0.max(), "ge-epi": epi / epi.max()}
 
 
 def psnr_ssim(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -74,11 +90,13 @@ def main() -> int:
     ap.add_argument("--blind", action="store_true", help="every method estimates the level (default: told)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--scans", nargs="+", default=["mni-t1", "s0-brain"])
-    ap.add_argument("-m", "--model", default="mr-denoise-2d")
+    ap.add_argument("-m", "--models", nargs="+", default=["mr-denoise-2d"],
+                    help="shipped names or folders, each optionally +adapt=N (N adaptation steps)")
     ap.add_argument("-o", "--out", default="runs/fair_baselines")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    enh = open_model(args.model).runner
+    runners = {m: open_model(m).runner for m in {parse_model(s)[0] for s in args.models}}
+    methods = [m for m in args.methods if m != "model"] + (list(args.models) if "model" in args.methods else [])
     rows = []
     for name, ref in volumes(tuple(args.crop)).items():
         if name not in args.scans:
@@ -88,11 +106,13 @@ def main() -> int:
             noisy = np.asarray(add(ref, level, 100 + ci, relative=False), np.float64)
             row = {"scan": name, "shape": list(ref.shape), "noise": kind, "level": level,
                    "noisy": psnr_ssim(noisy, ref)}
-            for method in args.methods:
+            for method in methods:
                 t0, c0 = time.perf_counter(), time.process_time()
-                if method == "model":
+                if method in args.models:
+                    model, steps = parse_model(method)
+                    enh = runners[model]
                     img = MetaTensor(torch.as_tensor(noisy, dtype=torch.float32), affine=torch.eye(4))
-                    opts = EnhanceOptions(noise_level=told(enh, noisy, level, args.blind))
+                    opts = EnhanceOptions(noise_level=told(enh, noisy, level, args.blind), adapt_steps=steps)
                     pred = np.asarray(enh.enhance(img, opts).image)
                 else:
                     pred = denoise(noisy, method, sigma=None if args.blind else level, dims=2, noise=kind)[0]
@@ -106,7 +126,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rows_{'_'.join(args.scans)}.json").write_text(json.dumps({"blind": args.blind, "crop": args.crop, "rows": rows}, indent=1))
-    cols = ["noisy", *args.methods]
+    cols = ["noisy", *methods]
     print(f"\nlevels: {'blind (each method estimates it)' if args.blind else 'told (the true level)'}; "
           "PSNR dB over the volume / SSIM (mean over slices) (CPU seconds)")
     print("| scan | noise | " + " | ".join(cols) + " |")

@@ -32,6 +32,9 @@ from medldm.cli.common import add_deidentify_argument
 from medldm.cli.remote import add_remote_arguments
 from medldm.io.errors import UsageError
 from medldm.io.formats import is_nifti, sibling_path
+
+#: ``--adapt`` without a value: seconds of fine-tuning per scan
+ADAPT_SECONDS = 60.0
 from medldm.models.config import SAMPLER_NAMES
 
 REPORT_NAME = "medldm-enhance-report.json"
@@ -55,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                "(default: the training axis)")
     p.add_argument("--no-refine", action="store_true",
                    help="skip the model's pixel-space refiner (stage 3) even when the folder has one")
+    p.add_argument("--adapt", type=float, nargs="?", const=ADAPT_SECONDS, default=None, metavar="SECONDS",
+                   help="fine-tune a copy of the model's refiner on each scan first, self-supervised (denoise: "
+                        "Recorrupted-to-Recorrupted with the estimated noise level; sr: the scan down-sampled "
+                        f"further), for SECONDS per scan (default {ADAPT_SECONDS:g}); the adapted weights are "
+                        "never saved; what it did is in the run report")
+    p.add_argument("--adapt-steps", type=int, metavar="N",
+                   help="with --adapt: stop after N optimizer steps instead of the time (repeatable anywhere)")
     p.add_argument("--volume", type=int, metavar="K", help="4D input: enhance volume K only (0-based; default: "
                                                             "every volume, written as one 4D result)")
     p.add_argument("--to", choices=("nifti", "dicom"), help="output kind (default: same as each input)")
@@ -73,8 +83,11 @@ def enhance_options(args: argparse.Namespace, device: str):
     defaults (steps, sampler, window) are filled in by ``runner.resolve``, once."""
     from medldm.pipelines.enhance import EnhanceOptions
 
+    if (args.adapt is not None and args.adapt < 0) or (args.adapt_steps is not None and args.adapt_steps < 1):
+        raise UsageError("--adapt SECONDS must be >= 0 and --adapt-steps N >= 1")
     given = {"steps": args.steps, "sampler": args.sampler, "samples": args.samples, "batch_size": args.batch_size,
-             "seed": args.seed, "noise_level": args.noise_level, "axis": args.axis, "refine": not args.no_refine}
+             "seed": args.seed, "noise_level": args.noise_level, "axis": args.axis, "refine": not args.no_refine,
+             "adapt": args.adapt, "adapt_steps": args.adapt_steps}
     return EnhanceOptions(device=device, **{k: v for k, v in given.items() if v is not None})
 
 

@@ -296,3 +296,16 @@ def scan_condition(x, task: str, degrade, *, axis: int = 2, dims: int = 2,
         g = torch.Generator().manual_seed(seed + 7)
         up = up + 2.0 * sigma * torch.randn(up.shape, generator=g)
     return up, tuple(shape)
+
+
+def neighbour_slices(vol: torch.Tensor, index: torch.Tensor, context: int) -> torch.Tensor:
+    """The 2.5D context of slices ``index`` (B,) of ``vol`` (n, *S): (B, 2 context, *S), the slices z-1, z+1, z-2,
+    z+2, ... with the edge slice repeated past either end of the volume — the channel order a refiner with
+    ``context`` was trained with (training items, ``medldm.data.datasets.make_items``, and inference,
+    ``medldm.pipelines.enhance``, both call this)."""
+    n = vol.shape[0]
+    offsets = [s * d for d in range(1, context + 1) for s in (-1, 1)]
+    if not offsets:
+        return vol.new_zeros((len(index), 0, *vol.shape[1:]))
+    idx = (index.reshape(-1, 1) + torch.tensor(offsets, dtype=torch.long)).clamp(0, n - 1)
+    return vol[idx]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medldm.data.condition import neighbour_slices
 from medldm.io.errors import CaseError
 
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".dcm")
@@ -271,11 +272,13 @@ def reformat_axes(shape: Sequence[int], spacing: Sequence[float], slice_axis: in
 
 def make_items(vols: list[dict], *, spatial_dims: int, slice_axis: int, patch: Sequence[int], factor: int,
                resize_to: Sequence[int] | None = None, min_foreground: float = 0.0,
-               reformat: bool = False) -> list[Item]:
+               reformat: bool = False, context: int = 0) -> list[Item]:
     """2D: slices along ``slice_axis`` with enough foreground; 3D: whole volumes. Each (1, *S) padded/resized.
 
     ``reformat`` (2D, ``data.reformat``): also the planes along the other two axes of volumes whose pixels in that
-    plane are near-square (:func:`reformat_axes`; the volume's ``spacing``), for orientation variety."""
+    plane are near-square (:func:`reformat_axes`; the volume's ``spacing``), for orientation variety.
+    ``context`` (2D, ``refine.context``): each item is (1 + 2 context, *S), the slice then its neighbouring slices
+    in the order of :func:`medldm.data.condition.neighbour_slices` (what a 2.5D refiner sees at inference)."""
     items: list[Item] = []
     for v in vols:
         img = v["image"]
@@ -290,11 +293,14 @@ def make_items(vols: list[dict], *, spatial_dims: int, slice_axis: int, patch: S
             n = vol.shape[-1]
             bg = float(vol.min())
             thr = bg + 0.05 * (float(vol.max()) - bg)
+            stack = torch.movedim(vol, -1, 0)  # (n, H, W)
             for k in range(n):
                 sl = vol[..., k]
                 if min_foreground > 0 and float((sl > thr).float().mean()) < min_foreground:
                     continue
-                items.append(Item(_fit(sl[None], patch, factor, resize_to), v["id"], v["source"], (k + 0.5) / n))
+                near = neighbour_slices(stack, torch.tensor([k]), context)[0] if context else sl[None][:0]
+                items.append(Item(_fit(torch.cat([sl[None], near]), patch, factor, resize_to), v["id"], v["source"],
+                                  (k + 0.5) / n))
     if not items:
         raise CaseError("data", "no slices with enough foreground", "lower data.min_foreground")
     return items
@@ -346,9 +352,11 @@ class ItemStore:
                                  for s, p in zip(shape, self.patch, strict=True)))
         return idx, corners
 
-    def crop(self, idx: np.ndarray, corners: list[tuple[int, ...]]) -> torch.Tensor:
-        """(B, 1, *patch) crops."""
-        return torch.stack([self.items[int(i)].image[(slice(None), *self._window(c))]
+    def crop(self, idx: np.ndarray, corners: list[tuple[int, ...]], context: bool = False) -> torch.Tensor:
+        """(B, 1, *patch) crops; ``context``: (B, 1 + 2 k, *patch), each slice with its neighbouring slices (items
+        made with ``make_items(context=k)``)."""
+        ch = slice(None) if context else slice(0, 1)
+        return torch.stack([self.items[int(i)].image[(ch, *self._window(c))]
                             for i, c in zip(idx, corners, strict=True)])
 
     def _window(self, corner: tuple[int, ...]) -> tuple[slice, ...]:

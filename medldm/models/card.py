@@ -24,7 +24,7 @@ Task = Literal["sr", "denoise", "thinslice", "synthesis"]
 #: top-level keys of a model folder's ``config.yaml``: the training config that made it (``medldm.train.schema.
 #: TrainingConfig``'s sections; the networks are rebuilt from ``vae`` / ``unet`` / ``diffusion``; ``model:``, an
 #: older layout nesting those three, is rewritten by ``migrate`` first). A test keeps this set equal to the schema's.
-CONFIG_KEYS = frozenset({"stage", "task", "condition", "spatial_dims", "seed", "vae_path", "data", "augment",
+CONFIG_KEYS = frozenset({"stage", "task", "condition", "spatial_dims", "seed", "vae_path", "ldm_path", "data", "augment",
                          "degrade", "vae", "unet", "diffusion", "vae_train", "ldm_train", "refine", "engine"})
 NETWORK_SECTIONS = ("vae", "unet", "diffusion")
 

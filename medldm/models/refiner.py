@@ -41,6 +41,8 @@ INPUTS = (("decoded", "degraded"), ("decoded", "degraded", "noise_level"),
           ("degraded", "degraded"), ("degraded", "degraded", "noise_level"))
 #: widest BasicUNet level a model folder may ask for
 MAX_FEATURES = 1024
+#: most neighbouring slices on each side a 2.5D refiner may see
+MAX_CONTEXT = 8
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,14 @@ class RefinerSpec:
     base: Literal["degraded", "decoded"]
     inputs: tuple[str, ...] = ("decoded", "degraded")  # channel order of the network input
     residual: bool = True  # the output is added to ``base`` (informative; always true)
+    # 2.5D: the degraded neighbouring slices on each side the network also sees (``refine.context``), appended
+    # after ``inputs`` in the order z-1, z+1, z-2, z+2, ... (``medldm.data.condition.neighbour_slices``); 0 = the slice alone
+    context: int = 0
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the network input: ``inputs`` and the ``2 * context`` neighbouring slices."""
+        return len(self.inputs) + 2 * self.context
 
     @property
     def uses_diffusion(self) -> bool:
@@ -68,14 +78,20 @@ class RefinerSpec:
         bad = [f for f in self.features if not 1 <= f <= MAX_FEATURES]
         if bad:
             raise ValueError(f"refiner.features = {list(self.features)}: every entry must be in 1..{MAX_FEATURES}")
+        if not 0 <= int(self.context) <= MAX_CONTEXT or (self.context and self.spatial_dims != 2):
+            raise ValueError(f"refiner.context = {self.context}: 0..{MAX_CONTEXT} neighbouring slices on each side, "
+                             "for 2D refiners only (a 3D refiner sees its neighbours already)")
         if tuple(self.inputs) not in INPUTS or not self.residual:
             raise ValueError(f"refiner inputs {list(self.inputs)} / residual {self.residual}: medldm applies a "
                              "residual refiner to [decoded or degraded, degraded(, noise_level)] only")
 
     def to_extra(self) -> dict[str, Any]:
         """The ``extra.json["refiner"]`` entry (YAML/JSON-safe)."""
-        return {"spatial_dims": self.spatial_dims, "features": list(self.features), "norm": self.norm,
-                "base": self.base, "inputs": list(self.inputs), "residual": self.residual}
+        out = {"spatial_dims": self.spatial_dims, "features": list(self.features), "norm": self.norm,
+               "base": self.base, "inputs": list(self.inputs), "residual": self.residual}
+        if self.context:  # written only when used, so the folders of 2D refiners stay as they were
+            out["context"] = int(self.context)
+        return out
 
 
 def build_refiner(spatial_dims: int, features, norm: str, in_channels: int = 2) -> nn.Module:
@@ -90,16 +106,37 @@ def build_refiner(spatial_dims: int, features, norm: str, in_channels: int = 2) 
 
 def build_from_spec(spec: RefinerSpec) -> nn.Module:
     """The (untrained) network a :class:`RefinerSpec` describes."""
-    return build_refiner(spec.spatial_dims, spec.features, spec.norm, len(spec.inputs))
+    return build_refiner(spec.spatial_dims, spec.features, spec.norm, spec.in_channels)
+
+
+def widen_first_layer(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A 2D refiner's weights (``state``) fitted to a network with more input channels (``target``, e.g. the same
+    refiner with 2.5D context): the first convolution's weights for the new channels start at zero, so the
+    widened network computes exactly what the old one did until training moves them (a warm start)."""
+    out = {}
+    for key, w in target.items():
+        old = state.get(key)
+        if old is None or old.shape == w.shape:
+            out[key] = w if old is None else old
+        elif old.ndim == w.ndim and old.shape[0] == w.shape[0] and old.shape[2:] == w.shape[2:] \
+                and old.shape[1] < w.shape[1]:
+            new = torch.zeros_like(w)
+            new[:, : old.shape[1]] = old
+            out[key] = new
+        else:
+            raise ValueError(f"refiner weight {key}: {tuple(old.shape)} does not fit {tuple(w.shape)}")
+    return out
 
 
 def apply_refiner(refiner: nn.Module, decoded: torch.Tensor, degraded: torch.Tensor, base: str,
-                  noise_level: torch.Tensor | float | None = None) -> torch.Tensor:
+                  noise_level: torch.Tensor | float | None = None,
+                  context: torch.Tensor | None = None) -> torch.Tensor:
     """decoded, degraded (N, 1, *S) in the model range -> refined (N, 1, *S) = base + refiner([d, y(, s)]).
 
     ``base`` is the model's (``ModelBundle.refiner_base``; in training ``refine.base``): 'degraded' or 'decoded'.
     ``noise_level`` (a float or (N,) in [0, 1], the level the U-Net is given) is passed to refiners trained with
-    a noise map (``RefinerSpec.noise_map``) as a constant third channel, and must be None for the others."""
+    a noise map (``RefinerSpec.noise_map``) as a constant third channel, and must be None for the others.
+    ``context`` (N, 2 k, *S): the degraded neighbouring slices of a 2.5D refiner (``medldm.data.condition.neighbour_slices``)."""
     if base not in BASES:
         raise ValueError(f"refiner base {base!r}: expected one of {', '.join(BASES)}")
     degraded = degraded.to(decoded.dtype)
@@ -108,6 +145,8 @@ def apply_refiner(refiner: nn.Module, decoded: torch.Tensor, degraded: torch.Ten
         lev = torch.as_tensor(noise_level, dtype=decoded.dtype, device=decoded.device).reshape(-1)
         lev = lev.expand(decoded.shape[0]) if lev.numel() == 1 else lev
         parts.append(lev.view(-1, *([1] * (decoded.ndim - 1))).expand_as(decoded))
+    if context is not None and context.shape[1]:
+        parts.append(context.to(decoded.dtype))
     res = refiner(torch.cat(parts, dim=1)).to(decoded.dtype)
     return (degraded if base == "degraded" else decoded) + res
 

@@ -39,7 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medldm.data.condition import scan_condition
+from medldm.data.condition import neighbour_slices, scan_condition
+from medldm.models.refiner import apply_refiner
+from medldm.pipelines.adapt import adapt_refiner
 from medldm.diffusion import make_model_fn, make_schedule, sample, sample_many
 from medldm.io.errors import CaseError
 from medldm.models.config import DegradeConfig
@@ -79,6 +81,10 @@ class EnhanceOptions:
     normalization: dict | None = None  # fixed intensity params (e.g. shared by the chunks of one volume)
     noise_offset: int = 0  # index of the first slice (2D) / latent slice along Z (3D) of this chunk
     refine: bool = True  # apply the model folder's pixel-space refiner (stage 3) when it has one
+    # fine-tune a copy of the refiner on this scan for this many seconds first (``medldm.pipelines.adapt``; 0 = off);
+    # ``adapt_steps`` stops it after that many optimizer steps instead (repeatable on any machine)
+    adapt: float = 0.0
+    adapt_steps: int | None = None
 
 
 @dataclass
@@ -129,6 +135,8 @@ class LatentSampler:
         self.refiner_noise_map = bundle.refiner is not None and bundle.refiner_spec.noise_map
         # the ablation trained without the diffusion channel sees the degraded input in its place
         self.refiner_uses_diffusion = bundle.refiner is None or bundle.refiner_spec.uses_diffusion
+        # 2.5D refiners see this many neighbouring slices on each side (0: the slice alone)
+        self.refiner_context = 0 if bundle.refiner is None else int(bundle.refiner_spec.context)
         self.unet_down = 2 ** (len(self.denoiser.cfg.channels) - 1)  # latent sizes must be multiples of this
         self.align = self.f * self.unet_down  # image sizes are padded to multiples of this
         # ... and to at least this: the refiner (MONAI BasicUNet) pools 4 times, so a 1-pixel-wide image padded
@@ -138,8 +146,10 @@ class LatentSampler:
         patch = card.patch_size or [64] * self.dims
         self.default_window = tuple(_ceil(max(2 * int(p) // self.f, 8), self.unet_down) for p in patch)
 
-    def _sample_items(self, cond_items: torch.Tensor, keys: list[int], level: float | None, opts: EnhanceOptions):
+    def _sample_items(self, cond_items: torch.Tensor, keys: list[int], level: float | None, opts: EnhanceOptions,
+                      context: torch.Tensor | None = None):
         """cond_items (B, 1, *S) padded to multiples of f -> (mean, std) of K decoded samples (B, 1, *S).
+        ``context`` (B, 2 k, *S): the neighbouring slices a 2.5D refiner sees (``RefinerSpec.context``).
 
         Start noise is seeded per (seed, sample, slice index), so results do not depend on the batch size
         or on how a volume is cut into chunks."""
@@ -157,11 +167,13 @@ class LatentSampler:
 
         refine = functools.partial(self._refine, level=level)
         img_window = None if window is None else tuple(w * self.f for w in window)
+        # what the refiner sees of the degraded scan: the slice, then its neighbouring slices (2.5D)
+        seen = cond_items if context is None else torch.cat([cond_items, context], dim=1)
         if self.refiner is not None and opts.refine and not self.refiner_uses_diffusion:
             # a refiner trained without the diffusion channel never sees a sample: nothing to draw or decode; it
             # gets the degraded input in the diffusion output's place (its training inputs)
             with self._autocast():
-                out = tiled_call(refine, cond_items.to(self.device), cond_items.to(self.device), img_window, 0.25)
+                out = tiled_call(refine, cond_items.to(self.device), seen.to(self.device), img_window, 0.25)
             return out.float().cpu(), torch.zeros(out.shape)
 
         def draw(i: int) -> torch.Tensor:
@@ -176,17 +188,16 @@ class LatentSampler:
             with self._autocast():
                 img = tiled_decode(self.vae.decode, z / self.scale, window).float()
                 if self.refiner is not None and opts.refine:
-                    img = tiled_call(refine, img, cond_items.to(self.device), img_window, 0.25).float()
+                    img = tiled_call(refine, img, seen.to(self.device), img_window, 0.25).float()
             return img.cpu()
 
         return sample_many(max(int(opts.samples), 1), draw)
 
-    def _refine(self, decoded: torch.Tensor, degraded: torch.Tensor | None, level: float | None = None) -> torch.Tensor:
-        from medldm.models.refiner import apply_refiner
-
-        assert degraded is not None and self.refiner is not None
+    def _refine(self, decoded: torch.Tensor, seen: torch.Tensor | None, level: float | None = None) -> torch.Tensor:
+        """The refiner on a window: ``seen`` (N, 1 + 2 k, *S) is the degraded slice and its neighbours."""
+        assert seen is not None and self.refiner is not None
         lev = (0.0 if level is None else level) if self.refiner_noise_map else None
-        return apply_refiner(self.refiner, decoded, degraded, self.refiner_base, lev)
+        return apply_refiner(self.refiner, decoded, seen[:, :1], self.refiner_base, lev, seen[:, 1:])
 
     def resolve(self, opts: EnhanceOptions | None = None) -> EnhanceOptions:
         """``opts`` with the model's defaults filled in (steps, sampler: ``DiffusionConfig.sampling_options``,
@@ -219,8 +230,12 @@ class LatentSampler:
         for start in range(0, n, max(opts.batch_size, 1)):
             items = vol[start : start + opts.batch_size][:, None]
             items = _pad_to(items, (ph, pw))
+            context = None
+            if self.refiner_context and opts.refine:  # 2.5D refiner: the slices' neighbours in this volume
+                index = torch.arange(start, start + items.shape[0])
+                context = _pad_to(neighbour_slices(vol, index, self.refiner_context), (ph, pw))
             keys = list(range(opts.noise_offset + start, opts.noise_offset + start + items.shape[0]))
-            m, s = self._sample_items(items, keys, level, opts)
+            m, s = self._sample_items(items, keys, level, opts, context)
             means.append(m[:, 0, :h, :w])
             stds.append(s[:, 0, :h, :w])
         return torch.movedim(torch.cat(means), 0, axis), torch.movedim(torch.cat(stds), 0, axis)
@@ -270,8 +285,19 @@ class Enhancer(LatentSampler):
             res.info["warning"] = "; ".join(w for w in (scan.constant_note(out_shape), res.info.get("warning")) if w)
             return res
         level = self._noise_level(x, axis, opts, scan.bad, scan.arr, params)
-        mean, std = self.sample_condition(cond_img, axis, level, opts)
-        return self._result(scan, params, mean, std, out_shape, level, opts)
+        net, adapted = None, None
+        if opts.refine and (opts.adapt > 0 or opts.adapt_steps):
+            net, adapted = adapt_refiner(self, x, axis, level, opts, params, opts.adapt, opts.adapt_steps)
+        kept = self.refiner
+        self.refiner = kept if net is None else net  # the adapted copy for this scan only: the folder's refiner is back after it
+        try:
+            mean, std = self.sample_condition(cond_img, axis, level, opts)
+        finally:
+            self.refiner = kept
+        res = self._result(scan, params, mean, std, out_shape, level, opts)
+        if adapted is not None:
+            res.info["adapt"] = adapted
+        return res
 
     def _fit_normalization(self, img, arr: np.ndarray, bad: np.ndarray) -> dict:
         """The training recipe's normalization fitted on the scan; for denoisers, made insensitive to zero-mean

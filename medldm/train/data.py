@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medldm.data.datasets import ItemStore, collect_scans, load_volumes, make_items, split_scans
@@ -50,7 +51,8 @@ def item_store(cfg, vols: list[dict], *, from_val: bool = False) -> ItemStore:
     d = cfg.data
     items = make_items(vols, spatial_dims=cfg.spatial_dims, slice_axis=d.slice_axis, patch=d.patch_size,
                        factor=cfg.factor, resize_to=d.resize_to, min_foreground=d.min_foreground,
-                       reformat=d.reformat and not from_val)
+                       reformat=d.reformat and not from_val,
+                       context=cfg.refine.context if cfg.refine.enabled and cfg.spatial_dims == 2 else 0)
     return ItemStore(items, d.patch_size, cfg.factor, cfg.unet.num_classes, d.class_from,
                      contrast_of=d.contrast_of(from_val), n_contrasts=max(len(d.contrast_names), 1))
 
@@ -72,13 +74,12 @@ def build_data(cfg, out_dir: Path, *, quiet: bool = False) -> RunData:
     return RunData(train, val, [v["id"] for v in vols], [v["id"] for v in val_vols], [v["norm"] for v in vols[:4]])
 
 
-def center_batch(store: ItemStore, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """(n, 1, *patch) centre crops of ``n`` items spread over ``store`` (validation), their labels, indices."""
+def center_batch(store: ItemStore, n: int, context: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(n, 1, *patch) centre crops of ``n`` items spread over ``store`` (validation), their labels, indices;
+    ``context``: (n, 1 + 2 k, *patch), with the neighbouring slices (``ItemStore.crop``)."""
     idx = store.spread(n)
-    import numpy as np
-
     arr = np.asarray(idx)
-    return store.crop(arr, center_corners(store, idx)), store.labels(arr), idx
+    return store.crop(arr, center_corners(store, idx), context), store.labels(arr), idx
 
 
 def center_corners(store: ItemStore, idx: list[int]) -> list[tuple[int, ...]]:

@@ -96,7 +96,7 @@ class LDMStage:
         cache = load_cache(path, tag)
         if cache is None:
             if self.rt.dist.is_main:
-                cache = encode_items(self.vae, [it.image for it in items], self.rt.device, self.rt.autocast)
+                cache = encode_items(self.vae, [it.image[:1] for it in items], self.rt.device, self.rt.autocast)
                 save_cache(cache, path, tag)
             barrier(self.rt.dist)
             cache = cache if cache is not None else load_cache(path, tag)

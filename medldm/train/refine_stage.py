@@ -34,7 +34,7 @@ from medldm.data.datasets import step_rng
 from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
 from medldm.models.card import ModelCard
 from medldm.models.conditioning import space_to_depth
-from medldm.models.refiner import RefinerSpec, apply_refiner, build_from_spec
+from medldm.models.refiner import RefinerSpec, apply_refiner, build_from_spec, widen_first_layer
 from medldm.train.data import RunData, center_batch
 from medldm.train.engine import Runtime, adamw, prepare
 from medldm.train.ldm_stage import stage_sampler, val_sigma
@@ -46,7 +46,7 @@ def refiner_spec_of(cfg) -> RefinerSpec:
     first = "decoded" if cfg.refine.diffusion_channel else "degraded"  # degraded: the no-diffusion ablation
     inputs = (first, "degraded", "noise_level") if cfg.refine.noise_map else (first, "degraded")
     return RefinerSpec(spatial_dims=cfg.spatial_dims, features=tuple(cfg.refine.features), norm=cfg.refine.norm,
-                       base=cfg.refine.base, inputs=inputs)
+                       base=cfg.refine.base, inputs=inputs, context=cfg.refine.context)
 
 
 class RefineStage:
@@ -71,6 +71,8 @@ class RefineStage:
         # the refine section is the one source of the refiner's settings; the model folder stores them (extra())
         self.spec = refiner_spec_of(cfg)
         self.refiner = build_from_spec(self.spec)
+        if cfg.stage == "refine" and bundle.refiner is not None:  # warm start from the folder's refiner
+            self.refiner.load_state_dict(widen_first_layer(bundle.refiner.state_dict(), self.refiner.state_dict()))
         self.modules = {"refiner": self.refiner}
         self.wrapped = {"refiner": prepare(self.refiner, rt)}
         self.optimizers = {"refiner": adamw(self.refiner.parameters(), self.tcfg.lr, self.tcfg.weight_decay, rt)}
@@ -82,15 +84,17 @@ class RefineStage:
         rng = step_rng(self.cfg.seed, step, micro, self.rt.dist.rank, 3)
         store = self.data.train
         idx, corners = store.draw(rng, self.cfg.data.batch_size)
-        clean = store.crop(idx, corners)
+        clean = store.crop(idx, corners, context=self.spec.context > 0)  # (B, 1 + 2 context, *patch)
         if self.augment is not None:
             clean = self.augment(clean, rng)
         gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        # the slice and its neighbours degraded together (one level per sample), as a degraded volume is
         degraded, level = make_pair(clean, self.cfg.task, self.cfg.degrade, gen)
-        return {"clean": clean, "degraded": degraded, "level": level, "seed": int(rng.integers(0, 2**62))}
+        return {"clean": clean[:, :1], "degraded": degraded[:, :1], "context": degraded[:, 1:], "level": level,
+                "seed": int(rng.integers(0, 2**62))}
 
     def to_device(self, b: dict) -> dict:
-        out = {k: self.rt.to(b[k]) for k in ("clean", "degraded")}
+        out = {k: self.rt.to(b[k]) for k in ("clean", "degraded", "context")}
         return {**out, "level": b["level"].to(self.rt.device), "seed": b["seed"]}
 
     @staticmethod
@@ -118,21 +122,23 @@ class RefineStage:
     def losses(self, b: dict, step: int) -> dict[str, torch.Tensor]:
         decoded = self.diffuse(b["degraded"], b["level"], b["seed"]) if self.spec.uses_diffusion else b["degraded"]
         out = apply_refiner(self.wrapped["refiner"], decoded, b["degraded"], self.spec.base,
-                            self._level(b["level"])).float()
+                            self._level(b["level"]), b["context"]).float()
         loss = (out - b["clean"].float()).abs().mean()
         return {"loss": loss, "decoded_l1": (decoded - b["clean"].float()).abs().mean().detach()}
 
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _enhance(self, x: torch.Tensor):
-        """(degraded, diffusion output, refined) for validation crops x (N, 1, *patch)."""
+    def _enhance(self, stack: torch.Tensor):
+        """(degraded, diffusion output, refined) for validation crops ``stack`` (N, 1 + 2 context, *patch): the
+        slices, then their neighbours (refine.context)."""
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
-        degraded, level = make_pair(x, self.cfg.task, self.cfg.degrade, gen, val_sigma(self.cfg))
+        degraded, level = make_pair(stack, self.cfg.task, self.cfg.degrade, gen, val_sigma(self.cfg))
+        degraded, context = degraded[:, :1], degraded[:, 1:]
         dec = self.diffuse(degraded, level, self.cfg.seed + 1)
         first = dec if self.spec.uses_diffusion else self.rt.to(degraded)
         with self.rt.autocast():
             ref = apply_refiner(self._eval_net(), first, self.rt.to(degraded), self.spec.base,
-                                self._level(level)).float()
+                                self._level(level), self.rt.to(context)).float()
         return degraded, dec.cpu(), ref.cpu()
 
     def _level(self, level: torch.Tensor) -> torch.Tensor | None:
@@ -150,8 +156,9 @@ class RefineStage:
         from medldm.metrics import psnr, ssim
 
         store, prefix = self.data.val_or_train()
-        x, _, _ = center_batch(store, self.tcfg.val_max_items)
-        degraded, dec, ref = self._enhance(x)
+        stack, _, _ = center_batch(store, self.tcfg.val_max_items, context=self.spec.context > 0)
+        x = stack[:, :1]
+        degraded, dec, ref = self._enhance(stack)
         m = {}
         for name, img in (("", ref), ("ldm_", dec), ("input_", degraded)):
             m[f"{prefix}{name}psnr"] = float(psnr(img, x, data_range=DATA_RANGE).mean())
@@ -161,9 +168,9 @@ class RefineStage:
 
     def images(self, step: int, path: Path) -> None:
         store, _ = self.data.val_or_train()
-        x, _, _ = center_batch(store, 8)
-        degraded, dec, ref = self._enhance(x)
-        save_grid([x, degraded, dec, ref], path)
+        stack, _, _ = center_batch(store, 8, context=self.spec.context > 0)
+        degraded, dec, ref = self._enhance(stack)
+        save_grid([stack[:, :1], degraded, dec, ref], path)
 
     def extra(self) -> ModelCard:
         """The ldm folder's model card with the refiner spec (read back by ``load_model``) and its figures."""

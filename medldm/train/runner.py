@@ -85,6 +85,13 @@ def train(cfg: Any, out_dir: str | Path, *, resume: bool = False, stop_after: in
                 summary["refine"] = fit(rstage, rt, out, seed=cfg.seed, resume=resume, stop_after=stop_after)
                 if stop_after is not None and not (out / "refine" / "model").exists():
                     return summary
+        if cfg.stage == "refine":
+            from medldm.train.refine_stage import RefineStage
+
+            rstage = RefineStage(cfg, data, rt, Path(cfg.ldm_path), out)
+            summary["refine"] = fit(rstage, rt, out, seed=cfg.seed, resume=resume, stop_after=stop_after)
+            if stop_after is not None and not (out / "refine" / "model").exists():
+                return summary
         last = next((out / s / "model" for s in ("refine", "ldm", "vae") if (out / s / "model").is_dir()), None)
         if rt.dist.is_main and last is not None:
             publish(last, out / "model")

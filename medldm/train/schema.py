@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 
 from medldm.config import ConfigError, doc_field, load_dataclass
 from medldm.models.config import DegradeConfig, DiffusionConfig, UNetConfig, VAEConfig, validate
+from medldm.models.refiner import MAX_CONTEXT
 
 
 @dataclass
@@ -210,6 +211,9 @@ class RefineConfig(StageTrainConfig):
     noise_map: bool = doc_field(
         False, "denoise: give the refiner the noise level (the U-Net's, estimated per scan at inference) as a "
         "constant third input channel (FFDNet-style); needs unet.noise_level_cond")
+    context: int = doc_field(
+        0, "2D: neighbouring slices on each side the refiner also sees (2.5D; the degraded slices z-1, z+1, ...); "
+        "0 = the slice alone")
 
 
 @dataclass
@@ -233,7 +237,8 @@ class EngineConfig:
 class TrainingConfig:
     """A training run: ``medldm train CONFIG.yaml -o OUT_DIR``."""
 
-    stage: Literal["vae", "ldm", "both"] = doc_field("both", "which stage(s) to train")
+    stage: Literal["vae", "ldm", "both", "refine"] = doc_field(
+        "both", "which stage(s) to train (refine: only the refiner, on the frozen VAE and U-Net of ldm_path)")
     task: Literal["synthesis", "sr", "denoise", "thinslice"] = doc_field(
         "synthesis", "what the diffusion model learns (thinslice: 2D, thick -> thin slices along one in-plane axis)")
     condition: Literal["none", "mask"] = doc_field(
@@ -242,6 +247,9 @@ class TrainingConfig:
     spatial_dims: Literal[2, 3] = doc_field(2, "2 = slice models, 3 = volume models")
     seed: int = doc_field(0, "seed of everything: init, data order, augmentation, degradations, noise")
     vae_path: str | None = doc_field(None, "stage ldm: trained VAE model folder (default OUT_DIR/vae/model)")
+    ldm_path: str | None = doc_field(
+        None, "stage refine: the model folder (VAE + U-Net, frozen) whose refiner is trained; a refiner it holds "
+        "with the same features is the starting point (input channels it lacks, e.g. refine.context, start at zero)")
     data: DataConfig = doc_field(None, "")
     augment: AugmentConfig = doc_field(None, "")
     degrade: DegradeConfig = doc_field(None, "")
@@ -334,6 +342,11 @@ class TrainingConfig:
             raise ConfigError("degrade.rician_fraction: is for task 'denoise'")
         if self.refine.enabled and self.task == "synthesis":
             raise ConfigError("refine.enabled: the refiner is for tasks 'sr' and 'denoise'")
+        if not 0 <= self.refine.context <= MAX_CONTEXT or (self.refine.context and nd != 2):
+            raise ConfigError(f"refine.context: 0..{MAX_CONTEXT} neighbouring slices, for spatial_dims 2 only")
+        if self.stage == "refine" and not (self.ldm_path and self.refine.enabled):
+            raise ConfigError("stage: 'refine' trains the refiner of a model folder: set ldm_path (a model folder "
+                              "with a VAE and a U-Net) and refine.enabled: true")
 
     @property
     def in_channels(self) -> int:
