@@ -32,12 +32,11 @@ from medldm.cli.common import add_deidentify_argument
 from medldm.cli.remote import add_remote_arguments
 from medldm.io.errors import UsageError
 from medldm.io.formats import is_nifti, sibling_path
-
-#: ``--adapt`` without a value: seconds of fine-tuning per scan
-ADAPT_SECONDS = 60.0
 from medldm.models.config import SAMPLER_NAMES
 
 REPORT_NAME = "medldm-enhance-report.json"
+#: ``--adapt`` without a value: seconds of fine-tuning per scan
+ADAPT_SECONDS = 60.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -79,7 +79,7 @@ def adapt_refiner(sampler, x: torch.Tensor, axis: int, level: float | None, opts
                    for _ in range(BATCH)]
         stack = torch.cat([decoded[idx][:, None], inp[idx][:, None], neighbour_slices(inp, idx, k),
                            target[idx][:, None], mask[idx][:, None]], dim=1)
-        stack = torch.stack([_flip(s[:, a:a + side[0], b:b + side[1]], rng) for s, (a, b) in zip(stack, corners)])
+        stack = torch.stack([_flip(s[:, a:a + side[0], b:b + side[1]], rng) for s, (a, b) in zip(stack, corners, strict=True)])
         stack = stack.to(sampler.device)
         d, y, ctx, t, w = stack[:, :1], stack[:, 1:2], stack[:, 2:2 + 2 * k], stack[:, -2:-1], stack[:, -1:]
         with torch.enable_grad():  # enhancing runs under no_grad

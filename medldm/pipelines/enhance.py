@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from medldm.data.condition import neighbour_slices, scan_condition
-from medldm.models.refiner import apply_refiner
-from medldm.pipelines.adapt import adapt_refiner
 from medldm.diffusion import make_model_fn, make_schedule, sample, sample_many
 from medldm.io.errors import CaseError
 from medldm.models.config import DegradeConfig
+from medldm.models.refiner import apply_refiner
+from medldm.pipelines.adapt import adapt_refiner
 from medldm.pipelines.scan import (
     UNCERTAIN_STD,
     UNCERTAIN_WARN_FRACTION,
