@@ -47,6 +47,9 @@ class ShippedModel:
 SHIPPED: dict[str, ShippedModel] = {m.name: m for m in [
     ShippedModel("mr-denoise-2d", "denoise", "MR denoising, 2D slice by slice, blind: Gaussian or Rician (magnitude) "
                  "noise, the level estimated per scan", "configs/shipped/mr_denoise_2d.yaml"),
+    ShippedModel("mr-denoise-25d", "denoise", "MR denoising with 3D context (2.5D): mr-denoise-2d's diffusion "
+                 "output refined with the two noisy slices on each side; blind, Gaussian or Rician",
+                 "configs/shipped/mr_denoise_25d.yaml"),
     ShippedModel("mr-sr2x-2d", "sr", "MR super-resolution x2 in-plane, 2D slice by slice (output grid: twice the "
                  "in-plane matrix, same physical extent)", "configs/shipped/mr_sr2x_2d.yaml"),
     ShippedModel("mr-synth-2d", "synthesis", "MR slice synthesis, 128 x 128, conditioned on contrast (T1w, T2w) x "

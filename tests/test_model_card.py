@@ -35,7 +35,7 @@ def test_shipped_cards_parse_and_round_trip(name):
     card = read_card(config, extra)
     assert card.task == SHIPPED[name].task
     assert card.factor == card.vae.downsample_factor == 2 ** (len(config["vae"]["channels"]) - 1)
-    assert (card.refiner is not None) == (name in ("mr-denoise-2d", "mr-sr2x-2d", "mr-thinslice-4x"))
+    assert (card.refiner is not None) == (name in ("mr-denoise-2d", "mr-denoise-25d", "mr-sr2x-2d", "mr-thinslice-4x"))
     assert (card.degrade is None) == (card.task == "synthesis")
     # what a training stage writes today reads back to the same card
     again = read_card(config, json.loads(json.dumps(card.to_extra())))

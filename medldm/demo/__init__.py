@@ -46,7 +46,7 @@ DENOISE_BASELINES = ("gaussian", "nlm")
 #: uses its Rician model (``medldm.eval.baselines``); every method is blind (estimates the noise level itself).
 OPTIONAL_DENOISE_BASELINES = ("bm3d", "bm4d", "ants")
 SR_BASELINES = ("nearest", "linear", "bicubic", "bspline")
-DENOISE_MODELS = ("mr-denoise-2d",)  # shipped models (medldm.shipped), run when installed
+DENOISE_MODELS = ("mr-denoise-2d", "mr-denoise-25d")  # shipped models (medldm.shipped), run when installed
 SR_MODELS = ("mr-sr2x-2d",)
 SYNTH_MODEL = "mr-synth-2d"
 THIN_BASELINES = ("linear", "bicubic", "bspline")  # along Z (--axis through); bicubic = Keys cubic, "cubic along z"

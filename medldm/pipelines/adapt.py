@@ -40,7 +40,9 @@ ALPHA = 0.5
 #: side of the square training patches (at most; smaller images use what they have, a multiple of 16)
 PATCH = 64
 BATCH = 8
-LR = 1e-4
+LR = 1e-5
+#: the refiner's parameters that adaptation trains (name prefixes; "" = all)
+TRAINED: tuple[str, ...] = ("",)
 #: the refiner (MONAI BasicUNet, 4 poolings) needs sides that are multiples of this
 MIN_SIDE = 16
 
@@ -66,8 +68,11 @@ def adapt_refiner(sampler, x: torch.Tensor, axis: int, level: float | None, opts
     prior = dataclasses.replace(opts, refine=False, samples=1)
     decoded = torch.movedim(sampler.sample_condition(torch.movedim(inp, 0, axis), axis, lev_in, prior)[0], axis, 0)
     info["pair_seconds"] = round(time.perf_counter() - t0, 2)
-    net = copy.deepcopy(sampler.refiner).float().train().requires_grad_(True)
-    optim = torch.optim.Adam(net.parameters(), lr=LR)
+    net = copy.deepcopy(sampler.refiner).float().train().requires_grad_(False)
+    params_ = [p for name, p in net.named_parameters() if name.startswith(TRAINED)]
+    for p in params_:
+        p.requires_grad_(True)
+    optim = torch.optim.Adam(params_, lr=LR)
     rng = np.random.default_rng([int(opts.seed), 4243])
     k = sampler.refiner_context
     noise_in = lev_in if sampler.refiner_noise_map else None

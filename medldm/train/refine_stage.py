@@ -179,7 +179,10 @@ class RefineStage:
     def export(self, path: Path) -> None:
         from medldm.models import save_model_folder
 
-        modules = {"vae": self.vae, "denoiser": self._raw_denoiser(), "refiner": self._eval_net()}
+        modules = {"vae": self.vae, "refiner": self._eval_net()}
+        raw = self._raw_denoiser()
+        if raw is not None:  # shipped folders keep the EMA weights only (stage: refine on one of them)
+            modules["denoiser"] = raw
         ema_file = self.ldm_dir / "denoiser_ema.safetensors"
         if ema_file.is_file():
             modules["denoiser_ema"] = self.denoiser
