@@ -21,13 +21,23 @@ scans (default 64), so an interrupted run keeps its record and resumes from it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import math
 import shlex
 import sys
 from pathlib import Path
 
-from medldm.io.errors import UsageError
+import numpy as np
+
+import medldm
+from medldm.cli.common import open_model_or_exit, resolve_device, run_cases
+from medldm.io.atomic import atomic_file
+from medldm.io.errors import CaseError, UsageError
+from medldm.io.nifti import save_nifti
+from medldm.io.reader import load_nifti
+from medldm.io.writer import save_scan
 from medldm.models.config import SAMPLER_NAMES
 
 REPORT_NAME = "medldm-synthesize-report.json"
@@ -100,15 +110,9 @@ def _size(text: str | None) -> tuple[int, ...] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
+    # lazy: keeps medldm --help free of torch
     import torch
 
-    import medldm
-    from medldm.cli.common import open_model_or_exit, resolve_device, run_cases
-    from medldm.io.atomic import atomic_file
-    from medldm.io.errors import CaseError
-    from medldm.io.nifti import save_nifti
-    from medldm.io.writer import save_scan
     from medldm.pipelines.synthesize import SizeError
 
     _check(args)
@@ -228,8 +232,6 @@ def run(args: argparse.Namespace) -> int:
 def _in_batches(n: int, batch: int, run_batch, *, quiet: bool = False) -> int:
     """``run_batch(range(a, b))`` over consecutive ranges of at most ``batch`` of the ``n`` cases (each call
     writes the scans it makes and merges its entries into the run report); the worst exit status."""
-    import logging
-
     status = 0
     for a in range(0, n, batch):
         status = max(status, run_batch(range(a, min(n, a + batch))))
@@ -240,12 +242,6 @@ def _in_batches(n: int, batch: int, run_batch, *, quiet: bool = False) -> int:
 
 def _load_mask(path: str, syn):
     """``--mask`` -> (int64 label tensor of the model's dimensionality, its 4x4 RAS affine, provenance record)."""
-    import hashlib
-
-    import numpy as np
-
-    from medldm.io.reader import load_nifti
-
     if not Path(path).is_file():
         raise UsageError(f"--mask {path}: no such file")
     if not str(path).lower().endswith((".nii", ".nii.gz")):

@@ -21,6 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+from medldm.io.dicom import file_kind, n_frames, non_image_reason, read_header, slice_geometry
+from medldm.io.dicom_frames import multi_frame, single_frame
+from medldm.io.dicom_series import (
+    ORIENT_SPLIT_TOL,
+    _orient,
+    _positions,
+    describe_gap,
+    regular_runs,
+    split_stacks,
+)
 from medldm.io.errors import CaseError, UsageError
 from medldm.io.formats import NIFTI_SUFFIXES, is_nifti
 
@@ -80,8 +90,6 @@ def _nifti_ext(path: Path) -> str:
 
 def _walk(root: Path, skipped: list[str]):
     """Regular files under ``root`` (links followed only to regular files); the rest goes to ``skipped``."""
-    from medldm.io.dicom import file_kind
-
     for dirpath, dirnames, filenames in os.walk(root):
         keep = []
         for d in sorted(dirnames):
@@ -128,11 +136,6 @@ class _Unit:
 
 def _belongs(ds, frames) -> bool:
     """Whether a damaged image header ``ds`` has the size and orientation of the stack ``frames``."""
-    import numpy as np
-
-    from medldm.io.dicom import slice_geometry
-    from medldm.io.dicom_series import ORIENT_SPLIT_TOL, _orient
-
     try:
         shape = (int(ds.Rows), int(ds.Columns))
         g = slice_geometry(ds)
@@ -154,8 +157,6 @@ def _volume_groups(items: list[tuple[Path, object]]) -> list[list[tuple[Path, ob
     """Multi-frame objects of one series grouped into the volumes of one scan: objects whose frames lie at the same
     positions with the same orientation and size (e.g. Siemens XA, one enhanced file per volume of an EPI run) form
     one 4D case, as the same data in classic files would; any other object stays alone."""
-    from medldm.io.dicom_frames import multi_frame
-
     groups: dict[tuple, list[tuple[Path, object]]] = {}
     for p, ds in sorted(items, key=lambda it: str(it[0])):
         try:
@@ -175,10 +176,6 @@ def _units_of_series(items: list[tuple[Path, object]], bad: list[tuple[Path, obj
     frames by stack, each stack by regular runs of slices. ``bad``: damaged files of this series
     (``(path, header or None, error)``); the stack they belong to fails with their error (never
     loaded without them), so the user is told which file to fix."""
-    from medldm.io.dicom import n_frames
-    from medldm.io.dicom_frames import single_frame
-    from medldm.io.dicom_series import _positions, describe_gap, regular_runs, split_stacks
-
     def multi(ds) -> bool:
         return n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds
 
@@ -244,8 +241,6 @@ def _units_of_series(items: list[tuple[Path, object]], bad: list[tuple[Path, obj
 
 def scan_folder(root: str | os.PathLike) -> Discovery:
     """Cases under ``root`` (a folder, or a single file). A missing path raises UsageError."""
-    from medldm.io.dicom import file_kind, non_image_reason, read_header
-
     root = Path(root)
     if not root.exists():
         raise UsageError(f"{root}: no such file or folder" + (" (broken link)" if root.is_symlink() else ""))
@@ -358,8 +353,6 @@ def scan_folder(root: str | os.PathLike) -> Discovery:
 
 def _notes(cases: list[Case]) -> list[str]:
     """One line per series split at gaps, and per series found in several folders."""
-    from medldm.io.dicom_series import describe_gap
-
     notes, parts = [], defaultdict(list)
     for c in cases:
         if "split" in c.integrity:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medldm.data.datasets import ItemStore, collect_scans, load_volumes, make_items, split_scans
@@ -75,8 +76,6 @@ def build_data(cfg, out_dir: Path, *, quiet: bool = False) -> RunData:
 def center_batch(store: ItemStore, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(n, 1, *patch) centre crops of ``n`` items spread over ``store`` (validation), their labels, indices."""
     idx = store.spread(n)
-    import numpy as np
-
     arr = np.asarray(idx)
     return store.crop(arr, center_corners(store, idx)), store.labels(arr), idx
 

@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from medldm.devices import DeviceError, resolve, select
 from medldm.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from medldm.train.distributed import (
     DistInfo,
@@ -45,6 +47,7 @@ from medldm.train.distributed import (
     check_in_sync,
     init_distributed,
     mean_across,
+    wrap_ddp,
 )
 from medldm.train.logging import MetricLog, read_log
 
@@ -117,8 +120,6 @@ def make_runtime(ecfg) -> Runtime:
     """Resolve ``engine`` config switches against the hardware (GPU features are CPU no-ops). The device is
     :func:`medldm.devices.select` of ``engine.device`` and the rank's ``LOCAL_RANK`` — the same rule as the
     commands' ``--device``: ``cuda:{local_rank % device_count}``, made the current device."""
-    from medldm.devices import DeviceError, resolve, select
-
     try:
         cuda = resolve(ecfg.device).type == "cuda"  # checked before the process group is joined
     except DeviceError as e:
@@ -150,8 +151,6 @@ def make_runtime(ecfg) -> Runtime:
 
 def prepare(module: nn.Module, rt: Runtime, ddp: bool = True) -> nn.Module:
     """Move to device (channels-last on CUDA), wrap in DDP when distributed, compile when asked."""
-    from medldm.train.distributed import wrap_ddp
-
     module.to(rt.device)
     if rt.channels_last:
         volumetric = any(p.dim() == 5 for p in module.parameters())
@@ -243,8 +242,6 @@ def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = Fal
     metrics: dict[str, float] = {}
     bar = None
     if rt.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, initial=step, desc=stage.name, unit="step", file=sys.stderr, dynamic_ncols=True)
     done_here = 0
     acc: dict[str, torch.Tensor] = {}  # on-device sums of the finite steps' losses since the last log row
