@@ -28,6 +28,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from medldm.io.atomic import atomic_file
+
 T = TypeVar("T")
 
 
@@ -236,8 +238,6 @@ def load_dataclass(cls: type[T], source: str | Path | Mapping, overrides: Iterab
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically)."""
-    from medldm.io.atomic import atomic_file
-
     with atomic_file(path) as tmp:
         tmp.write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
     return Path(path)

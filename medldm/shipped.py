@@ -147,6 +147,7 @@ def open_model(name_or_path: str | Path, kind: Literal["enhance", "synthesize"] 
     ``load_model`` (checked, each file read once and hashed as read), the runner of its task on ``device``
     (``medldm.pipelines.factory.make_runner``). Raises ``CaseError`` (one line) for every fault of the folder
     and for a model whose task does not fit ``kind``."""
+    # lazy: keeps medldm --help and `medldm models` free of torch
     from medldm.models import load_model
     from medldm.pipelines.factory import make_runner
 
@@ -163,6 +164,7 @@ def enhance(model: str | Path, img, **options):
     steps, 2D slices and 3D volumes in overlapping latent windows of twice the training size, the pipeline's batch
     size, seed 0; ``options`` are ``EnhanceOptions`` fields (``seed``, ``steps``, ``device`` ...). Returns the
     enhanced MetaTensor in the input's units (SR: on the x2 grid)."""
+    # lazy: as in open_model
     from medldm.pipelines.enhance import EnhanceOptions
 
     opts = EnhanceOptions(**options)

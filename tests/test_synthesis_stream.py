@@ -40,7 +40,7 @@ def test_a_huge_n_starts_writing_without_building_the_case_list(tmp_path, monkey
         return real(cases, process, **kw)
 
     monkeypatch.setattr(caseloop, "run_cases", spy)
-    monkeypatch.setattr("medldm.cli.common.run_cases", spy, raising=False)
+    monkeypatch.setattr("medldm.cli.synthesize.run_cases", spy)  # the name the command calls
     out = tmp_path / "out"
     with pytest.raises(_Stop):
         main(["synthesize", "-m", "mr-synth-2d", "-n", str(10**9), "-o", str(out), "--batch-size", "2",

@@ -11,6 +11,7 @@ import re
 import sys
 
 from medldm import __version__
+from medldm.cli.warn import one_line, route_logging, route_warnings
 from medldm.io.errors import CaseError, UsageError
 
 # name -> (module, one-line help)
@@ -64,8 +65,6 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medldm.cli.warn import route_warnings
-
     argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     # Python warnings (nibabel, numpy, pydicom, MONAI, torch ...): one WARNING line each, from start to end
     with route_warnings(verbose="--verbose" in argv):
@@ -80,8 +79,6 @@ def _log_level(args: argparse.Namespace) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from medldm.cli.warn import route_logging
-
     parser, mods = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -95,8 +92,6 @@ def _main(argv: list[str]) -> int:
 
 
 def _run(mod, args: argparse.Namespace) -> int:
-    from medldm.cli.warn import one_line
-
     try:
         return int(mod.run(args) or 0)
     except UsageError as e:

@@ -70,6 +70,7 @@ def _window(value: str) -> str | tuple[float, float]:
         if not hi > lo:
             raise UsageError(f"--ct-window {value!r}: needs L < H")
         return lo, hi
+    # lazy: keeps medldm --help free of torch
     from medldm.data.intensity import CT_WINDOWS
 
     if value not in CT_WINDOWS:
@@ -100,6 +101,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: keeps medldm --help free of torch
     import torch
 
     from medldm.eval.audit import AuditOptions, run_audit

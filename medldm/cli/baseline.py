@@ -23,8 +23,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from medldm.io.errors import UsageError
+from medldm.cli import common
+from medldm.cli.warn import print_case_warnings
+from medldm.io.errors import CaseError, UsageError
 from medldm.io.formats import is_nifti
+from medldm.io.volumes import load_volumes, source_reference, stack_volumes
+from medldm.io.writer import save_scan
 
 REPORT_NAME = "medldm-baseline-report.json"
 TASK_METHODS = {"denoise": ("gaussian", "nlm", "bm3d", "bm4d", "ants", "nlm-dipy"), "sr": ("nearest", "linear", "bicubic", "bspline")}
@@ -74,6 +78,7 @@ def _check(args: argparse.Namespace) -> None:
         if args.method == "bm3d" and args.dims == 3:
             raise UsageError("bm3d runs slice by slice: use --dims 2 (or --method bm4d for the volume)")
         if args.method in ("bm3d", "bm4d", "ants"):
+            # lazy: keeps medldm --help free of torch
             from medldm.eval.baselines import MissingExtraError, require_extra
 
             try:
@@ -85,11 +90,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _process(case, out: Path, args: argparse.Namespace, resume) -> dict:
-    from medldm.cli.warn import print_case_warnings
+    # lazy: keeps medldm --help free of torch
     from medldm.eval import baselines as B
-    from medldm.io.volumes import load_volumes, source_reference, stack_volumes
-    from medldm.io.writer import save_scan
-
     vols = load_volumes(case, args.volume)  # a 4D case: every volume, one by one, written as one 4D result
     warns = print_case_warnings(case, vols[0])
     outs = []
@@ -99,8 +101,6 @@ def _process(case, out: Path, args: argparse.Namespace, resume) -> dict:
                 res, info = B.denoise_scan(img, args.method, sigma=args.sigma, filter_sigma=args.filter_sigma,
                                            dims=args.dims, noise=args.noise)
             except ValueError as e:
-                from medldm.io.errors import CaseError
-
                 raise CaseError(case.source or case.id, str(e), "use --noise gaussian for images with negative "
                                                                 "values") from None
             desc = f"baseline {args.method}"
@@ -108,8 +108,6 @@ def _process(case, out: Path, args: argparse.Namespace, resume) -> dict:
             try:
                 res = B.upsample_scan(img, args.scale, args.method, args.axis)
             except ValueError as e:
-                from medldm.io.errors import CaseError
-
                 raise CaseError(case.source or case.id, str(e), "use --axis inplane for single-slice images") from None
             info = {"method": args.method, "scale": args.scale, "axis": args.axis,
                     "shape_in": list(img.shape), "shape_out": list(res.shape),
@@ -139,8 +137,6 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli import common
-
     _check(args)
     src, out = Path(args.input), Path(args.output)
     common.check_in_out(src, out)

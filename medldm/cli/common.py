@@ -24,6 +24,7 @@ from medldm.io.caseloop import (  # noqa: F401 (re-exported for the commands)
     write_error,
     write_report,
 )
+from medldm.io.deidentify import Deidentifier
 from medldm.io.errors import CaseError, UsageError
 from medldm.io.outputs import (  # noqa: F401 (re-exported for the commands)
     RECORD_SUFFIX,
@@ -40,6 +41,7 @@ from medldm.io.outputs import (  # noqa: F401 (re-exported for the commands)
     single_report_path,
     sweep_stale,
 )
+from medldm.shipped import open_model
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> str:
@@ -47,6 +49,7 @@ def resolve_device(name: str, local_rank: int | None = None) -> str:
     process's GPU, ``cuda:{local_rank % device_count}``, made the current device; 'auto' without a GPU = the CPU).
     A CUDA device on a machine without one, or an ordinal that does not exist, is a usage error. ``local_rank``:
     default the launcher's ``LOCAL_RANK`` (0 without one)."""
+    # lazy: keeps medldm --help free of torch
     from medldm.devices import DeviceError, select
 
     if local_rank is None:
@@ -69,8 +72,6 @@ def deidentifier(args):
     series), or False."""
     if not getattr(args, "deidentify", False):
         return False
-    from medldm.io.deidentify import Deidentifier
-
     return Deidentifier()
 
 
@@ -89,8 +90,6 @@ def plan_outputs(found, out: Path, args, command: str, *, single: bool, fmt=None
 
 def open_model_or_exit(model: str, kind: str, device: str):
     """``medldm.shipped.open_model`` for a command: any fault of ``-m`` is a usage error (exit 2, one line)."""
-    from medldm.shipped import open_model
-
     try:
         return open_model(model, kind, device=device)
     except CaseError as e:

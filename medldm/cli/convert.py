@@ -22,10 +22,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from medldm.cli.common import add_deidentify_argument
-from medldm.cli.remote import add_remote_arguments
-from medldm.io.errors import UsageError
+from medldm.cli import common
+from medldm.cli.common import add_deidentify_argument, case_signature, file_signature
+from medldm.cli.remote import add_remote_arguments, open_remote, store_remote_output
+from medldm.cli.warn import print_case_warnings
+from medldm.io.errors import CaseError, UsageError
 from medldm.io.formats import is_nifti
+from medldm.io.volumes import load_volumes, source_reference, stack_volumes
+from medldm.io.writer import save_scan
 
 REPORT_NAME = "medldm-convert-report.json"
 
@@ -52,10 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _convert_one(case, out: Path, *, reference, volume: int | None, description: str, resume,
                  overwrite: bool, deidentify=False) -> dict:
     """Load one case and write it to ``out`` (NIfTI file or DICOM folder), then its record."""
-    from medldm.cli.warn import print_case_warnings
-    from medldm.io.volumes import load_volumes, source_reference, stack_volumes
-    from medldm.io.writer import save_scan
-
     vols = load_volumes(case, volume, as_numpy=True)  # numpy only: converting needs no torch or MONAI
     img = stack_volumes(vols)  # a 4D series -> one 4D NIfTI / one derived 4D series
     warns = print_case_warnings(case, img)
@@ -69,8 +69,6 @@ def _convert_one(case, out: Path, *, reference, volume: int | None, description:
 
 
 def _key(case, out: Path, args: argparse.Namespace, reference) -> dict:
-    from medldm.cli.common import case_signature, file_signature
-
     opts: dict = {"volume": args.volume, "output_kind": "nifti" if is_nifti(out) else "dicom"}
     if not is_nifti(out):
         opts["description"] = args.description
@@ -83,10 +81,6 @@ def _key(case, out: Path, args: argparse.Namespace, reference) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli import common
-    from medldm.cli.remote import open_remote, store_remote_output
-    from medldm.io.errors import CaseError
-
     try:
         src, out, remote_in, remote_out = open_remote(args, "convert")
     except CaseError as e:

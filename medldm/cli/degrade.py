@@ -24,13 +24,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
+
+from medldm import __version__
+from medldm.cli import common
 from medldm.cli.common import add_deidentify_argument
+from medldm.cli.warn import print_case_warnings
 from medldm.io.errors import CaseError, UsageError
 from medldm.io.formats import is_nifti, sibling_path
+from medldm.io.volumes import load_volumes, source_reference, stack_volumes
+from medldm.io.writer import save_scan
 
 REPORT_NAME = "medldm-degrade-report.json"
 KINDS = ("gaussian", "rician", "lowdose", "downsample", "thick")
@@ -80,8 +88,6 @@ def sidecar_path(out: Path) -> Path:
 
 def case_seed(seed: int, case_id: str) -> int:
     """Per-case seed: ``SeedSequence([seed, crc32(case_id)])`` -> one 32-bit integer."""
-    import numpy as np
-
     return int(np.random.SeedSequence([seed, zlib.crc32(case_id.encode())]).generate_state(1)[0])
 
 
@@ -108,12 +114,8 @@ def _job(args: argparse.Namespace, seed: int) -> dict:
 
 
 def _degrade_one(case, out: Path, args: argparse.Namespace, seed: int, resume, deidentify=False) -> dict:
-    from medldm import __version__
-    from medldm.cli.warn import print_case_warnings
+    # lazy: keeps medldm --help free of torch
     from medldm.data.degrade import apply_degradation
-    from medldm.io.volumes import load_volumes, source_reference, stack_volumes
-    from medldm.io.writer import save_scan
-
     vols = load_volumes(case, args.volume)  # a 4D case: every volume (its own seed), written as one 4D result
     img = vols[0]
     warns = print_case_warnings(case, img)
@@ -143,9 +145,7 @@ def _degrade_one(case, out: Path, args: argparse.Namespace, seed: int, resume, d
 
 
 def run(args: argparse.Namespace) -> int:
-    import secrets
-
-    from medldm.cli import common
+    # lazy: keeps medldm --help free of torch
     from medldm.data.degrade import check_level
 
     src, out = Path(args.input), Path(args.output)

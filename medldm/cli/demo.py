@@ -13,6 +13,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    # lazy: keeps medldm --help free of torch
     from medldm.demo import run_demo
 
     report = Path(args.output) / "report.html"

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from pathlib import Path
 
+from medldm.eval.pairing import expand_volumes, pair_folders, pair_manifest, parse_pred_args
 from medldm.io.errors import UsageError
 
 
@@ -72,8 +74,8 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: keeps medldm --help free of torch
     from medldm.eval.evaluate import convention_from
-    from medldm.eval.pairing import expand_volumes, pair_folders, pair_manifest, parse_pred_args
     from medldm.eval.run import EvalOptions, evaluate
     from medldm.metrics import WINDOWS
 
@@ -104,7 +106,5 @@ def run(args: argparse.Namespace) -> int:
                        grid_tol=args.grid_tolerance, tile=args.panel_size)
     status, _ = evaluate(pairing, opts, out, command=_command(args), quiet=args.quiet)
     if not args.quiet:
-        import sys
-
         print(f"report: {out / 'report.html'}", file=sys.stderr)
     return status

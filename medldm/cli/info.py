@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+import numpy as np
+
+from medldm.cli.common import run_cases
+from medldm.cli.remote import is_remote, resolve_remote_input
+from medldm.io.discover import scan_folder
+from medldm.io.errors import CaseError, UsageError
+from medldm.io.reader import read_case  # numpy only: `medldm info` never imports torch or MONAI
+from medldm.io.volumes import describe_volumes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def describe(img, case=None) -> dict:
     """Summary of a loaded scan as a JSON-ready dict. ``img``: ``(data, affine, meta)`` as
     :func:`medldm.io.reader.read_case` returns it (numpy; no torch), or a MetaTensor ``(X, Y, Z)``."""
-    import numpy as np
     from nibabel.orientations import aff2axcodes
 
     if isinstance(img, tuple):
@@ -63,8 +72,6 @@ def describe(img, case=None) -> dict:
 
 def _jsonable(obj):
     """Plain JSON values: numpy scalars unwrapped, NaN/inf -> None (strict JSON has no NaN)."""
-    import math
-
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -110,12 +117,6 @@ def format_text(e: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli.common import run_cases
-    from medldm.cli.remote import is_remote, resolve_remote_input
-    from medldm.io.discover import scan_folder
-    from medldm.io.errors import CaseError
-    from medldm.io.reader import read_case  # numpy only: `medldm info` never imports torch or MONAI
-
     cases, skipped, notes = [], [], []
     for p in args.paths:
         if is_remote(p):  # a DICOMweb study/series URL, or a QIDO search with --query: retrieved into the cache
@@ -132,16 +133,12 @@ def run(args: argparse.Namespace) -> int:
     for line in skipped + notes:
         print(line, file=sys.stderr)
     if not cases:
-        from medldm.io.errors import UsageError
-
         raise UsageError(f"no NIfTI file or DICOM image series found in {', '.join(args.paths)}"
                          + (f" ({len(skipped)} file(s) skipped, listed above)" if skipped else ""))
 
     entries: list[dict] = []
 
     def process(case):
-        from medldm.io.volumes import describe_volumes
-
         vols = describe_volumes(case) if args.volume is None else {}
         if vols.get("volumes", 1) > 1:  # a 4D case: described by its first volume, and what its volumes are
             entry = describe(read_case(case, volume=0), case)

@@ -14,8 +14,16 @@ and the next start processes every spooled series that was not done. Exit status
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
+from medldm.cli.common import open_model_or_exit, resolve_device
+from medldm.cli.remote import provenance
+from medldm.io.dimse import Listener, parse_peer
+from medldm.io.discover import scan_folder
+from medldm.io.errors import CaseError, UsageError
+from medldm.io.volumes import load_volumes, source_reference, stack_volumes
+from medldm.io.writer import save_scan
 from medldm.models.config import SAMPLER_NAMES
 
 
@@ -43,12 +51,6 @@ def make_processor(enhancer, opts, out_root: str | Path, model_name: str, model_
     """``process(series_folder) -> [derived series folders]``: every case of the spooled folder enhanced and
     written as a derived DICOM series under ``out_root/<StudyUID>/<SeriesUID>[/<case>]`` with the provenance
     tags (deterministic derived UIDs)."""
-    from medldm.cli.remote import provenance
-    from medldm.io.discover import scan_folder
-    from medldm.io.errors import CaseError
-    from medldm.io.volumes import load_volumes, source_reference, stack_volumes
-    from medldm.io.writer import save_scan
-
     out_root = Path(out_root)
     desc = f"{enhancer.task} ({model_name})"
 
@@ -75,9 +77,7 @@ def make_processor(enhancer, opts, out_root: str | Path, model_name: str, model_
 
 def build_listener(args: argparse.Namespace):
     """The :class:`medldm.io.dimse.Listener` for these arguments (model loaded, nothing started)."""
-    from medldm.cli.common import open_model_or_exit, resolve_device
-    from medldm.io.dimse import Listener, parse_peer
-    from medldm.io.errors import UsageError
+    # lazy: keeps medldm --help free of torch
     from medldm.pipelines.enhance import EnhanceOptions
 
     if args.idle <= 0:
@@ -102,8 +102,6 @@ def build_listener(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     listener = build_listener(args)
     if listener.forward is None:
         logging.getLogger(__name__).warning("no --forward: derived series stay in %s", Path(args.out) / "derived")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from medldm.shipped import SHIPPED, card, folder_bytes, installed_models
+
 
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the model cards as JSON")
@@ -51,8 +53,6 @@ def _usage(name: str, m) -> str:
 
 
 def run(args) -> int:
-    from medldm.shipped import SHIPPED, card, folder_bytes, installed_models
-
     have = installed_models()
     if args.json:
         print(json.dumps({n: {**card(n), "path": str(m.path), "installed": n in have} for n, m in SHIPPED.items()},

@@ -10,7 +10,15 @@ training config (YAML): its data.train / data.val are checked, including train/v
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+from medldm import __version__
+from medldm.config import ConfigError
+from medldm.io.errors import UsageError
+from medldm.plan.check import check, write_report
+from medldm.train.schema import load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fp(paths: list[str], args) -> dict:
+    # lazy: keeps medldm --help free of torch
     from medldm.data.datasets import resolve_path
     from medldm.plan.fingerprint import default_cache, fingerprint
 
@@ -44,19 +53,11 @@ def _fp(paths: list[str], args) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from medldm.config import ConfigError
-    from medldm.io.errors import UsageError
-
     data, val = list(args.data), args.val
     patch, slice_axis = None, 2
     if len(data) == 1 and data[0].lower().endswith((".yaml", ".yml")):
         if not args.check:
             raise UsageError(f"{data[0]}: a config is checked with --check; plan from the scan folders")
-        from medldm.train.schema import load_config
-
         try:
             cfg = load_config(data[0])
         except ConfigError as e:
@@ -69,9 +70,8 @@ def run(args: argparse.Namespace) -> int:
     val_fp = _fp(val, args) if val else None
     say = (lambda s: None) if args.quiet else print
     if args.check:
-        from medldm.plan.check import check, write_report
-
         if patch is None and fp["scans"]:
+            # lazy: keeps medldm --help free of torch
             from medldm.plan.decisions import make_plan
 
             try:
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"{rep['n_scans']} scans checked: {'BLOCKING problems' if rep['blocking'] else 'nothing blocks training'}"
             f"; report {hpath} (+ {jpath.name})")
         return 1 if rep["blocking"] else 0
-    from medldm import __version__
+    # lazy: keeps medldm --help free of torch
     from medldm.plan.decisions import make_plan
     from medldm.plan.write import write_plan
 

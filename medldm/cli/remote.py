@@ -19,7 +19,10 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from medldm.io.dicomweb import default_cache, fetch, is_dicomweb_url, parse_url, redact
+from medldm.io.caseloop import run_cases
+from medldm.io.dicomweb import DicomWeb, default_cache, fetch, is_dicomweb_url, parse_url, redact
+from medldm.io.discover import Case, Discovery, scan_folder
+from medldm.io.errors import UsageError
 
 is_remote = is_dicomweb_url
 
@@ -40,8 +43,6 @@ def resolve_remote_input(arg: str, query: str | None = None, cache: str | os.Pat
     and discover them. A failing QIDO search raises :class:`~medldm.io.errors.CaseError` (the command's error
     line, nothing processed); a series not retrieved completely becomes a failed case. ``kw`` goes to
     :func:`medldm.io.dicomweb.fetch` (``client=``, ``after_search=``)."""
-    from medldm.io.discover import Case, Discovery, scan_folder
-
     target = parse_url(arg, query)
     root = Path(cache) if cache is not None else default_cache(target.base)
     got = fetch(arg, query, root, **kw)
@@ -73,13 +74,8 @@ def store_remote_output(url: str, folders, *, client=None, quiet: bool = False):
     """STOW-RS each derived series folder in ``folders`` to ``url`` (a ``…/dicom-web`` root); a series the server
     holds already (same SeriesInstanceUID, as many instances) is skipped. Returns ``(status, results)``: status 0
     when every folder is stored or skipped, 1 when some failed (one line each, logged)."""
-    from medldm.io.caseloop import run_cases
-    from medldm.io.dicomweb import DicomWeb
-
     base = url.rstrip("/")
     if not is_dicomweb_url(base):
-        from medldm.io.errors import UsageError
-
         raise UsageError(f"{url!r} is not an http(s):// DICOMweb URL")
     dw = client or DicomWeb(base)
 
@@ -122,8 +118,6 @@ def open_remote(args, command: str, *, inp: str = "input", outp: str = "output")
     cache of the retrieved series (or IN), ``out`` the local staging folder of ``-o URL`` (or OUT). A failing
     search raises :class:`~medldm.io.errors.CaseError` (the command prints it and exits 1: the server, not
     the command line, is at fault)."""
-    from medldm.io.errors import UsageError
-
     arg_in, arg_out = str(getattr(args, inp)), str(getattr(args, outp))
     query = getattr(args, "query", None)
     if query and not is_remote(arg_in):

@@ -21,13 +21,25 @@ scans (default 64), so an interrupted run keeps its record and resumes from it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import math
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from medldm.io.errors import UsageError
+import numpy as np
+
+import medldm
+from medldm.cli.common import open_model_or_exit, resolve_device, run_cases
+from medldm.io.atomic import atomic_file
+from medldm.io.errors import CaseError, UsageError
+from medldm.io.nifti import save_nifti
+from medldm.io.reader import load_nifti
+from medldm.io.writer import save_scan
 from medldm.models.config import SAMPLER_NAMES
 
 REPORT_NAME = "medldm-synthesize-report.json"
@@ -99,16 +111,95 @@ def _size(text: str | None) -> tuple[int, ...] | None:
     return size
 
 
-def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
+@dataclass
+class _Run:
+    """One ``medldm synthesize`` run: the opened model and what every scan of it depends on."""
 
-    import medldm
-    from medldm.cli.common import open_model_or_exit, resolve_device, run_cases
-    from medldm.io.atomic import atomic_file
-    from medldm.io.errors import CaseError
-    from medldm.io.nifti import save_nifti
-    from medldm.io.writer import save_scan
+    args: argparse.Namespace
+    out: Path
+    opened: Any  # medldm.shipped.OpenedModel: .path, .bundle, .runner (a Synthesizer), .hash
+    label: int | None
+    steps: int
+    sampler: str
+    size: tuple[int, ...]
+    mask: Any  # int64 label tensor (--mask) or None
+    mask_affine: Any
+    settings: dict  # what the scans depend on: a resumed run must match them
+
+    def target(self, i: int) -> Path:
+        return self.out / (f"synth_{i:05d}.nii.gz" if self.args.format == "nifti" else f"synth_{i:05d}")
+
+    def record(self, i: int) -> Path:
+        return self.out / f"synth_{i:05d}.json"
+
+    def label_file(self, i: int) -> Path:
+        return self.out / f"synth_{i:05d}_labels.nii.gz"
+
+    def previous(self, i: int) -> dict | None:
+        """The provenance record of an earlier run for scan i, None when there is none; a CaseError when OUT holds
+        files of that name that synthesize did not write, or that were made with other settings."""
+        args, dest, rec = self.args, self.target(i), self.record(i)
+        keep = "move them away or choose another OUT: synthesize never replaces files it did not write"
+        prev = _ours(rec, "model_hash") if rec.exists() or rec.is_symlink() else None
+        if (rec.exists() or rec.is_symlink()) and prev is None:
+            raise CaseError(rec, "exists and is not a medldm synthesize record", keep)
+        if prev is None and (dest.exists() or dest.is_symlink()):
+            raise CaseError(dest, f"exists and was not written by medldm synthesize (no {rec.name} beside it)", keep)
+        if prev is not None:
+            diff = [k for k, v in self.settings.items() if k != "format" and json.loads(json.dumps(v)) != prev.get(k)]
+            if prev.get("seed") != args.seed + i:
+                diff.insert(0, "seed")
+            if prev.get("format", args.format) != args.format:
+                diff.append("format")
+            if diff:
+                raise CaseError(dest if dest.exists() else rec,
+                                f"an earlier run made this scan with other settings ({', '.join(diff)})",
+                                "choose another OUT, or rerun with the earlier settings (see the .json record)")
+        return prev
+
+    def is_done(self, i: int) -> bool:
+        try:
+            return self.previous(i) is not None and self.target(i).exists()
+        except CaseError:
+            return False  # process() reports it
+
+    def process(self, i: int) -> dict:
+        args, syn, model, mask = self.args, self.opened.runner, self.opened.path, self.mask
+        seed = args.seed + i
+        self.previous(i)
+        dest, rec = self.target(i), self.record(i)
+        prov = {"synthetic": True, "medldm_version": medldm.__version__, "model": str(model.resolve()),
+                "seed": seed, **self.settings, "intensity": syn.intensity, "config": self.opened.bundle.config}
+        # the record first: a scan file without its record is never ours, so it is never replaced
+        with atomic_file(rec) as tmp:
+            tmp.write_text(json.dumps(prov, indent=2, default=str))
+        try:
+            img, _ = syn.generate(seed=seed, label=self.label, guidance=args.guidance, steps=self.steps,
+                                  sampler=self.sampler, size=None if mask is not None else self.size,
+                                  spacing=args.spacing, mask=mask, affine=self.mask_affine)
+        except ValueError as e:
+            raise CaseError(f"synth_{i:05d}", str(e), "check --size / --condition") from None
+        if args.format == "nifti":
+            save_nifti(img, dest)
+        else:
+            save_scan(img, dest, reference=None, description=f"SYNTHETIC medldm {model.name} seed {seed}")
+        outputs = [str(dest), str(rec)]
+        if mask is not None:  # the pair's label map: the same grid and affine as the image
+            # lazy: keeps medldm --help free of torch
+            import torch
+            from monai.data import MetaTensor
+
+            lab = mask[..., None] if mask.ndim == 2 else mask
+            meta = {"original_ndim": syn.dims, "original_dtype": "uint8" if syn.mask_classes <= 255 else "int16"}
+            save_nifti(MetaTensor(lab.float(), affine=torch.as_tensor(self.mask_affine), meta=meta),
+                       self.label_file(i), dtype=np.uint8 if syn.mask_classes <= 255 else np.int16)
+            outputs.append(str(self.label_file(i)))
+        return {"outputs": outputs, "seed": seed}
+
+
+def _prepare(args: argparse.Namespace) -> _Run:
+    """Check the arguments, open the model and check the size it will sample (usage errors, before any case)."""
+    # lazy: keeps medldm --help free of torch
     from medldm.pipelines.synthesize import SizeError
 
     _check(args)
@@ -118,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     cond = _conditions(args.condition)
     size = _size(args.size)
     opened = open_model_or_exit(args.model, "synthesize", resolve_device(args.device))
-    model, bundle, syn = opened.path, opened.bundle, opened.runner
+    syn = opened.runner
     try:
         steps, sampler = syn.dcfg.sampling_options(args.steps, args.sampler)
         label = syn.label_index(cond.get("class") or syn.class_name_for(cond.get("contrast"), cond.get("position")))
@@ -137,99 +228,33 @@ def run(args: argparse.Namespace) -> int:
     except SizeError as e:
         what = f"--size {args.size}" if args.size else f"the model's size {','.join(map(str, syn.size))}"
         raise UsageError(f"{what}: {e.reason}" if e.reason else str(e)) from None
-    mhash = opened.hash
-    command = shlex.join(["medldm", "synthesize", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm synthesize"
-    report = out / REPORT_NAME
-    if report.exists() and _ours(report, "cases") is None:
-        raise UsageError(f"{report} exists and was not written by medldm synthesize: move it away or choose "
-                         "another OUT (synthesize never replaces files it did not write)")
-    settings = {  # what the scans depend on: a resumed run must match them
-        "model_hash": mhash, "condition": {"class": label, "class_name": syn.class_names[label]
-                                           if label is not None and label < len(syn.class_names) else None},
+    settings = {
+        "model_hash": opened.hash, "condition": {"class": label, "class_name": syn.class_names[label]
+                                                 if label is not None and label < len(syn.class_names) else None},
         "guidance": used_w, "sampler": sampler, "steps": steps, "shape": [*size, 1] if len(size) == 2 else list(size),
         "spacing_mm": args.spacing, "format": args.format, "mask": mask_info,
     }
     if mask is not None:
         settings["shape"] = list(mask.shape) + ([1] if mask.ndim == 2 else [])
         settings["spacing_mm"] = [float(v) for v in np.linalg.norm(mask_affine[:3, :3], axis=0)]
+    return _Run(args, out, opened, label, steps, sampler, size, mask, mask_affine, settings)
 
-    def target(i: int) -> Path:
-        return out / (f"synth_{i:05d}.nii.gz" if args.format == "nifti" else f"synth_{i:05d}")
 
-    def record(i: int) -> Path:
-        return out / f"synth_{i:05d}.json"
-
-    def label_file(i: int) -> Path:
-        return out / f"synth_{i:05d}_labels.nii.gz"
-
-    def previous(i: int) -> dict | None:
-        """The provenance record of an earlier run for scan i, None when there is none; a CaseError when OUT holds
-        files of that name that synthesize did not write, or that were made with other settings."""
-        dest, rec = target(i), record(i)
-        keep = "move them away or choose another OUT: synthesize never replaces files it did not write"
-        prev = _ours(rec, "model_hash") if rec.exists() or rec.is_symlink() else None
-        if (rec.exists() or rec.is_symlink()) and prev is None:
-            raise CaseError(rec, "exists and is not a medldm synthesize record", keep)
-        if prev is None and (dest.exists() or dest.is_symlink()):
-            raise CaseError(dest, f"exists and was not written by medldm synthesize (no {rec.name} beside it)", keep)
-        if prev is not None:
-            diff = [k for k, v in settings.items() if k != "format" and json.loads(json.dumps(v)) != prev.get(k)]
-            if prev.get("seed") != args.seed + i:
-                diff.insert(0, "seed")
-            if prev.get("format", args.format) != args.format:
-                diff.append("format")
-            if diff:
-                raise CaseError(dest if dest.exists() else rec,
-                                f"an earlier run made this scan with other settings ({', '.join(diff)})",
-                                "choose another OUT, or rerun with the earlier settings (see the .json record)")
-        return prev
-
-    def is_done(i: int) -> bool:
-        try:
-            return previous(i) is not None and target(i).exists()
-        except CaseError:
-            return False  # process() reports it
-
-    def process(i: int) -> dict:
-        seed = args.seed + i
-        previous(i)
-        dest, rec = target(i), record(i)
-        prov = {"synthetic": True, "medldm_version": medldm.__version__, "model": str(model.resolve()),
-                "seed": seed, **settings, "intensity": syn.intensity, "config": bundle.config}
-        # the record first: a scan file without its record is never ours, so it is never replaced
-        with atomic_file(rec) as tmp:
-            tmp.write_text(json.dumps(prov, indent=2, default=str))
-        try:
-            img, _ = syn.generate(seed=seed, label=label, guidance=args.guidance, steps=steps,
-                                  sampler=sampler, size=None if mask is not None else size,
-                                  spacing=args.spacing, mask=mask, affine=mask_affine)
-        except ValueError as e:
-            raise CaseError(f"synth_{i:05d}", str(e), "check --size / --condition") from None
-        if args.format == "nifti":
-            save_nifti(img, dest)
-        else:
-            save_scan(img, dest, reference=None, description=f"SYNTHETIC medldm {model.name} seed {seed}")
-        outputs = [str(dest), str(rec)]
-        if mask is not None:  # the pair's label map: the same grid and affine as the image
-            from monai.data import MetaTensor
-
-            lab = mask[..., None] if mask.ndim == 2 else mask
-            meta = {"original_ndim": syn.dims, "original_dtype": "uint8" if syn.mask_classes <= 255 else "int16"}
-            save_nifti(MetaTensor(lab.float(), affine=torch.as_tensor(mask_affine), meta=meta), label_file(i),
-                       dtype=np.uint8 if syn.mask_classes <= 255 else np.int16)
-            outputs.append(str(label_file(i)))
-        return {"outputs": outputs, "seed": seed}
-
+def run(args: argparse.Namespace) -> int:
+    job = _prepare(args)
+    report = job.out / REPORT_NAME
+    if report.exists() and _ours(report, "cases") is None:
+        raise UsageError(f"{report} exists and was not written by medldm synthesize: move it away or choose "
+                         "another OUT (synthesize never replaces files it did not write)")
+    command = shlex.join(["medldm", "synthesize", *sys.argv[2:]]) if len(sys.argv) > 2 else "medldm synthesize"
     return _in_batches(args.num, args.batch_size, lambda cases: run_cases(
-        cases, process, name=lambda i: f"synth_{i:05d}", is_done=is_done, report_path=report, desc="synthesize",
-        command=command, quiet=args.quiet or args.num > args.batch_size)[0], quiet=args.quiet)
+        cases, job.process, name=lambda i: f"synth_{i:05d}", is_done=job.is_done, report_path=report,
+        desc="synthesize", command=command, quiet=args.quiet or args.num > args.batch_size)[0], quiet=args.quiet)
 
 
 def _in_batches(n: int, batch: int, run_batch, *, quiet: bool = False) -> int:
     """``run_batch(range(a, b))`` over consecutive ranges of at most ``batch`` of the ``n`` cases (each call
     writes the scans it makes and merges its entries into the run report); the worst exit status."""
-    import logging
-
     status = 0
     for a in range(0, n, batch):
         status = max(status, run_batch(range(a, min(n, a + batch))))
@@ -240,12 +265,6 @@ def _in_batches(n: int, batch: int, run_batch, *, quiet: bool = False) -> int:
 
 def _load_mask(path: str, syn):
     """``--mask`` -> (int64 label tensor of the model's dimensionality, its 4x4 RAS affine, provenance record)."""
-    import hashlib
-
-    import numpy as np
-
-    from medldm.io.reader import load_nifti
-
     if not Path(path).is_file():
         raise UsageError(f"--mask {path}: no such file")
     if not str(path).lower().endswith((".nii", ".nii.gz")):

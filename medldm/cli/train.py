@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
+from medldm.config import ConfigError, to_mapping
+from medldm.io.errors import CaseError, UsageError
+from medldm.train import train
+from medldm.train.schema import load_config
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="training YAML (see configs/ and docs/training.md)")
@@ -21,12 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from medldm.config import ConfigError, to_mapping
-    from medldm.io.errors import CaseError, UsageError
-    from medldm.train.schema import load_config
-
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
         return 0
     if args.dry_run:
+        # lazy: keeps medldm --help and train --print-config free of torch
         from medldm.train.dry_run import dry_run, format_report
 
         try:
@@ -47,8 +49,6 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(e)) from e
         print(format_report(fig, args.out))
         return 0
-    from medldm.train import train
-
     try:
         train(cfg, args.out, resume=args.resume)
     except ConfigError as e:

@@ -12,14 +12,13 @@ import math
 
 import numpy as np
 import torch
+from monai.transforms import Compose, RandAdjustContrast, RandBiasField, RandFlip, RandRotate
 
 
 class Augmenter:
     """``aug(x, rng)``: x (B, 1, *S) in the model range -> augmented copy; identity when disabled."""
 
     def __init__(self, cfg, spatial_dims: int):
-        from monai.transforms import Compose, RandAdjustContrast, RandBiasField, RandFlip, RandRotate
-
         self.enabled = bool(cfg.enabled)
         rad = math.radians(cfg.rotate_degrees)
         rot = {"range_x": rad} if spatial_dims == 2 else {"range_x": rad, "range_y": rad, "range_z": rad}

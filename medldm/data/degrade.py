@@ -25,7 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from skimage.transform import resize
 
+from medldm.data.lowdose import I0_FULL, lowdose_noise, lowdose_noise_std
 from medldm.io.geometry import resized_affine, spacing_from_affine
 
 Seed = int | np.random.Generator | None
@@ -70,8 +73,6 @@ def like_image(arr: np.ndarray, img: Any, affine: np.ndarray | None = None) -> A
     t = torch.from_numpy(arr).to(img.device)
     if not hasattr(img, "meta"):
         return t
-    from monai.data import MetaTensor
-
     meta = copy.deepcopy(dict(img.meta))
     meta.pop("affine", None)
     aff = _affine(img) if affine is None else affine
@@ -153,8 +154,6 @@ def _new_n(n: int, factor: float) -> int:
 
 
 def _restore(y: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
-    from skimage.transform import resize
-
     return resize(y, shape, order=order, mode="edge", anti_aliasing=False, preserve_range=True)
 
 
@@ -192,8 +191,6 @@ def downsample(img: Any, factor: float, *, axis: int = 2, method: str = "area",
         for a in axes:
             y = _apply_along(y, area_weights(x.shape[a], new_shape[a]), a)
     elif method == "gaussian":
-        from skimage.transform import resize
-
         y = resize(x, new_shape, order=1, mode="reflect", anti_aliasing=True, preserve_range=True)
     else:
         raise ValueError(f"unknown down-sampling method {method!r}; use 'area' or 'gaussian'")
@@ -252,8 +249,6 @@ def lowdose_ct(img: Any, dose: float, seed: Seed = None, *, axis: int = 2, spaci
     arrays; ``device`` (default: the input's, CPU for numpy) runs the projector, e.g. on a GPU. Pixels
     below ``outside_fov_hu`` (padding outside the reconstructed field, e.g. -2000 or -3024) are air in the
     projections and stay unchanged."""
-    from medldm.data.lowdose import lowdose_noise
-
     x = _to_numpy(img)
     ax = _check_axis(x.ndim, axis)
     px = _pixel_mm(img, ax, x.ndim, spacing)
@@ -275,8 +270,6 @@ def calibrate_i0(img: Any, full_dose_noise: float, *, axis: int = 2, spacing: tu
     """Full-dose ``I0`` for which the model's predicted full-dose noise (rms over soft tissue, -200..200 HU,
     of the middle slice) equals ``full_dose_noise`` HU, e.g. the std measured in a uniform region of the
     scan. Uses ``noise ~ 1/sqrt(I0)`` (exact without electronic noise, which is ignored here)."""
-    from medldm.data.lowdose import I0_FULL, lowdose_noise_std
-
     if not full_dose_noise > 0:
         raise ValueError(f"full-dose noise must be > 0 HU, got {full_dose_noise}")
     x = _to_numpy(img)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.ndimage import distance_transform_edt
 
 #: Named CT windows ``(lo, hi)`` in HU (level/width in the comment).
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -62,8 +63,6 @@ def fill_nonfinite(x: Any, mask: np.ndarray | None = None) -> np.ndarray:
 
     A neutral stand-in for networks and filters: it adds no new intensity and no edge, and a few filled voxels
     cannot move intensity statistics. Raises ``ValueError`` when no voxel is finite."""
-    from scipy.ndimage import distance_transform_edt
-
     a = np.array(_as_numpy(x), dtype=np.float32)
     bad = nonfinite_mask(a) if mask is None else np.asarray(mask, dtype=bool)
     if not bad.any():

@@ -21,13 +21,18 @@ white-matter probability maps inside nilearn's package data (no download), on th
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import binary_fill_holes
+
+from medldm.data.tissue import FOREGROUND_FRACTION
 
 
 def _affine_grid(shape: tuple[int, ...], rng: np.random.Generator, scale: tuple[float, float], rotate: float,
@@ -86,8 +91,6 @@ def new_label_maps(maps: Sequence[np.ndarray], n: int, *, seed: int = 0, **kwarg
 
 
 def _nilearn_data() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("nilearn")
     if spec is None:
         raise FileNotFoundError("nilearn is not installed: the MNI152 tissue maps ship inside it "
@@ -105,17 +108,11 @@ def mni_tissue_labels() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     2009a probability maps. On T1 the class order matches the intensity classes (GM darker than WM). Measured: class
     1 is 0.02 % of the volume (nilearn's GM and WM maps together cover nearly all of the skull-stripped brain,
     ventricles included), so in practice these are background / GM / WM."""
-    import nibabel as nib
-
     d = _nilearn_data()
     t1img = nib.load(str(d / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
     t1 = np.asarray(t1img.dataobj, dtype=np.float32)
     gm = np.asarray(nib.load(str(d / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")).dataobj, np.float32)
     wm = np.asarray(nib.load(str(d / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")).dataobj, np.float32)
-    from scipy.ndimage import binary_fill_holes
-
-    from medldm.data.tissue import FOREGROUND_FRACTION
-
     lo, hi = float(t1.min()), float(t1.max())
     head = binary_fill_holes(t1 > lo + FOREGROUND_FRACTION * (hi - lo))  # the dark ventricles are inside
     prob = np.stack([np.clip(1.0 - gm - wm, 0, 1), gm, wm])

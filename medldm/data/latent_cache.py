@@ -7,11 +7,13 @@ The cache is saved as one safetensors file tagged with the VAE's hash, so a resu
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from medldm.io.atomic import atomic_file
@@ -56,8 +58,6 @@ def encode_items(vae: torch.nn.Module, images: list[torch.Tensor], device: torch
                  autocast=None, batch_size: int = 16, voxel_budget: int = ENCODE_VOXEL_BUDGET) -> LatentCache:
     """Encode (1, *S) images (grouped by shape into batches of at most ``batch_size`` images and ``voxel_budget``
     voxels, :func:`encode_batch`) -> posterior mu and sigma per image."""
-    import contextlib
-
     vae.eval()
     mu: list[torch.Tensor | None] = [None] * len(images)
     sigma: list[torch.Tensor | None] = [None] * len(images)
@@ -89,8 +89,6 @@ def save_cache(cache: LatentCache, path: str | Path, tag: str) -> None:
 
 def load_cache(path: str | Path, tag: str) -> LatentCache | None:
     """The cache at ``path`` if it exists and was made with ``tag``; else None."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         return None

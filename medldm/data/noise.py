@@ -23,13 +23,14 @@ both. Slices are chosen as follows:
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import gaussian_filter1d
+from scipy.special import i0e, i1e
+from skimage.restoration import estimate_sigma
 
 
 def estimate_noise_sigma(vol, *, axis: int = 2, max_slices: int | None = None, span: tuple[float, float] = (0.0, 1.0),
                          min_side: int = 2, exclude: np.ndarray | None = None, dims: int = 2) -> float:
     """Noise standard deviation of ``vol`` (X, Y, Z; numpy or torch), in its units. See the module docstring."""
-    from skimage.restoration import estimate_sigma
-
     arr = vol.detach().cpu().numpy() if hasattr(vol, "detach") else vol
     arr = np.moveaxis(np.nan_to_num(np.asarray(arr, dtype=np.float64)), axis, -1)
     if arr.ndim == 2:
@@ -60,8 +61,6 @@ def rayleigh_background_sigma(vol, *, min_voxels: int = 1000, exclude: np.ndarra
 
     Measured on the demo's held-out brain, abdomen and shoulder with Rician noise of 2 / 5 / 10 % of the range:
     0.021-0.023 / 0.053-0.056 / 0.109-0.119 (the wavelet estimate: 0.016-0.020 / 0.038-0.042 / 0.072-0.077)."""
-    from scipy.ndimage import gaussian_filter1d
-
     arr = np.asarray(vol.detach().cpu().numpy() if hasattr(vol, "detach") else vol, dtype=np.float64)
     skip = ~np.isfinite(arr) if exclude is None else (~np.isfinite(arr) | np.asarray(exclude, bool))
     a = arr[~skip]
@@ -84,8 +83,6 @@ def rician_mean(a, sigma: float) -> np.ndarray:
     """Mean of the magnitude ``M = |a + n1 + i n2|``, ``n1, n2 ~ N(0, sigma^2)`` (Rician), elementwise:
     ``sigma sqrt(pi/2) L_1/2(-a^2 / (2 sigma^2))`` with the Laguerre polynomial written through the exponentially
     scaled Bessel functions (Koay & Basser 2006, eq. 3): ``(1 + t) i0e(t/2) + t i1e(t/2)``, ``t = a^2 / (2 sigma^2)``."""
-    from scipy.special import i0e, i1e
-
     a = np.abs(np.asarray(a, dtype=np.float64))
     if sigma <= 0:
         return a

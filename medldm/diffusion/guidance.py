@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from medldm.diffusion.schedules import Schedule, model_time
+from medldm.models.ema import unwrap
 
 
 def make_model_fn(
@@ -24,8 +25,6 @@ def make_model_fn(
     ``out = out_null + w (out_cond - out_null)`` with the learned null class, both halves in one batched call.
     ``guidance = 1`` evaluates the conditional model only; guidance needs a class-conditional denoiser.
     """
-    from medldm.models.ema import unwrap
-
     num_classes = int(getattr(unwrap(denoiser), "num_classes", 0) or 0)  # type: ignore[arg-type]
     if guidance != 1.0 and num_classes == 0:
         raise ValueError("guidance != 1 needs a class-conditional model (unet.num_classes > 0)")

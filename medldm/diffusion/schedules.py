@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from medldm.diffusion.config import DiffusionConfig
+from medldm.models.ema import unwrap
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,6 @@ def diffusion_loss(
     t = sample_train_times(schedule, n, generator).to(x0.device)
     noise = randn_like(x0, generator)
     x_t = q_sample(schedule, x0, t, noise)
-    from medldm.models.ema import unwrap
-
     num_classes = int(getattr(unwrap(denoiser), "num_classes", 0) or 0)  # type: ignore[arg-type]
     if num_classes > 0:
         labels = class_labels if class_labels is not None else torch.full((n,), num_classes, dtype=torch.long)

@@ -44,9 +44,15 @@ import importlib
 import math
 
 import numpy as np
+from scipy.ndimage import gaussian_filter, zoom
+from skimage.restoration import denoise_nl_means
 
+from medldm.data.degrade import like_image
+from medldm.data.intensity import clamp_physical, fill_nonfinite
 from medldm.data.noise import estimate_noise_sigma, rayleigh_background_sigma, rician_unbias
 from medldm.data.resample import KEYS_A, cubic_convolution_resize, keys_kernel  # noqa: F401 (re-exported)
+from medldm.io.errors import CaseError
+from medldm.io.geometry import resize_mask_nearest, resized_affine
 
 DENOISE_METHODS = ("gaussian", "nlm", "bm3d", "bm4d", "ants", "nlm-dipy")
 NOISE_KINDS = ("gaussian", "rician")
@@ -122,8 +128,6 @@ def denoise(
         raise ValueError("bm3d runs slice by slice only: use dims=2 (or bm4d for the volume)")
     bad = _nonfinite(vol)
     if bad is not None:
-        from medldm.data.intensity import fill_nonfinite
-
         vol = fill_nonfinite(vol, bad)
     if noise == "rician":
         if np.min(vol) < 0:
@@ -135,8 +139,6 @@ def denoise(
     info: dict = {"method": method, "dims": dims, "noise": noise, "normalization": {"offset": lo, "scale": scale},
                   "nonfinite_voxels": 0 if bad is None else int(bad.sum())}
     if method == "gaussian":
-        from scipy.ndimage import gaussian_filter
-
         s = (filter_sigma, filter_sigma, filter_sigma if dims == 3 else 0.0)
         y = gaussian_filter(x, sigma=s, mode="nearest")
         info["filter_sigma_voxels"] = filter_sigma
@@ -178,8 +180,6 @@ def _filter_sigma(x: np.ndarray, method: str, sig_n: float, dims: int, noise: st
                   scale: float) -> np.ndarray:
     """``nlm``, ``bm3d``, ``bm4d`` or ``nlm-dipy`` on ``x`` (scaled) with noise level ``sig_n`` (scaled)."""
     if method == "nlm":
-        from skimage.restoration import denoise_nl_means
-
         kw = {"patch_size": NLM_PATCH_SIZE, "patch_distance": NLM_PATCH_DISTANCE,
               "h": NLM_H_FACTOR * sig_n, "sigma": sig_n, "fast_mode": True,
               "channel_axis": None, "preserve_range": True}
@@ -251,28 +251,20 @@ def upsample(vol: np.ndarray, scale: float, method: str, axis: str = "inplane") 
     new_shape = tuple(max(1, int(round(n * f))) for n, f in zip(vol.shape, factors, strict=True))
     bad = _nonfinite(vol)
     if bad is not None:
-        from medldm.data.intensity import fill_nonfinite
-
         vol = fill_nonfinite(vol, bad)
     if method == "bicubic":
         out = cubic_convolution_resize(vol, new_shape)
     else:
-        from scipy.ndimage import zoom
-
         zf = [m / n for m, n in zip(new_shape, vol.shape, strict=True)]
         out = zoom(vol.astype(np.float64), zf, order=SPLINE_ORDER[method], mode="nearest", grid_mode=True)
     out = np.asarray(out, dtype=np.float32)
     if bad is not None:
-        from medldm.io.geometry import resize_mask_nearest
-
         out[resize_mask_nearest(bad, out.shape)] = np.nan
     return out
 
 
 # ------------------------------------------------------------------------------------ MetaTensor API
 def _scan_error(img, e: ValueError):
-    from medldm.io.errors import CaseError
-
     src = (getattr(img, "meta", None) or {}).get("filename_or_obj") or "<image>"
     return CaseError(src, str(e), "check the scan (see `medldm info`)")
 
@@ -287,8 +279,6 @@ def _note_nonfinite(out, n_bad: int, what: str) -> None:
 def _clamped(arr: np.ndarray, img, info: dict) -> np.ndarray:
     """The filter's output clamped to the input modality's physical range, as every enhancer's
     (:func:`medldm.data.intensity.clamp_physical`: magnitude images >= 0, CT >= -1024 HU)."""
-    from medldm.data.intensity import clamp_physical
-
     src = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, dtype=np.float64)
     finite = src[np.isfinite(src)]
     if not finite.size:
@@ -308,8 +298,6 @@ def denoise_scan(img, method: str, **kwargs):
         if "NaN" not in str(e):
             raise
         raise _scan_error(img, e) from None
-    from medldm.data.degrade import like_image
-
     out = like_image(_clamped(arr, img, info), img)
     _note_nonfinite(out, info["nonfinite_voxels"], "filter")
     return out, info
@@ -318,8 +306,6 @@ def denoise_scan(img, method: str, **kwargs):
 def upsample_scan(img, scale: float, method: str, axis: str = "inplane"):
     """:func:`upsample` on a MetaTensor (X, Y, Z); returns a MetaTensor on the finer grid whose
     affine keeps the physical extent (spacing divided by the actual size ratio)."""
-    from medldm.io.geometry import resized_affine
-
     src = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img)
     try:
         arr = upsample(src, scale, method, axis)
@@ -328,8 +314,6 @@ def upsample_scan(img, scale: float, method: str, axis: str = "inplane"):
             raise
         raise _scan_error(img, e) from None
     aff = resized_affine(np.asarray(img.affine, dtype=np.float64), src.shape, arr.shape)
-    from medldm.data.degrade import like_image
-
     out = like_image(_clamped(arr, img, {}), img, aff)
     n_bad = int(src.size - np.count_nonzero(np.isfinite(src)))
     _note_nonfinite(out, n_bad, "interpolation")

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import medldm.metrics as M
 from medldm.io.errors import CaseError
+from medldm.io.geometry import spacing_from_affine, world_corners
+from medldm.metrics import resolve_range
 
 METRICS = ("psnr", "ssim", "ms_ssim")
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "ms_ssim": "MS-SSIM"}
@@ -55,8 +58,6 @@ class Convention:
 
 def convention_from(data_range: float | None = None, window: str | tuple[float, float] | None = None) -> Convention:
     """Build a :class:`Convention` through ``medldm.metrics.resolve_range`` (same rules, same errors)."""
-    from medldm.metrics import resolve_range
-
     lo, hi, r = resolve_range(data_range=data_range, window=window)
     name = window.strip().lower() if isinstance(window, str) else None
     return Convention(r=float(r), lo=lo, hi=hi, name=name)
@@ -69,8 +70,6 @@ def check_grid(ref, other, *, ref_name: str, other_name: str, what: str = "predi
     Same shape, and every corner of the field of view within ``tol_voxel`` × the smallest voxel
     size of the reference (world mm, from the affines).
     """
-    from medldm.io.geometry import spacing_from_affine, world_corners
-
     if tuple(other.shape) != tuple(ref.shape):
         raise CaseError(other_name, f"{what} grid {tuple(other.shape)} differs from the reference "
                         f"{tuple(ref.shape)} ({ref_name})",
@@ -91,8 +90,6 @@ def _as_array(img) -> torch.Tensor:
 
 
 def _call(name: str, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor | None, dr) -> tuple[np.ndarray, str]:
-    import medldm.metrics as M
-
     fn = getattr(M, name)
     kwargs = {"data_range": dr}
     if m is not None:

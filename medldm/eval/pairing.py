@@ -20,12 +20,16 @@ predictions without a reference are listed as unpaired notes.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medldm.io.discover import Case, scan_folder
 from medldm.io.errors import CaseError, UsageError
+from medldm.io.reader import load_case, load_scan
+from medldm.io.volumes import count_volumes
 
 # our own run reports and resume records: not noted
 _RUN_REPORT = re.compile(r"(^|/|\.)(medldm-[a-z]+-report|run_report)\.json$|\.medldm\.json$|\.degradation\.json$")
@@ -43,17 +47,10 @@ class Source:
     def load(self):
         """-> MetaTensor (X, Y, Z) via ``load_case`` / ``load_scan``."""
         if self.case is not None:
-            from medldm.io.reader import load_case
-
             return load_case(self.case, volume=self.volume)
-        from medldm.io.reader import load_scan
-
         return load_scan(self.path, volume=self.volume)
 
     def count_volumes(self) -> int:
-        from medldm.io.discover import Case
-        from medldm.io.volumes import count_volumes
-
         if self.case is not None:
             return count_volumes(self.case)
         p = Path(self.path) if self.path else None
@@ -65,8 +62,6 @@ class Source:
 def expand_volumes(pairing: Pairing) -> Pairing:
     """Each volume of a 4D reference is a case of its own (``id#volK``), its predictions and mask taken at the same
     volume (a 3D mask serves every volume), so 4D outputs are evaluated volume by volume."""
-    import dataclasses
-
     cases = []
     for ec in pairing.cases:
         try:
@@ -129,8 +124,6 @@ def parse_pred_args(values: list[str]) -> list[tuple[str, Path]]:
 
 
 def _index(root: Path, what: str) -> tuple[dict[str, object], list[str]]:
-    from medldm.io.discover import scan_folder
-
     if not root.exists():
         raise UsageError(f"{what} {root}: no such file or folder")
     found = scan_folder(root)

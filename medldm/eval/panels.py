@@ -20,6 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
+
+from medldm.io.atomic import atomic_file
 
 TILE = 256
 GAP = 4
@@ -113,8 +116,6 @@ def render_panel(
     ``diff_clip``: clip both images to this window before differencing (the metric window).
     Returns ``(PIL.Image RGB, tiles)``, ``tiles`` = ``[{"label", "kind", "box": [x0, y0, x1, y1]}]``.
     """
-    from PIL import Image
-
     size = tile_size(ref.shape, spacing, tile)
     items = [("reference", "reference", Image.fromarray(to_gray(ref, *window)).convert("RGB"))]
     for name, p in preds:
@@ -130,8 +131,6 @@ def render_panel(
 def compose_strip(items: list, size: tuple[int, int]):
     """Lay ``items`` (label, kind, PIL image) side by side, each resized to ``size`` under a label header.
     Returns ``(PIL.Image RGB, tiles)``, ``tiles`` = ``[{"label", "kind", "box": [x0, y0, x1, y1]}]``."""
-    from PIL import Image, ImageDraw
-
     w, h = size
     canvas = Image.new("RGB", (len(items) * w + (len(items) - 1) * GAP, HEADER + h), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -147,8 +146,6 @@ def compose_strip(items: list, size: tuple[int, int]):
 
 def save_png(image, path: str | Path) -> Path:
     """Write a PIL image as PNG atomically."""
-    from medldm.io.atomic import atomic_file
-
     path = Path(path)
     with atomic_file(path, suffix=".png") as tmp:
         image.save(tmp, format="PNG")

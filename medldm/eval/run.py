@@ -16,7 +16,11 @@ import torch
 
 from medldm.eval.evaluate import METRICS, Convention, check_grid, nan_mean, slice_metrics, volume_metrics
 from medldm.eval.pairing import EvalCase, Pairing
+from medldm.eval.panels import choose_slices, display_plane, render_panel, save_png
+from medldm.eval.report import write_html
+from medldm.eval.stats import ci_definition, paired_differences, summarize
 from medldm.io.atomic import atomic_file
+from medldm.io.caseloop import run_cases
 from medldm.io.errors import CaseError
 
 CSV_COLUMNS = ["method", "case", "level", "axis", "slice", *METRICS, "note"]
@@ -61,8 +65,6 @@ def _display_window(ref: np.ndarray, mask: np.ndarray | None, conv: Convention) 
 
 def _write_panels(ec: EvalCase, ref_np, mask_np, aff, planes: dict[str, dict[int, np.ndarray]],
                   opts: EvalOptions, out_dir: Path) -> list[dict]:
-    from medldm.eval.panels import display_plane, render_panel, save_png
-
     if not planes or not next(iter(planes.values())):
         return []
     window, wsrc = _display_window(ref_np, mask_np, opts.conv)
@@ -101,8 +103,6 @@ def _write_panels(ec: EvalCase, ref_np, mask_np, aff, planes: dict[str, dict[int
 def evaluate_case(ec: EvalCase, methods: list[str], opts: EvalOptions, out_dir: Path, acc: Collected) -> dict:
     """Evaluate every method of one case; rows and panels go to ``acc``. Raises CaseError listing
     the methods that failed (after the others were evaluated)."""
-    from medldm.eval.panels import choose_slices, display_plane
-
     ref = ec.ref.load()
     ref_t = ref.as_subclass(torch.Tensor).float()
     aff = np.asarray(ref.affine, dtype=np.float64)
@@ -263,8 +263,6 @@ def per_case_values(rows: list[dict], methods: list[str]) -> dict:
 def build_summary(values: dict, methods: list[str], opts: EvalOptions) -> dict:
     """summary.json content: per method & metric (volume and slice mean) n/mean/std/CI, and paired
     differences of each method against the first one."""
-    from medldm.eval.stats import ci_definition, paired_differences, summarize
-
     summ = {m: {k: {lvl: summarize(list(values[m][k][lvl].values()), ci=opts.ci) for lvl in ("volume", "slice_mean")}
                 for k in METRICS} for m in methods}
     paired = {}
@@ -322,9 +320,6 @@ def write_json(path: Path, obj: dict) -> None:
 def evaluate(pairing: Pairing, opts: EvalOptions, out_dir: str | Path, *, command: str = "",
              quiet: bool = False) -> tuple[int, dict]:
     """Evaluate all cases of ``pairing`` and write the report folder. Returns ``(exit_status, summary)``."""
-    from medldm.eval.report import write_html
-    from medldm.io.caseloop import run_cases
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run_report.json").unlink(missing_ok=True)  # not resumable: a fresh record each run

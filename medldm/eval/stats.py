@@ -23,6 +23,8 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats
+from scipy.stats import bootstrap
 
 CI_METHODS = ("t", "bootstrap")
 
@@ -56,13 +58,9 @@ def summarize(
     out["std"] = std
     alpha = 1.0 - level
     if ci == "t":
-        from scipy import stats
-
         half = float(stats.t.ppf(1.0 - alpha / 2.0, n - 1)) * std / math.sqrt(n)
         out["ci_low"], out["ci_high"] = mean - half, mean + half
     else:
-        from scipy.stats import bootstrap
-
         if np.ptp(finite) == 0:  # every case equal: the resampled means are all the same value
             out["ci_low"] = out["ci_high"] = mean
             return out

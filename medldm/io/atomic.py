@@ -183,9 +183,9 @@ def medldm_written(folder: str | os.PathLike) -> bool:
 
 def _medldm_dicom(path: Path) -> bool:
     try:
-        import pydicom
+        import pydicom  # lazy: io.atomic (imported by medldm.config) stays free of pydicom
 
-        from medldm.io.dicom_uids import IMPLEMENTATION_CLASS_UID
+        from medldm.io.dicom_uids import IMPLEMENTATION_CLASS_UID  # lazy: as pydicom above
 
         meta = pydicom.filereader.read_file_meta_info(path)
     except Exception:

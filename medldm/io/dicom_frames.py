@@ -5,6 +5,7 @@ multi-frame such as ``emri_small.dcm``)."""
 from __future__ import annotations
 
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -225,8 +226,6 @@ def mosaic_frames(path: str | Path, ds: Dataset) -> list[Frame]:
     from the mosaic's ImagePositionPatient (which names the corner of the whole tiled image), the slices spaced by
     SpacingBetweenSlices (else SliceThickness) along the normal. nibabel's ``nicom`` reads the CSA header
     (``MosaicWrapper``). Slice k is tile k of the mosaic, row by row."""
-    import warnings
-
     warns = _check_image_header(path, ds)
     try:
         with warnings.catch_warnings():

@@ -8,6 +8,7 @@ are then that root followed by a hash of random entropy (``pydicom.uid.generate_
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -55,8 +56,6 @@ def derived_uid(kind: str, seed: str) -> UID:
 
 def provenance_key(provenance: dict) -> str:
     """The options key of a provenance dict: its ``"key"``, else the whole dict as sorted JSON."""
-    import json
-
     if provenance.get("key") not in (None, ""):
         return str(provenance["key"])
     return json.dumps(provenance, sort_keys=True, default=str, separators=(",", ":"))

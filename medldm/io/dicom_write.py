@@ -29,6 +29,7 @@ from pydicom.valuerep import DSfloat
 
 from medldm import __version__
 from medldm.io.atomic import atomic_dir
+from medldm.io.deidentify import Deidentifier
 from medldm.io.dicom_frames import is_mosaic
 from medldm.io.dicom_headers import add_software, clean_reference, new_series_header, now, patient_orientation
 from medldm.io.dicom_pixels import Encoding, choose_encoding
@@ -410,8 +411,6 @@ def _deidentifier(deidentify):
     """``None`` (no de-identification) or the :class:`~medldm.io.deidentify.Deidentifier` to use."""
     if deidentify is False or deidentify is None:
         return None
-    from medldm.io.deidentify import Deidentifier
-
     return deidentify if isinstance(deidentify, Deidentifier) else Deidentifier()
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from medldm.io.atomic import atomic_dir
 from medldm.io.dicom import drop_command_set
 from medldm.io.errors import CaseError, UsageError
 
@@ -252,8 +253,6 @@ class DicomWeb:
     # ------------------------------------------------------------------ WADO
     def retrieve_series(self, info: SeriesInfo, cache: str | os.PathLike) -> Path:
         """``<cache>/<study>/<series>/`` holding every instance of the series (see the module docstring)."""
-        from medldm.io.atomic import atomic_dir
-
         dest = Path(cache) / info.study / info.series
         where = f"{self}/studies/{info.study}/series/{info.series}"
         if dest.is_dir() and info.instances is not None and _count(dest) == info.instances:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from medldm.io.caseloop import failure_line
 from medldm.io.dicom import drop_command_set
 from medldm.io.errors import CaseError, UsageError
 
@@ -170,8 +171,6 @@ class Listener:
 
     def process_series(self, folder: Path) -> bool:
         """Process one spooled series and forward the result; one line on failure. True when done."""
-        from medldm.io.caseloop import failure_line
-
         with self._lock:
             self._last.pop(folder, None)
         try:

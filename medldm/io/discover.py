@@ -21,6 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+from medldm.io.dicom import file_kind, n_frames, non_image_reason, read_header, slice_geometry
+from medldm.io.dicom_frames import multi_frame, single_frame
+from medldm.io.dicom_series import (
+    ORIENT_SPLIT_TOL,
+    _orient,
+    _positions,
+    describe_gap,
+    regular_runs,
+    split_stacks,
+)
 from medldm.io.errors import CaseError, UsageError
 from medldm.io.formats import NIFTI_SUFFIXES, is_nifti
 
@@ -78,30 +88,30 @@ def _nifti_ext(path: Path) -> str:
     return ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
 
 
+def _listed(dirpath: str, names: list[str], what: str, skipped: list[str]):
+    """``(name, path)`` of ``names`` in ``dirpath``, sorted, without medldm's own files (silently) and hidden ones
+    (a ``skipped`` line each); ``what``: "file" or "folder"."""
+    for name in sorted(names):
+        full = Path(dirpath) / name
+        if _OWN.search(name):
+            continue
+        if name.startswith("."):
+            skipped.append(f"{full}: skipped: hidden {what} (name starts with '.')")
+            continue
+        yield name, full
+
+
 def _walk(root: Path, skipped: list[str]):
     """Regular files under ``root`` (links followed only to regular files); the rest goes to ``skipped``."""
-    from medldm.io.dicom import file_kind
-
     for dirpath, dirnames, filenames in os.walk(root):
         keep = []
-        for d in sorted(dirnames):
-            full = Path(dirpath) / d
-            if _OWN.search(d):
-                continue
-            if d.startswith("."):
-                skipped.append(f"{full}: skipped: hidden folder (name starts with '.')")
-            elif full.is_symlink():
+        for d, full in _listed(dirpath, dirnames, "folder", skipped):
+            if full.is_symlink():
                 skipped.append(f"{full}: skipped: link to a folder (links to folders are not followed)")
             else:
                 keep.append(d)
         dirnames[:] = keep
-        for name in sorted(filenames):
-            full = Path(dirpath) / name
-            if _OWN.search(name):
-                continue
-            if name.startswith("."):
-                skipped.append(f"{full}: skipped: hidden file (name starts with '.')")
-                continue
+        for _, full in _listed(dirpath, filenames, "file", skipped):
             try:
                 kind = file_kind(full)
             except OSError as e:
@@ -128,11 +138,6 @@ class _Unit:
 
 def _belongs(ds, frames) -> bool:
     """Whether a damaged image header ``ds`` has the size and orientation of the stack ``frames``."""
-    import numpy as np
-
-    from medldm.io.dicom import slice_geometry
-    from medldm.io.dicom_series import ORIENT_SPLIT_TOL, _orient
-
     try:
         shape = (int(ds.Rows), int(ds.Columns))
         g = slice_geometry(ds)
@@ -154,8 +159,6 @@ def _volume_groups(items: list[tuple[Path, object]]) -> list[list[tuple[Path, ob
     """Multi-frame objects of one series grouped into the volumes of one scan: objects whose frames lie at the same
     positions with the same orientation and size (e.g. Siemens XA, one enhanced file per volume of an EPI run) form
     one 4D case, as the same data in classic files would; any other object stays alone."""
-    from medldm.io.dicom_frames import multi_frame
-
     groups: dict[tuple, list[tuple[Path, object]]] = {}
     for p, ds in sorted(items, key=lambda it: str(it[0])):
         try:
@@ -175,10 +178,6 @@ def _units_of_series(items: list[tuple[Path, object]], bad: list[tuple[Path, obj
     frames by stack, each stack by regular runs of slices. ``bad``: damaged files of this series
     (``(path, header or None, error)``); the stack they belong to fails with their error (never
     loaded without them), so the user is told which file to fix."""
-    from medldm.io.dicom import n_frames
-    from medldm.io.dicom_frames import single_frame
-    from medldm.io.dicom_series import _positions, describe_gap, regular_runs, split_stacks
-
     def multi(ds) -> bool:
         return n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds
 
@@ -242,11 +241,8 @@ def _units_of_series(items: list[tuple[Path, object]], bad: list[tuple[Path, obj
     return units
 
 
-def scan_folder(root: str | os.PathLike) -> Discovery:
-    """Cases under ``root`` (a folder, or a single file). A missing path raises UsageError."""
-    from medldm.io.dicom import file_kind, non_image_reason, read_header
-
-    root = Path(root)
+def _check_root(root: Path) -> None:
+    """UsageError for a missing ``root``, or one that is neither a regular file nor a folder."""
     if not root.exists():
         raise UsageError(f"{root}: no such file or folder" + (" (broken link)" if root.is_symlink() else ""))
     if not root.is_dir():
@@ -256,10 +252,11 @@ def scan_folder(root: str | os.PathLike) -> Discovery:
             raise UsageError(f"{root}: cannot be opened ({e.strerror or e})") from None
         if kind is not None:
             raise UsageError(f"{root}: not a regular file or folder ({kind})")
-    base = root.parent if root.is_file() else root
-    cases: list[Case] = []
-    skipped: list[str] = []
-    files = [root] if root.is_file() else list(_walk(root, skipped))
+
+
+def _sort_files(files, base: Path, cases: list[Case], skipped: list[str]):
+    """NIfTI files become cases; DICOM image files are grouped by (folder, SeriesInstanceUID) into ``series``, those
+    whose header cannot be read or used into ``bad``; other files are noted in ``skipped``."""
     series: dict[tuple[Path, str], list[tuple[Path, object]]] = defaultdict(list)
     bad: dict[tuple[Path, str], list[tuple[Path, object, CaseError]]] = defaultdict(list)
     for f in files:
@@ -284,18 +281,22 @@ def scan_folder(root: str | os.PathLike) -> Discovery:
             skipped.append(f"{f}: skipped: {reason}")
             continue
         series[(f.parent, uid)].append((f, ds))
-
     # damaged files of no known series: part of the series when their folder holds only one
     for (folder, uid), items in list(bad.items()):
         here = [k for k in series if k[0] == folder]
         if (uid == "" or uid.startswith("nouid:")) and len(here) == 1:
             bad[here[0]].extend(items)
             del bad[(folder, uid)]
+    return series, bad
+
+
+def _units_by_folder(series: dict, bad: dict) -> dict[Path, list[tuple[str, object, _Unit, int]]]:
+    """The units (one per stack / part / multi-frame object) of every series, grouped by the folder holding them, as
+    ``(uid, first header, unit, stacks in the series)``; a series whose files are all damaged is one failed unit.
+    What stays in ``bad`` are damaged files without a series to join."""
     folders_of: dict[str, list[Path]] = defaultdict(list)
     for folder, uid in series:
         folders_of[uid].append(folder)
-
-    # units (one per stack / part / multi-frame object), grouped by the folder holding them
     by_folder: dict[Path, list[tuple[str, object, _Unit, int]]] = defaultdict(list)
     for (folder, uid), items in series.items():
         units = _units_of_series(items, bad.pop((folder, uid), []), str(folder))
@@ -314,6 +315,46 @@ def scan_folder(root: str | os.PathLike) -> Discovery:
                          error=_with_count(items[0][2], len(items) - 1))
             by_folder[folder].append((uid, items[0][1], unit, 1))
             del bad[(folder, uid)]
+    return by_folder
+
+
+def _unit_id(rel: str, top: str, uid: str, ds, u: _Unit, n_stacks: int, alone: bool) -> str:
+    """The case id of a unit in folder ``rel`` (``top`` when the folder holds only this unit)."""
+    if alone:
+        return top
+    if uid.startswith("nouid:"):  # a file without SeriesInstanceUID: named after itself
+        return f"{rel}/{_strip_ext(u.paths[0].name)}" if rel else _strip_ext(u.paths[0].name)
+    num = ds.get("SeriesNumber", None)
+    tail = re.sub(r"[^0-9A-Za-z.]", "", uid.split(":")[-1])[-12:].strip(".")
+    label = (f"series-{num}_{tail}" if num not in (None, "") else f"series_{tail}")
+    if n_stacks > 1:  # the series was split (orientations, sizes, multi-frame objects)
+        label += f"_stack-{u.stack + 1}"
+    if u.part:  # the stack was split at missing slices
+        label += f"_part-{u.part}"
+    return f"{rel}/{label}" if rel else label
+
+
+def _unique_ids(cases: list[Case]) -> None:
+    """``id_2``, ``id_3`` ... for repeated ids (a NIfTI file and a DICOM folder could map to the same id)."""
+    seen: dict[str, int] = {}
+    for c in sorted(cases, key=lambda c: (c.id, str(c.paths[0]))):
+        if c.id in seen:
+            seen[c.id] += 1
+            c.id = f"{c.id}_{seen[c.id]}"
+        else:
+            seen[c.id] = 1
+
+
+def scan_folder(root: str | os.PathLike) -> Discovery:
+    """Cases under ``root`` (a folder, or a single file). A missing path raises UsageError."""
+    root = Path(root)
+    _check_root(root)
+    base = root.parent if root.is_file() else root
+    cases: list[Case] = []
+    skipped: list[str] = []
+    files = [root] if root.is_file() else list(_walk(root, skipped))
+    series, bad = _sort_files(files, base, cases, skipped)
+    by_folder = _units_by_folder(series, bad)
     for items in bad.values():  # damaged files without a series to join: one case each
         for f, _, e in items:
             cases.append(Case(_safe(_strip_ext(f.relative_to(base).as_posix())), "dicom-series", [f], base,
@@ -323,19 +364,7 @@ def scan_folder(root: str | os.PathLike) -> Discovery:
         top = rel or (root.name if root.is_dir() else _strip_ext(root.name))
         for uid, ds, u, n_stacks in units:
             paths = u.paths
-            if len(units) == 1:
-                cid = top
-            elif uid.startswith("nouid:"):  # a file without SeriesInstanceUID: named after itself
-                cid = f"{rel}/{_strip_ext(paths[0].name)}" if rel else _strip_ext(paths[0].name)
-            else:
-                num = ds.get("SeriesNumber", None)
-                tail = re.sub(r"[^0-9A-Za-z.]", "", uid.split(":")[-1])[-12:].strip(".")
-                label = (f"series-{num}_{tail}" if num not in (None, "") else f"series_{tail}")
-                if n_stacks > 1:  # the series was split (orientations, sizes, multi-frame objects)
-                    label += f"_stack-{u.stack + 1}"
-                if u.part:  # the stack was split at missing slices
-                    label += f"_part-{u.part}"
-                cid = f"{rel}/{label}" if rel else label
+            cid = _unit_id(rel, top, uid, ds, u, n_stacks, len(units) == 1)
             if len(paths) == 1:
                 src = str(paths[0])
             else:
@@ -344,22 +373,13 @@ def scan_folder(root: str | os.PathLike) -> Discovery:
             cases.append(Case(_safe(cid), "dicom-series", [paths[i] for i in order], base, error=u.error, source=src,
                               series_uid="" if uid.startswith("nouid:") else uid,
                               headers=[u.headers[i] for i in order], warnings=u.warnings, integrity=u.integrity))
-    # unique ids (a NIfTI file and a DICOM folder could map to the same id)
-    seen: dict[str, int] = {}
-    for c in sorted(cases, key=lambda c: (c.id, str(c.paths[0]))):
-        if c.id in seen:
-            seen[c.id] += 1
-            c.id = f"{c.id}_{seen[c.id]}"
-        else:
-            seen[c.id] = 1
+    _unique_ids(cases)
     cases.sort(key=lambda c: c.id)
     return Discovery(cases, skipped, _notes(cases))
 
 
 def _notes(cases: list[Case]) -> list[str]:
     """One line per series split at gaps, and per series found in several folders."""
-    from medldm.io.dicom_series import describe_gap
-
     notes, parts = [], defaultdict(list)
     for c in cases:
         if "split" in c.integrity:

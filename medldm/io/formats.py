@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -15,8 +16,6 @@ def is_nifti(path: str | os.PathLike) -> bool:
 def sibling_path(out: str | os.PathLike, suffix: str):
     """``DIR/x.nii.gz`` (or a DICOM folder ``DIR/x``) -> ``DIR/x<suffix>``, absolute: the files medldm keeps beside
     an output (``.degradation.json`` records, ``_std.nii.gz`` uncertainty maps)."""
-    from pathlib import Path
-
     out = Path(os.path.abspath(out))
     name = out.name
     for ext in (".nii.gz", ".nii"):

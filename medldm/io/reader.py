@@ -14,16 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
+from medldm.io.dicom import exact_dtype, modality, n_frames, non_image_reason, read_header
+from medldm.io.dicom_frames import frames_of
+from medldm.io.dicom_series import describe_stacks, split_stacks, stack
+from medldm.io.discover import scan_folder
 from medldm.io.errors import CaseError
 from medldm.io.formats import NIFTI_SUFFIXES, is_nifti  # noqa: F401 (re-exported)
+from medldm.io.geometry import affine_problem, spacing_from_affine
 from medldm.io.limits import DEFAULT_MAX_VOXELS, max_voxels  # noqa: F401 (re-exported)
 
 
 def _finish(data: np.ndarray, affine: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(data (X, Y, Z) float32, RAS affine float64, meta)`` with the derived meta keys (spacing, non-finite
     voxels and their warning, MONAI-compatible keys): what :func:`read_case` returns and a MetaTensor carries."""
-    from medldm.io.geometry import spacing_from_affine
-
     meta = dict(meta)
     meta["warnings"] = list(meta.get("warnings", []))
     n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
@@ -60,8 +63,6 @@ def _nifti_exact_dtype(img, arr: np.ndarray) -> str:
     stored = img.get_data_dtype()
     if (slope in (None, 1.0) or not np.isfinite(slope)) and (inter in (None, 0.0) or not np.isfinite(inter)):
         return np.dtype(stored).name
-    from medldm.io.dicom import exact_dtype
-
     return exact_dtype(arr, stored, True)
 
 
@@ -134,8 +135,6 @@ def _nifti_affine(path: Path, img, ndim: int, warns: list[str]) -> np.ndarray:
     """nibabel's pick (sform, else qform, else pixdim) checked: a NaN/singular sform falls back to a valid
     qform (warning); zero pixdim used by the qform/pixdim affine is warned about (nibabel assumes 1 mm);
     no usable affine at all raises :class:`CaseError`."""
-    from medldm.io.geometry import affine_problem
-
     hdr = img.header
     scode = int(hdr["sform_code"]) if "sform_code" in hdr else 0
     qcode = int(hdr["qform_code"]) if "qform_code" in hdr else 0
@@ -264,9 +263,6 @@ def load_nifti(path: str | os.PathLike, *, volume: int | None = None) -> tuple[n
 def _dicom_frames(paths: list[Path], where: str, headers: Sequence | None):
     """The image frames of DICOM files of one series (headers only, pixels decoded later): ``(frames, first image
     header, warnings, number of multi-frame objects, headers)``."""
-    from medldm.io.dicom import n_frames, non_image_reason, read_header
-    from medldm.io.dicom_frames import frames_of
-
     if headers is None:
         headers = [read_header(p, strict=True) for p in paths]
     warns: list[str] = []
@@ -297,9 +293,6 @@ def load_dicom(paths: Sequence[str | os.PathLike], *, volume: int | None = None,
     Non-image objects among ``paths`` are skipped (warning); several stacks (orientations or image
     sizes) raise :class:`CaseError`.
     """
-    from medldm.io.dicom import modality, non_image_reason
-    from medldm.io.dicom_series import describe_stacks, split_stacks, stack
-
     paths = [Path(p) for p in paths]
     where = where or (str(paths[0]) if len(paths) == 1 else str(Path(os.path.commonpath(paths))))
     frames, first, warns, n_multi, headers = _dicom_frames(paths, where, headers)
@@ -354,8 +347,6 @@ def load_scan(path: str | os.PathLike | Sequence[str | os.PathLike], *, volume: 
     if not p.exists():
         raise CaseError(p, "file or folder not found", "check the path")
     if p.is_dir():
-        from medldm.io.discover import scan_folder
-
         found = scan_folder(p)
         if len(found.cases) == 1:
             return load_case(found.cases[0], volume=volume)

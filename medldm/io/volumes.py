@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from medldm.io.dicom_frames import is_mosaic
+from medldm.io.dicom_series import volume_count, volume_groups
 from medldm.io.errors import CaseError
 from medldm.io.limits import max_voxels
+from medldm.io.reader import ScanArray, _dicom_frames, load_case
 
 
 def _strip_selected(img, k: int):
@@ -29,8 +32,6 @@ def load_volumes(case, volume: int | None = None, *, as_numpy: bool = False) -> 
     """The scan(s) a command processes for ``case``: ``[the picked volume]`` with ``volume``, every volume of a 4D
     case (each ``(X, Y, Z)``, in order; all of them together within ``MEDLDM_MAX_VOXELS``), or ``[the scan]`` for a
     3D case. ``as_numpy``: :class:`~medldm.io.reader.ScanArray` (no torch), else MetaTensors."""
-    from medldm.io.reader import load_case
-
     n = 1 if volume is not None else count_volumes(case)
     if n <= 1:
         return [load_case(case, volume=volume, as_numpy=as_numpy)]
@@ -78,8 +79,6 @@ def stack_volumes(vols: list):
     meta["original_ndim"] = 4
     meta["volume_sources"] = [list((v.meta or {}).get("source_files") or []) for v in vols]
     if not hasattr(vols[0], "detach"):  # ScanArray: numpy only
-        from medldm.io.reader import ScanArray
-
         return ScanArray(np.stack([np.asarray(v.data, dtype=np.float32) for v in vols], axis=-1), a0, meta)
     import torch
     from monai.data import MetaTensor
@@ -104,9 +103,6 @@ def count_volumes(case) -> int:
         while len(shape) > 3 and shape[-1] == 1:
             shape = shape[:-1]
         return shape[3] if len(shape) == 4 else 1
-    from medldm.io.dicom_series import volume_count
-    from medldm.io.reader import _dicom_frames
-
     paths = [Path(p) for p in case.paths]
     frames, *_ = _dicom_frames(paths, str(case.source or paths[0]), case.headers)
     return volume_count(frames)
@@ -141,10 +137,6 @@ def describe_volumes(case) -> dict:
     and ``"form"`` (``classic`` single-frame files or ``enhanced multi-frame``)."""
     if case.kind == "nifti" or case.error is not None:
         return {"volumes": count_volumes(case)}
-    from medldm.io.dicom_frames import is_mosaic
-    from medldm.io.dicom_series import volume_count, volume_groups
-    from medldm.io.reader import _dicom_frames
-
     paths = [Path(p) for p in case.paths]
     frames, _, _, n_multi, headers = _dicom_frames(paths, str(case.source or paths[0]), case.headers)
     n = volume_count(frames)  # the frame list built once (count_volumes would build it again)

@@ -11,14 +11,13 @@ Training makes its degraded pairs in :mod:`medldm.data.condition`; inference
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 
 def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
     """(N, C, *S) -> (N, C * f**d, *S / f); d = 2 or 3. Inverse: :func:`depth_to_space`.
 
     Channel order is (c, f_1, ..., f_d), the same as ``torch.nn.functional.pixel_unshuffle`` in 2D."""
-    from einops import rearrange
-
     s = x.shape[2:]
     if any(v % f for v in s):
         raise ValueError(f"spatial shape {tuple(s)} is not a multiple of {f}")
@@ -29,8 +28,6 @@ def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
 
 def depth_to_space(x: torch.Tensor, f: int) -> torch.Tensor:
     """Inverse of :func:`space_to_depth`."""
-    from einops import rearrange
-
     if x.dim() == 4:
         return rearrange(x, "n (c a b) h w -> n c (h a) (w b)", a=f, b=f)
     return rearrange(x, "n (c a b e) h w d -> n c (h a) (w b) (d e)", a=f, b=f, e=f)

@@ -20,6 +20,8 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
+from medldm.data.tissue import one_hot
+from medldm.models.conditioning import space_to_depth
 from medldm.models.config import UNetConfig
 
 
@@ -141,7 +143,4 @@ def mask_condition(labels: torch.Tensor, classes: int, factor: int) -> torch.Ten
     0..classes-1 -> one-hot -> space-to-depth onto the latent grid, (N, classes * f**d, *S / f), so every pixel's
     label reaches the network (no pooling). Shared by training (``medldm.train.ldm_stage``) and inference
     (``medldm.pipelines.synthesize``)."""
-    from medldm.data.tissue import one_hot
-    from medldm.models.conditioning import space_to_depth
-
     return space_to_depth(one_hot(labels, classes), factor)

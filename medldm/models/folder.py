@@ -42,7 +42,8 @@ from medldm.models.card import (  # noqa: F401 (CONFIG_KEYS, EXTRA_KEYS: the key
     _one_line,
     read_card,
 )
-from medldm.models.config import DiffusionConfig
+from medldm.models.config import DiffusionConfig, to_dict
+from medldm.models.ema import unwrap
 from medldm.models.refiner import RefinerSpec, build_from_spec
 
 CONFIG_FILE = "config.yaml"
@@ -137,7 +138,7 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
     the file of the folder at fault. The refiner (``refiner.safetensors``, built from ``extra.json["refiner"]``)
     goes through the same checks; its faults read ``refiner.safetensors: not a usable refiner (...)``.
     """
-    # the network builders import MONAI: inside, so `medldm.models.folder` (model_hash, the card) stays light
+    # lazy: the network builders import MONAI; `medldm.models.folder` (model_hash, the card) stays free of it
     from medldm.models.denoiser import build_denoiser
     from medldm.models.vae import build_vae
 
@@ -398,8 +399,6 @@ def _load_into(module: nn.Module, file: Path, folder: Path, data: bytes) -> None
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    from medldm.models.ema import unwrap
-
     return unwrap(module).state_dict()
 
 
@@ -418,7 +417,5 @@ def _plain(obj: Any) -> Any:
     if hasattr(obj, "tolist") and hasattr(obj, "dtype"):
         return obj.tolist()
     if hasattr(obj, "__dataclass_fields__"):
-        from medldm.models.config import to_dict
-
         return _plain(to_dict(obj))
     return obj

@@ -27,10 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
+from medldm.data.intensity import CT_WINDOWS, denormalize
 from medldm.diffusion import make_model_fn, make_schedule, sample
 from medldm.io.errors import CaseError
+from medldm.io.limits import max_voxels
 from medldm.models.card import Normalization
+from medldm.models.denoiser import mask_condition
 
 MAX_VOXELS_ENV = "MEDLDM_MAX_VOXELS"  # the one voxel limit of medldm.io.limits
 MAX_MEMORY_ENV = "MEDLDM_MAX_MEMORY"
@@ -148,10 +152,6 @@ class Synthesizer:
 
         ``mask`` (mask-conditioned models): label map (see :meth:`mask_array`); the output takes its shape and
         ``affine`` (4x4, default: ``spacing`` mm voxels)."""
-        from monai.data import MetaTensor
-
-        from medldm.data.intensity import denormalize
-
         if not (math.isfinite(spacing) and spacing > 0):
             raise ValueError(f"spacing {spacing}: must be a positive number of mm")
         steps, sampler = self.dcfg.sampling_options(steps, sampler)
@@ -165,8 +165,6 @@ class Synthesizer:
         size = self.check_size(size, guidance=w)
         cond = None
         if self.mask_classes:
-            from medldm.models.denoiser import mask_condition
-
             lat = (1, self.mask_classes * self.f ** self.dims, *(s // self.f for s in size))
             if labels_map is None:
                 cond = torch.zeros(lat)  # no mask: the unconditional branch (condition dropout in training)
@@ -222,8 +220,6 @@ class Synthesizer:
                                     f"U-Net's {self.multiple // self.f} down-samplings), "
                                     f"e.g. {','.join(map(str, self.size))}")
         voxels = math.prod(size)
-        from medldm.io.limits import max_voxels
-
         try:
             max_vox = max_voxels()
         except CaseError as e:
@@ -329,8 +325,6 @@ def _gb(n: float) -> str:
 
 def _output_params(norm: Normalization) -> dict:
     """Normalization params used to map model outputs back to scanner-like units."""
-    from medldm.data.intensity import CT_WINDOWS
-
     examples = [e for e in norm.examples if isinstance(e, dict) and "lo" in e]
     modality = str(norm.modality or "auto").upper()
     if modality == "AUTO" and examples:

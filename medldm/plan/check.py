@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medldm.eval.style import PAGE_END, page_head
+from medldm.io.atomic import atomic_file
 
 SPACING_TOL = 0.25  # relative spread of a spacing axis (max / min - 1) beyond which spacings are "mixed"
 
@@ -94,8 +95,6 @@ def check(fp: dict, *, patch: list[int] | None = None, slice_axis: int = 2, val_
 
 def write_report(report: dict, fp: dict, base: str | Path) -> tuple[Path, Path]:
     """``BASE.json`` (the report + the fingerprint) and ``BASE.html``; returns both paths."""
-    from medldm.io.atomic import atomic_file
-
     base = Path(base)
     if base.suffix in (".html", ".json"):
         base = base.with_suffix("")

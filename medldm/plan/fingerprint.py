@@ -34,9 +34,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from medldm.data.noise import estimate_noise_sigma
+from medldm.io.atomic import atomic_file
+from medldm.io.discover import scan_folder
+from medldm.io.reader import read_case
+from medldm.io.volumes import count_volumes
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +107,6 @@ def _looks_like_ct(p: dict[str, float], lo: float, hi: float) -> bool:
 
 def scan_record(case, data_root: Path) -> dict[str, Any]:
     """Fingerprint of one case (raises CaseError / OSError when it cannot be read)."""
-    import nibabel as nib
-
-    from medldm.io.reader import read_case
-    from medldm.io.volumes import count_volumes
-
     t0 = time.perf_counter()
     n_vol = count_volumes(case)  # a 4D scan: fingerprinted by its first volume; training takes every volume
     data, affine, meta = read_case(case, volume=0 if n_vol > 1 else None)
@@ -169,8 +169,6 @@ def _load_cache(path: Path | None) -> dict:
 def _save_cache(path: Path | None, records: dict) -> None:
     if path is None:
         return
-    from medldm.io.atomic import atomic_file
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         old = _load_cache(path)
@@ -187,8 +185,6 @@ def fingerprint(roots: Sequence[str | os.PathLike], *, workers: int | None = Non
     "skipped": [lines], "non_image": [lines], "notes": [...], "summary": {...}}``.
 
     ``cache``: JSON cache file (None: no cache); ``say``: called with one line per skipped case / progress note."""
-    from medldm.io.discover import scan_folder
-
     say = say or (lambda _line: None)
     cache_path = Path(cache) if cache is not None else None
     cached = _load_cache(cache_path)

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from medldm.io.atomic import atomic_dir
+from medldm.models.ema import _unwrap
+from medldm.models.folder import save_model_folder
 
 STATE_FILE = "trainer_state.pt"
 
@@ -55,8 +57,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: str | Path, *, config: dict, modules: dict[str, nn.Module], extra: dict,
                     trainer_state: dict[str, Any], ema: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically. ``ema``: name -> ``EMA`` object (saved as ``<name>_ema``)."""
-    from medldm.models.folder import save_model_folder
-
     path = Path(path)
     ema = ema or {}
     with atomic_dir(path) as tmp:
@@ -79,8 +79,6 @@ def load_checkpoint(path: str | Path, *, modules: dict[str, nn.Module], ema: dic
     """Load weights (strict) into ``modules`` and EMA shadows; return the trainer state (RNG NOT yet applied)."""
     path = Path(path)
     for name, m in modules.items():
-        from medldm.models.ema import _unwrap
-
         _unwrap(m).load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(map_location)))
     # the trainer state stays on the CPU: RNG states must be CPU tensors, and each optimizer's load_state_dict
     # moves its moments to its parameters' device

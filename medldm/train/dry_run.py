@@ -17,6 +17,7 @@ freshly built (untrained) VAE / U-Net: the cost of a step does not depend on the
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -24,7 +25,22 @@ from typing import Any
 
 import torch
 
+from medldm.data.augment import Augmenter
+from medldm.data.condition import make_pair
+from medldm.data.datasets import load_volumes, step_rng
+from medldm.data.tissue import tissue_labels
+from medldm.diffusion import diffusion_loss, make_model_fn, make_schedule, sample, start_noise
+from medldm.models import build_denoiser, load_model
+from medldm.models.conditioning import space_to_depth
+from medldm.models.denoiser import mask_condition
+from medldm.models.refiner import apply_refiner, build_from_spec
+from medldm.train.data import RunData, item_store, split_refs
+from medldm.train.distributed import cleanup
 from medldm.train.engine import Runtime, adamw, make_runtime, prepare
+from medldm.train.ldm_stage import stage_sampler
+from medldm.train.refine_stage import refiner_spec_of
+from medldm.train.sizes import check_sizes
+from medldm.train.vae_stage import VAEStage
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -107,12 +123,6 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
     """One optimiser step (after ``warmup``) of each stage on the CPU batch ``clean`` (B, 1, *patch) in the model
     range: ``{stage: {"params", "step_s", "peak_bytes", "memory_how"}}``. ``vae``: a trained VAE to use for the
     LDM / refine steps (default: the freshly built one)."""
-    from medldm.data.condition import make_pair
-    from medldm.diffusion import diffusion_loss, make_schedule
-    from medldm.models import build_denoiser
-    from medldm.models.conditioning import space_to_depth
-    from medldm.train.vae_stage import VAEStage
-
     if stages is None:
         stages = tuple(s for s, on in (("vae", cfg.stage in ("vae", "both")), ("ldm", cfg.stage in ("ldm", "both")),
                                        ("refine", cfg.stage in ("ldm", "both") and cfg.refine.enabled)) if on)
@@ -147,9 +157,6 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
         cond = rt.to(space_to_depth(degraded, f))
         level = lev.to(rt.device) if cfg.unet.noise_level_cond else None
     elif getattr(cfg, "condition", None) == "mask":  # tissue label maps of the batch, as the LDM stage derives them
-        from medldm.data.tissue import tissue_labels
-        from medldm.models.denoiser import mask_condition
-
         classes = int(cfg.data.mask_classes)
         maps = torch.stack([tissue_labels(c[0], classes) for c in clean.float().cpu()])
         cond = rt.to(mask_condition(maps, classes, f))
@@ -174,11 +181,6 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
         out["ldm"] = {"params": n_params(denoiser), "step_s": dt, "peak_bytes": mem["bytes"],
                       "memory_how": mem["how"], "latent_shape": list(z.shape)}
     if "refine" in stages and degraded is not None:
-        from medldm.diffusion import make_model_fn, sample, start_noise
-        from medldm.models.refiner import apply_refiner, build_from_spec
-        from medldm.train.ldm_stage import stage_sampler
-        from medldm.train.refine_stage import refiner_spec_of
-
         denoiser.eval().requires_grad_(False)
         spec = refiner_spec_of(cfg)
         torch.manual_seed(cfg.seed)
@@ -210,9 +212,6 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
 # ------------------------------------------------------------------------------------------ the dry run
 def _one_scan_data(cfg, max_scans: int = 1):
     """(train refs, val refs, RunData holding the items of the first ``max_scans`` readable training scans)."""
-    from medldm.data.datasets import load_volumes
-    from medldm.train.data import RunData, item_store, split_refs
-
     d = cfg.data
     train_refs, val_refs = split_refs(cfg)
     kw = {"modality": d.modality, "ct_window": d.ct_window, "cache": "memory"}
@@ -239,8 +238,6 @@ def estimate_wall_s(cfg, stage_figures: dict[str, dict]) -> float:
 def tiny_variant(cfg):
     """A copy of ``cfg`` for a quick check: batch 1, the smallest patch the networks accept, one sampling step, no
     discriminator step. Same networks (parameter counts), same data path; its step times are not the run's."""
-    import copy
-
     c = copy.deepcopy(cfg)
     c.data.batch_size = 1
     side = c.factor * 2 ** len(c.unet.channels)  # the U-Net bottom keeps 2 latent voxels a side
@@ -255,8 +252,6 @@ def tiny_variant(cfg):
 def dry_run(cfg, out_dir: str | Path | None = None, *, tiny: bool = False) -> dict[str, Any]:
     """Validate, build, load one batch, run one step per stage; returns the figures (see the module doc).
     ``tiny``: run :func:`tiny_variant` of the config without a warm-up step (a check, not a measurement)."""
-    from medldm.train.sizes import check_sizes
-
     t_start = time.perf_counter()
     check_sizes(cfg)  # the config as written, before anything is built
     full = cfg
@@ -265,20 +260,14 @@ def dry_run(cfg, out_dir: str | Path | None = None, *, tiny: bool = False) -> di
     rt = make_runtime(cfg.engine)
     try:
         train_refs, val_refs, data = _one_scan_data(cfg)
-        from medldm.data.datasets import step_rng
-
         rng = step_rng(cfg.seed, 0, 0, 0)
         idx, corners = data.train.draw(rng, cfg.data.batch_size)
         clean = data.train.crop(idx, corners)
         if cfg.augment.enabled:
-            from medldm.data.augment import Augmenter
-
             clean = Augmenter(cfg.augment, cfg.spatial_dims)(clean, rng)
         labels = data.train.labels(idx)
         vae = None
         if cfg.stage == "ldm" and cfg.vae_path:
-            from medldm.models import load_model
-
             vae = load_model(cfg.vae_path).vae
         stages = measure_stages(cfg, rt, clean, labels, vae=vae, warmup=0 if tiny else 1)
         steps = {"vae": cfg.vae_train.steps, "ldm": cfg.ldm_train.steps, "refine": cfg.refine.steps}
@@ -299,8 +288,6 @@ def dry_run(cfg, out_dir: str | Path | None = None, *, tiny: bool = False) -> di
             "dry_run_s": time.perf_counter() - t_start,
         }
     finally:
-        from medldm.train.distributed import cleanup
-
         cleanup(rt.dist)
 
 

@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from medldm.devices import DeviceError, resolve, select
 from medldm.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from medldm.train.distributed import (
     DistInfo,
@@ -45,6 +47,7 @@ from medldm.train.distributed import (
     check_in_sync,
     init_distributed,
     mean_across,
+    wrap_ddp,
 )
 from medldm.train.logging import MetricLog, read_log
 
@@ -117,8 +120,6 @@ def make_runtime(ecfg) -> Runtime:
     """Resolve ``engine`` config switches against the hardware (GPU features are CPU no-ops). The device is
     :func:`medldm.devices.select` of ``engine.device`` and the rank's ``LOCAL_RANK`` — the same rule as the
     commands' ``--device``: ``cuda:{local_rank % device_count}``, made the current device."""
-    from medldm.devices import DeviceError, resolve, select
-
     try:
         cuda = resolve(ecfg.device).type == "cuda"  # checked before the process group is joined
     except DeviceError as e:
@@ -150,8 +151,6 @@ def make_runtime(ecfg) -> Runtime:
 
 def prepare(module: nn.Module, rt: Runtime, ddp: bool = True) -> nn.Module:
     """Move to device (channels-last on CUDA), wrap in DDP when distributed, compile when asked."""
-    from medldm.train.distributed import wrap_ddp
-
     module.to(rt.device)
     if rt.channels_last:
         volumetric = any(p.dim() == 5 for p in module.parameters())
@@ -212,6 +211,120 @@ def _lr_factor(step: int, warmup: int, total: int = 0, schedule: str = "constant
     return 1.0
 
 
+@dataclasses.dataclass
+class _Interval:
+    """What the next row of the training log sums, since the last one: on-device loss sums of the finite steps
+    (``n`` of them; no host read), the skipped steps, and the images seen since ``t0``."""
+
+    sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    n: int = 0
+    skipped: int = 0
+    imgs: int = 0
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, step_sums: dict[str, torch.Tensor]) -> None:
+        for k, v in step_sums.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+
+    def restart_clock(self) -> None:
+        """After a checkpoint: its writing does not count against the images per second."""
+        self.t0, self.imgs = time.perf_counter(), 0
+
+
+def _resume(stage: Any, rt: Runtime, sdir: Path, log: MetricLog, val_log: MetricLog) -> tuple[int, bool]:
+    """Restore networks, EMA, optimizers and RNG from ``sdir/checkpoint`` when it holds a trainer state (the logs
+    cut back to its step); ``(step, whether the stage had finished and exported its model)``."""
+    ckpt = sdir / "checkpoint"
+    if not (ckpt / "trainer_state.pt").is_file():
+        return 0, False
+    state = load_checkpoint(ckpt, modules=stage.modules, ema=stage.ema, map_location=rt.device)
+    for k, o in stage.optimizers.items():
+        o.load_state_dict(state["optimizers"][k])
+    step = int(state["step"])
+    set_rng_state(state["rng"])
+    if rt.dist.is_main:
+        log.truncate_after(step)
+        val_log.truncate_after(step)
+        log_.info("%s: resumed at step %d from %s", stage.name, step, ckpt)
+    return step, step >= stage.tcfg.steps and (sdir / "model").is_dir()
+
+
+def _backward_step(stage: Any, rt: Runtime, stream, scaler, step: int, base_lr: dict, iv: _Interval):
+    """One optimiser step's forward and backward passes over ``grad_accum`` micro-batches (learning rate set,
+    gradients unscaled and clipped); ``(loss sums on the device, the optimizers with gradients, finite)``."""
+    tcfg = stage.tcfg
+    for k, o in stage.optimizers.items():
+        f = _lr_factor(step, tcfg.warmup_steps, tcfg.steps, tcfg.lr_schedule)
+        for g, lr0 in zip(o.param_groups, base_lr[k], strict=True):
+            g["lr"] = lr0 * f
+        o.zero_grad(set_to_none=True)
+    step_sums: dict[str, torch.Tensor] = {}
+    for micro in range(tcfg.grad_accum):
+        batch = stage.to_device(next(stream))
+        sync = micro == tcfg.grad_accum - 1
+        with contextlib.ExitStack() as stack:
+            if not sync and rt.dist.enabled:
+                for m in stage.wrapped.values():
+                    m = getattr(m, "_orig_mod", m)  # torch.compile wraps the DDP module
+                    if isinstance(m, nn.parallel.DistributedDataParallel):
+                        stack.enter_context(m.no_sync())
+            with rt.autocast():
+                losses = stage.losses(batch, step)
+            loss = losses["loss"] / tcfg.grad_accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        for k, v in losses.items():  # stays on the device: no host sync
+            v = v.detach().double() / tcfg.grad_accum
+            step_sums[k] = step_sums[k] + v if k in step_sums else v
+        iv.imgs += int(stage.batch_size(batch)) * rt.dist.world_size
+    # optimizers without gradients this step (the discriminator before adv_start) take no part: the GradScaler
+    # raises "No inf checks were recorded" for an optimizer it unscaled nothing of
+    active = [o for o in stage.optimizers.values() if _grad_params(o)]
+    finite = unscale_and_check(active, scaler, tcfg.grad_clip, torch.isfinite(step_sums["loss"]))
+    finite = all_finite(finite, rt.dist)  # every rank takes the same decision
+    return step_sums, active, bool(finite)  # the step's one host read
+
+
+def _log_row(stage: Any, rt: Runtime, iv: _Interval, step: int, log: MetricLog, bar) -> None:
+    """The interval's row of the training log (its one read of the loss values)."""
+    now = time.perf_counter()
+    vals: dict[str, Any] = {k: v / iv.n for k, v in iv.sums.items()} if iv.n else {"loss": math.nan}
+    vals["nonfinite"] = float(iv.skipped)
+    row = mean_across(vals, rt.dist)
+    row["img_per_s"] = iv.imgs / max(now - iv.t0, 1e-9)
+    row["lr"] = next(iter(stage.optimizers.values())).param_groups[0]["lr"]
+    if rt.dist.is_main:
+        log.write(step, row)
+    if bar is not None:
+        bar.set_postfix(loss=f"{row.get('loss', math.nan):.4g}", img_s=f"{row['img_per_s']:.1f}")
+
+
+def _images_and_validation(stage: Any, rt: Runtime, step: int, sdir: Path, val_log: MetricLog, bar) -> dict | None:
+    """The sample images and validation due at ``step``; the validation metrics (main rank), else None."""
+    tcfg, last, metrics = stage.tcfg, step == stage.tcfg.steps, None
+    if tcfg.image_every and (step % tcfg.image_every == 0 or last) and rt.dist.is_main:
+        stage.images(step, sdir / "images" / f"step_{step:07d}.png")
+    if (tcfg.val_every and step % tcfg.val_every == 0) or last:
+        if rt.dist.is_main:
+            metrics = stage.validate(step)
+            val_log.write(step, metrics)
+            if bar is not None:
+                bar.write(f"{stage.name} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        barrier(rt.dist)
+    return metrics
+
+
+def _checkpoint(stage: Any, rt: Runtime, step: int, ckpt: Path) -> None:
+    """The checkpoint of ``step`` in ``ckpt``: the ranks' networks checked to agree, the main rank writes."""
+    check_in_sync(stage.modules, rt.dist)
+    if rt.dist.is_main:
+        save_checkpoint(ckpt, config=stage.config, modules=stage.modules, extra=stage.extra(),
+                        trainer_state={"step": step, "optimizers": {k: o.state_dict()
+                                                                   for k, o in stage.optimizers.items()}},
+                        ema=stage.ema)
+    barrier(rt.dist)
+
+
 def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = False,
         stop_after: int | None = None) -> dict[str, float]:
     """Train ``stage`` for ``stage.tcfg.steps`` optimiser steps under ``out_dir/<stage.name>/``.
@@ -225,70 +338,23 @@ def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = Fal
     log = MetricLog(sdir / "train_log.csv", (sdir / "tb") if rt.tensorboard and main else None)
     val_log = MetricLog(sdir / "val_log.csv")
     base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in stage.optimizers.items()}
-    step = 0
-    finished_before = False
-    if resume and (ckpt / "trainer_state.pt").is_file():
-        state = load_checkpoint(ckpt, modules=stage.modules, ema=stage.ema, map_location=rt.device)
-        for k, o in stage.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
-        step = int(state["step"])
-        set_rng_state(state["rng"])
-        finished_before = step >= tcfg.steps and (sdir / "model").is_dir()
-        if main:
-            log.truncate_after(step)
-            val_log.truncate_after(step)
-            log_.info("%s: resumed at step %d from %s", stage.name, step, ckpt)
+    step, finished_before = _resume(stage, rt, sdir, log, val_log) if resume else (0, False)
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype is torch.float16 else None
     total = tcfg.steps
     metrics: dict[str, float] = {}
     bar = None
     if rt.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, initial=step, desc=stage.name, unit="step", file=sys.stderr, dynamic_ncols=True)
     done_here = 0
-    acc: dict[str, torch.Tensor] = {}  # on-device sums of the finite steps' losses since the last log row
-    n_acc = 0  # finite steps in acc
-    skipped = 0  # non-finite (skipped) steps since the last log row
-    consecutive = 0
-    t_last = time.perf_counter()
-    imgs_since = 0
+    consecutive = 0  # non-finite (skipped) steps in a row
+    iv = _Interval()
     stream = batch_stream(stage, step, total, tcfg.grad_accum, stage.cfg.data.num_workers, rt.device.type == "cuda")
     while step < total:
         seed_step(seed, step, rt.dist.rank)
-        for k, o in stage.optimizers.items():
-            f = _lr_factor(step, tcfg.warmup_steps, total, tcfg.lr_schedule)
-            for g, lr0 in zip(o.param_groups, base_lr[k], strict=True):
-                g["lr"] = lr0 * f
-            o.zero_grad(set_to_none=True)
-        step_sums: dict[str, torch.Tensor] = {}
-        for micro in range(tcfg.grad_accum):
-            batch = stage.to_device(next(stream))
-            sync = micro == tcfg.grad_accum - 1
-            with contextlib.ExitStack() as stack:
-                if not sync and rt.dist.enabled:
-                    for m in stage.wrapped.values():
-                        m = getattr(m, "_orig_mod", m)  # torch.compile wraps the DDP module
-                        if isinstance(m, nn.parallel.DistributedDataParallel):
-                            stack.enter_context(m.no_sync())
-                with rt.autocast():
-                    losses = stage.losses(batch, step)
-                loss = losses["loss"] / tcfg.grad_accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            for k, v in losses.items():  # stays on the device: no host sync
-                v = v.detach().double() / tcfg.grad_accum
-                step_sums[k] = step_sums[k] + v if k in step_sums else v
-            imgs_since += int(stage.batch_size(batch)) * rt.dist.world_size
-        # optimizers without gradients this step (the discriminator before adv_start) take no part: the GradScaler
-        # raises "No inf checks were recorded" for an optimizer it unscaled nothing of
-        active = [o for o in stage.optimizers.values() if _grad_params(o)]
-        finite = unscale_and_check(active, scaler, tcfg.grad_clip, torch.isfinite(step_sums["loss"]))
-        finite = all_finite(finite, rt.dist)  # every rank takes the same decision
-        if bool(finite):  # the step's one host read
+        step_sums, active, finite = _backward_step(stage, rt, stream, scaler, step, base_lr, iv)
+        if finite:
             consecutive = 0
-            for k, v in step_sums.items():
-                acc[k] = acc[k] + v if k in acc else v
-            n_acc += 1
+            iv.add(step_sums)
             for o in active:
                 if scaler is not None:
                     scaler.step(o)
@@ -297,7 +363,7 @@ def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = Fal
             for name, e in stage.ema.items():
                 e.update(stage.modules[name])
         else:
-            skipped += 1
+            iv.skipped += 1
             consecutive += 1
             log_.warning("%s step %d: non-finite loss or gradient — step skipped (%d in a row)",
                          stage.name, step, consecutive)
@@ -314,41 +380,17 @@ def fit(stage: Any, rt: Runtime, out_dir: Path, *, seed: int, resume: bool = Fal
         step += 1
         done_here += 1
         if step % tcfg.log_every == 0 or step == total:
-            now = time.perf_counter()
-            vals: dict[str, Any] = {k: v / n_acc for k, v in acc.items()} if n_acc else {"loss": math.nan}
-            vals["nonfinite"] = float(skipped)
-            row = mean_across(vals, rt.dist)  # the interval's one read of the loss values
-            row["img_per_s"] = imgs_since / max(now - t_last, 1e-9)
-            row["lr"] = next(iter(stage.optimizers.values())).param_groups[0]["lr"]
-            if main:
-                log.write(step, row)
-            if bar is not None:
-                bar.set_postfix(loss=f"{row.get('loss', math.nan):.4g}", img_s=f"{row['img_per_s']:.1f}")
-            acc, n_acc, skipped, imgs_since = {}, 0, 0, 0
-            t_last = time.perf_counter()
+            _log_row(stage, rt, iv, step, log, bar)
+            iv = _Interval()
         if bar is not None:
             bar.update(1)
-        last = step == total
-        if tcfg.image_every and (step % tcfg.image_every == 0 or last) and main:
-            stage.images(step, sdir / "images" / f"step_{step:07d}.png")
-        if (tcfg.val_every and step % tcfg.val_every == 0) or last:
-            if main:
-                metrics = stage.validate(step)
-                val_log.write(step, metrics)
-                if bar is not None:
-                    bar.write(f"{stage.name} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            barrier(rt.dist)
-        if step % tcfg.ckpt_every == 0 or last or (stop_after is not None and done_here >= stop_after):
-            check_in_sync(stage.modules, rt.dist)
-            if main:
-                save_checkpoint(ckpt, config=stage.config, modules=stage.modules, extra=stage.extra(),
-                                trainer_state={"step": step, "optimizers": {k: o.state_dict()
-                                                                           for k, o in stage.optimizers.items()}},
-                                ema=stage.ema)
-            barrier(rt.dist)
-            t_last = time.perf_counter()
-            imgs_since = 0
-        if stop_after is not None and done_here >= stop_after and step < total:
+        validated = _images_and_validation(stage, rt, step, sdir, val_log, bar)
+        metrics = metrics if validated is None else validated
+        stop = stop_after is not None and done_here >= stop_after
+        if step % tcfg.ckpt_every == 0 or step == total or stop:
+            _checkpoint(stage, rt, step, ckpt)
+            iv.restart_clock()
+        if stop and step < total:
             break
     if bar is not None:
         bar.close()

@@ -19,13 +19,17 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medldm.config import to_mapping
 from medldm.data.condition import make_pair, noise_level_max
 from medldm.data.datasets import step_rng
 from medldm.data.latent_cache import encode_items, load_cache, save_cache
+from medldm.diffusion import diffusion_loss, make_model_fn, make_schedule, sample, start_noise
+from medldm.metrics import psnr, ssim
 from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
+from medldm.models import EMA, build_denoiser, load_model, model_hash, save_model_folder
 from medldm.models.card import ModelCard
 from medldm.models.conditioning import space_to_depth
 from medldm.models.config import DegradeConfig
@@ -53,9 +57,6 @@ class LDMStage:
     name = "ldm"
 
     def __init__(self, cfg, data: RunData, rt: Runtime, vae_dir: Path, out_dir: Path):
-        from medldm.diffusion import make_schedule
-        from medldm.models import EMA, build_denoiser, load_model, model_hash
-
         self.cfg, self.data, self.rt, self.tcfg = cfg, data, rt, cfg.ldm_train
         bundle = load_model(vae_dir)
         if bundle.vae is None:
@@ -146,8 +147,6 @@ class LDMStage:
         return batch["z"].shape[0]
 
     def losses(self, b: dict, step: int) -> dict[str, torch.Tensor]:
-        from medldm.diffusion import diffusion_loss
-
         loss = diffusion_loss(self.wrapped["denoiser"], self.schedule, b["z"], cond=b.get("cond"),
                               class_labels=b.get("labels"), noise_level=b.get("level"), generator=b["gen"])
         return {"loss": loss}
@@ -173,8 +172,6 @@ class LDMStage:
     @torch.no_grad()
     def sample(self, net, n: int, cond=None, labels=None, level=None, seed: int = 0) -> torch.Tensor:
         """Latent samples (n, C, *patch/f) with the configured sampler."""
-        from medldm.diffusion import make_model_fn, sample, start_noise
-
         d = self.cfg.diffusion
         gen = torch.Generator().manual_seed(seed)
         shape = (n, self.cfg.vae.latent_channels, *self.patch_lat)
@@ -190,9 +187,6 @@ class LDMStage:
 
     @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:
-        from medldm.diffusion import diffusion_loss
-        from medldm.metrics import psnr, ssim
-
         store, prefix = self.data.val_or_train()
         x, labels, idx = center_batch(store, self.tcfg.val_max_items)
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
@@ -220,8 +214,6 @@ class LDMStage:
     def _center_masks(self, store, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(label maps (n, *patch), their condition on the device) of the centre crops ``center_batch`` takes of
         items ``idx``."""
-        import numpy as np
-
         lab = store.mask_crop(np.asarray(idx), center_corners(store, idx))
         return lab, self.rt.to(mask_condition(lab, self.mask_classes, self.f))
 
@@ -265,8 +257,6 @@ class LDMStage:
             refiner=None, refine_val_metrics={}, vae=None, unet=None)
 
     def export(self, path: Path) -> None:
-        from medldm.models import save_model_folder
-
         modules = {"vae": self.vae, "denoiser": self.denoiser}
         if self.ema:
             modules["denoiser_ema"] = self._eval_net()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from medldm.io.atomic import atomic_file
 
@@ -90,8 +91,6 @@ def save_grid(rows: list[torch.Tensor], path: str | Path, lo: float = -1.0, hi: 
     """PNG grid: each row a batch (B, 1, *S) of 2D images (3D: the middle slice along the last axis).
 
     Values are windowed to ``[lo, hi]`` (the model range by default)."""
-    from PIL import Image
-
     tiles = []
     for r in rows:
         r = r.detach().float().cpu()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from medldm.config import ConfigError, read_yaml, save_config, to_mapping
-from medldm.io.atomic import atomic_file
+from medldm.io.atomic import atomic_dir, atomic_file
+from medldm.train.schema import load_config
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +29,6 @@ def _check_resume(cfg: Any, out: Path, resume: bool) -> None:
     if resume and saved.is_file():
         old, new = read_yaml(saved), to_mapping(cfg)
         try:  # keys added to the schema since the run started take their defaults, as they did in that run
-            from medldm.train.schema import load_config
-
             old = to_mapping(load_config(saved))
         except (ConfigError, ValueError):
             pass  # compared as written
@@ -43,6 +44,7 @@ def _check_resume(cfg: Any, out: Path, resume: bool) -> None:
 
 def train(cfg: Any, out_dir: str | Path, *, resume: bool = False, stop_after: int | None = None) -> dict:
     """Train the stage(s) of ``cfg`` (a TrainingConfig) into ``out_dir``; returns the summary dict."""
+    # lazy: medldm.train (so train.schema, read by --help and train --print-config) stays free of torch
     from medldm.train.data import build_data
     from medldm.train.distributed import barrier, cleanup
     from medldm.train.engine import fit, make_runtime
@@ -62,6 +64,7 @@ def train(cfg: Any, out_dir: str | Path, *, resume: bool = False, stop_after: in
                                    "precision": str(rt.amp_dtype or "fp32"), "train_scans": len(data.train_scans),
                                    "val_scans": len(data.val_scans)}
         if cfg.stage in ("vae", "both"):
+            # lazy: as above
             from medldm.train.vae_stage import VAEStage
 
             stage = VAEStage(cfg, data, rt)
@@ -69,6 +72,7 @@ def train(cfg: Any, out_dir: str | Path, *, resume: bool = False, stop_after: in
             if stop_after is not None and not (out / "vae" / "model").exists():
                 return summary
         if cfg.stage in ("ldm", "both"):
+            # lazy: as above
             from medldm.train.ldm_stage import LDMStage
 
             vae_dir = Path(cfg.vae_path) if cfg.vae_path else out / "vae" / "model"
@@ -79,6 +83,7 @@ def train(cfg: Any, out_dir: str | Path, *, resume: bool = False, stop_after: in
             if stop_after is not None and not (out / "ldm" / "model").exists():
                 return summary
             if cfg.refine.enabled:
+                # lazy: as above
                 from medldm.train.refine_stage import RefineStage
 
                 rstage = RefineStage(cfg, data, rt, out / "ldm" / "model", out)
@@ -108,11 +113,6 @@ def train(cfg: Any, out_dir: str | Path, *, resume: bool = False, stop_after: in
 def publish(src: Path, dest: Path) -> None:
     """Make ``dest`` (OUT_DIR/model) the final model folder: hard links to ``src``'s files (copies where the
     file system has no links), appearing atomically."""
-    import os
-    import shutil
-
-    from medldm.io.atomic import atomic_dir
-
     with atomic_dir(dest) as tmp:
         for f in sorted(src.iterdir()):
             try:

@@ -16,12 +16,15 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from monai.losses import SSIMLoss
+from monai.losses import PatchAdversarialLoss, SSIMLoss
+from monai.networks.nets import PatchDiscriminator
 
 from medldm.config import to_mapping
 from medldm.data.augment import Augmenter
 from medldm.data.datasets import step_rng
+from medldm.metrics import psnr, ssim
 from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
+from medldm.models import EMA, build_vae, save_model_folder
 from medldm.models.card import ModelCard, Normalization
 from medldm.train.data import RunData, center_batch
 from medldm.train.engine import Runtime, adamw, prepare
@@ -46,8 +49,6 @@ class VAEStage:
     name = "vae"
 
     def __init__(self, cfg, data: RunData, rt: Runtime):
-        from medldm.models import build_vae
-
         self.cfg, self.data, self.rt, self.tcfg = cfg, data, rt, cfg.vae_train
         torch.manual_seed(cfg.seed)
         run_cfg = dataclasses.replace(cfg.vae, use_flash_attention=cfg.vae.use_flash_attention or rt.flash_attention)
@@ -57,8 +58,6 @@ class VAEStage:
         self.optimizers = {"vae": adamw(self.vae.parameters(), self.tcfg.lr, self.tcfg.weight_decay, rt)}
         self.disc = None
         if self.tcfg.adv_weight > 0:
-            from monai.networks.nets import PatchDiscriminator
-
             self.disc = PatchDiscriminator(spatial_dims=cfg.spatial_dims, num_layers_d=3, channels=32,
                                            in_channels=cfg.vae.in_channels, out_channels=1)
             self.modules["discriminator"] = self.disc
@@ -66,8 +65,6 @@ class VAEStage:
             self.optimizers["discriminator"] = adamw(self.disc.parameters(), self.tcfg.disc_lr, 0.0, rt, (0.5, 0.999))
         self.ema = {}
         if self.tcfg.ema_decay > 0:
-            from medldm.models import EMA
-
             self.ema = {"vae": EMA(self.vae, self.tcfg.ema_decay)}
         # differentiable fp32 SSIM (MONAI's SSIMLoss = 1 - SSIM): medldm.metrics.ssim is a no-grad metric
         self.ssim_loss = SSIMLoss(spatial_dims=cfg.spatial_dims, data_range=DATA_RANGE) \
@@ -106,8 +103,6 @@ class VAEStage:
             out["grad"] = gradient_l1(recon, xf)
             total = total + t.grad_weight * out["grad"]
         if self.disc is not None and step >= t.adv_start:
-            from monai.losses import PatchAdversarialLoss
-
             adv = PatchAdversarialLoss(criterion="least_squares")
             self.disc.requires_grad_(False)  # the generator term must not train the discriminator
             g_adv = adv(self.disc(recon.to(x.dtype))[-1].float(), target_is_real=True, for_discriminator=False)
@@ -147,8 +142,6 @@ class VAEStage:
     @torch.no_grad()
     def validate(self, step: int, net: torch.nn.Module | None = None) -> dict[str, float]:
         """Validation PSNR / SSIM / L1 of ``net`` (default: the exported VAE)."""
-        from medldm.metrics import psnr, ssim
-
         store, prefix = self.data.val_or_train()
         x, _, _ = center_batch(store, self.tcfg.val_max_items)
         net = self.export_net() if net is None else net.eval()
@@ -200,8 +193,6 @@ class VAEStage:
         )
 
     def export(self, path: Path) -> None:
-        from medldm.models import save_model_folder
-
         net = self.export_net()  # the averaged VAE when EMA is on
         self.compute_scale_factor(net=net)  # on the same weights (one EMA copy, not one per call)
         if not self.metrics:  # validation ran on these weights at the last step (engine); else run it now
