@@ -28,11 +28,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from medldm.cli.common import add_deidentify_argument
-from medldm.cli.remote import add_remote_arguments
-from medldm.io.errors import UsageError
+from medldm.cli import common
+from medldm.cli.common import CaseResult, add_deidentify_argument, write_report
+from medldm.cli.remote import add_remote_arguments, open_remote, provenance, store_remote_output
+from medldm.cli.warn import print_case_warnings
+from medldm.io.errors import CaseError, UsageError
 from medldm.io.formats import is_nifti, sibling_path
+from medldm.io.volumes import load_volumes, source_reference, stack_volumes
+from medldm.io.writer import save_scan
 from medldm.models.config import SAMPLER_NAMES
+from medldm.shipped import resolve_model
 
 REPORT_NAME = "medldm-enhance-report.json"
 #: ``--adapt`` without a value: seconds of fine-tuning per scan
@@ -80,7 +85,7 @@ def enhance_options(args: argparse.Namespace, device: str):
     """The pipeline's options for these arguments: what the user gave, the pipeline's defaults
     (``EnhanceOptions``, as ``medldm.shipped.enhance`` and ``medldm demo`` use them) for the rest; the model's
     defaults (steps, sampler, window) are filled in by ``runner.resolve``, once."""
-    from medldm.pipelines.enhance import EnhanceOptions
+    from medldm.pipelines.enhance import EnhanceOptions  # lazy: keeps `medldm --help` free of torch
 
     if (args.adapt is not None and args.adapt < 0) or (args.adapt_steps is not None and args.adapt_steps < 1):
         raise UsageError("--adapt SECONDS must be >= 0 and --adapt-steps N >= 1")
@@ -109,9 +114,6 @@ def _check(args: argparse.Namespace) -> None:
 
 def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool, deidentify=False,
              prov=None, volume: int | None = None) -> dict:
-    from medldm.cli.warn import print_case_warnings
-    from medldm.io.volumes import load_volumes, source_reference, stack_volumes
-    from medldm.io.writer import save_scan
 
     vols = load_volumes(case, volume)  # a 4D case: every volume, enhanced one by one, written as one 4D result
     warns = print_case_warnings(case, vols[0])
@@ -139,10 +141,6 @@ def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool
 
 
 def run(args: argparse.Namespace) -> int:
-    from medldm.cli import common
-    from medldm.cli.remote import open_remote, provenance, store_remote_output
-    from medldm.io.errors import CaseError
-    from medldm.shipped import resolve_model
 
     _check(args)
     try:
@@ -225,7 +223,6 @@ def _merge_ranks(report: Path, world: int, rank: int, status: int, command: str)
     import torch
     import torch.distributed as dist
 
-    from medldm.cli.common import CaseResult, write_report
 
     t = torch.tensor([status], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -40,6 +40,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from medldm.data.resample import cubic_convolution_resize
+
 
 def _levels(n: int, lo_hi: tuple[float, float], gen: torch.Generator, device) -> torch.Tensor:
     lo, hi = float(lo_hi[0]), float(lo_hi[1])
@@ -156,7 +158,6 @@ def thin_matrix(m: int, scale: int) -> torch.Tensor:
     (the 'bicubic' baseline), as a matrix."""
     import numpy as np
 
-    from medldm.data.resample import cubic_convolution_resize
 
     return torch.from_numpy(cubic_convolution_resize(np.eye(m), (m * scale, m)))
 
@@ -252,7 +253,6 @@ def interpolate_z(vol, factor: int):
     and the ``bicubic`` baseline."""
     import numpy as np
 
-    from medldm.data.resample import cubic_convolution_resize
 
     return np.asarray(cubic_convolution_resize(vol, thin_shape(vol.shape, factor)), dtype=np.float32)
 

@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from medldm.data.condition import neighbour_slices
+from medldm.data.intensity import fit_normalization, normalize
+from medldm.data.tissue import tissue_labels
+from medldm.io import load_scan, scan_folder
+from medldm.io.discover import Case
 from medldm.io.errors import CaseError
+from medldm.io.volumes import count_volumes
 
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".dcm")
 
@@ -59,7 +64,6 @@ def resolve_path(entry: str) -> Path:
 def _folder_scans(root: Path, source: int) -> list[ScanRef]:
     """NIfTI files and DICOM series under ``root`` (``medldm.io.scan_folder``); broken cases are skipped with a
     warning naming the reason."""
-    from medldm.io import scan_folder
 
     refs = []
     for case in scan_folder(root).cases:
@@ -76,10 +80,8 @@ def _folder_scans(root: Path, source: int) -> list[ScanRef]:
 def _volume_refs(ref: ScanRef, case=None) -> list[ScanRef]:
     """A 4D scan (DWI, fMRI, multi-echo) as one ref per volume (``id#volK``; kept on one side of every split by
     :func:`scan_group`), else ``[ref]``."""
-    from medldm.io.volumes import count_volumes
 
     if case is None:
-        from medldm.io.discover import Case
 
         case = Case(id=ref.id, kind="nifti", paths=[Path(ref.path)], root=Path(ref.path).parent)
     try:
@@ -158,8 +160,6 @@ class LoadNormalize:
         self.ct_window = ct_window
 
     def __call__(self, ref: dict) -> dict:
-        from medldm.data.intensity import fit_normalization, normalize
-        from medldm.io import load_scan
 
         img = load_scan(ref["files"] if ref.get("files") else ref["path"], volume=ref.get("volume"))
         modality = None if self.modality == "auto" else self.modality
@@ -366,7 +366,6 @@ class ItemStore:
     def derive_masks(self, classes: int) -> None:
         """Tissue label maps of every item (``medldm.data.tissue.tissue_labels``: background + intensity clusters),
         derived once, on the whole item, so crops of one item agree (mask-conditioned synthesis)."""
-        from medldm.data.tissue import tissue_labels
 
         self.masks = [tissue_labels(it.image[0], classes) for it in self.items]
 

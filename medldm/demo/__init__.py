@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medldm.data.datasets import LoadNormalize, make_items
+from medldm.data.degrade import downsample, gaussian_noise, rician_noise, thick_slices
+from medldm.data.tissue import tissue_labels
 from medldm.demo.report import _mask_html, _save_strip, _synthesis_html, _tile, write_index  # noqa: F401 (API)
 from medldm.demo.scans import (  # noqa: F401 (API: tools/, tests)
     DEMO_SAMPLES,
@@ -36,6 +39,15 @@ from medldm.demo.scans import (  # noqa: F401 (API: tools/, tests)
     reformat,
     thinslice_scans,
 )
+from medldm.eval.baselines import denoise_scan, upsample_scan
+from medldm.eval.evaluate import convention_from
+from medldm.eval.pairing import pair_folders
+from medldm.eval.run import EvalOptions, evaluate
+from medldm.io.geometry import resized_affine
+from medldm.io.nifti import save_nifti
+from medldm.io.reader import load_scan
+from medldm.samples import available_samples
+from medldm.shipped import enhance, installed_models, open_model, resolve_model
 
 NOISE_SIGMA = 0.05  # fraction of the intensity range (issue 6 quality goal)
 NOISE_KINDS = ("gaussian", "rician")  # one denoising task each: zero-mean noise, magnitude MR
@@ -70,7 +82,6 @@ class Task:
 
 
 def _save(img, path: Path) -> None:
-    from medldm.io.nifti import save_nifti
 
     save_nifti(img, path, dtype="float32")
 
@@ -83,7 +94,6 @@ def _installed(packages: tuple[str, ...]) -> tuple[str, ...]:
 
 def _models(names: tuple[str, ...]) -> dict[str, Path]:
     """The shipped models among ``names`` that are installed: name -> model folder."""
-    from medldm.shipped import installed_models
 
     have = installed_models()
     return {n: have[n].path for n in names if n in have}
@@ -93,7 +103,6 @@ def _enhance(model: Path, img, seed: int):
     """The demo's model run: ``medldm.shipped.enhance`` with the pipeline's defaults only (window, batch size,
     sampler, steps), so ``medldm enhance -m NAME --seed SEED`` on the saved input gives the same output
     (tests/test_inference_path.py)."""
-    from medldm.shipped import enhance
 
     return enhance(model, img, seed=seed)
 
@@ -104,7 +113,6 @@ def run_methods(task: Task, root: Path, refs: dict[str, Path], degrade, baseline
     each baseline (``name -> fn(degraded)``), then each shipped model (``medldm.shipped.enhance``), each timed
     (``task.timings``, summed over the scans), saved to ``root/<method>/<scan>.nii.gz`` and reported on one
     progress line."""
-    from medldm.io.reader import load_scan
 
     methods = {**baselines, **{m: (lambda img, f=folder: _enhance(f, img, seed)) for m, folder in models.items()}}
     for i, (name, path) in enumerate(refs.items()):
@@ -124,8 +132,6 @@ def run_methods(task: Task, root: Path, refs: dict[str, Path], degrade, baseline
 def run_denoise(out: Path, refs: dict[str, Path], seed: int, noise: str = "gaussian") -> Task:
     """Denoising with ``noise`` (``gaussian``: folder OUT/denoise; ``rician``: magnitude MR, OUT/denoise-rician)
     at ``NOISE_SIGMA`` of the range; every method blind."""
-    from medldm.data.degrade import gaussian_noise, rician_noise
-    from medldm.eval.baselines import denoise_scan
 
     add = gaussian_noise if noise == "gaussian" else rician_noise
     name = "denoise" if noise == "gaussian" else f"denoise-{noise}"
@@ -147,8 +153,6 @@ def run_denoise(out: Path, refs: dict[str, Path], seed: int, noise: str = "gauss
 
 
 def run_sr(out: Path, refs: dict[str, Path], seed: int = 0) -> Task:
-    from medldm.data.degrade import downsample
-    from medldm.eval.baselines import upsample_scan
 
     task = Task("sr", f"Super-resolution x{SR_SCALE} in-plane (anti-aliased down-sampling)", "nearest")
     baselines = {m: (lambda img, m=m: upsample_scan(img, SR_SCALE, m)) for m in SR_BASELINES}
@@ -162,8 +166,6 @@ def run_thinslice(out: Path, refs: dict[str, Path], seed: int = 0, *, quick: boo
     slices of ``THIN_FACTOR`` along Z (box profile, ``medldm degrade --kind thick --level 4 --axis 2``), the
     interpolation baselines along Z (``medldm baseline --task sr --scale 4 --axis through``) and the shipped
     thin-slice model (``medldm.shipped.enhance``, the pipeline of ``medldm enhance -m mr-thinslice-4x``)."""
-    from medldm.data.degrade import thick_slices
-    from medldm.eval.baselines import upsample_scan
 
     note = (f"Thick slices: each thick slice is the mean of {THIN_FACTOR} adjacent thin slices along Z (box slice "
             f"profile; <code>medldm degrade --kind thick --level {THIN_FACTOR} --axis 2</code>), so the input has "
@@ -190,9 +192,6 @@ def run_thinslice(out: Path, refs: dict[str, Path], seed: int = 0, *, quick: boo
 
 
 def evaluate_task(out: Path, task: Task, refs_dir: Path) -> dict:
-    from medldm.eval.evaluate import convention_from
-    from medldm.eval.pairing import pair_folders
-    from medldm.eval.run import EvalOptions, evaluate
 
     pairing = pair_folders(refs_dir, list(task.methods.items()))
     opts = EvalOptions(convention_from(data_range=1.0), axis=task.axis, slices_per_case=1)
@@ -219,7 +218,6 @@ def run_synthesis(out: Path, n: int, seed: int) -> dict | None:
     """``n`` samples of the shipped synthesis model as one PNG panel (OUT/synth/samples.png) plus the NIfTI
     files; None when the model is not installed. A class-conditional model (mr-synth-2d: slice-position bins)
     cycles through its classes: sample i has class i mod K (``labels``: each sample's class name)."""
-    from medldm.shipped import open_model
 
     models = _models((SYNTH_MODEL,))
     if not models:
@@ -248,10 +246,6 @@ def mask_from_slice(syn, scan: Path, name: str):
 
     Returns (labels int64 (X, Y), the real slice (X, Y) in the model range, the 4x4 RAS affine of that grid, the
     slice index)."""
-    from medldm.data.datasets import LoadNormalize, make_items
-    from medldm.data.tissue import tissue_labels
-    from medldm.io.geometry import resized_affine
-    from medldm.io.reader import load_scan
 
     ex = dict(syn.bundle.extra or {})
     resize = ex.get("resize_to")
@@ -288,9 +282,6 @@ def run_mask_synthesis(out: Path, seed: int, *, n: int = MASK_SAMPLES, model: st
     import torch
     from monai.data import MetaTensor
 
-    from medldm.io.nifti import save_nifti
-    from medldm.samples import available_samples
-    from medldm.shipped import open_model, resolve_model
 
     if model is None:
         folder = _models((MASK_MODEL,)).get(MASK_MODEL)

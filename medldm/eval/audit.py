@@ -23,12 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medldm.eval.audit_frd import radiomics_frd
 from medldm.eval.audit_load import Sample, case_modality, prepare, resolve_modalities, stack
 from medldm.eval.audit_match import Match, aligned_pair, nearest_neighbours
-from medldm.eval.audit_report import write_outputs, write_pair_png
+from medldm.eval.audit_report import _ci_text, write_outputs, write_pair_png
 from medldm.eval.audit_stats import diversity, feature_distance, two_sample_test
-from medldm.eval.audit_utility import is_label_file
-from medldm.io.errors import UsageError
+from medldm.eval.audit_utility import LABEL_SUFFIX, UtilityOptions, is_label_file, load_slices, utility_test
+from medldm.io.caseloop import run_cases
+from medldm.io.discover import scan_folder
+from medldm.io.errors import CaseError, UsageError
+from medldm.io.reader import load_case, load_nifti
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +111,6 @@ def _rows(samples: list[Sample], matches: list[Match], train: list[Sample], thr:
 def _load_all(folders: dict[str, Path], out_dir: Path, opt: AuditOptions,
               command: str) -> tuple[int, dict[str, list[Sample]], list[str], str]:
     """Discover and prepare every case; returns (status, {role: [Sample]}, failure lines, modality note)."""
-    from medldm.io.caseloop import run_cases
-    from medldm.io.discover import scan_folder
 
     items = []
     for role, folder in folders.items():
@@ -122,7 +124,6 @@ def _load_all(folders: dict[str, Path], out_dir: Path, opt: AuditOptions,
     loaded: dict[str, list[Sample]] = {r: [] for r in folders}
 
     def process(item):
-        from medldm.io.reader import load_case
 
         role, case = item
         img = load_case(case)
@@ -192,7 +193,6 @@ def run_audit(synthetic_dir: str | Path, train_dir: str | Path, out_dir: str | P
     realism["real_set"] = "training + held-out" if hold else "training"
     realism["feature_frechet"] = feature_distance(real_set, xs, seed=opt.seed)
     if opt.radiomics:
-        from medldm.eval.audit_frd import radiomics_frd
 
         reals = train + hold
         realism["radiomics_frd"] = radiomics_frd([r.image for r in reals], [r.source for r in reals],
@@ -244,13 +244,9 @@ def run_audit(synthetic_dir: str | Path, train_dir: str | Path, out_dir: str | P
 
 def _utility(folders: dict[str, Path], opt: AuditOptions) -> dict:
     """The utility test (:mod:`audit_utility`) on the audit's folders: synthetic pairs, real train, held-out."""
-    from medldm.eval.audit_utility import UtilityOptions, load_slices, utility_test
-    from medldm.io.errors import CaseError
 
     uopt = UtilityOptions(steps=opt.utility_steps, seed=opt.seed, seeds=opt.utility_seeds)
     try:
-        from medldm.eval.audit_utility import LABEL_SUFFIX
-        from medldm.io.reader import load_nifti
 
         maps = sorted(folders["synthetic"].rglob(f"*{LABEL_SUFFIX}.nii*"))
         if not maps:
@@ -266,7 +262,6 @@ def _utility(folders: dict[str, Path], opt: AuditOptions) -> dict:
     out["real_labels"] = f"label maps in {opt.labels}" if opt.labels else \
         "derived by medldm.data.tissue.tissue_labels (intensity clusters)"
     if not opt.quiet:
-        from medldm.eval.audit_report import _ci_text
 
         log.info(f"audit utility: held-out Dice real {out['real']['mean_dice']:.4f}; difference to real (95% CI): "
                  + "; ".join(f"{n} {_ci_text(out[n]['difference'])}" for n in out["protocols"]))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medldm.data.intensity import fit_normalization, normalize
 from medldm.io.errors import CaseError
 
 DEFAULT_GRID = {2: 128, 3: 64}  # comparison grid per axis when none is given
@@ -96,7 +97,6 @@ def to_grid(arr: np.ndarray, size: int) -> np.ndarray:
 def prepare(img, *, role: str, case_id: str, source: str, modality: str, grid: int | None,
             ct_window: str | tuple[float, float] = "full") -> Sample:
     """A loaded scan (MetaTensor (X, Y, Z)) -> :class:`Sample` on the comparison grid (see module doc)."""
-    from medldm.data.intensity import fit_normalization, normalize
 
     arr = np.asarray(img.as_tensor() if hasattr(img, "as_tensor") else img, dtype=np.float32)
     if arr.ndim == 2:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medldm.metrics import ssim
+
 _THUMB = {2: 32, 3: 16}
 _EPS = 1e-12
 
@@ -177,7 +179,6 @@ def align(queries: torch.Tensor, refs: torch.Tensor, cand: torch.Tensor, *, shif
 
 
 def _pair_ssim(qs: torch.Tensor, rs: torch.Tensor) -> torch.Tensor:
-    from medldm.metrics import ssim
 
     return ssim(qs, rs, data_range=1.0)
 

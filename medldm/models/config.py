@@ -197,6 +197,8 @@ SCHEDULES: tuple[str, ...] = typing.get_args(ScheduleKind)
 PREDICTIONS: tuple[str, ...] = typing.get_args(Prediction)
 BETA_SCHEDULES: tuple[str, ...] = typing.get_args(BetaSchedule)
 SAMPLER_NAMES: tuple[str, ...] = typing.get_args(SamplerName)
+#: most neighbouring slices on each side a 2.5D refiner may see (``refine.context``, ``RefinerSpec.context``)
+MAX_CONTEXT = 8
 
 # Bounds on what sizes arrays at training / inference: generous for real models, far below what would exhaust
 # memory when a model folder from elsewhere is loaded.

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from medldm.models.config import MAX_CONTEXT
+
 #: normalization layers of the BasicUNet, by ``norm`` name
 NORMS: dict[str, Any] = {"none": None, "instance": ("instance", {"affine": True}), "batch": ("batch", {"affine": True})}
 #: what the refiner's residual is added to
@@ -41,8 +43,7 @@ INPUTS = (("decoded", "degraded"), ("decoded", "degraded", "noise_level"),
           ("degraded", "degraded"), ("degraded", "degraded", "noise_level"))
 #: widest BasicUNet level a model folder may ask for
 MAX_FEATURES = 1024
-#: most neighbouring slices on each side a 2.5D refiner may see
-MAX_CONTEXT = 8
+
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from medldm.data.condition import neighbour_slices, scan_condition
+from medldm.data.intensity import fit_normalization
+from medldm.data.noise import estimate_noise_sigma, rayleigh_background_sigma
 from medldm.diffusion import make_model_fn, make_schedule, sample, sample_many
 from medldm.io.errors import CaseError
+from medldm.models.conditioning import space_to_depth as s2d
 from medldm.models.config import DegradeConfig
 from medldm.models.refiner import apply_refiner
 from medldm.pipelines.adapt import adapt_refiner
@@ -309,14 +312,12 @@ class Enhancer(LatentSampler):
         below -sigma (zero-mean noise around a zero background: magnitude MR is never negative), ``lo`` moves up
         by 2.576 sigma (the 0.5th percentile of a Gaussian); magnitude images keep the plain fit (a Rayleigh
         background's 0.5th percentile is 0.1 sigma)."""
-        from medldm.data.intensity import fit_normalization
 
         params = fit_normalization(img, self.modality, window=self.ct_window, foreground=True)
         lo, hi = float(params.get("lo", 0.0)), float(params.get("hi", 0.0))
         # lo < -sigma needs lo < 0: magnitude scans (never negative) skip the noise estimate
         if self.task != "denoise" or params.get("method") != "percentile" or lo >= 0:
             return params
-        from medldm.data.noise import estimate_noise_sigma
 
         sigma = estimate_noise_sigma(arr, axis=self.slice_axis, max_slices=16, min_side=8, exclude=bad)
         if sigma > 0 and lo < -sigma and lo + 2.576 * sigma < hi:
@@ -333,14 +334,12 @@ class Enhancer(LatentSampler):
         if self.task == "sr":
             lo = float(self.degrade.noise_aug_range[0])
             return lo / self.level_max if self.level_max > 0 else 0.0
-        from medldm.data.noise import estimate_noise_sigma
 
         # std in model units (range width 2): median over up to 16 non-constant slices
         sigma = estimate_noise_sigma(x, axis=axis, max_slices=16, min_side=8, exclude=bad)
         if arr is not None and params is not None and params.get("method") == "percentile":
             # magnitude (Rician) scans: the wavelet estimate reads ~0.75 x sigma there (medldm.data.noise); the
             # background's Rayleigh mode reads sigma. Never lower than the wavelet estimate; 0 when not magnitude
-            from medldm.data.noise import rayleigh_background_sigma
 
             unit = 2.0 / max(float(params["hi"]) - float(params["lo"]), 1e-12)
             sigma = max(sigma, rayleigh_background_sigma(arr, exclude=bad) * unit)
@@ -374,7 +373,6 @@ class Enhancer(LatentSampler):
 
 def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
     """(N, C, *S) -> (N, C f^d, *S/f): the training stage's lossless condition layout."""
-    from medldm.models.conditioning import space_to_depth as s2d
 
     return s2d(x, f)
 

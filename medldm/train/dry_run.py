@@ -125,7 +125,7 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
     LDM / refine steps (default: the freshly built one)."""
     if stages is None:
         stages = tuple(s for s, on in (("vae", cfg.stage in ("vae", "both")), ("ldm", cfg.stage in ("ldm", "both")),
-                                       ("refine", cfg.stage in ("ldm", "both") and cfg.refine.enabled)) if on)
+                                       ("refine", cfg.stage in ("ldm", "both", "refine") and cfg.refine.enabled)) if on)
     out: dict[str, dict[str, Any]] = {}
     x = rt.to(clean)
     torch.manual_seed(cfg.seed)
@@ -188,6 +188,8 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
         rwrapped = prepare(refiner, rt, ddp=False)
         opt = adamw(refiner.parameters(), cfg.refine.lr, cfg.refine.weight_decay, rt)
         deg = rt.to(degraded)
+        # a 2.5D refiner's neighbouring slices: the batch's own slice stands in for them (same cost per step)
+        ctx = deg.repeat(1, 2 * spec.context, *([1] * (deg.ndim - 2))) if spec.context else None
 
         def refine_step():
             with torch.no_grad():
@@ -199,7 +201,7 @@ def measure_stages(cfg, rt: Runtime, clean: torch.Tensor, labels: torch.Tensor |
                                 cfg.diffusion.sampling_steps, generator=g)
                     decoded = net_vae.decode(zz).float()
             with rt.autocast():
-                pred = apply_refiner(rwrapped, decoded, deg, spec.base, level if spec.noise_map else None).float()
+                pred = apply_refiner(rwrapped, decoded, deg, spec.base, level if spec.noise_map else None, ctx).float()
                 loss = (pred - x.float()).abs().mean()
             _optim_step(loss, opt, cfg.refine.grad_clip)
 

@@ -29,9 +29,13 @@ import torch
 from torch import nn
 
 from medldm.config import to_mapping
+from medldm.data.augment import Augmenter
 from medldm.data.condition import make_pair
 from medldm.data.datasets import step_rng
+from medldm.diffusion import make_model_fn, make_schedule, sample, start_noise
+from medldm.metrics import psnr, ssim
 from medldm.metrics.ranges import MODEL_DATA_RANGE as DATA_RANGE
+from medldm.models import EMA, load_model, save_model_folder
 from medldm.models.card import ModelCard
 from medldm.models.conditioning import space_to_depth
 from medldm.models.refiner import RefinerSpec, apply_refiner, build_from_spec, widen_first_layer
@@ -53,9 +57,6 @@ class RefineStage:
     name = "refine"
 
     def __init__(self, cfg, data: RunData, rt: Runtime, ldm_dir: Path, out_dir: Path):
-        from medldm.data.augment import Augmenter
-        from medldm.diffusion import make_schedule
-        from medldm.models import EMA, load_model
 
         self.cfg, self.data, self.rt, self.tcfg = cfg, data, rt, cfg.refine
         self.ldm_dir = Path(ldm_dir)
@@ -105,7 +106,6 @@ class RefineStage:
     def diffuse(self, degraded: torch.Tensor, level: torch.Tensor, seed: int) -> torch.Tensor:
         """The decoded diffusion sample for ``degraded`` (N, 1, *patch): the stage-2 model run as inference runs
         it (default sampler and step count of the model folder)."""
-        from medldm.diffusion import make_model_fn, sample, start_noise
 
         d = self.cfg.diffusion
         cond = self.rt.to(space_to_depth(degraded, self.f))
@@ -153,7 +153,6 @@ class RefineStage:
 
     @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:
-        from medldm.metrics import psnr, ssim
 
         store, prefix = self.data.val_or_train()
         stack, _, _ = center_batch(store, self.tcfg.val_max_items, context=self.spec.context > 0)
@@ -177,7 +176,6 @@ class RefineStage:
         return dataclasses.replace(self.bundle.card, refiner=self.spec, refine_val_metrics=self.metrics)
 
     def export(self, path: Path) -> None:
-        from medldm.models import save_model_folder
 
         modules = {"vae": self.vae, "refiner": self._eval_net()}
         raw = self._raw_denoiser()
@@ -189,6 +187,5 @@ class RefineStage:
         save_model_folder(path, config=self.config, modules=modules, extra=self.extra())
 
     def _raw_denoiser(self) -> nn.Module:
-        from medldm.models import load_model
 
         return load_model(self.ldm_dir, ema=False).denoiser

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from medldm.config import ConfigError, doc_field, load_dataclass
-from medldm.models.config import DegradeConfig, DiffusionConfig, UNetConfig, VAEConfig, validate
-from medldm.models.refiner import MAX_CONTEXT
+from medldm.models.config import MAX_CONTEXT, DegradeConfig, DiffusionConfig, UNetConfig, VAEConfig, validate
 
 
 @dataclass
