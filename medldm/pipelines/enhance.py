@@ -61,6 +61,8 @@ from medldm.pipelines.scan import unit_of as _unit_of
 from medldm.pipelines.tiling import tiled_call, tiled_decode
 
 __all__ = ["UNCERTAIN_STD", "UNCERTAIN_WARN_FRACTION", "EnhanceOptions", "EnhanceResult", "Enhancer", "LatentSampler"]
+#: estimated noise level / the model's largest training level above which the result carries a warning
+LEVEL_WARN = 1.1
 #: smallest padded image size for a model folder with a refiner (2**4: BasicUNet's four poolings)
 REFINER_MIN_SIZE = 16
 
@@ -287,7 +289,8 @@ class Enhancer(LatentSampler):
             res.info["constant"] = True
             res.info["warning"] = "; ".join(w for w in (scan.constant_note(out_shape), res.info.get("warning")) if w)
             return res
-        level = self._noise_level(x, axis, opts, scan.bad, scan.arr, params)
+        ratio = self._noise_level(x, axis, opts, scan.bad, scan.arr, params)
+        level = None if ratio is None else min(ratio, 1.0)
         net, adapted = None, None
         if opts.refine and (opts.adapt > 0 or opts.adapt_steps):
             net, adapted = adapt_refiner(self, x, axis, level, opts, params, opts.adapt, opts.adapt_steps)
@@ -298,6 +301,11 @@ class Enhancer(LatentSampler):
         finally:
             self.refiner = kept
         res = self._result(scan, params, mean, std, out_shape, level, opts)
+        if ratio is not None and ratio > LEVEL_WARN:  # silently under-denoised otherwise (issue 22: Rician 10 %)
+            top = 100 * self.level_max
+            note = (f"the noise ({ratio * top:.0f} % of the intensity range, estimated) is beyond the model's "
+                    f"training range (up to {top:.0f} %): denoised as if it were {top:.0f} %, noise remains")
+            res.info["warning"] = "; ".join(w for w in (res.info.get("warning"), note) if w)
         if adapted is not None:
             res.info["adapt"] = adapted
         return res
@@ -326,7 +334,8 @@ class Enhancer(LatentSampler):
 
     def _noise_level(self, x: torch.Tensor, axis: int, opts: EnhanceOptions, bad: np.ndarray | None = None,
                      arr: np.ndarray | None = None, params: dict | None = None) -> float | None:
-        """Noise-level input in [0, 1], or None for models without that input."""
+        """Noise-level input (estimated: not clamped, above 1 when the noise is beyond the training range; given:
+        clamped to [0, 1]), or None for models without that input."""
         if not self.denoiser.noise_level_cond:
             return None
         if opts.noise_level is not None:
@@ -343,7 +352,7 @@ class Enhancer(LatentSampler):
 
             unit = 2.0 / max(float(params["hi"]) - float(params["lo"]), 1e-12)
             sigma = max(sigma, rayleigh_background_sigma(arr, exclude=bad) * unit)
-        return float(min(max(sigma / 2.0 / max(self.level_max, 1e-8), 0.0), 1.0))
+        return float(max(sigma / 2.0 / max(self.level_max, 1e-8), 0.0))  # > 1: beyond the training range
 
     def _result(self, scan: Scan, params: dict, mean, std, out_shape, level, opts: EnhanceOptions) -> EnhanceResult:
         image, std, bad_out, wrap = to_scanner(scan, mean, std, out_shape, params)
