@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medldm.data.datasets import LoadNormalize, make_items
+from medldm.data.datasets import LoadNormalize, make_items, resolve_path
 from medldm.data.degrade import downsample, gaussian_noise, rician_noise, thick_slices
 from medldm.data.tissue import tissue_labels
 from medldm.demo.report import _mask_html, _save_strip, _synthesis_html, _tile, write_index  # noqa: F401 (API)
 from medldm.demo.scans import (  # noqa: F401 (API: tools/, tests)
     DEMO_SAMPLES,
     PIESNO,
+    PIESNO_PATH,
     REFORMAT_PIESNO,
     REFORMAT_SLICES,
     SR_SCALE,
@@ -39,6 +40,9 @@ from medldm.demo.scans import (  # noqa: F401 (API: tools/, tests)
     reformat,
     thinslice_scans,
 )
+from medldm.eval.audit_frd import missing as frd_missing
+from medldm.eval.audit_frd import radiomics_frd
+from medldm.eval.audit_load import to_grid
 from medldm.eval.baselines import denoise_scan, upsample_scan
 from medldm.eval.evaluate import convention_from
 from medldm.eval.pairing import pair_folders
@@ -66,6 +70,9 @@ THIN_MODELS = ("mr-thinslice-4x",)
 THIN_EVAL_AXIS = 1  # 2D metrics per slice along array axis 1 of the reformatted volume: the original image planes
 # mask -> image (issue 13): a tissue label map derived from a held-out real slice
 MASK_MODEL = "mr-synth-mask-2d"
+#: real slices the samples' radiomics are compared with: two held-out brain scans (two subjects) that no
+#: synthesis model trained on
+REALISM_REAL = (("mr-brain-s0", "pkg://dipy/data/files/S0_10slices.nii.gz"), ("dipy-piesno", PIESNO_PATH))
 MASK_SAMPLE = "mr-brain-s0"  # the held-out brain scan; its middle slice gives the label map
 MASK_SAMPLES = 3  # generated images per label map (seeds SEED .. SEED + 2)
 
@@ -224,17 +231,46 @@ def run_synthesis(out: Path, n: int, seed: int) -> dict | None:
         return None
     t0 = time.perf_counter()
     syn = open_model(models[SYNTH_MODEL], "synthesize").runner
-    tiles, labels = [], []
+    tiles, labels, images = [], [], []
     for i in range(n):
         label = i % syn.num_classes if syn.num_classes else None
         img, _ = syn.generate(seed=seed + i, label=label)
         _save(img, out / "synth" / f"sample_{i:02d}.nii.gz")
         tiles.append(_tile(img[:, :, 0]))
         labels.append(None if label is None else class_name(syn, label))
+        images.append(np.asarray(img[:, :, 0], np.float32))
     path = _save_strip(tiles, out / "synth" / "samples.png")
+    print("demo: synthesis realism (radiomics)", flush=True)
     return {"model": SYNTH_MODEL, "file": path.relative_to(out).as_posix(), "n": n, "seed": seed,
             "steps": syn.dcfg.sampling_steps, "classes": int(syn.num_classes), "labels": labels,
-            "size": list(syn.size), "seconds": time.perf_counter() - t0}
+            "size": list(syn.size), "seconds": time.perf_counter() - t0,
+            "realism": realism(images, int(syn.size[0]), seed)}
+
+
+def realism(synthetic: list[np.ndarray], size: int, seed: int) -> dict:
+    """The audit's radiomics breakdown (``medldm.eval.audit_frd.radiomics_frd``: FRD, the real-vs-real reference
+    by subject, the features that separate samples from real) of the demo's samples against the slices of two
+    held-out brain scans no synthesis model trained on (:data:`REALISM_REAL`), each image on the samples' grid
+    and scaled to [0, 1] by its own 0.5-99.5th percentiles. A handful of images: an illustration of what
+    ``medldm audit`` reports, not a measurement (docs/models.md has the audit's figures)."""
+    why = frd_missing()
+    if why:
+        return {"skipped": why}
+    real, subjects = [], []
+    for name, path in REALISM_REAL:
+        vol = np.asarray(load_scan(resolve_path(path)), np.float32)
+        for k in range(vol.shape[2]):
+            sl = vol[:, :, k]
+            if float((sl > 0.1 * sl.max()).mean()) < 0.05:  # (nearly) empty slices tell nothing
+                continue
+            real.append(_unit(to_grid(sl, size)))
+            subjects.append(name)
+    return radiomics_frd(real, subjects, [_unit(to_grid(s, size)) for s in synthetic], seed=seed)
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(a, (0.5, 99.5))
+    return np.clip((a - lo) / max(float(hi - lo), 1e-12), 0.0, 1.0).astype(np.float32)
 
 
 def mask_from_slice(syn, scan: Path, name: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medldm.eval.audit_report import frd_html
 from medldm.eval.panels import save_png, to_gray
 from medldm.eval.style import PAGE_END, page_head
 from medldm.io.atomic import atomic_file
@@ -86,7 +87,19 @@ def _synthesis_html(synth: dict) -> str:
             f"<figure><img src='{escape(synth['file'])}' alt='synthetic MR slices'><figcaption>{what}"
             f"{synth['size'][0]} x {synth['size'][1]}, {synth['steps']} sampler steps, {synth['seconds']:.1f} s; "
             "each shown between its own 0.5-99.5th percentiles. Files: <code>synth/sample_*.nii.gz</code>."
-            "</figcaption></figure>")
+            "</figcaption></figure>" + _realism_html(synth.get("realism")))
+
+
+def _realism_html(fd: dict | None) -> str:
+    """The samples' radiomics breakdown (``medldm.demo.realism``), or the line saying why it was skipped."""
+    if not fd:
+        return ""
+    if fd.get("skipped"):
+        return f"<p>Realism breakdown skipped: {escape(fd['skipped'])}</p>"
+    note = ("<p>Against the slices of two held-out brain scans (mr-brain-s0, dipy-piesno; no synthesis model trained "
+            "on them), as <code>medldm audit</code> reports it for a full study. With this handful of images the FRD "
+            "is an illustration, not a measurement; docs/models.md has the audit's figures and their commands.</p>")
+    return note + "".join(frd_html(fd))
 
 
 def _mask_html(mask: dict) -> str:
