@@ -91,7 +91,12 @@ class RefineStage:
         gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
         # the slice and its neighbours degraded together (one level per sample), as a degraded volume is
         degraded, level = make_pair(clean, self.cfg.task, self.cfg.degrade, gen)
-        return {"clean": clean[:, :1], "degraded": degraded[:, :1], "context": degraded[:, 1:], "level": level,
+        context = degraded[:, 1:]
+        if self.spec.context and self.tcfg.context_dropout > 0:  # as a single slice is seen: itself as neighbours
+            alone = torch.as_tensor(rng.random(len(context)) < self.tcfg.context_dropout)
+            context = torch.where(alone.view(-1, 1, *([1] * (context.ndim - 2))),
+                                  degraded[:, :1].expand_as(context), context)
+        return {"clean": clean[:, :1], "degraded": degraded[:, :1], "context": context, "level": level,
                 "seed": int(rng.integers(0, 2**62))}
 
     def to_device(self, b: dict) -> dict:

@@ -213,6 +213,9 @@ class RefineConfig(StageTrainConfig):
     context: int = doc_field(
         0, "2D: neighbouring slices on each side the refiner also sees (2.5D; the degraded slices z-1, z+1, ...); "
         "0 = the slice alone")
+    context_dropout: float = doc_field(
+        0.0, "with refine.context: share of training items whose neighbours are replaced by the slice itself (what a "
+        "single-slice scan gives at inference), so the refiner also learns to work without them")
 
 
 @dataclass
@@ -343,6 +346,8 @@ class TrainingConfig:
             raise ConfigError("refine.enabled: the refiner is for tasks 'sr' and 'denoise'")
         if not 0 <= self.refine.context <= MAX_CONTEXT or (self.refine.context and nd != 2):
             raise ConfigError(f"refine.context: 0..{MAX_CONTEXT} neighbouring slices, for spatial_dims 2 only")
+        if not 0.0 <= self.refine.context_dropout <= 1.0:
+            raise ConfigError("refine.context_dropout: a share in [0, 1]")
         if self.stage == "refine" and not (self.ldm_path and self.refine.enabled):
             raise ConfigError("stage: 'refine' trains the refiner of a model folder: set ldm_path (a model folder "
                               "with a VAE and a U-Net) and refine.enabled: true")
