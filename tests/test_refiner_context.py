@@ -76,5 +76,15 @@ def test_stage_refine_trains_a_context_refiner_and_enhance_uses_it(tmp_path, dip
                                             normalization=enh.enhance(img, EnhanceOptions(steps=2, noise_level=0.2)
                                                                       ).info["normalization"])).image
     assert float((out2[..., 0] - out[..., 0]).abs().max()) > 0
+    # context_dropout 1: every item sees its own (degraded) slice as its neighbours, as a single-slice scan does
+    from medldm.train.data import build_data
+    from medldm.train.engine import make_runtime
+    from medldm.train.refine_stage import RefineStage
+
+    cfg = load_config(CONFIGS / "denoise_2d_tiny.yaml", [*FAST, *ctx, "refine.context_dropout=1.0"])
+    stage = RefineStage(cfg, build_data(cfg, tmp_path / "d", quiet=True), make_runtime(cfg.engine),
+                        tmp_path / "base" / "model", tmp_path / "d")
+    b = stage.cpu_batch(0, 0)
+    assert b["context"].shape[1] == 2 and torch.equal(b["context"], b["degraded"].expand_as(b["context"]))
     with pytest.raises(ConfigError, match="ldm_path"):
         load_config(CONFIGS / "denoise_2d_tiny.yaml", ["stage=refine", "refine.enabled=true"])
