@@ -62,3 +62,24 @@ def test_cli_refuses_bad_adapt_values(tmp_path, dipy_files):
                      "-o", str(tmp_path / "o.nii.gz"), *bad])
         assert code == 2
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_run_with_adapt_does_not_reuse_a_result_made_without_it(tmp_path, dipy_files, capsys):
+    """The resume record holds the adaptation settings: a plain result is never taken for an --adapt one (the case
+    fails with its reason and the file is kept, as for any other changed option; --overwrite redoes it), while a
+    plain re-run of a plain run is skipped as done."""
+    from conftest import held_out_crop
+
+    from medldm.cli import main
+    from medldm.io.nifti import save_nifti
+
+    src = save_nifti(held_out_crop(dipy_files / "S0_10slices.nii.gz", 32, 2), tmp_path / "in.nii.gz")
+    out = tmp_path / "out.nii.gz"
+    base = ["enhance", "-m", "mr-denoise-2d", "-i", str(src), "-o", str(out), "--quiet"]
+    assert main(base) == 0
+    first = out.read_bytes()
+    assert main(base) == 0 and out.read_bytes() == first  # done: skipped
+    assert main([*base, "--adapt-steps", "2"]) == 1 and out.read_bytes() == first  # not reused, not replaced
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*base, "--adapt-steps", "2", "--overwrite"]) == 0
+    assert out.read_bytes() != first  # redone with the adapted refiner

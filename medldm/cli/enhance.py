@@ -141,7 +141,6 @@ def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool
 
 
 def run(args: argparse.Namespace) -> int:
-
     _check(args)
     try:
         resolve_model(args.model)  # a wrong -m is reported before anything else is looked at
@@ -173,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
     options = {"model": str(model.path.resolve()), "model_hash": model.hash, "steps": opts.steps,
                "sampler": opts.sampler, "samples": opts.samples, "seed": opts.seed, "noise_level": opts.noise_level,
                "axis": args.axis, "refine": opts.refine, "volume": args.volume, "window": list(opts.window),
-               "overlap": opts.overlap}
+               "overlap": opts.overlap,
+               # --adapt changes the result (and its seconds budget makes it machine-dependent): never reuse across it
+               **({"adapt": opts.adapt, "adapt_steps": opts.adapt_steps} if opts.adapt or opts.adapt_steps else {})}
 
     @common.once_per_case
     def resume(case) -> common.Resume:
