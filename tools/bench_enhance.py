@@ -35,10 +35,10 @@ def main() -> None:
 
     from medldm.io.reader import load_scan
     from medldm.io.writer import save_scan
-    from medldm.models import load_model
-    from medldm.pipelines import EnhanceOptions, Enhancer
+    from medldm.pipelines import EnhanceOptions
+    from medldm.shipped import open_model
 
-    enh = Enhancer(load_model(args.model), device=args.device)
+    enh = open_model(args.model, device=args.device).runner
     opts = EnhanceOptions(steps=args.steps, samples=args.samples, batch_size=args.batch_size, device=args.device)
     dev = torch.device(args.device)
     print(f"torch {torch.__version__}; {platform.processor() or platform.machine()}; device {args.device}"

@@ -36,10 +36,10 @@ def main() -> None:
     from medldm.data.intensity import fit_normalization, normalize
     from medldm.io import load_scan
     from medldm.metrics import psnr
-    from medldm.models import load_model
-    from medldm.pipelines.enhance import EnhanceOptions, Enhancer, _pad_to
+    from medldm.pipelines.enhance import EnhanceOptions, _pad_to
+    from medldm.shipped import open_model
 
-    enh = Enhancer(load_model(args.model), device=args.device)
+    enh = open_model(args.model, device=args.device).runner
     img = load_scan(args.input)
     params = fit_normalization(img, enh.modality, window=enh.ct_window, foreground=True)
     x = torch.as_tensor(normalize(img, params)).float()

@@ -55,13 +55,12 @@ def main() -> int:
     from medldm.demo import prepare_references
     from medldm.eval.baselines import denoise_scan
     from medldm.io.reader import load_scan
-    from medldm.models import load_model
-    from medldm.pipelines.enhance import EnhanceOptions, Enhancer
-    from medldm.shipped import resolve_model
+    from medldm.pipelines.enhance import EnhanceOptions
+    from medldm.shipped import open_model
 
     out = Path(args.out)
     refs = {n: load_scan(p) for n, p in prepare_references(out, quick=False).items()}
-    enh = Enhancer(load_model(resolve_model(args.model)))
+    enh = open_model(args.model).runner
     level_max = enh.level_max
     uses_diffusion = enh.refiner_uses_diffusion
 
