@@ -114,7 +114,6 @@ def _check(args: argparse.Namespace) -> None:
 
 def _process(case, out: Path, enhancer, opts, desc: str, resume, overwrite: bool, deidentify=False,
              prov=None, volume: int | None = None) -> dict:
-
     vols = load_volumes(case, volume)  # a 4D case: every volume, enhanced one by one, written as one 4D result
     warns = print_case_warnings(case, vols[0])
     runs = [enhancer.enhance(img, opts) for img in vols]
@@ -223,7 +222,6 @@ def _merge_ranks(report: Path, world: int, rank: int, status: int, command: str)
 
     import torch
     import torch.distributed as dist
-
 
     t = torch.tensor([status], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -158,7 +158,6 @@ def thin_matrix(m: int, scale: int) -> torch.Tensor:
     (the 'bicubic' baseline), as a matrix."""
     import numpy as np
 
-
     return torch.from_numpy(cubic_convolution_resize(np.eye(m), (m * scale, m)))
 
 
@@ -252,7 +251,6 @@ def interpolate_z(vol, factor: int):
     borders replicated (float32 array): the interpolation of the ``thinslice`` training pairs (:func:`thin_matrix`)
     and the ``bicubic`` baseline."""
     import numpy as np
-
 
     return np.asarray(cubic_convolution_resize(vol, thin_shape(vol.shape, factor)), dtype=np.float32)
 

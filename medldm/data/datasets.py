@@ -38,7 +38,6 @@ SCAN_SUFFIXES = (".nii", ".nii.gz", ".dcm")
 @dataclass
 class ScanRef:
     """One scan: a NIfTI file, a DICOM file or the files of one DICOM series."""
-
     id: str
     path: str
     files: list[str] = field(default_factory=list)
@@ -64,7 +63,6 @@ def resolve_path(entry: str) -> Path:
 def _folder_scans(root: Path, source: int) -> list[ScanRef]:
     """NIfTI files and DICOM series under ``root`` (``medldm.io.scan_folder``); broken cases are skipped with a
     warning naming the reason."""
-
     refs = []
     for case in scan_folder(root).cases:
         where = case.source or str(case.paths[0] if case.paths else case.id)
@@ -80,7 +78,6 @@ def _folder_scans(root: Path, source: int) -> list[ScanRef]:
 def _volume_refs(ref: ScanRef, case=None) -> list[ScanRef]:
     """A 4D scan (DWI, fMRI, multi-echo) as one ref per volume (``id#volK``; kept on one side of every split by
     :func:`scan_group`), else ``[ref]``."""
-
     if case is None:
 
         case = Case(id=ref.id, kind="nifti", paths=[Path(ref.path)], root=Path(ref.path).parent)
@@ -154,13 +151,11 @@ def split_scans(refs: list[ScanRef], val_fraction: float, seed: int) -> tuple[li
 class LoadNormalize:
     """MONAI-style deterministic transform: scan ref dict -> ``{"image": (X, Y, Z) float32 in [-1, 1]-ish,
     "norm": normalization params, "spacing", "id", "source"}``. Cached, so it runs once per scan."""
-
     def __init__(self, modality: str = "auto", ct_window: str = "full"):
         self.modality = modality
         self.ct_window = ct_window
 
     def __call__(self, ref: dict) -> dict:
-
         img = load_scan(ref["files"] if ref.get("files") else ref["path"], volume=ref.get("volume"))
         modality = None if self.modality == "auto" else self.modality
         params = fit_normalization(img, modality, window=self.ct_window, foreground=True)
@@ -223,7 +218,6 @@ def _load_or_error(tf: LoadNormalize, ref: dict) -> dict:
 @dataclass
 class Item:
     """A training sample source: ``image`` (1, *S) in the model range; its class and scan."""
-
     image: torch.Tensor
     scan: str
     source: int
@@ -314,7 +308,6 @@ def step_rng(seed: int, *keys: int) -> np.random.Generator:
 
 class ItemStore:
     """Items plus seeded, factor-aligned random crops."""
-
     def __init__(self, items: list[Item], patch: Sequence[int], factor: int, num_classes: int = 0,
                  class_from: str = "none", contrast_of: Sequence[int] = (), n_contrasts: int = 1):
         self.items = items
@@ -366,7 +359,6 @@ class ItemStore:
     def derive_masks(self, classes: int) -> None:
         """Tissue label maps of every item (``medldm.data.tissue.tissue_labels``: background + intensity clusters),
         derived once, on the whole item, so crops of one item agree (mask-conditioned synthesis)."""
-
         self.masks = [tissue_labels(it.image[0], classes) for it in self.items]
 
     def mask_crop(self, idx: np.ndarray, corners: list[tuple[int, ...]]) -> torch.Tensor:

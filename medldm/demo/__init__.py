@@ -95,13 +95,11 @@ def _save(img, path: Path) -> None:
 
 def _installed(packages: tuple[str, ...]) -> tuple[str, ...]:
     """The optional baseline packages among ``packages`` that are importable (a baseline of the same name)."""
-
     return tuple(p for p in packages if importlib.util.find_spec(p) is not None)
 
 
 def _models(names: tuple[str, ...]) -> dict[str, Path]:
     """The shipped models among ``names`` that are installed: name -> model folder."""
-
     have = installed_models()
     return {n: have[n].path for n in names if n in have}
 
@@ -110,7 +108,6 @@ def _enhance(model: Path, img, seed: int):
     """The demo's model run: ``medldm.shipped.enhance`` with the pipeline's defaults only (window, batch size,
     sampler, steps), so ``medldm enhance -m NAME --seed SEED`` on the saved input gives the same output
     (tests/test_inference_path.py)."""
-
     return enhance(model, img, seed=seed)
 
 
@@ -120,7 +117,6 @@ def run_methods(task: Task, root: Path, refs: dict[str, Path], degrade, baseline
     each baseline (``name -> fn(degraded)``), then each shipped model (``medldm.shipped.enhance``), each timed
     (``task.timings``, summed over the scans), saved to ``root/<method>/<scan>.nii.gz`` and reported on one
     progress line."""
-
     methods = {**baselines, **{m: (lambda img, f=folder: _enhance(f, img, seed)) for m, folder in models.items()}}
     for i, (name, path) in enumerate(refs.items()):
         degraded = degrade(load_scan(path), i)
@@ -139,7 +135,6 @@ def run_methods(task: Task, root: Path, refs: dict[str, Path], degrade, baseline
 def run_denoise(out: Path, refs: dict[str, Path], seed: int, noise: str = "gaussian") -> Task:
     """Denoising with ``noise`` (``gaussian``: folder OUT/denoise; ``rician``: magnitude MR, OUT/denoise-rician)
     at ``NOISE_SIGMA`` of the range; every method blind."""
-
     add = gaussian_noise if noise == "gaussian" else rician_noise
     name = "denoise" if noise == "gaussian" else f"denoise-{noise}"
     what = "Gaussian noise" if noise == "gaussian" else "Rician noise (magnitude MR)"
@@ -173,7 +168,6 @@ def run_thinslice(out: Path, refs: dict[str, Path], seed: int = 0, *, quick: boo
     slices of ``THIN_FACTOR`` along Z (box profile, ``medldm degrade --kind thick --level 4 --axis 2``), the
     interpolation baselines along Z (``medldm baseline --task sr --scale 4 --axis through``) and the shipped
     thin-slice model (``medldm.shipped.enhance``, the pipeline of ``medldm enhance -m mr-thinslice-4x``)."""
-
     note = (f"Thick slices: each thick slice is the mean of {THIN_FACTOR} adjacent thin slices along Z (box slice "
             f"profile; <code>medldm degrade --kind thick --level {THIN_FACTOR} --axis 2</code>), so the input has "
             f"1/{THIN_FACTOR} of the slices over the same extent, and each method returns the thin grid. The "
@@ -199,7 +193,6 @@ def run_thinslice(out: Path, refs: dict[str, Path], seed: int = 0, *, quick: boo
 
 
 def evaluate_task(out: Path, task: Task, refs_dir: Path) -> dict:
-
     pairing = pair_folders(refs_dir, list(task.methods.items()))
     opts = EvalOptions(convention_from(data_range=1.0), axis=task.axis, slices_per_case=1)
     status, summary = evaluate(pairing, opts,
@@ -225,7 +218,6 @@ def run_synthesis(out: Path, n: int, seed: int) -> dict | None:
     """``n`` samples of the shipped synthesis model as one PNG panel (OUT/synth/samples.png) plus the NIfTI
     files; None when the model is not installed. A class-conditional model (mr-synth-2d: slice-position bins)
     cycles through its classes: sample i has class i mod K (``labels``: each sample's class name)."""
-
     models = _models((SYNTH_MODEL,))
     if not models:
         return None
@@ -282,7 +274,6 @@ def mask_from_slice(syn, scan: Path, name: str):
 
     Returns (labels int64 (X, Y), the real slice (X, Y) in the model range, the 4x4 RAS affine of that grid, the
     slice index)."""
-
     ex = dict(syn.bundle.extra or {})
     resize = ex.get("resize_to")
     patch = list(ex.get("patch_size") or syn.size)
@@ -317,7 +308,6 @@ def run_mask_synthesis(out: Path, seed: int, *, n: int = MASK_SAMPLES, model: st
     -o DIR`` gives them (the same images: tests/test_demo.py)."""
     import torch
     from monai.data import MetaTensor
-
 
     if model is None:
         folder = _models((MASK_MODEL,)).get(MASK_MODEL)

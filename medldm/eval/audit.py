@@ -42,7 +42,6 @@ ROLES = ("synthetic", "train", "holdout")
 @dataclass
 class AuditOptions:
     """Settings (CLI flags of ``medldm audit``; defaults documented in docs/audit.md)."""
-
     grid: int | None = None  # comparison grid per axis: None -> 128 (2D) / 64 (3D)
     shift: int | None = None  # largest shift tried per axis (grid voxels): None -> 8 (2D) / 4 (3D)
     flips: bool = True  # also try the query flipped left-right
@@ -111,7 +110,6 @@ def _rows(samples: list[Sample], matches: list[Match], train: list[Sample], thr:
 def _load_all(folders: dict[str, Path], out_dir: Path, opt: AuditOptions,
               command: str) -> tuple[int, dict[str, list[Sample]], list[str], str]:
     """Discover and prepare every case; returns (status, {role: [Sample]}, failure lines, modality note)."""
-
     items = []
     for role, folder in folders.items():
         found = scan_folder(folder)
@@ -124,7 +122,6 @@ def _load_all(folders: dict[str, Path], out_dir: Path, opt: AuditOptions,
     loaded: dict[str, list[Sample]] = {r: [] for r in folders}
 
     def process(item):
-
         role, case = item
         img = load_case(case)
         s = prepare(img, role=role, case_id=case.id, source=case.source or str(case.paths[0]),
@@ -244,7 +241,6 @@ def run_audit(synthetic_dir: str | Path, train_dir: str | Path, out_dir: str | P
 
 def _utility(folders: dict[str, Path], opt: AuditOptions) -> dict:
     """The utility test (:mod:`audit_utility`) on the audit's folders: synthetic pairs, real train, held-out."""
-
     uopt = UtilityOptions(steps=opt.utility_steps, seed=opt.seed, seeds=opt.utility_seeds)
     try:
 

@@ -35,7 +35,6 @@ DEFAULT_GRID = {2: 128, 3: 64}  # comparison grid per axis when none is given
 class Sample:
     """One prepared scan. ``image``: (S, S) or (S, S, S) float32 in [0, 1] on the comparison grid,
     canonical (RAS+) axis order."""
-
     role: str  # "synthetic" | "train" | "holdout"
     id: str
     source: str
@@ -97,7 +96,6 @@ def to_grid(arr: np.ndarray, size: int) -> np.ndarray:
 def prepare(img, *, role: str, case_id: str, source: str, modality: str, grid: int | None,
             ct_window: str | tuple[float, float] = "full") -> Sample:
     """A loaded scan (MetaTensor (X, Y, Z)) -> :class:`Sample` on the comparison grid (see module doc)."""
-
     arr = np.asarray(img.as_tensor() if hasattr(img, "as_tensor") else img, dtype=np.float32)
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -34,7 +34,6 @@ _EPS = 1e-12
 @dataclass
 class Match:
     """Nearest neighbour of one query: indices into the reference set, scores, alignment."""
-
     ssim: float
     ssim_index: int
     ncc: float
@@ -179,7 +178,6 @@ def align(queries: torch.Tensor, refs: torch.Tensor, cand: torch.Tensor, *, shif
 
 
 def _pair_ssim(qs: torch.Tensor, rs: torch.Tensor) -> torch.Tensor:
-
     return ssim(qs, rs, data_range=1.0)
 
 

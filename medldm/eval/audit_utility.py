@@ -114,7 +114,6 @@ def load_slices(folder: str | Path, *, labels_dir: str | Path | None, classes: i
                 paired: bool = False) -> list[Slice]:
     """The (image, label) slices of every NIfTI scan under ``folder`` (see the module doc). ``paired``: each scan's
     label map is ``<stem>_labels.nii.gz`` beside it (synthetic pairs); scans without one are a CaseError."""
-
     folder = Path(folder)
     out: list[Slice] = []
     for f in _files(folder):
@@ -189,7 +188,6 @@ def train_segmenter(slices: list[Slice], classes: int, opt: UtilityOptions,
 @torch.no_grad()
 def slice_dice(net: torch.nn.Module, slices: list[Slice], classes: int) -> np.ndarray:
     """Mean Dice over classes 1..K-1 per slice (classes in neither the labels nor the prediction left out)."""
-
     x = torch.from_numpy(np.stack([s.image for s in slices]))[:, None]
     pred = torch.cat([net(x[i:i + 32]).argmax(1) for i in range(0, len(x), 32)]).numpy()
     out = []

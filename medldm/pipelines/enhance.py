@@ -70,7 +70,6 @@ REFINER_MIN_SIZE = 16
 @dataclass
 class EnhanceOptions:
     """How to run a model on one scan (defaults from the model folder where None)."""
-
     steps: int | None = None
     sampler: str | None = None
     samples: int = 1
@@ -269,7 +268,6 @@ class LatentSampler:
 
 class Enhancer(LatentSampler):
     """A loaded sr/denoise model folder, ready to enhance scans."""
-
     tasks = ("sr", "denoise")
 
     @torch.no_grad()
@@ -320,7 +318,6 @@ class Enhancer(LatentSampler):
         below -sigma (zero-mean noise around a zero background: magnitude MR is never negative), ``lo`` moves up
         by 2.576 sigma (the 0.5th percentile of a Gaussian); magnitude images keep the plain fit (a Rayleigh
         background's 0.5th percentile is 0.1 sigma)."""
-
         params = fit_normalization(img, self.modality, window=self.ct_window, foreground=True)
         lo, hi = float(params.get("lo", 0.0)), float(params.get("hi", 0.0))
         # lo < -sigma needs lo < 0: magnitude scans (never negative) skip the noise estimate
@@ -382,7 +379,6 @@ class Enhancer(LatentSampler):
 
 def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
     """(N, C, *S) -> (N, C f^d, *S/f): the training stage's lossless condition layout."""
-
     return s2d(x, f)
 
 

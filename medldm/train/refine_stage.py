@@ -111,7 +111,6 @@ class RefineStage:
     def diffuse(self, degraded: torch.Tensor, level: torch.Tensor, seed: int) -> torch.Tensor:
         """The decoded diffusion sample for ``degraded`` (N, 1, *patch): the stage-2 model run as inference runs
         it (default sampler and step count of the model folder)."""
-
         d = self.cfg.diffusion
         cond = self.rt.to(space_to_depth(degraded, self.f))
         lev = level.to(self.rt.device) if self.cfg.unet.noise_level_cond else None
@@ -192,5 +191,4 @@ class RefineStage:
         save_model_folder(path, config=self.config, modules=modules, extra=self.extra())
 
     def _raw_denoiser(self) -> nn.Module:
-
         return load_model(self.ldm_dir, ema=False).denoiser
