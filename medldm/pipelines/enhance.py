@@ -302,7 +302,9 @@ class Enhancer(LatentSampler):
         if ratio is not None and ratio > LEVEL_WARN:  # silently under-denoised otherwise (issue 22: Rician 10 %)
             top = 100 * self.level_max
             note = (f"the noise ({ratio * top:.0f} % of the intensity range, estimated) is beyond the model's "
-                    f"training range (up to {top:.0f} %): denoised as if it were {top:.0f} %, noise remains")
+                    f"training range (up to {top:.0f} %): denoised as if it were {top:.0f} %; if the scan is less noisy than that "
+                    "(the blind estimate reads high on magnitude scans with little air around the body), give "
+                    "--noise-level")
             res.info["warning"] = "; ".join(w for w in (res.info.get("warning"), note) if w)
         if adapted is not None:
             res.info["adapt"] = adapted
