@@ -69,16 +69,17 @@ def adapt_refiner(sampler, x: torch.Tensor, axis: int, level: float | None, opts
     decoded = torch.movedim(sampler.sample_condition(torch.movedim(inp, 0, axis), axis, lev_in, prior)[0], axis, 0)
     info["pair_seconds"] = round(time.perf_counter() - t0, 2)
     net = copy.deepcopy(sampler.refiner).float().train().requires_grad_(False)
-    params_ = [p for name, p in net.named_parameters() if name.startswith(TRAINED)]
-    for p in params_:
+    trained = [p for name, p in net.named_parameters() if name.startswith(TRAINED)]
+    for p in trained:
         p.requires_grad_(True)
-    optim = torch.optim.Adam(params_, lr=LR)
+    optim = torch.optim.Adam(trained, lr=LR)
     rng = np.random.default_rng([int(opts.seed), 4243])
     k = sampler.refiner_context
     noise_in = lev_in if sampler.refiner_noise_map else None
     losses, done = [], 0
-    deadline = t0 + float(seconds)
-    while (steps is None or done < steps) and (time.perf_counter() < deadline or (steps is not None and seconds <= 0)):
+    deadline = t0 + float(seconds)  # seconds <= 0 with a step budget: no time limit
+    while (steps is None or done < steps) and (
+            (steps is not None and seconds <= 0) or time.perf_counter() < deadline):
         idx = torch.as_tensor(rng.integers(0, vol.shape[0], size=BATCH))
         corners = [(int(rng.integers(0, vol.shape[1] - side[0] + 1)), int(rng.integers(0, vol.shape[2] - side[1] + 1)))
                    for _ in range(BATCH)]
