@@ -38,6 +38,7 @@ SCAN_SUFFIXES = (".nii", ".nii.gz", ".dcm")
 @dataclass
 class ScanRef:
     """One scan: a NIfTI file, a DICOM file or the files of one DICOM series."""
+
     id: str
     path: str
     files: list[str] = field(default_factory=list)
@@ -151,6 +152,7 @@ def split_scans(refs: list[ScanRef], val_fraction: float, seed: int) -> tuple[li
 class LoadNormalize:
     """MONAI-style deterministic transform: scan ref dict -> ``{"image": (X, Y, Z) float32 in [-1, 1]-ish,
     "norm": normalization params, "spacing", "id", "source"}``. Cached, so it runs once per scan."""
+
     def __init__(self, modality: str = "auto", ct_window: str = "full"):
         self.modality = modality
         self.ct_window = ct_window
@@ -218,6 +220,7 @@ def _load_or_error(tf: LoadNormalize, ref: dict) -> dict:
 @dataclass
 class Item:
     """A training sample source: ``image`` (1, *S) in the model range; its class and scan."""
+
     image: torch.Tensor
     scan: str
     source: int
@@ -308,6 +311,7 @@ def step_rng(seed: int, *keys: int) -> np.random.Generator:
 
 class ItemStore:
     """Items plus seeded, factor-aligned random crops."""
+
     def __init__(self, items: list[Item], patch: Sequence[int], factor: int, num_classes: int = 0,
                  class_from: str = "none", contrast_of: Sequence[int] = (), n_contrasts: int = 1):
         self.items = items

@@ -42,6 +42,7 @@ ROLES = ("synthetic", "train", "holdout")
 @dataclass
 class AuditOptions:
     """Settings (CLI flags of ``medldm audit``; defaults documented in docs/audit.md)."""
+
     grid: int | None = None  # comparison grid per axis: None -> 128 (2D) / 64 (3D)
     shift: int | None = None  # largest shift tried per axis (grid voxels): None -> 8 (2D) / 4 (3D)
     flips: bool = True  # also try the query flipped left-right

@@ -35,6 +35,7 @@ DEFAULT_GRID = {2: 128, 3: 64}  # comparison grid per axis when none is given
 class Sample:
     """One prepared scan. ``image``: (S, S) or (S, S, S) float32 in [0, 1] on the comparison grid,
     canonical (RAS+) axis order."""
+
     role: str  # "synthetic" | "train" | "holdout"
     id: str
     source: str

@@ -34,6 +34,7 @@ _EPS = 1e-12
 @dataclass
 class Match:
     """Nearest neighbour of one query: indices into the reference set, scores, alignment."""
+
     ssim: float
     ssim_index: int
     ncc: float

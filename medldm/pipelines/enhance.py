@@ -70,6 +70,7 @@ REFINER_MIN_SIZE = 16
 @dataclass
 class EnhanceOptions:
     """How to run a model on one scan (defaults from the model folder where None)."""
+
     steps: int | None = None
     sampler: str | None = None
     samples: int = 1
@@ -268,6 +269,7 @@ class LatentSampler:
 
 class Enhancer(LatentSampler):
     """A loaded sr/denoise model folder, ready to enhance scans."""
+
     tasks = ("sr", "denoise")
 
     @torch.no_grad()
