@@ -281,9 +281,9 @@ def test_thresholds_follow_the_holdout_distribution():
 def _utility_slices(mni152, zs, perm=None):
     """MNI152 axial slices on the utility grid with their derived tissue labels (``perm`` relabels the classes)."""
     from medldm.data.tissue import tissue_labels
-    from medldm.eval.audit_utility import Slice, _resize, _unit
+    from medldm.eval.audit_utility import Slice, _resize, unit_range
 
-    vol = _unit(np.asarray(nib.load(str(mni152)).dataobj, dtype=np.float32))
+    vol = unit_range(np.asarray(nib.load(str(mni152)).dataobj, dtype=np.float32))
     out = []
     for z in zs:
         img, _ = _resize(vol[:, :, z], None, 64)

@@ -43,6 +43,7 @@ from medldm.demo.scans import (  # noqa: F401 (API: tools/, tests)
 from medldm.eval.audit_frd import missing as frd_missing
 from medldm.eval.audit_frd import radiomics_frd
 from medldm.eval.audit_load import to_grid
+from medldm.eval.audit_utility import unit_range
 from medldm.eval.baselines import denoise_scan, upsample_scan
 from medldm.eval.evaluate import convention_from
 from medldm.eval.pairing import pair_folders
@@ -50,7 +51,7 @@ from medldm.eval.run import EvalOptions, evaluate
 from medldm.io.geometry import resized_affine
 from medldm.io.nifti import save_nifti
 from medldm.io.reader import load_scan
-from medldm.samples import available_samples
+from medldm.samples import available_samples, sample_path
 from medldm.shipped import enhance, installed_models, open_model, resolve_model
 
 NOISE_SIGMA = 0.05  # fraction of the intensity range (issue 6 quality goal)
@@ -72,7 +73,7 @@ THIN_EVAL_AXIS = 1  # 2D metrics per slice along array axis 1 of the reformatted
 MASK_MODEL = "mr-synth-mask-2d"
 #: real slices the samples' radiomics are compared with: two held-out brain scans (two subjects) that no
 #: synthesis model trained on
-REALISM_REAL = (("mr-brain-s0", "pkg://dipy/data/files/S0_10slices.nii.gz"), ("dipy-piesno", PIESNO_PATH))
+REALISM_REAL = ("mr-brain-s0", PIESNO)
 MASK_SAMPLE = "mr-brain-s0"  # the held-out brain scan; its middle slice gives the label map
 MASK_SAMPLES = 3  # generated images per label map (seeds SEED .. SEED + 2)
 
@@ -249,20 +250,17 @@ def realism(synthetic: list[np.ndarray], size: int, seed: int) -> dict:
     if why:
         return {"skipped": why}
     real, subjects = [], []
-    for name, path in REALISM_REAL:
-        vol = np.asarray(load_scan(resolve_path(path)), np.float32)
+    for name in REALISM_REAL:
+        path = resolve_path(PIESNO_PATH) if name == PIESNO else sample_path(name)
+        vol = np.asarray(load_scan(path), np.float32)
         for k in range(vol.shape[2]):
             sl = vol[:, :, k]
             if float((sl > 0.1 * sl.max()).mean()) < 0.05:  # (nearly) empty slices tell nothing
                 continue
-            real.append(_unit(to_grid(sl, size)))
+            real.append(unit_range(to_grid(sl, size)))
             subjects.append(name)
-    return radiomics_frd(real, subjects, [_unit(to_grid(s, size)) for s in synthetic], seed=seed)
+    return radiomics_frd(real, subjects, [unit_range(to_grid(s, size)) for s in synthetic], seed=seed)
 
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(a, (0.5, 99.5))
-    return np.clip((a - lo) / max(float(hi - lo), 1e-12), 0.0, 1.0).astype(np.float32)
 
 
 def mask_from_slice(syn, scan: Path, name: str):

@@ -100,7 +100,8 @@ def _resize(img: np.ndarray, lab: np.ndarray | None, grid: int) -> tuple[np.ndar
     return x.clamp(0, 1).numpy(), y
 
 
-def _unit(arr: np.ndarray) -> np.ndarray:
+def unit_range(arr: np.ndarray) -> np.ndarray:
+    """``arr`` scaled to [0, 1] by its own 0.5-99.5th percentiles (clipped), float32."""
     lo, hi = np.percentile(arr, [0.5, 99.5])
     return np.clip((arr - lo) / max(float(hi - lo), 1e-8), 0, 1).astype(np.float32)
 
@@ -134,7 +135,7 @@ def load_slices(folder: str | Path, *, labels_dir: str | Path | None, classes: i
             if lab.min() < 0 or lab.max() >= classes:
                 raise CaseError(found, f"label values {lab.min()}..{lab.max()} outside 0..{classes - 1}",
                                 "use labels 0..K-1 (0 = background), the classes of the synthetic pairs")
-        unit = _unit(data)
+        unit = unit_range(data)
         zs = list(range(unit.shape[2]))
         if len(zs) > 1:
             fg = [float((unit[:, :, z] > 0.1).mean()) for z in zs]
