@@ -38,6 +38,10 @@ def test_adapt_is_repeatable_reported_and_leaves_the_model_alone(denoiser, noisy
     assert float((a.image - plain.image).abs().max()) > 0  # the adapted refiner is the one used
     info = a.info["adapt"]
     assert info["steps"] == 3 and info["task"] == "denoise" and "R2R" in info["method"]
+    # Gaussian noise (negative values): every voxel is in the loss, although the denoiser's normalization moved
+    # its lower percentile above zero (a magnitude scan is told by the percentile as fitted)
+    assert a.info["normalization"]["lo"] >= 0 > a.info["normalization"]["lo_fit"]
+    assert "magnitude" not in info["method"]
     assert info["loss_first"] is not None and info["seconds"] >= info["pair_seconds"] >= 0
     for k, v in denoiser.refiner.state_dict().items():  # the model's own refiner is untouched
         assert torch.equal(v, before[k]), k
@@ -83,3 +87,15 @@ def test_a_run_with_adapt_does_not_reuse_a_result_made_without_it(tmp_path, dipy
     assert "--overwrite" in capsys.readouterr().err
     assert main([*base, "--adapt-steps", "2", "--overwrite"]) == 0
     assert out.read_bytes() != first  # redone with the adapted refiner
+
+
+def test_magnitude_scans_keep_low_signal_voxels_out_of_the_loss(denoiser, dipy_files):
+    from conftest import held_out_crop
+
+    from medldm.data.degrade import rician_noise
+
+    img = held_out_crop(dipy_files / "S0_10slices.nii.gz", 64, 3).clamp(min=0)
+    noisy = rician_noise(img, 0.05, 1, relative=False)
+    noisy.meta["original_dtype"] = "float32"
+    info = denoiser.enhance(noisy, EnhanceOptions(adapt_steps=2, noise_level=0.3)).info["adapt"]
+    assert "magnitude scan" in info["method"]

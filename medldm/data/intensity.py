@@ -163,6 +163,13 @@ def fit_normalization(
     return params
 
 
+def magnitude_scan(params: dict) -> bool:
+    """True when normalization ``params`` are of a percentile-normalized scan that had no negative values (magnitude
+    MR: Rician noise). The lower percentile as fitted (``lo_fit``) decides: a denoiser moves ``lo`` up on scans with
+    zero-mean noise (``medldm.pipelines.enhance.Enhancer._fit_normalization``), which can make it non-negative."""
+    return params.get("method") == "percentile" and float(params.get("lo_fit", params.get("lo", 0.0))) >= 0
+
+
 def _scale(params: dict) -> tuple[float, float, float, float]:
     lo, hi = float(params["lo"]), float(params["hi"])
     olo, ohi = (float(v) for v in params["out_range"])

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from medldm.data.condition import make_pair, neighbour_slices
+from medldm.data.intensity import magnitude_scan
 from medldm.models.refiner import apply_refiner
 
 #: R2R's recorruption strength (Pang et al. use 0.5: the network sees the noise sigma sqrt(1 + alpha^2))
@@ -112,7 +113,7 @@ def _denoise_pair(sampler, vol: torch.Tensor, level: float | None, params: dict,
     lev_in = min(float(level) * math.sqrt(1.0 + ALPHA**2), 1.0)
     mask = torch.ones_like(vol)
     method = f"R2R (alpha {ALPHA}, sigma {sigma / 2:.4f} of the range)"
-    if params.get("method") == "percentile" and float(params.get("lo", 0.0)) >= 0:  # magnitude: never negative
+    if magnitude_scan(params):
         zero = -float(params["lo"]) / max(float(params["hi"]) - float(params["lo"]), 1e-12) * 2.0 - 1.0
         mask = (inp - zero > 3.0 * sigma * math.sqrt(1.0 + ALPHA**2)).float()
         method += "; magnitude scan: voxels within 3 sigma of zero left out of the loss"

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from medldm.data.condition import neighbour_slices, scan_condition
-from medldm.data.intensity import fit_normalization
+from medldm.data.intensity import fit_normalization, magnitude_scan
 from medldm.data.noise import estimate_noise_sigma, rayleigh_background_sigma
 from medldm.diffusion import make_model_fn, make_schedule, sample, sample_many
 from medldm.io.errors import CaseError
@@ -325,7 +325,7 @@ class Enhancer(LatentSampler):
         params = fit_normalization(img, self.modality, window=self.ct_window, foreground=True)
         lo, hi = float(params.get("lo", 0.0)), float(params.get("hi", 0.0))
         # lo < -sigma needs lo < 0: magnitude scans (never negative) skip the noise estimate
-        if self.task != "denoise" or params.get("method") != "percentile" or lo >= 0:
+        if self.task != "denoise" or params.get("method") != "percentile" or magnitude_scan(params):
             return params
 
         sigma = estimate_noise_sigma(arr, axis=self.slice_axis, max_slices=16, min_side=8, exclude=bad)
